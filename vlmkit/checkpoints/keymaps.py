@@ -1,0 +1,105 @@
+"""Explicit tensor-name maps between vlmkit modules and the Hugging Face layouts of each family.
+
+A map is an ordered list of (our-name regex, HF-name template); `{V}`, `{T}`, `{C}`, `{X}` stand for the
+family's prefixes of the vision tower, the text model, the connector and the gated cross-attention layers.
+Every tensor name must match exactly one rule: nothing is mapped by guessing."""
+
+from __future__ import annotations
+
+import re
+
+VISION_RULES = [
+    (r"vision\.patch_embed\.(weight|bias)", "{V}embeddings.patch_embedding.\\1"),
+    (r"vision\.class_embed", "{V}embeddings.class_embedding"),
+    (r"vision\.pos_embed\.weight", "{V}embeddings.position_embedding.weight"),
+    (r"vision\.pre_norm\.(weight|bias)", "{V}pre_layrnorm.\\1"),
+    (r"vision\.post_norm\.(weight|bias)", "{V}post_layernorm.\\1"),
+    (r"vision\.layers\.(\d+)\.norm1\.(weight|bias)", "{V}encoder.layers.\\1.layer_norm1.\\2"),
+    (r"vision\.layers\.(\d+)\.norm2\.(weight|bias)", "{V}encoder.layers.\\1.layer_norm2.\\2"),
+    (r"vision\.layers\.(\d+)\.attn\.o_proj\.(weight|bias)", "{V}encoder.layers.\\1.self_attn.out_proj.\\2"),
+    (r"vision\.layers\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)", "{V}encoder.layers.\\1.self_attn.\\2_proj.\\3"),
+    (r"vision\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", "{V}encoder.layers.\\1.mlp.\\2.\\3"),
+]
+
+TEXT_RULES = [
+    (r"text\.embed_tokens\.weight", "{T}embed_tokens.weight"),
+    (r"text\.embed_tokens_extra\.weight", "{T}embed_tokens.additional_embedding.weight"),
+    (r"text\.norm\.weight", "{T}norm.weight"),
+    (r"text\.lm_head\.weight", "{H}weight"),
+    (r"text\.lm_head_extra\.weight", "{H}additional_fc.weight"),
+    (r"text\.layers\.(\d+)\.attn_norm\.weight", "{T}layers.\\1.input_layernorm.weight"),
+    (r"text\.layers\.(\d+)\.mlp_norm\.weight", "{T}layers.\\1.post_attention_layernorm.weight"),
+    (r"text\.layers\.(\d+)\.attn\.([qkvo])_proj\.(weight|bias)", "{T}layers.\\1.self_attn.\\2_proj.\\3"),
+    (r"text\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", "{T}layers.\\1.mlp.\\2_proj.\\3"),
+]
+
+CROSS_ATTN_RULES = [
+    (r"text\.cross_blocks\.(\d+)\.attn_norm\.weight", "{X}\\1.input_layernorm.weight"),
+    (r"text\.cross_blocks\.(\d+)\.mlp_norm\.weight", "{X}\\1.post_attention_layernorm.weight"),
+    (r"text\.cross_blocks\.(\d+)\.([qkvo])_proj\.weight", "{X}\\1.cross_attn.\\2_proj.weight"),
+    (r"text\.cross_blocks\.(\d+)\.([qk])_norm\.weight", "{X}\\1.cross_attn.\\2_layer_norm.weight"),
+    (r"text\.cross_blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "{X}\\1.mlp.\\2_proj.weight"),
+    (r"text\.cross_blocks\.(\d+)\.alpha_attn", "{X}\\1.alpha_cross_attn"),
+    (r"text\.cross_blocks\.(\d+)\.alpha_mlp", "{X}\\1.alpha_dense"),
+]
+
+CONNECTOR_RULES = {
+    "mlp": [(r"connector\.fc([12])\.(weight|bias)", "{C}linear_\\1.\\2")],
+    "linear": [(r"connector\.proj\.(weight|bias)", "{C}linear_1.\\1")],
+    "identity": [],
+    "pixel_shuffle": [(r"connector\.proj\.weight", "{C}modality_projection.proj.weight")],
+    "idefics2": [
+        (r"connector\.proj\.(gate|up|down)_proj\.weight", "{C}modality_projection.\\1_proj.weight"),
+        (r"connector\.perceiver\.latents", "{C}perceiver_resampler.latents"),
+        (r"connector\.perceiver\.norm\.weight", "{C}perceiver_resampler.norm.weight"),
+        (r"connector\.perceiver\.layers\.(\d+)\.latents_norm\.weight",
+         "{C}perceiver_resampler.layers.\\1.input_latents_norm.weight"),
+        (r"connector\.perceiver\.layers\.(\d+)\.context_norm\.weight",
+         "{C}perceiver_resampler.layers.\\1.input_context_norm.weight"),
+        (r"connector\.perceiver\.layers\.(\d+)\.mlp_norm\.weight",
+         "{C}perceiver_resampler.layers.\\1.post_attention_layernorm.weight"),
+        (r"connector\.perceiver\.layers\.(\d+)\.attn\.([qkvo])_proj\.weight",
+         "{C}perceiver_resampler.layers.\\1.self_attn.\\2_proj.weight"),
+        (r"connector\.perceiver\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight",
+         "{C}perceiver_resampler.layers.\\1.mlp.\\2_proj.weight"),
+    ],
+    "perceiver": [  # IDEFICS: blocks[i] = (attention, mlp)
+        (r"connector\.latents", "{C}latents"),
+        (r"connector\.norm\.(weight|bias)", "{C}layer_norm.\\1"),
+        (r"connector\.layers\.(\d+)\.latents_norm\.(weight|bias)", "{C}blocks.\\1.0.latents_layer_norm.\\2"),
+        (r"connector\.layers\.(\d+)\.context_norm\.(weight|bias)", "{C}blocks.\\1.0.context_layer_norm.\\2"),
+        (r"connector\.layers\.(\d+)\.attn\.([qkv])_proj\.weight", "{C}blocks.\\1.0.\\2_proj.weight"),
+        (r"connector\.layers\.(\d+)\.attn\.o_proj\.weight", "{C}blocks.\\1.0.output_proj.weight"),
+        (r"connector\.layers\.(\d+)\.attn\.([qk])_norm\.(weight|bias)", "{C}blocks.\\1.0.\\2_layer_norm.\\3"),
+        (r"connector\.layers\.(\d+)\.mlp_norm\.(weight|bias)", "{C}blocks.\\1.1.ln.\\2"),
+        (r"connector\.layers\.(\d+)\.mlp\.fc1\.weight", "{C}blocks.\\1.1.fc.weight"),
+        (r"connector\.layers\.(\d+)\.mlp\.fc2\.weight", "{C}blocks.\\1.1.c_proj.weight"),
+    ],
+}
+
+
+def build_key_map(our_keys, connector_kind: str, prefixes: dict) -> dict:
+    """our tensor name -> HF tensor name, for every name in `our_keys`."""
+    rules = VISION_RULES + TEXT_RULES + CROSS_ATTN_RULES + CONNECTOR_RULES[connector_kind]
+    compiled = [(re.compile(pattern + "$"), template.format(**prefixes)) for pattern, template in rules]
+    out = {}
+    for key in our_keys:
+        hits = [p.sub(t, key) for p, t in compiled if p.match(key)]
+        if len(hits) != 1:
+            raise KeyError(f"no unique checkpoint name for parameter {key!r} ({len(hits)} rules match)")
+        out[key] = hits[0]
+    return out
+
+
+def normalize_names(names, aliases: list) -> dict:
+    """file tensor name -> canonical name, rewriting the alternative prefixes other tools write
+    (e.g. transformers' in-memory `model.language_model.` vs the saved `language_model.model.`)."""
+    out = {}
+    for name in names:
+        canonical = name
+        for old, new in aliases:
+            if name.startswith(old):
+                canonical = new + name[len(old):]
+                break
+        out[name] = canonical
+    return out

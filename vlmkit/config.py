@@ -1,0 +1,144 @@
+"""Nested dataclass configs. A family is a combination of these, never a separate model class."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class VisionConfig:
+    """One ViT. CLIP flavour: class token, pre-layernorm, quick-GELU, bias-free patch conv.
+    SigLIP flavour (Idefics2/3): no class token, GELU-tanh, post-layernorm, native resolution."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    patch_size: int = 14
+    image_size: int = 224  # position table covers (image_size // patch_size) ** 2 patches
+    num_channels: int = 3
+    act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    class_token: bool = True
+    patch_bias: bool = False
+    pre_norm: bool = True  # CLIP's `pre_layrnorm` after the embeddings
+    # Which hidden state feeds the connector: index into [embeddings, layer_1, ..., layer_N] (LLaVA: -2).
+    feature_layer: int = -1
+    post_norm_features: bool = False  # SigLIP applies post_layernorm to the selected features
+    drop_class_token: bool = False  # LLaVA "default" strategy drops the class token from the features
+    # Native resolution: images are padded and carry a pixel mask; positions are bucketed onto the fixed grid.
+    native_resolution: bool = False
+    # A patch is real when all its pixels are (Idefics2) or any of them is (Idefics3).
+    patch_keep_partial: bool = False
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid**2 + (1 if self.class_token else 0)
+
+
+@dataclass
+class TextConfig:
+    """One Llama/Mistral decoder (IDEFICS adds decoupled extra vocabulary and optional qk-norm)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: Optional[int] = None
+    act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # IDEFICS `qk_layer_norms`
+    additional_vocab_size: int = 0  # IDEFICS decoupled embeddings/head for added tokens
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = None  # int or list of ints
+    pad_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+
+
+@dataclass
+class ConnectorConfig:
+    """Maps vision features to what the text side consumes.
+
+    kind:
+      "linear"            one Linear (LLaVA `linear`)
+      "mlp"               Linear-act-Linear (LLaVA `mlp2x_gelu`)
+      "perceiver"         IDEFICS resampler: LayerNorm, ReLU MLP, optional qk-norm; output stays vision width
+      "idefics2"          SwiGLU projection to text width, then an RMSNorm/GQA perceiver
+      "pixel_shuffle"     pixel shuffle by `scale_factor`, then a bias-free Linear (Idefics3/SmolVLM)
+    """
+
+    kind: Literal["linear", "mlp", "identity", "perceiver", "idefics2", "pixel_shuffle"] = "mlp"
+    in_dim: int = 1024
+    out_dim: int = 4096
+    act: str = "gelu"
+    bias: bool = True
+    # projection MLP width (idefics2 SwiGLU projection uses the text intermediate size)
+    hidden_dim: Optional[int] = None
+    # perceiver
+    num_latents: int = 64
+    depth: int = 6
+    num_heads: int = 16
+    head_dim: int = 96
+    num_kv_heads: Optional[int] = None
+    qk_norm: bool = False
+    mlp_ratio: int = 4
+    perceiver_act: str = "silu"
+    norm_eps: float = 1e-5
+    # pixel shuffle
+    scale_factor: int = 2
+
+
+@dataclass
+class CrossAttnConfig:
+    """IDEFICS/Flamingo gated cross-attention, inserted before every `every`-th decoder layer (0, N, 2N, ...)."""
+
+    every: int = 4
+    context_dim: int = 1024  # width of the image features the text attends to
+    gate_kind: Literal["float", "vector"] = "float"
+    qk_norm: bool = False
+
+
+@dataclass
+class VLMConfig:
+    family: Literal["llava", "idefics", "idefics2", "idefics3"] = "llava"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    cross_attn: Optional[CrossAttnConfig] = None  # set => images meet text by cross-attention, else spliced
+    image_token_id: Optional[int] = None
+    # Image features per image after the connector (the count the processor must emit per image).
+    tokens_per_image: int = 0
+    extra: dict = field(default_factory=dict)  # family-specific metadata kept for round trips (not used by modules)
+
+    @property
+    def merge(self) -> str:
+        return "cross_attention" if self.cross_attn is not None else "splice"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        d = dict(d)
+        d["vision"] = VisionConfig(**d.get("vision", {}))
+        d["connector"] = ConnectorConfig(**d.get("connector", {}))
+        d["text"] = TextConfig(**d.get("text", {}))
+        if d.get("cross_attn") is not None:
+            d["cross_attn"] = CrossAttnConfig(**d["cross_attn"])
+        return cls(**d)

@@ -1,0 +1,203 @@
+"""One Llama/Mistral-style decoder for every family: RMSNorm, RoPE from explicit positions, grouped-query
+attention through scaled_dot_product_attention, SwiGLU, a KV cache, and optional gated cross-attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CrossAttnConfig, TextConfig
+from .cross_attn import GatedCrossAttention
+from .layers import RMSNorm, SwiGLU, apply_rope, attention, merge_heads, rope_cos_sin, rope_inv_freq, split_heads
+
+
+class KVCache:
+    """Keys/values per decoder layer, grown by concatenation; also what cross-attention needs on decode steps."""
+
+    def __init__(self):
+        self.keys: list[Optional[torch.Tensor]] = []
+        self.values: list[Optional[torch.Tensor]] = []
+        self.cross_context: Optional[torch.Tensor] = None  # [B, L, C] image features (IDEFICS)
+        self.cross_mask_last: Optional[torch.Tensor] = None  # [B, 1, num_images]: last token's image row
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        while len(self.keys) <= layer:
+            self.keys.append(None)
+            self.values.append(None)
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def select(self, rows) -> "KVCache":
+        """Keep only the given batch rows (e.g. drop finished sequences)."""
+        out = KVCache()
+        out.keys = [k[rows] for k in self.keys]
+        out.values = [v[rows] for v in self.values]
+        if self.cross_context is not None:
+            out.cross_context = self.cross_context[rows]
+            out.cross_mask_last = self.cross_mask_last[rows]
+        return out
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    cache: Optional[KVCache] = None
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer, self.heads, self.kv_heads, self.head_dim = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache]):
+        q = apply_rope(split_heads(self.q_proj(x), self.heads, self.head_dim), cos, sin)
+        k = apply_rope(split_heads(self.k_proj(x), self.kv_heads, self.head_dim), cos, sin)
+        v = split_heads(self.v_proj(x), self.kv_heads, self.head_dim)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        return self.o_proj(merge_heads(attention(q, k, v, mask)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = SelfAttention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, act=cfg.act, bias=cfg.mlp_bias)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def positions_from_mask(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Position of each of the last `new_tokens` tokens = count of real tokens before it (left padding safe)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, -new_tokens:]
+
+
+def causal_mask(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """bool [B, 1, T, S]: token i (at absolute index S - T + i) sees real keys at or before it.
+    A padding query sees itself only, so its softmax never runs over an empty row."""
+    b, s = attention_mask.shape
+    q_idx = torch.arange(s - new_tokens, s, device=attention_mask.device)
+    k_idx = torch.arange(s, device=attention_mask.device)
+    causal = k_idx[None, :] <= q_idx[:, None]  # [T, S]
+    mask = causal[None] & attention_mask.bool()[:, None, :]
+    mask = mask | (k_idx[None, :] == q_idx[:, None])[None]
+    return mask[:, None]
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg: TextConfig, cross_attn: Optional[CrossAttnConfig] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # IDEFICS keeps added tokens in a separate table (ids >= vocab_size) so the base vocabulary can stay frozen.
+        self.embed_tokens_extra = (
+            nn.Embedding(cfg.additional_vocab_size, cfg.hidden_size) if cfg.additional_vocab_size else None
+        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.cross_every = cross_attn.every if cross_attn else 0
+        self.cross_blocks = (
+            nn.ModuleList(GatedCrossAttention(cfg, cross_attn) for _ in range(cfg.num_layers // cross_attn.every))
+            if cross_attn
+            else None
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head_extra = (
+            nn.Linear(cfg.hidden_size, cfg.additional_vocab_size, bias=False)
+            if cfg.additional_vocab_size and not cfg.tie_word_embeddings
+            else None
+        )
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after building on the meta device and loading weights)."""
+        device = self.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(device)
+
+    @property
+    def total_vocab_size(self) -> int:
+        return self.cfg.vocab_size + self.cfg.additional_vocab_size
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_tokens_extra is None:
+            return self.embed_tokens(input_ids)
+        base = self.cfg.vocab_size
+        is_extra = input_ids >= base
+        out = self.embed_tokens(input_ids.masked_fill(is_extra, 0))
+        extra = self.embed_tokens_extra((input_ids - base).clamp(min=0))
+        return torch.where(is_extra[..., None], extra, out)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        if self.cfg.additional_vocab_size:
+            w = self.embed_tokens_extra.weight if self.lm_head_extra is None else self.lm_head_extra.weight
+            logits = torch.cat([logits, F.linear(h, w)], dim=-1)
+        return logits
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        cross_context: Optional[torch.Tensor] = None,
+        cross_mask: Optional[torch.Tensor] = None,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """cross_context [B, L, C] and cross_mask bool [B, 1, T, L] feed the gated cross-attention blocks.
+        logits_to_keep > 0 computes logits for the last positions only (generation needs one)."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past + t, dtype=torch.long, device=x.device)
+        if attention_mask.shape[1] != past + t:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} tokens, expected {past + t} "
+                f"({past} cached + {t} new)"
+            )
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, t)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        mask = causal_mask(attention_mask, t)
+        for i, layer in enumerate(self.layers):
+            if self.cross_blocks is not None and i % self.cross_every == 0 and cross_context is not None:
+                x = self.cross_blocks[i // self.cross_every](x, cross_context, cross_mask)
+            x = layer(x, cos, sin, mask, cache)
+        x = self.norm(x)
+        logits = self.head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return ModelOutput(logits=logits, loss=loss, cache=cache)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != -100 (as transformers computes it)."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
