@@ -56,7 +56,10 @@ def weight_files(folder: Path) -> dict:
 def config_from_folder(folder) -> tuple[VLMConfig, Family, dict]:
     hf = read_config(folder)
     family = family_for_architecture(hf)
-    cfg = family.from_hf(hf)
+    try:
+        cfg = family.from_hf(hf)
+    except KeyError as e:
+        raise CheckpointError(f"{folder}/config.json: {family.name} config lacks the field {e}") from None
     cfg.extra["hf_config"] = hf
     cfg.extra["hf_architecture"] = family.name
     return cfg, family, hf
@@ -64,12 +67,12 @@ def config_from_folder(folder) -> tuple[VLMConfig, Family, dict]:
 
 def load_model(folder, dtype: Optional[torch.dtype] = None, device=None) -> VLMModel:
     folder = Path(folder)
+    files = weight_files(folder)
     cfg, family, _ = config_from_folder(folder)
     with torch.device("meta"):
         model = VLMModel(cfg)
     ours = model.state_dict()
     key_map = build_key_map(ours, cfg.connector.kind, family.prefixes)
-    files = weight_files(folder)
     canonical = normalize_names(files, family.aliases)  # file name -> canonical HF name
     by_canonical = {c: n for n, c in canonical.items()}
     wanted = {hf: ours_key for ours_key, hf in key_map.items()}

@@ -1,0 +1,193 @@
+"""The public API: `load`, `save` and `VLM` (model + processor + generation)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoints.hf import config_from_folder, load_model, save_model
+from .generation import GenerationConfig, generate
+from .models.vlm import VLMModel
+
+# Files of a Hugging Face folder that describe the processor (copied by `save`).
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
+
+
+def default_model_path() -> Path:
+    return Path(__file__).parent / "weights" / "default"
+
+
+def resolve(path_or_name) -> Path:
+    if str(path_or_name) == "default":
+        path = default_model_path()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded default model is not installed at {path}; pass a Hugging Face model folder instead"
+            )
+        return path
+    path = Path(path_or_name).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path_or_name!r} is not a model folder (vlmkit loads local Hugging Face folders; nothing is downloaded)"
+        )
+    return path
+
+
+def load(path_or_name="default", dtype=None, device=None, quantize=None) -> "VLM":
+    """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family."""
+    from .processing.processor import Processor
+
+    folder = resolve(path_or_name)
+    if quantize is not None:
+        raise NotImplementedError(f"quantize={quantize!r} is not available yet; load in float32/bfloat16")
+    model = load_model(folder, dtype=_dtype(dtype), device=device)
+    processor = Processor.from_folder(folder, model.cfg)
+    return VLM(model, processor, folder)
+
+
+def save(m: "VLM", folder) -> None:
+    """Write `m` as a Hugging Face folder (config, safetensors, processor files) that `load` reads back."""
+    folder = Path(folder)
+    save_model(m.model, folder)
+    if m.folder is not None and m.folder.resolve() != folder.resolve():
+        for name in PROCESSOR_FILES:
+            if (m.folder / name).is_file():
+                shutil.copyfile(m.folder / name, folder / name)
+
+
+class VLM:
+    def __init__(self, model: VLMModel, processor, folder: Optional[Path] = None):
+        self.model = model
+        self.processor = processor
+        self.folder = Path(folder) if folder is not None else None
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    @property
+    def context_length(self) -> int:
+        return self.model.cfg.text.max_position_embeddings
+
+    def _generation_config(self, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, stop,
+                           seed, bad_words=None) -> GenerationConfig:
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, seed=seed, eos_token_ids=list(self.processor.eos_token_ids),
+            pad_token_id=self.processor.tokenizer.pad_token_id, stop_strings=stop,
+            bad_words_ids=[list(x) for x in (self.processor.bad_words_ids if bad_words is None else bad_words)],
+        )
+
+    def _batch(self, prompts, images, max_new_tokens: int) -> dict:
+        batch = self.processor(prompts, images, max_length=self.context_length - max_new_tokens)
+        return {k: (v.to(self.model.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def generate(self, prompt, images=None, max_new_tokens: int = 128, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                 stop: Union[str, Sequence[str], None] = None, stream: bool = False, seed: Optional[int] = None,
+                 bad_words_ids=None) -> Union[str, Iterator[str]]:
+        """New text for one prompt (a string with <image> placeholders, an interleaved list, or chat messages)."""
+        cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
+                                      stop, seed, bad_words_ids)
+        batch = self._batch([prompt], None if images is None else [list(images)], max_new_tokens)
+        if stream:
+            return self._stream(batch, cfg)
+        return generate(self.model, self.processor.tokenizer, batch, cfg, max_length=self.context_length)[0]
+
+    def _stream(self, batch, cfg) -> Iterator[str]:
+        with torch.inference_mode():
+            yield from generate(self.model, self.processor.tokenizer, batch, cfg, stream=True,
+                                max_length=self.context_length)
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: Sequence, images=None, max_new_tokens: int = 128, do_sample: bool = False,
+                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                       repetition_penalty: float = 1.0, stop=None, seed: Optional[int] = None,
+                       bad_words_ids=None) -> list[str]:
+        """Several prompts decoded together (left-padded); `images` is one list of images per prompt."""
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"generate_batch got {len(prompts)} prompts but {len(images)} image lists")
+        cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
+                                      stop, seed, bad_words_ids)
+        batch = self._batch(list(prompts), None if images is None else [list(x or []) for x in images],
+                            max_new_tokens)
+        return generate(self.model, self.processor.tokenizer, batch, cfg, max_length=self.context_length)
+
+    def chat(self, messages: list, images=None, **kwargs) -> str:
+        """Answer the last user turn of chat messages, rendered with the checkpoint's chat template."""
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("chat() takes a list of {'role': ..., 'content': ...} messages")
+        return self.generate(messages, images=images, **kwargs)
+
+    @torch.inference_mode()
+    def score(self, prompt, candidates: Sequence[str], images=None) -> list[float]:
+        """Log-likelihood (sum over its tokens) of each candidate continuation of `prompt`."""
+        if not candidates:
+            return []
+        batch = self._batch([prompt], None if images is None else [list(images)], 0)
+        tok = self.processor.tokenizer
+        cand_ids = [tok.encode(c, add_special_tokens=False) for c in candidates]
+        if any(not ids for ids in cand_ids):
+            raise ValueError("score() candidates must be non-empty text")
+        n, longest = len(cand_ids), max(map(len, cand_ids))
+        prompt_ids = batch["input_ids"]
+        # Right-pad the candidates after the shared prompt; padding positions are masked and not scored.
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        tails = torch.full((n, longest), pad, dtype=prompt_ids.dtype, device=prompt_ids.device)
+        tail_mask = torch.zeros(n, longest, dtype=batch["attention_mask"].dtype, device=prompt_ids.device)
+        for i, ids in enumerate(cand_ids):
+            tails[i, : len(ids)] = torch.tensor(ids)
+            tail_mask[i, : len(ids)] = 1
+        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        inputs["input_ids"] = torch.cat([prompt_ids.expand(n, -1), tails], dim=1)
+        inputs["attention_mask"] = torch.cat([batch["attention_mask"].expand(n, -1), tail_mask], dim=1)
+        if "image_attention_mask" in inputs:  # continuation tokens see what the last prompt token saw
+            iam = inputs["image_attention_mask"]
+            inputs["image_attention_mask"] = torch.cat([iam, iam[:, -1:].expand(-1, longest, -1)], 1).expand(n, -1, -1)
+        if "pixel_values" in inputs and inputs["pixel_values"].dim() == 5:
+            for key in ("pixel_values", "pixel_attention_mask"):
+                if key in inputs:
+                    inputs[key] = inputs[key].expand(n, *inputs[key].shape[1:])
+        elif "pixel_values" in inputs:  # LLaVA: a flat list of images, one copy per candidate
+            inputs["pixel_values"] = inputs["pixel_values"].repeat(n, 1, 1, 1)
+        logits = self.model(**inputs).logits[:, prompt_ids.shape[1] - 1 : -1].float()
+        logp = F.log_softmax(logits, dim=-1).gather(-1, tails[..., None])[..., 0]
+        return (logp * tail_mask).sum(dim=1).tolist()
+
+    def info(self) -> dict:
+        cfg = self.model.cfg
+        params = sum(p.numel() for p in self.model.parameters())
+        bytes_ = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return {
+            "family": cfg.family, "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],
+            "parameters": params, "vision_parameters": sum(p.numel() for p in self.model.vision.parameters()),
+            "text_parameters": sum(p.numel() for p in self.model.text.parameters()),
+            "connector": cfg.connector.kind, "merge": cfg.merge, "tokens_per_image": cfg.tokens_per_image,
+            "image_size": cfg.vision.image_size, "context_length": self.context_length,
+            "dtype": str(self.model.dtype).removeprefix("torch."), "memory_bytes": bytes_,
+            "folder": str(self.folder) if self.folder else None,
+        }
+
+
+__all__ = ["load", "save", "VLM", "config_from_folder"]
