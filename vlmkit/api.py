@@ -116,9 +116,10 @@ class VLM:
         return generate(self.model, self.processor.tokenizer, batch, cfg, max_length=self.context_length)[0]
 
     def _stream(self, batch, cfg) -> Iterator[str]:
-        with torch.inference_mode():
-            yield from generate(self.model, self.processor.tokenizer, batch, cfg, stream=True,
-                                max_length=self.context_length)
+        # The loop runs each step under no_grad itself; an inference_mode block here would leak into the
+        # caller's code between yielded pieces.
+        yield from generate(self.model, self.processor.tokenizer, batch, cfg, stream=True,
+                            max_length=self.context_length)
 
     @torch.inference_mode()
     def generate_batch(self, prompts: Sequence, images=None, max_new_tokens: int = 128, do_sample: bool = False,

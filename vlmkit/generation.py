@@ -1,0 +1,400 @@
+"""One generation loop for every model family: prefill, then decode one token at a time with the KV cache.
+
+Logits are processed in the order and with the semantics of transformers' `generate` (repetition penalty,
+bad words, min new tokens; then, only when sampling, temperature, top-k, top-p), so greedy decoding gives the
+same tokens and seeded sampling the same draws (on CPU: `seed=s` here == `torch.manual_seed(s)` there).
+
+Stop strings follow the OpenAI API: generation stops at the first occurrence and the stop string itself is
+not part of the returned text (transformers' `stop_strings` keeps it).
+
+Left padding is invisible to the logit rules: the repetition penalty and bad-word prefixes look at real tokens
+only, so a padded row gets the tokens it would get alone (transformers also penalises / matches the pad id in
+padded rows; unpadded rows are identical).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+# Batch keys that describe the text; every other key (pixel_values, pixel_attention_mask, image_attention_mask,
+# image_features, ...) is an image input, given to the model at the prefill only: the cache keeps what decode needs.
+_TEXT_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "cache")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0  # used only when do_sample
+    top_k: int = 0  # 0 = off; used only when do_sample
+    top_p: float = 1.0  # 1.0 = off; used only when do_sample
+    repetition_penalty: float = 1.0  # over prompt + generated ids, as transformers
+    min_new_tokens: int = 0  # eos is forbidden before this many new tokens
+    seed: Optional[int] = None  # None: torch's global RNG; else a fresh torch.Generator per call
+    eos_token_ids: list[int] = field(default_factory=list)  # any of them ends a row (and is not returned)
+    pad_token_id: Optional[int] = None  # fills finished rows; None: the first eos id (as transformers), else 0
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences that are never completed
+    stop_strings: list[str] = field(default_factory=list)  # text stops before the first of these
+
+    def __post_init__(self):
+        self._normalize()
+
+    def _normalize(self) -> None:
+        # Accept the shapes users pass (OpenAI `stop` is a string or a list; eos ids come as int or list).
+        if self.stop_strings is None or isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings] if self.stop_strings else []
+        if self.eos_token_ids is None or isinstance(self.eos_token_ids, int):
+            self.eos_token_ids = [] if self.eos_token_ids is None else [self.eos_token_ids]
+        self.eos_token_ids = [int(i) for i in self.eos_token_ids]
+        self.bad_words_ids = list(self.bad_words_ids or [])
+
+    def validate(self) -> None:
+        self._normalize()
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0 when do_sample=True, got {self.temperature}; "
+                "for greedy decoding set do_sample=False"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        for seq in self.bad_words_ids:
+            if not isinstance(seq, (list, tuple)) or not seq or any(int(t) < 0 for t in seq):
+                raise ValueError(f"bad_words_ids must be non-empty lists of token ids >= 0, got {seq!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+
+
+class LogitsProcessor:
+    """All logit rules for one generation call. The repetition penalty keeps a [B, V] "seen" mask of prompt +
+    generated ids, updated once per step, so it costs O(V) per step rather than a gather over the history."""
+
+    def __init__(self, cfg: GenerationConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor, total_len: int):
+        self.cfg = cfg
+        self.eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long, device=input_ids.device)
+        eos_set = set(cfg.eos_token_ids)
+        # transformers' NoBadWordsLogitsProcessor drops single-token bad words that are an eos id.
+        bad = [list(map(int, s)) for s in cfg.bad_words_ids if not (len(s) == 1 and int(s[0]) in eos_set)]
+        self.bad_single = sorted({s[0] for s in bad if len(s) == 1})
+        by_prefix_len: dict[int, list[list[int]]] = {}
+        for s in bad:
+            if len(s) > 1:
+                by_prefix_len.setdefault(len(s) - 1, []).append(s)
+        dev = input_ids.device
+        self.bad_multi = [
+            (torch.tensor([s[:-1] for s in group], device=dev), torch.tensor([s[-1] for s in group], device=dev))
+            for group in by_prefix_len.values()
+        ]
+        self.bad_ids = {t for s in bad for t in s}
+        # Padding is -1 in the history so a bad-word prefix never matches across left padding
+        # (transformers would compare against pad ids there; keeps a padded row equal to the row alone).
+        self.history = None
+        if self.bad_multi:
+            self.history = torch.full((input_ids.shape[0], total_len), -1, dtype=torch.long, device=dev)
+            self.history[:, : input_ids.shape[1]] = input_ids.masked_fill(attention_mask == 0, -1)
+        self.length = input_ids.shape[1]
+        self.prompt_ids, self.prompt_mask = input_ids, attention_mask
+        self.vocab: Optional[int] = None  # known at the first call, from the logits
+        self.seen: Optional[torch.Tensor] = None
+
+    def _first_call(self, vocab: int) -> None:
+        self.vocab = vocab
+        if self.bad_ids and max(self.bad_ids) >= vocab:
+            raise ValueError(f"bad_words_ids {sorted(t for t in self.bad_ids if t >= vocab)} are >= vocab size {vocab}")
+        if self.cfg.repetition_penalty != 1.0:
+            # Column `vocab` absorbs padding and ids the head cannot produce (transformers clamps them the same
+            # way); left padding is not penalised (transformers would penalise the pad id in padded rows only).
+            ids = self.prompt_ids.clamp(max=vocab).masked_fill(self.prompt_mask == 0, vocab)
+            seen = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+            self.seen = seen.scatter_(1, ids, True)
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """logits [B, V] float32 for new token number `step` (0-based) -> processed scores."""
+        cfg, vocab = self.cfg, logits.shape[-1]
+        if self.vocab is None:
+            self._first_call(vocab)
+        if self.seen is not None:
+            penalised = torch.where(logits < 0, logits * cfg.repetition_penalty, logits / cfg.repetition_penalty)
+            logits = torch.where(self.seen[:, :vocab], penalised, logits)
+        if self.bad_single:
+            logits[:, self.bad_single] = -float("inf")
+        for prefixes, last_tokens in self.bad_multi:
+            plen = prefixes.shape[1]
+            if plen > self.length:
+                continue
+            matching = (self.history[:, None, self.length - plen : self.length] == prefixes).all(-1)  # [B, G]
+            hits = torch.zeros_like(logits).index_add_(1, last_tokens, matching.to(logits.dtype))
+            logits = logits.masked_fill(hits > 0, -float("inf"))
+        if step < cfg.min_new_tokens and self.eos.numel():
+            logits[:, self.eos] = -float("inf")
+        if cfg.do_sample:
+            if cfg.temperature != 1.0:
+                logits = logits / cfg.temperature
+            if cfg.top_k:
+                logits = top_k_filter(logits, cfg.top_k)
+            if cfg.top_p < 1.0:
+                logits = top_p_filter(logits, cfg.top_p)
+        return logits
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """Record the tokens chosen at this step (finished rows' pad ids too, as transformers does)."""
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens.clamp(max=self.vocab)[:, None], True)
+        if self.history is not None:
+            self.history[:, self.length] = tokens
+        self.length += 1
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """TopKLogitsWarper: keep every token scoring >= the k-th best (ties at the border survive)."""
+    kth_best = torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    return logits.masked_fill(logits < kth_best, -float("inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """TopPLogitsWarper: sort ascending, drop tokens whose cumulative probability is <= 1 - top_p, always keep
+    the most probable one (min_tokens_to_keep=1)."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+    remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+    remove[..., -1:] = False
+    return logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
+
+
+def model_context_length(model) -> Optional[int]:
+    """max_position_embeddings of the text model, found on `model.cfg` / `model.config` (or their `.text`)."""
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    cfg = getattr(cfg, "text", cfg)
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def generate_tokens(
+    model,
+    batch: dict,
+    cfg: GenerationConfig,
+    *,
+    max_length: Optional[int] = None,
+    cache=None,
+    stop_check: Optional[Callable[[torch.Tensor], Sequence[bool] | torch.Tensor]] = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each step's next tokens [B] (long, on the model's device).
+
+    batch: processor output, rows left-padded (attention_mask 0 on the left). A row finishes when it produces an
+    eos id or when `stop_check(tokens)` (called after each step) flags it; finished rows then get pad_token_id.
+    Stops when every row has finished or after max_new_tokens steps.
+    max_length: the model's context (prompt + new tokens); None reads it from the model's config.
+    cache: an empty cache object for the model (default: a fresh `vlmkit.models.text.KVCache`).
+    Bad parameters raise here, at the call, not at the first step.
+    """
+    check_request(model, batch, cfg, max_length)
+    return _decode_loop(model, batch, cfg, cache, stop_check)
+
+
+def check_request(model, batch: dict, cfg: GenerationConfig, max_length: Optional[int] = None) -> None:
+    cfg.validate()
+    input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(input_ids.shape)}")
+    lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full((1,), input_ids.shape[1])
+    if int(lengths.min()) == 0:
+        raise ValueError("a prompt has no tokens (its attention_mask row is all zeros)")
+    max_length = model_context_length(model) if max_length is None else max_length
+    longest_prompt = int(lengths.max())
+    if max_length is not None and longest_prompt + cfg.max_new_tokens > max_length:
+        raise ValueError(
+            f"prompt of {longest_prompt} tokens + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
+            f"context of {max_length} tokens; shorten the prompt or lower max_new_tokens"
+        )
+
+
+@torch.no_grad()
+def _decode_loop(model, batch, cfg, cache, stop_check) -> Iterator[torch.Tensor]:
+    input_ids = batch["input_ids"]
+    b, t = input_ids.shape
+    device = input_ids.device
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if cache is None:
+        from .models.text import KVCache
+
+        cache = KVCache()
+    image_inputs = {k: v for k, v in batch.items() if k not in _TEXT_KEYS and v is not None}
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+
+    # The full mask is allocated once; each step passes a growing view of it (no per-step concatenation).
+    total_len = t + cfg.max_new_tokens
+    full_mask = torch.ones(b, total_len, dtype=attention_mask.dtype, device=device)
+    full_mask[:, :t] = attention_mask
+    processor = LogitsProcessor(cfg, input_ids, attention_mask, total_len)
+    eos = processor.eos
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids[0] if cfg.eos_token_ids else 0)
+    generator = None
+    if cfg.do_sample and cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    unfinished = torch.ones(b, dtype=torch.bool, device=device)
+
+    step_ids = input_ids
+    for step in range(cfg.max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=full_mask[:, : t + step], cache=cache, **image_inputs, **extra)
+        cache, image_inputs = out.cache, {}
+        logits = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # processors may write in place
+        scores = processor(logits, step)
+        if cfg.do_sample:
+            next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            next_tokens = scores.argmax(-1)
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
+        processor.append(next_tokens)
+        if eos.numel():
+            unfinished &= ~torch.isin(next_tokens, eos)
+        yield next_tokens
+        if stop_check is not None:
+            unfinished &= ~torch.as_tensor(stop_check(next_tokens), dtype=torch.bool, device=device)
+        if not bool(unfinished.any()):
+            return
+        step_ids = next_tokens[:, None]
+
+
+class _WindowDecoder:
+    """Streaming detokenisation for a tokenizer that only has decode() (same scheme as vlmkit's
+    IncrementalDecoder): decode a short window with and without the new ids and emit the difference. Both decodes
+    start at the same token, the last one that showed text (not a skipped special token), so a decoder that strips
+    the first token's leading space does it to both alike. Text ending in U+FFFD (an incomplete UTF-8 character)
+    waits for the next token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.start, self.emitted_end = tokenizer, [], 0, 0
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        done, text = self._decode(self.ids[self.start : self.emitted_end]), self._decode(self.ids[self.start :])
+        if len(text) <= len(done) or text.endswith("\ufffd") or not text.startswith(done):
+            return ""
+        # The token that just made text appear is a visible one: the next window starts there.
+        self.start, self.emitted_end = len(self.ids) - 1, len(self.ids)
+        return text[len(done) :]
+
+
+def _incremental_decoder(tokenizer):
+    make = getattr(tokenizer, "incremental_decoder", None)  # vlmkit's Tokenizer has one
+    return make(skip_special_tokens=True) if make is not None else _WindowDecoder(tokenizer)
+
+
+def find_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> Optional[int]:
+    """Index where the earliest stop string begins in text[start:] (as an index into text), or None."""
+    hits = [i for s in stop_strings if (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stop_strings: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string (not streamed yet)."""
+    longest = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
+def _cut(text: str, stop_strings: Sequence[str]) -> str:
+    i = find_stop(text, stop_strings)
+    return text if i is None else text[:i]
+
+
+def generate(
+    model, tokenizer, batch: dict, cfg: GenerationConfig, *, stream: bool = False, max_length=None, cache=None
+):
+    """New text per row: ids up to (not including) the first eos, `tokenizer.decode(ids, skip_special_tokens=True)`,
+    cut before the first stop string (which is removed, as the OpenAI API does).
+
+    stream=True (one row only) returns an iterator of text pieces whose concatenation is that same text; text that
+    might be the start of a stop string is held back until decided, so a stop string never appears in the stream.
+    """
+    check_request(model, batch, cfg, max_length)
+    if stream:
+        if batch["input_ids"].shape[0] != 1:
+            raise ValueError(f"stream=True takes a batch of one prompt, got {batch['input_ids'].shape[0]}")
+        return _stream(model, tokenizer, batch, cfg, max_length, cache)
+    b = batch["input_ids"].shape[0]
+    eos_ids, stops = set(cfg.eos_token_ids), cfg.stop_strings
+    kept: list[list[int]] = [[] for _ in range(b)]  # each row's ids before its eos / stop
+    done = [False] * b
+    # A stop string completed by a new piece starts at most `keep` characters before it: keep only that tail.
+    keep = max(map(len, stops), default=1) - 1
+    decoders = [_incremental_decoder(tokenizer) for _ in range(b)] if stops else []
+    tails = [""] * b
+
+    def record(tokens: torch.Tensor) -> list[bool]:
+        stopped = [False] * b
+        for row, tok in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if tok in eos_ids:
+                done[row] = True
+                continue
+            kept[row].append(tok)
+            piece = decoders[row].push(tok) if stops else ""
+            if piece:
+                window = tails[row] + piece
+                if find_stop(window, stops) is not None:
+                    done[row] = stopped[row] = True
+                tails[row] = window[-keep:] if keep else ""
+        return stopped
+
+    for _ in generate_tokens(model, batch, cfg, max_length=max_length, cache=cache, stop_check=record):
+        pass
+    return [_cut(tokenizer.decode(ids, skip_special_tokens=True), stops) for ids in kept]
+
+
+def _stream(model, tokenizer, batch, cfg, max_length, cache) -> Iterator[str]:
+    eos_ids, stops = set(cfg.eos_token_ids), cfg.stop_strings
+    decoder, ids, current = _incremental_decoder(tokenizer), [], ""
+    emitted = 0  # characters of `current` already yielded
+    for tokens in generate_tokens(model, batch, cfg, max_length=max_length, cache=cache):
+        tok = int(tokens[0])
+        if tok in eos_ids:
+            break
+        ids.append(tok)
+        piece = decoder.push(tok)
+        if not piece:
+            continue
+        current += piece
+        # Nothing before `emitted` can start a stop string: such a start would have been held back.
+        stop_at = find_stop(current, stops, emitted)
+        if stop_at is not None:
+            if stop_at > emitted:
+                yield current[emitted:stop_at]
+            emitted = stop_at
+            break  # closing the token generator ends generation
+        safe_end = len(current) - _held_back(current, stops)
+        if safe_end > emitted:
+            yield current[emitted:safe_end]
+            emitted = safe_end
+    # The full decode is the ground truth (as in the non-streamed result); send what the stream has not. (Only a
+    # decode that rewrites earlier text as more comes, e.g. a space clean-up, could make the two disagree.)
+    final = _cut(tokenizer.decode(ids, skip_special_tokens=True), stops)
+    if len(final) > emitted and final.startswith(current[:emitted]):
+        yield final[emitted:]
