@@ -1,0 +1,369 @@
+"""`Processor`: tokenizer + image processor + prompt rules -> the batch the model's forward takes.
+
+    proc = Processor.from_folder(folder, cfg)
+    batch = proc("USER: <image>\\nWhat is this? ASSISTANT:", [image])
+    batch = proc([messages_a, messages_b], images=[[img1], [img2, img3]])      # left-padded batch
+
+Output keys per family (what VLMModel.forward and the transformers models take):
+    llava     input_ids, attention_mask, pixel_values [N, 3, H, W]              (N = all images, prompt order)
+    idefics   input_ids, attention_mask, pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
+    idefics2/3 input_ids, attention_mask, pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
+(no pixel keys for Idefics2/3 and LLaVA when the batch has no image). input_ids equal transformers' processors'
+row by row; batches are padded on the LEFT (attention_mask 0 there). Nothing is ever truncated: a prompt longer than
+`max_length` (default: the model's context) is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from .image_processors import image_processor_for
+from .images import ImageError, ImageLimits, load_image
+from .prompts import (
+    PromptError, PromptRules, Slot, default_chat_template, expand_idefics2, expand_idefics3, expand_llava,
+    idefics_image_attention_mask, idefics_text, interleaved_segments, is_image_object, is_image_reference,
+    is_messages, normalize_messages, rules_for, segments_text, split_placeholders,
+)
+from .tokenizer import Tokenizer
+
+__all__ = ["Processor", "PromptError"]
+
+# processor_config.json "processor_class" -> family (for folders without a model config.json)
+PROCESSOR_CLASSES = {
+    "LlavaProcessor": "llava", "IdeficsProcessor": "idefics", "Idefics2Processor": "idefics2",
+    "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm",
+}
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Processor:
+    """Callable: `processor(prompts, images=None, *, add_generation_prompt=True, max_length=None) -> dict`.
+
+    family: llava | idefics | idefics2 | idefics3 | smolvlm (smolvlm = idefics3 prompt rules, its own images).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, image_processor, rules: PromptRules, *, family: Optional[str] = None,
+                 max_length: Optional[int] = None, limits: Optional[ImageLimits] = None,
+                 pad_token_id: Optional[int] = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.rules = rules
+        self.family = family or rules.family
+        self.max_length = max_length
+        self.limits = limits or ImageLimits()
+        for name in ("image_token",) + (("fake_token",) if rules.family != "llava" else ()):
+            token = getattr(rules, name)
+            if tokenizer.token_to_id(token) is None:
+                raise ValueError(f"the tokenizer has no {token!r} token, which {self.family} prompts need")
+        self.image_token_id = tokenizer.token_to_id(rules.image_token)
+        if pad_token_id is None:
+            pad_token_id = tokenizer.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.pad_token_id = int(pad_token_id)
+        self._expected_tokens: Optional[int] = None  # LLaVA: features per image the model will produce
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_folder(cls, folder, cfg=None, *, limits: Optional[ImageLimits] = None,
+                    max_length: Optional[int] = None) -> "Processor":
+        """A Hugging Face folder: tokenizer files, processor_config.json (+ preprocessor_config.json), chat template.
+        `cfg` (a VLMConfig) is read from config.json when not given; it supplies fallbacks for settings the processor
+        files lack, the context length (default max_length) and consistency checks."""
+        folder = str(folder)
+        proc_cfg = _read_json(os.path.join(folder, "processor_config.json"))
+        if cfg is None and os.path.isfile(os.path.join(folder, "config.json")):
+            from ..checkpoints.hf import config_from_folder
+
+            cfg = config_from_folder(folder)[0]
+        if cfg is not None:
+            family = cfg.extra.get("hf_architecture", cfg.family)
+        else:
+            family = PROCESSOR_CLASSES.get(proc_cfg.get("processor_class"))
+            if family is None:
+                raise ValueError(f"{folder}: no config.json and no known processor_class in processor_config.json")
+        image_cfg = proc_cfg.get("image_processor") or _read_json(os.path.join(folder, "preprocessor_config.json"))
+        image_processor = image_processor_for(family, image_cfg)
+        tokenizer = Tokenizer.from_folder(folder)
+        splitting = bool(getattr(image_processor.settings, "do_image_splitting", False))
+        rules = rules_for(family, proc_cfg, tokenizer.special_tokens, splitting, cfg)
+        if max_length is None and cfg is not None:
+            max_length = cfg.text.max_position_embeddings
+        pad = tokenizer.pad_token_id
+        if pad is None and cfg is not None:
+            pad = cfg.text.pad_token_id
+        proc = cls(tokenizer, image_processor, rules, family=family, max_length=max_length, limits=limits,
+                   pad_token_id=pad)
+        if cfg is not None:
+            proc._check_against_model(cfg)
+        return proc
+
+    def _check_against_model(self, cfg) -> None:
+        """The prompt must hold exactly as many image tokens as the model makes features: check it once here."""
+        if cfg.image_token_id is not None and cfg.image_token_id != self.image_token_id:
+            raise ValueError(f"the model's image_token_id is {cfg.image_token_id} but the tokenizer's "
+                             f"{self.rules.image_token!r} is {self.image_token_id}")
+        if self.rules.family in ("idefics2", "idefics3") and cfg.tokens_per_image and \
+                self.rules.image_seq_len != cfg.tokens_per_image:
+            raise ValueError(f"processor image_seq_len={self.rules.image_seq_len} but the model makes "
+                             f"{cfg.tokens_per_image} features per image")
+        if self.rules.family == "llava":
+            self._expected_tokens = cfg.tokens_per_image or None
+
+    # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def image_token(self) -> str:
+        return self.rules.image_token
+
+    @property
+    def chat_template(self) -> str:
+        t = self.tokenizer.chat_template
+        return t if t is not None else default_chat_template(self.family)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Stop ids: the tokenizer's (eos + generation_config) plus `<end_of_utterance>` for the IDEFICS families."""
+        ids = list(self.tokenizer.eos_token_ids)
+        if self.rules.family != "llava":
+            eou = self.tokenizer.token_to_id(self.rules.end_of_utterance)
+            if eou is not None:
+                ids.append(eou)
+        return list(dict.fromkeys(ids))
+
+    @property
+    def bad_words_ids(self) -> list[list[int]]:
+        """Tokens generation should never produce: `<image>` and `<fake_token_around_image>` (IDEFICS families,
+        as their model cards pass to generate); none for LLaVA."""
+        if self.rules.family == "llava":
+            return []
+        ids = [self.tokenizer.token_to_id(t) for t in (self.rules.image_token, self.rules.fake_token)]
+        return [[i] for i in ids if i is not None]
+
+    # ------------------------------------------------------------------------------------------------ chat
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        """The prompt text, as transformers' `processor.apply_chat_template(messages, add_generation_prompt=...)`
+        (placeholders not yet expanded). Uses the per-family default when the checkpoint has no template."""
+        rendered, _ = normalize_messages(messages, self.image_token)
+        return self._render(rendered, add_generation_prompt)
+
+    def _render(self, rendered: list[dict], add_generation_prompt: bool) -> str:
+        template = None if self.tokenizer.chat_template is not None else default_chat_template(self.family)
+        return self.tokenizer.render_chat(rendered, add_generation_prompt=add_generation_prompt, chat_template=template)
+
+    # ------------------------------------------------------------------------------------------------ call
+    def __call__(self, prompts, images=None, *, add_generation_prompt: bool = True,
+                 max_length: Optional[int] = None) -> dict:
+        prompts, images = self._batch(prompts, images)
+        parsed = [self._segments(p, i, add_generation_prompt) for i, p in enumerate(prompts)]
+        sources = self._assign_images(parsed, images)
+        loaded = self._load(sources)
+        texts, image_batch = self._expand(parsed, loaded)
+        ids = []
+        limit = max_length if max_length is not None else self.max_length
+        for i, (text, (_, from_chat)) in enumerate(zip(texts, parsed)):
+            if self.rules.family == "idefics":
+                add_special = False  # IdeficsProcessor writes the BOS text itself
+            else:
+                bos = self.tokenizer.special_tokens.get("bos_token")
+                # as apply_chat_template(tokenize=True): no second BOS when the template already wrote one
+                add_special = not (from_chat and bos is not None and text.startswith(bos))
+            row = self.tokenizer.encode(text, add_special_tokens=add_special)
+            if limit is not None and len(row) > limit:
+                context = " (the model's context)" if limit == self.max_length else ""
+                raise PromptError(f"prompt {i} is {len(row)} tokens (image tokens included), longer than "
+                                  f"max_length={limit}{context}; shorten it or use fewer/smaller images")
+            ids.append(row)
+        batch = self._pad(ids)
+        if self.rules.family == "idefics":
+            counts = [len(x) for x in loaded]
+            if sum(counts):
+                n = max(1, max(counts))
+                batch["image_attention_mask"] = idefics_image_attention_mask(
+                    batch["input_ids"], self.image_token_id, self.tokenizer.eos_token_id, n)
+            else:  # text only, as IdeficsProcessor: all zeros, one image slot
+                batch["image_attention_mask"] = torch.zeros(*batch["input_ids"].shape, 1, dtype=torch.bool)
+        for key in ("pixel_values", "pixel_attention_mask"):
+            if key in image_batch:
+                batch[key] = image_batch[key]
+        return batch
+
+    def _pad(self, rows: list[list[int]]) -> dict:
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+                attention_mask[i, width - len(row):] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _batch(self, prompts, images) -> tuple[list, Optional[tuple]]:
+        """One prompt or a list of prompts -> list; images -> None, ("nested", per-prompt lists) or ("flat", list)."""
+        nested_images = isinstance(images, (list, tuple)) and len(images) > 0 and all(
+            isinstance(x, (list, tuple)) for x in images)
+        if isinstance(prompts, str) or is_messages(prompts):
+            batch = [prompts]
+        elif isinstance(prompts, (list, tuple)):
+            if not prompts:
+                raise PromptError("empty prompt list")
+            if any(isinstance(p, (list, tuple)) for p in prompts):
+                batch = list(prompts)  # prompts that are interleaved lists or message lists
+            elif not all(isinstance(p, str) for p in prompts):
+                batch = [prompts]  # one interleaved prompt (it holds image objects)
+            elif not nested_images and any(is_image_reference(p) for p in prompts):
+                batch = [prompts]  # one interleaved prompt whose images are URLs / paths
+            else:
+                batch = list(prompts)  # several string prompts
+        else:
+            raise PromptError(f"a prompt is a string, an interleaved list or chat messages, "
+                              f"not {type(prompts).__name__}")
+        if images is None:
+            return batch, None
+        if is_image_object(images) or isinstance(images, str):
+            images = [images]
+        if not isinstance(images, (list, tuple)):
+            raise PromptError(f"images must be a list of images (or a list of lists per prompt), "
+                              f"not {type(images).__name__}")
+        if nested_images:
+            if len(images) != len(batch):
+                raise PromptError(f"images has {len(images)} lists for {len(batch)} prompts")
+            return batch, ("nested", [list(x) for x in images])
+        if any(isinstance(x, (list, tuple)) for x in images):
+            raise PromptError("images mixes single images and lists; give one list per prompt")
+        return batch, ("flat", list(images))
+
+    def _segments(self, prompt, index: int, add_generation_prompt: bool):
+        """-> (segments, from_chat). Slots of chat messages are already bound to their images (or None)."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise PromptError(f"prompt {index} is empty")
+            return self._split(prompt), False
+        if is_messages(prompt):
+            rendered, message_images = normalize_messages(prompt, self.image_token)
+            text = self._render(rendered, add_generation_prompt)
+            if self.rules.family == "idefics":
+                bos = self.tokenizer.special_tokens.get("bos_token")
+                if bos and text.startswith(bos):
+                    text = text[len(bos):]
+            segments = self._split(text)
+            slots = [s for s in segments if isinstance(s, Slot)]
+            if len(slots) != len(message_images):
+                raise PromptError(f"prompt {index}: the chat template wrote {len(slots)} {self.image_token} "
+                                  f"placeholders but the messages have {len(message_images)} images")
+            for slot, image in zip(slots, message_images):
+                slot.image = image
+            return segments, True
+        if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise PromptError(f"prompt {index} is empty")
+            segments = interleaved_segments(prompt, self.image_token)
+            if not any(isinstance(s, Slot) or s.strip() for s in segments):
+                raise PromptError(f"prompt {index} is empty")
+            return segments, False
+        raise PromptError(f"prompt {index}: a prompt is a string, an interleaved list or chat messages, "
+                          f"not {type(prompt).__name__}")
+
+    def _split(self, text: str) -> list:
+        segments = split_placeholders(text, self.image_token)
+        if self.rules.family == "idefics":
+            # IDEFICS strips spaces around each text item; a blank piece between two placeholders would still
+            # count as a text item and stop the two images sharing a fake token, so it is dropped.
+            segments = [s for s in segments if not isinstance(s, str) or s.strip(" ")]
+        return segments
+
+    def _assign_images(self, parsed, images) -> list[list]:
+        """Fill each prompt's open slots from `images`, in order; counts must match exactly."""
+        need = [sum(1 for s in seg if isinstance(s, Slot) and s.image is None) for seg, _ in parsed]
+        tok = self.image_token
+        kind, images = images if images is not None else ("nested", [[] for _ in parsed])
+        if kind == "nested":
+            per = images
+        elif len(parsed) == 1:
+            per = [images]
+        else:  # a flat list over a batch: split by each prompt's placeholder count (as transformers does)
+            if sum(need) != len(images):
+                raise PromptError(f"the prompts have {sum(need)} {tok} placeholders in all ({need} per prompt) "
+                                  f"but {len(images)} images were given")
+            per, start = [], 0
+            for n in need:
+                per.append(images[start:start + n])
+                start += n
+        out = []
+        for i, ((segments, _), given, n) in enumerate(zip(parsed, per, need)):
+            if len(given) != n:
+                where = f"prompt {i}" if len(parsed) > 1 else "the prompt"
+                inline = sum(1 for s in segments if isinstance(s, Slot) and s.image is not None)
+                if n == 0 and inline:
+                    raise PromptError(f"{where} carries its {inline} image(s) inline and has no open {tok} "
+                                      f"placeholder, but {len(given)} more image(s) were given")
+                if n == 0:
+                    raise PromptError(f"{where} has no {tok} placeholder but {len(given)} image(s) were given "
+                                      f"(a text-only prompt): put {tok} where each image goes")
+                raise PromptError(f"{where} has {n} {tok} placeholder(s) but {len(given)} image(s) were given")
+            it = iter(given)
+            out.append([s.image if s.image is not None else next(it) for s in segments if isinstance(s, Slot)])
+        return out
+
+    def _load(self, sources: list[list]) -> list[list]:
+        loaded = []
+        for i, prompt_sources in enumerate(sources):
+            if len(prompt_sources) > self.limits.max_images:
+                raise ImageError(f"prompt {i} has {len(prompt_sources)} images > max_images={self.limits.max_images}")
+            if self.rules.family == "idefics2":
+                prompt_sources = [_drop_alpha(x, self.limits) for x in prompt_sources]
+            loaded.append([load_image(x, limits=self.limits, index=j) for j, x in enumerate(prompt_sources)])
+        return loaded
+
+    def _expand(self, parsed, loaded) -> tuple[list[str], dict]:
+        """Run the image processor, then write each prompt's text with its image tokens expanded."""
+        family, rules = self.rules.family, self.rules
+        any_image = any(loaded)
+        image_batch = self.image_processor(loaded) if (any_image or family == "idefics") else {}
+        texts = []
+        for i, (segments, _) in enumerate(parsed):
+            if family == "idefics":
+                texts.append(idefics_text(segments, rules, self.tokenizer.special_tokens.get("bos_token"),
+                                          self.tokenizer.special_tokens.get("eos_token")))
+                continue
+            text = segments_text(segments, rules.image_token)
+            n = len(loaded[i])
+            if family == "llava":
+                hw = [tuple(image_batch["pixel_values"].shape[-2:])] * n if n else []
+                for h, w in hw[:1]:
+                    got = rules.llava_tokens(h, w)
+                    if self._expected_tokens and got != self._expected_tokens:
+                        raise PromptError(f"images of {h}x{w} give {got} image tokens but the model makes "
+                                          f"{self._expected_tokens} features per image")
+                texts.append(expand_llava(text, rules, hw))
+            elif family == "idefics2":
+                texts.append(expand_idefics2(text, rules))
+            else:
+                grids = list(zip(image_batch["image_rows"][i], image_batch["image_cols"][i])) if n else []
+                texts.append(expand_idefics3(text, rules, grids))
+        return texts, image_batch
+
+
+def _drop_alpha(image, limits: ImageLimits):
+    """Idefics2Processor passes every image through transformers' load_image, which applies the EXIF orientation and
+    `convert("RGB")`: transparency is DROPPED (the colour under transparent pixels shows), not composited on white
+    as every other family does. Done here for PIL inputs so pixel values equal transformers'; encoded inputs (bytes,
+    paths, URLs) are composited on white by load_image."""
+    if not (hasattr(image, "getbands") and hasattr(image, "convert")):
+        return image
+    has_alpha = "A" in image.getbands() or "a" in image.getbands() or image.info.get("transparency") is not None
+    if not has_alpha or image.width * image.height > limits.max_pixels:
+        return image  # (too large: load_image refuses it before any conversion)
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image).convert("RGB")
