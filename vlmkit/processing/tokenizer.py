@@ -262,7 +262,8 @@ class IncrementalDecoder:
         self.skip_special_tokens = skip_special_tokens
         self._skipped = tokenizer.special_ids if skip_special_tokens else set()
         self._byte_ids: set[int] = set()
-        if getattr(tokenizer.backend.model, "byte_fallback", False):
+        backend = getattr(tokenizer, "backend", None)  # duck-typed tokenizers (tests) may have none
+        if backend is not None and getattr(backend.model, "byte_fallback", False):
             byte_token = re.compile(r"<0x[0-9A-Fa-f]{2}>")
             self._byte_ids = {i for t, i in tokenizer.get_vocab().items() if byte_token.fullmatch(t)}
         self.ids: list[int] = []
