@@ -1,0 +1,1 @@
+"""Input processing: images (loading, limits, per-family preprocessing), prompts, batching."""
