@@ -1,0 +1,164 @@
+"""The `vlmkit` command line: `main([...])` in-process (capsys), and once as a real process (`python -m vlmkit.cli`),
+against a tiny checkpoint written by `vlmkit.save`. Bad input must give exit code 2 and ONE line naming the problem."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import vlmkit
+from hf_fixtures import sample_images
+from vlmkit import api, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--max-new-tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def files(hf_checkpoint_dir, tmp_path_factory):
+    """A saved tiny LLaVA (vlmkit.save of the loaded checkpoint), two images and a corrupt one."""
+    root = tmp_path_factory.mktemp("cli")
+    model = root / "llava"
+    vlmkit.save(vlmkit.load(hf_checkpoint_dir("llava")), model)
+    a, b = sample_images()
+    a.save(root / "a.png")
+    b.save(root / "b.png")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    return {"model": str(model), "a": str(root / "a.png"), "b": str(root / "b.png"),
+            "corrupt": str(root / "corrupt.png"), "missing": str(root / "no-such-model"), "root": root}
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("vlmkit") and "error:" in lines[0] and "Traceback" not in err
+    return lines[0]
+
+
+def test_run_two_images_streams_an_answer(files, capsys):
+    code = cli.main(["run", "--model", files["model"], "--image", files["a"], "--image", files["b"], *FAST,
+                     "What is shown?"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.endswith("\n") and out.strip() and err == ""
+
+
+def test_run_with_placeholders_and_sampling_flags(files, capsys):
+    args = ["run", "-m", files["model"], "-i", files["a"], "-i", files["b"], *FAST, "--temperature", "0.7",
+            "--seed", "3", "--top-p", "0.9", "Compare <image> with <image>."]
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == first  # the seed makes sampling repeatable
+
+
+def test_run_as_a_process(files):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "vlmkit.cli", "run", "--model", files["model"], "--image", files["a"],
+           "--image", files["b"], *FAST, "What is shown?"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    bad = subprocess.run(cmd[:3] + ["info", files["missing"]], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=300)
+    assert bad.returncode == 2 and "does not exist" in one_error_line(bad.stderr) and bad.stdout == ""
+
+
+def test_info_text_and_json(files, capsys):
+    assert cli.main(["info", files["model"]]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["family", "llava"]
+    for key in ("architecture", "parameters", "tokens per image", "image size", "context length", "dtype", "memory"):
+        assert key in out
+    assert cli.main(["info", files["model"], "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "llava" and info["architecture"] == "LlavaForConditionalGeneration"
+    assert info["tokens_per_image"] == 9 and info["context_length"] == 2048 and info["dtype"] == "float32"
+    parts = ("vision_parameters", "connector_parameters", "cross_attention_parameters", "text_parameters")
+    assert sum(info[k] for k in parts) == info["parameters"] and info["connector_parameters"] > 0
+    assert info["memory_bytes"] == 4 * info["parameters"]
+
+
+def test_info_idefics_counts_cross_attention(hf_checkpoint_dir, capsys):
+    assert cli.main(["info", hf_checkpoint_dir("idefics"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "idefics" and info["merge"] == "cross_attention"
+    assert info["cross_attention_parameters"] > 0
+
+
+def test_chat_session(files, capsys, monkeypatch):
+    sent = []
+    real = api.VLM.generate
+
+    def spy(self, prompt, images=None, **kwargs):
+        sent.append(prompt)
+        return real(self, prompt, images=images, **kwargs)
+
+    monkeypatch.setattr(api.VLM, "generate", spy)
+    lines = [f"/image {files['a']}", "What is in this picture?", "And its colour?", "/reset", "Hello", "/exit",
+             "never read"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert cli.main(["chat", "--model", files["model"], *FAST]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 3  # one streamed answer per question
+    assert "image attached" in err and "conversation cleared" in err
+    users = [[m for m in prompt if m["role"] == "user"] for prompt in sent]
+    assert [len(u) for u in users] == [1, 2, 1]  # history kept, then cleared by /reset
+    assert [sum(p["type"] == "image" for m in u for p in m["content"]) for u in users] == [1, 1, 0]
+    assert users[1][1]["content"] == [{"type": "text", "text": "And its colour?"}]
+
+
+def test_chat_reports_bad_turns_and_goes_on(files, capsys, monkeypatch):
+    lines = [f"/image {files['corrupt']}", "<image><image> two?", "Hi"]  # EOF ends the chat
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert cli.main(["chat", "--model", files["model"], "--image", files["a"], *FAST]) == 2
+    out, err = capsys.readouterr()
+    assert "cannot read image" in err and "placeholder" in err
+    assert len(out.splitlines()) == 1  # "Hi" was still answered
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing model", "does not exist"),
+    ("model is a file", "not a model folder"),
+    ("corrupt image", "cannot read image"),
+    ("missing image", "does not exist"),
+    ("too many placeholders", "2 <image> placeholder(s) but 1 image"),
+    ("prompt too long", "longer than"),
+    ("bad flag value", "--max-new-tokens"),
+    ("unknown dtype", "--dtype"),
+    ("quantize", "not available yet"),
+])
+def test_bad_input_gives_one_line_and_exit_2(files, capsys, case, expected):
+    m, a = files["model"], files["a"]
+    argv = {
+        "missing model": ["run", "-m", files["missing"], "-i", a, "hi"],
+        "model is a file": ["info", a],
+        "corrupt image": ["run", "-m", m, "-i", files["corrupt"], "hi"],
+        "missing image": ["run", "-m", m, "-i", str(files["root"] / "nope.png"), "hi"],
+        "too many placeholders": ["run", "-m", m, "-i", a, "<image> vs <image>"],
+        "prompt too long": ["run", "-m", m, "-i", a, *FAST, "word " * 3000],
+        "bad flag value": ["run", "-m", m, "-i", a, "--max-new-tokens", "0", "hi"],
+        "unknown dtype": ["run", "-m", m, "--dtype", "float8", "hi"],
+        "quantize": ["run", "-m", m, "-i", a, "--quantize", "int8", "hi"],
+    }[case]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert expected in one_error_line(err) and out == ""
+
+
+def test_default_model_missing_is_a_clear_error(files, capsys):
+    if (api.default_model_path() / "config.json").is_file():
+        pytest.skip("the embedded default model is installed")
+    assert cli.main(["run", "--image", files["a"], "hi"]) == 2
+    assert "default model is not installed" in one_error_line(capsys.readouterr().err)
+
+
+def test_parser_lists_only_real_commands(capsys):
+    assert set(cli.COMMANDS) == {"run", "chat", "info"}
+    assert cli.main(["--help"]) == 0
+    assert "run" in capsys.readouterr().out
+    assert cli.main([]) == 2
+    one_error_line(capsys.readouterr().err)

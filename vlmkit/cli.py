@@ -1,0 +1,372 @@
+"""The `vlmkit` command line.
+
+    vlmkit run [--model M] --image a.png [--image b.png] [--max-new-tokens N] [--temperature T] "question"
+    vlmkit chat [--model M] [--image PATH] [--system TEXT]      (stdin lines; /image PATH, /reset, /help, /exit)
+    vlmkit info M [--json]
+
+Answers stream to stdout; status lines and errors go to stderr. Bad input (missing model folder, unreadable image,
+placeholder/image count mismatch, prompt over the context, bad flag values) ends with one line `vlmkit: error: ...`
+and exit code 2; an unexpected failure with exit code 1 (set VLMKIT_DEBUG=1 for the traceback).
+
+Adding a subcommand: one function decorated with `@command(name, help, *arguments)`; nothing else to register.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Optional
+
+PROG = "vlmkit"
+USAGE_ERROR, FAILURE = 2, 1
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line."""
+
+    def __init__(self, message: str, code: int = USAGE_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+def arg(*flags, **kwargs) -> tuple:
+    """One `add_argument` call, kept for later: arg("--json", action="store_true", help=...)."""
+    return flags, kwargs
+
+
+COMMANDS: dict[str, tuple[str, tuple, Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str, *arguments: tuple):
+    """Register `func(args) -> exit code` as `vlmkit NAME` with the given `arg(...)` specs."""
+    def register(func):
+        COMMANDS[name] = (help, arguments, func)
+        return func
+    return register
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}], got {text}")
+        return value
+    return parse
+
+
+def _dtypes() -> list[str]:
+    return ["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
+
+
+MODEL = (
+    arg("--model", "-m", default="default", metavar="M",
+        help="model folder in Hugging Face format, or 'default' (the embedded model)"),
+    arg("--dtype", choices=_dtypes(), default=None, help="weights dtype (default: as stored)"),
+    arg("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)"),
+    arg("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization"),
+)
+GENERATION = (
+    arg("--max-new-tokens", type=_positive_int, default=256, metavar="N", help="answer length cap (default 256)"),
+    arg("--temperature", type=_float_in(0, 100), default=0.0, metavar="T",
+        help="sampling temperature; 0 (the default) decodes greedily"),
+    arg("--top-p", type=_float_in(0, 1, low_open=True), default=1.0, metavar="P", help="nucleus sampling mass"),
+    arg("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens (0 = off)"),
+    arg("--repetition-penalty", type=_float_in(0, 100, low_open=True), default=1.0, metavar="R"),
+    arg("--seed", type=int, default=None, metavar="S", help="random seed for sampling"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line gives one line (and exit code 2), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog=PROG, description="Open vision-language models on your machine.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, arguments, func) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        for flags, kwargs in arguments:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag (argparse has printed its usage line)
+        return e.code if isinstance(e.code, int) else USAGE_ERROR
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        return _fail(str(e), e.code)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:  # `vlmkit run ... | head`
+        _quiet_stdout()
+        return 0
+    except Exception as e:  # noqa: BLE001 -- one line, not a traceback; VLMKIT_DEBUG shows it
+        if os.environ.get("VLMKIT_DEBUG"):
+            raise
+        code, message = _classify_error(e)
+        return _fail(message, code)
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"{PROG}: error: {_one_line(message)}\n")
+    return code
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "unknown error"
+
+
+def _classify_error(e: Exception) -> tuple[int, str]:
+    """Map the library's exceptions to (exit code, message)."""
+    from .processing.images import ImageError
+
+    if isinstance(e, FileNotFoundError):
+        return USAGE_ERROR, str(e.args[0] if len(e.args) == 1 else e)
+    if isinstance(e, ImageError):
+        return USAGE_ERROR, f"bad image: {e}"
+    if isinstance(e, NotImplementedError):
+        return USAGE_ERROR, str(e)
+    if isinstance(e, ValueError):  # PromptError, CheckpointError, generation settings, prompt too long
+        return USAGE_ERROR, str(e)
+    return FAILURE, f"{type(e).__name__}: {e}"
+
+
+def _quiet_stdout() -> None:
+    try:  # stdout's reader is gone: silence the flush at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _load_model(args):
+    """The model named by --model, with its dtype / device / quantize options."""
+    from . import api
+
+    name = args.model
+    if name == "default" and not (api.default_model_path() / "config.json").is_file():
+        raise CLIError("no model given and the embedded default model is not installed; pass --model FOLDER "
+                       "(a local Hugging Face folder)")
+    if name != "default" and not os.path.isdir(os.path.expanduser(name)):
+        what = "is a file, not a model folder" if os.path.exists(name) else "does not exist"
+        raise CLIError(f"model folder {name!r} {what}")
+    if name != "default" and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
+        raise CLIError(f"{name!r} is not a model folder: it has no config.json")
+    try:
+        return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    except NotImplementedError as e:
+        raise CLIError(f"--quantize {args.quantize}: {e}") from None
+
+
+def _load_images(paths) -> list:
+    """Open every image up front (before the model loads) so a bad file fails fast, naming the file."""
+    from .processing.images import ImageError, load_image
+
+    images = []
+    for path in paths or []:
+        if not os.path.exists(path):
+            raise CLIError(f"image file {path!r} does not exist")
+        try:
+            images.append(load_image(path))
+        except ImageError as e:
+            raise CLIError(f"cannot read image {path!r}: {e.reason}") from None
+    return images
+
+
+def _generation_options(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
+                top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _write_stream(pieces) -> str:
+    out = []
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        out.append(piece)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(out)
+
+
+def _status(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+@command("run", "answer one prompt about images, streaming the answer",
+         *MODEL, *GENERATION,
+         arg("--image", "-i", action="append", default=[], metavar="PATH",
+             help="an image (repeat for several); placed where the prompt's <image> placeholders are, else first"),
+         arg("--system", default=None, metavar="TEXT", help="a system message"),
+         arg("prompt", help="the question or instruction"))
+def cmd_run(args) -> int:
+    from .tasks import Chat, user_content
+
+    if not args.prompt.strip() and not args.image:
+        raise CLIError("the prompt is empty")
+    images = _load_images(args.image)
+    user_content(args.prompt, images)  # placeholder/image count checked before the (slow) model load
+    m = _load_model(args)
+    chat = Chat(m, system=args.system)
+    _write_stream(chat.stream(args.prompt, images, **_generation_options(args)))
+    return 0
+
+
+CHAT_HELP = "commands: /image PATH (attach to the next turn), /reset (forget the conversation), /help, /exit"
+
+
+@command("chat", "multi-turn chat in the terminal (reads lines from stdin)",
+         *MODEL, *GENERATION,
+         arg("--image", "-i", action="append", default=[], metavar="PATH", help="an image for the first turn"),
+         arg("--system", default=None, metavar="TEXT", help="a system message"))
+def cmd_chat(args) -> int:
+    from .processing.images import ImageError
+    from .tasks import Chat
+
+    pending = _load_images(args.image)
+    m = _load_model(args)
+    chat = Chat(m, system=args.system)
+    options = _generation_options(args)
+    interactive = sys.stdin.isatty()
+    failed = False  # a bad turn or /image: reported, the chat goes on, the exit code is 2
+    if interactive:
+        _status(f"{PROG} chat with {m.info()['family']} model {args.model}; {CHAT_HELP}")
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            name, _, rest = line.partition(" ")
+            rest = rest.strip()
+            if name in ("/exit", "/quit", "/bye"):
+                break
+            if name == "/reset":
+                chat.reset()
+                pending = []
+                _status("(conversation cleared)")
+            elif name == "/help":
+                _status(CHAT_HELP)
+            elif name == "/image":
+                try:
+                    pending += _load_images([rest]) if rest else []
+                    _status(f"(image attached: {rest}; {len(pending)} for the next turn)" if rest
+                            else "usage: /image PATH")
+                except CLIError as e:
+                    failed = True
+                    _status(f"{PROG}: error: {_one_line(e)}")
+            else:
+                _status(f"unknown command {name}; {CHAT_HELP}")
+            continue
+        try:
+            pieces = chat.stream(line, pending, **options)
+        except (ImageError, ValueError) as e:  # bad turn: say so, keep the conversation as it was
+            failed = True
+            _status(f"{PROG}: error: {_one_line(e)}")
+            continue
+        pending = []
+        _write_stream(pieces)
+    return USAGE_ERROR if failed else 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def model_info(m) -> dict:
+    """m.info() plus the parameter split (vision / connector / cross-attention / text) and the KV cache size."""
+    info = dict(m.info())
+    cfg = m.config
+    info["family"] = cfg.extra.get("hf_architecture", cfg.family)
+
+    def count(module, keep=lambda name: True) -> int:
+        return sum(p.numel() for name, p in module.named_parameters() if keep(name)) if module is not None else 0
+
+    model = m.model
+    info["vision_parameters"] = count(getattr(model, "vision", None))
+    info["connector_parameters"] = count(getattr(model, "connector", None))
+    info["cross_attention_parameters"] = count(getattr(model, "text", None), lambda n: n.startswith("cross_blocks"))
+    info["text_parameters"] = count(getattr(model, "text", None)) - info["cross_attention_parameters"]
+    t = cfg.text
+    itemsize = next(model.parameters()).element_size()
+    info["kv_cache_bytes_per_token"] = 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize
+    return info
+
+
+@command("info", "describe a model: family, parameters, image tokens, context, memory",
+         arg("model", help="model folder in Hugging Face format, or 'default'"),
+         arg("--json", action="store_true", help="print JSON"),
+         arg("--dtype", choices=_dtypes(), default=None, help="report as loaded in this dtype"))
+def cmd_info(args) -> int:
+    args.device, args.quantize = None, None
+    info = model_info(_load_model(args))
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    n = info["parameters"]
+    split = f"vision {info['vision_parameters']:,}, connector {info['connector_parameters']:,}"
+    if info["cross_attention_parameters"]:
+        split += f", cross-attention {info['cross_attention_parameters']:,}"
+    split += f", text {info['text_parameters']:,}"
+    rows = [
+        ("family", info["family"]), ("architecture", info["architecture"]),
+        ("parameters", f"{n:,} ({split})"), ("connector", f"{info['connector']} ({info['merge']} merge)"),
+        ("tokens per image", info["tokens_per_image"]), ("image size", f"{info['image_size']} px"),
+        ("context length", f"{info['context_length']} tokens"), ("dtype", info["dtype"]),
+        ("memory", f"{_human_bytes(info['memory_bytes'])} of weights, "
+                   f"{_human_bytes(info['kv_cache_bytes_per_token'])} of KV cache per token"),
+        ("folder", info["folder"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
