@@ -9,6 +9,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.hf import config_from_folder, load_model, save_model
 from .generation import GenerationConfig, generate
 from .models.vlm import VLMModel
@@ -59,7 +60,10 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None) -> "VLM
     folder = resolve(path_or_name)
     if quantize is not None:
         raise NotImplementedError(f"quantize={quantize!r} is not available yet; load in float32/bfloat16")
-    model = load_model(folder, dtype=_dtype(dtype), device=device)
+    if is_adapter_folder(folder):  # the embedded default model: GGUF language model + trained adapter
+        model = load_adapter_model(folder, dtype=_dtype(dtype), device=device)
+    else:
+        model = load_model(folder, dtype=_dtype(dtype), device=device)
     processor = Processor.from_folder(folder, model.cfg)
     return VLM(model, processor, folder)
 

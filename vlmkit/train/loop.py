@@ -1,0 +1,146 @@
+"""A small training loop: AdamW, warmup + cosine, gradient clipping, a progress line (loss, samples/s, ETA),
+and atomic, resumable checkpoints in safetensors (trainable weights + optimizer moments + step)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: float = 0.03  # fraction of steps
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 10
+    ckpt_every: int = 100
+    seed: int = 0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine down to min_lr_ratio * lr."""
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, cfg.steps - warm))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def trainable(model: nn.Module) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict) -> None:
+    """Trainable weights and AdamW moments in one safetensors file, written to a temp file then renamed."""
+    params = trainable(model)
+    tensors = {f"param/{n}": p.detach().contiguous().cpu() for n, p in params.items()}
+    for n, p in params.items():
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"{key}/{n}"] = state[key].contiguous().cpu()
+        if "step" in state:
+            tensors[f"opt_step/{n}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).cpu()
+    meta = {"step": str(step), "extra": json.dumps(extra)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    params = trainable(model)
+    missing = [n for n in params if f"param/{n}" not in tensors]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks trainable parameters {missing[:5]} (different recipe?)")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param/{n}"])
+            if f"exp_avg/{n}" in tensors:
+                optimizer.state[p] = {
+                    "step": tensors[f"opt_step/{n}"].reshape(()),
+                    "exp_avg": tensors[f"exp_avg/{n}"].to(p.dtype),
+                    "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].to(p.dtype),
+                }
+    return int(meta["step"]), json.loads(meta.get("extra", "{}"))
+
+
+class Progress:
+    """One line per log interval: step, loss (running mean), samples/s, ETA."""
+
+    def __init__(self, total: int, batch_size: int, start: int, label: str = ""):
+        self.total, self.batch, self.start, self.label = total, batch_size, start, label
+        self.t0, self.losses = time.time(), []
+
+    def update(self, step: int, loss: float, lr: float) -> str:
+        self.losses.append(loss)
+        done = step + 1 - self.start
+        elapsed = time.time() - self.t0
+        rate = done * self.batch / max(elapsed, 1e-9)
+        eta = (self.total - step - 1) * self.batch / max(rate, 1e-9)
+        mean = sum(self.losses[-50:]) / len(self.losses[-50:])
+        bar = "#" * int(20 * (step + 1) / self.total)
+        return (f"{self.label} [{bar:<20}] {step + 1}/{self.total} loss {mean:.4f} lr {lr:.2e} "
+                f"{rate:.1f} samples/s ETA {eta / 60:.1f} min")
+
+
+def run(model: nn.Module, make_batch: Callable[[int], dict], loss_fn: Callable[[nn.Module, dict], torch.Tensor],
+        cfg: TrainConfig, ckpt_path: Optional[Path] = None, label: str = "", log=None,
+        param_groups: Optional[list] = None) -> list[float]:
+    """Train for cfg.steps; batch i is `make_batch(i)`, so resuming at step k reads exactly the data it would have.
+    Returns the loss of every step run in this call."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    groups = param_groups or [{"params": list(trainable(model).values())}]
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    start = 0
+    if ckpt_path is not None and Path(ckpt_path).is_file():
+        start, _ = load_checkpoint(Path(ckpt_path), model, optimizer)
+        log(f"{label} resumed from {ckpt_path} at step {start}")
+    progress, losses = Progress(cfg.steps, cfg.batch_size, start, label), []
+    model.train()
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        loss = loss_fn(model, make_batch(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            log(progress.update(step, losses[-1], lr))
+        else:
+            progress.losses.append(losses[-1])
+        if ckpt_path is not None and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(Path(ckpt_path), model, optimizer, step + 1, {"config": asdict(cfg)})
+    model.eval()
+    return losses
