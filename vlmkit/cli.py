@@ -386,5 +386,76 @@ def cmd_train(args) -> int:
     return 0
 
 
+@command("eval", "score a model on a benchmark (vqav2, textvqa, docvqa, chartqa, mmmu, mmbench, synthetic, or a spec)",
+         *MODEL,
+         arg("--task", "-t", required=True, metavar="NAME", help="a built-in task, or a .yaml/.json task spec file"),
+         arg("--data", "-d", default=None, metavar="PATH",
+             help="the benchmark: parquet / JSON lines / JSON / TSV, or a folder (datasets save_to_disk, Hub layout)"),
+         arg("--split", default=None, help="the split of a folder that holds several (default: validation)"),
+         arg("--limit", type=_positive_int, default=None, metavar="N", help="only the first N items"),
+         arg("--batch-size", type=_positive_int, default=8, metavar="B", help="prompts generated together (default 8)"),
+         arg("--output", "-o", default=None, metavar="DIR",
+             help="where predictions.jsonl, results.json and results.md go (default eval-results/TASK-MODEL); "
+                  "a rerun resumes"),
+         arg("--max-new-tokens", type=_positive_int, default=None, metavar="N",
+             help="answer length cap (default: the task's)"),
+         arg("--image-root", default=None, metavar="DIR", help="the folder relative image paths start from"),
+         arg("--seed", type=int, default=0, metavar="S", help="seed of MMMU's random choice for unreadable answers"),
+         arg("--overwrite", action="store_true", help="drop the predictions already in --output instead of resuming"))
+def cmd_eval(args) -> int:
+    from .eval.runner import evaluate
+
+    results = evaluate(lambda: _load_model(args), args.task, args.data, split=args.split, limit=args.limit,
+                       batch_size=args.batch_size, output_dir=args.output, max_new_tokens=args.max_new_tokens,
+                       seed=args.seed, overwrite=args.overwrite, image_root=args.image_root, model_name=args.model)
+    sys.stdout.write(results["markdown"])
+    _status(f"{PROG} eval: {results['n']} items ({results['failed']} failed); "
+            f"predictions and results in {os.path.dirname(results['files']['results'])}")
+    return 0
+
+
+@command("serve", "serve a model over HTTP: OpenAI /v1/chat/completions, Ollama /api/chat and /api/generate, "
+                  "a chat page at /",
+         *MODEL,
+         arg("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"),
+         arg("--port", type=_positive_int, default=8000, help="port (default 8000)"),
+         arg("--name", default=None, metavar="NAME", help="the model name clients use (default: the folder name)"),
+         arg("--allow-remote-images", action="store_true",
+             help="fetch http(s) image URLs (never loopback, private or link-local addresses)"),
+         arg("--max-batch", type=_positive_int, default=8, metavar="N", help="prompts decoded together (default 8)"),
+         arg("--queue-limit", type=_positive_int, default=64, metavar="N",
+             help="requests queued or running before new ones get 429 (default 64)"),
+         arg("--max-tokens", type=_positive_int, default=4096, metavar="N",
+             help="the most new tokens a request may ask for (default 4096, at most the context)"),
+         arg("--max-body-mb", type=_positive_int, default=32, metavar="MB", help="request body cap (default 32)"),
+         arg("--max-images", type=_positive_int, default=16, metavar="N", help="images per request (default 16)"),
+         arg("--max-image-pixels", type=_positive_int, default=40_000_000, metavar="N",
+             help="decoded pixels per image (default 40000000)"),
+         arg("--no-ui", action="store_true", help="no Gradio chat page at /"))
+def cmd_serve(args) -> int:
+    try:
+        from .serve import create_app, default_model_name
+        from .serve.app import run
+        if not args.no_ui:
+            import gradio  # noqa: F401
+    except ImportError as e:
+        raise CLIError(f"vlmkit serve needs the serve extra ({e.name} is missing): pip install 'vlmkit[serve]'"
+                       + ("" if args.no_ui else " (or pass --no-ui)")) from None
+    from .processing.images import ImageLimits
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        _status(f"warning: binding {args.host}: anyone who can reach this address can use the model")
+    m = _load_model(args)
+    limits = ImageLimits(max_pixels=args.max_image_pixels, max_images=args.max_images,
+                         allow_remote=args.allow_remote_images, allow_paths=False)
+    name = args.name or default_model_name(args.model)
+    app = create_app(m, model_name=name, limits=limits, max_batch=args.max_batch, queue_limit=args.queue_limit,
+                     max_tokens_limit=args.max_tokens, max_body_bytes=args.max_body_mb * 1024 * 1024,
+                     ui=not args.no_ui)
+    _status(f"{PROG} serve: {name!r} on http://{args.host}:{args.port} (OpenAI API /v1, Ollama API /api"
+            + ("" if args.no_ui else ", chat page /") + ")")
+    run(app, host=args.host, port=args.port)
+    return 0
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -152,7 +152,7 @@ def train_vision(model: VLMModel, processor, out: Path, steps: int, batch_size: 
     gen = SyntheticGenerator(seed, categories=SINGLE_IMAGE_CATEGORIES, stage=2)
     classes = vision_classes()
     heads = VisionHeads(VISION.hidden_size * SHUFFLE**2, TOKENS_PER_IMAGE, classes)
-    wrapper = nn.ModuleDict({"vision": model.vision, "heads": heads})
+    wrapper = nn.ModuleDict({"vision": model.vision, "heads": heads.to(model.device)})
 
     def make_batch(step):
         samples = [gen.qa_sample(step * batch_size + j) for j in range(batch_size)]
@@ -240,6 +240,8 @@ def train_default(out: Path, vision_steps: int, language_steps: int, batch_size:
                   ship_to: Path | None = None) -> None:
     torch.manual_seed(0)
     model, processor = prepare_folder(out)
+    if torch.cuda.is_available():
+        model.cuda()
     train_vision(model, processor, out, vision_steps, batch_size * 2)
     train_language(model, processor, out, language_steps, batch_size)
     export_adapter(model, out, ship_to or out)

@@ -3,6 +3,7 @@ and atomic, resumable checkpoints in safetensors (trainable weights + optimizer 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -109,6 +110,14 @@ class Progress:
                 f"{rate:.1f} samples/s ETA {eta / 60:.1f} min")
 
 
+def to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
 def run(model: nn.Module, make_batch: Callable[[int], dict], loss_fn: Callable[[nn.Module, dict], torch.Tensor],
         cfg: TrainConfig, ckpt_path: Optional[Path] = None, label: str = "", log=None,
         param_groups: Optional[list] = None) -> list[float]:
@@ -124,12 +133,16 @@ def run(model: nn.Module, make_batch: Callable[[int], dict], loss_fn: Callable[[
         start, _ = load_checkpoint(Path(ckpt_path), model, optimizer)
         log(f"{label} resumed from {ckpt_path} at step {start}")
     progress, losses = Progress(cfg.steps, cfg.batch_size, start, label), []
+    device = next(model.parameters()).device
+    # bf16 autocast on a GPU; float32 on the CPU (where bf16 matmuls are slower and less exact).
+    precision = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.train()
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        loss = loss_fn(model, make_batch(step))
+        with precision:
+            loss = loss_fn(model, to_device(make_batch(step), device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

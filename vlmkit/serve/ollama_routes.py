@@ -1,0 +1,242 @@
+"""Ollama-compatible routes: POST /api/chat, POST /api/generate, GET /api/tags, POST /api/show, GET /api/ps,
+GET /api/version.
+
+As Ollama: images are raw base64 strings (data: URIs are accepted too), answers stream as JSON lines
+(`application/x-ndjson`) unless `"stream": false`, and the last object has `done: true`, `done_reason` and the
+durations in nanoseconds (total_duration, load_duration = time waiting for the model, which stays loaded,
+prompt_eval_count/_duration, eval_count/_duration). Errors are `{"error": "..."}`.
+Options read: temperature (absent or 0: greedy), top_p, top_k, num_predict (-1/-2: up to the server's
+default), stop, seed, repeat_penalty; others are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .engine import APIError, GenParams, bad, get_bool, get_number, get_stop, read_json
+
+router = APIRouter()
+
+OLLAMA_VERSION = "0.9.0"  # the API level these routes follow
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def decode_image(value, where: str, max_bytes: int):
+    """A raw base64 string (Ollama's form) -> bytes; a data: URI passes through for load_image."""
+    if not isinstance(value, str) or not value:
+        raise bad(f"{where} must be a base64 string")
+    if value[:5].lower() == "data:":
+        return value
+    if value[:8].lower().startswith(("http://", "https://")) or value.startswith(("/", "./", "~")):
+        raise bad(f"{where}: images are raw base64 strings here (URLs and paths are not accepted)")
+    if len(value) * 3 // 4 > max_bytes + 3:
+        raise bad(f"{where}: image too large: ~{len(value) * 3 // 4} bytes > max_bytes={max_bytes}")
+    compact = "".join(value.split())
+    compact += "=" * (-len(compact) % 4)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{where} is not valid base64") from None
+
+
+def _images(value, where: str, max_bytes: int) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad(f"'{where}' must be an array of base64 strings")
+    return [decode_image(v, f"{where}[{j}]", max_bytes) for j, v in enumerate(value)]
+
+
+def parse_options(body: dict) -> GenParams:
+    opts = body.get("options")
+    if opts is None:
+        opts = {}
+    if not isinstance(opts, dict):
+        raise bad("'options' must be an object")
+    num_predict = get_number(opts, "num_predict", integer=True, param="options.num_predict")
+    if num_predict is not None and num_predict < 0:
+        num_predict = None  # -1 (infinite) / -2 (fill the context): the server default, cut to the context
+    elif num_predict == 0:
+        raise bad("'options.num_predict' must be >= 1 (or -1)")
+    return GenParams(
+        max_tokens=num_predict,
+        temperature=get_number(opts, "temperature", low=0, high=100, param="options.temperature"),
+        top_p=get_number(opts, "top_p", low=0, high=1, low_open=True, param="options.top_p") or 1.0,
+        top_k=get_number(opts, "top_k", low=0, integer=True, param="options.top_k") or 0,
+        repetition_penalty=get_number(opts, "repeat_penalty", low=0, high=100, low_open=True,
+                                      param="options.repeat_penalty") or 1.0,
+        seed=get_number(opts, "seed", integer=True, param="options.seed"),
+        stop=get_stop(opts.get("stop"), "options.stop"),
+    )
+
+
+def _check_unsupported(body: dict) -> None:
+    if body.get("format"):
+        raise bad("'format' (structured output) is not supported by this server")
+    if body.get("tools"):
+        raise bad("'tools' are not supported by this server")
+
+
+def parse_chat_messages(value, max_bytes: int) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise bad("'messages' must be a non-empty array of {role, content, images} objects")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"{where} must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise bad(f"{where}.role must be 'system', 'user' or 'assistant', got {role!r}")
+        content = m.get("content", "")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise bad(f"{where}.content must be a string")
+        parts = [{"type": "image", "image": img} for img in _images(m.get("images"), f"{where}.images", max_bytes)]
+        if content:
+            parts.append({"type": "text", "text": content})
+        out.append({"role": role, "content": parts})
+    return out
+
+
+async def _respond(request: Request, engine, prepared, kind: str, stream_mode: bool):
+    """Stream (default) or one JSON object, Ollama style; kind is 'chat' or 'generate'."""
+    handle = engine.submit(prepared)
+    model = request.app.state.ollama_name
+
+    def piece_obj(text: str) -> dict:
+        if kind == "chat":
+            return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": text},
+                    "done": False}
+        return {"model": model, "created_at": _now(), "response": text, "done": False}
+
+    def final_obj(text: str) -> dict:
+        out = piece_obj(text)
+        out["done"] = True
+        out["done_reason"] = "length" if handle.job.finish_reason == "length" else "stop"
+        out.update(handle.timings_ns)
+        if kind == "generate":
+            out["context"] = []
+        return out
+
+    if not stream_mode:
+        text = await handle.text(request)
+        return JSONResponse(final_obj(text))
+
+    async def lines():
+        try:
+            async for piece in handle:
+                yield json.dumps(piece_obj(piece)) + "\n"
+            yield json.dumps(final_obj("")) + "\n"
+        except APIError as e:
+            yield json.dumps({"error": e.message}) + "\n"
+        finally:
+            handle.cancel()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.post("/api/chat")
+async def chat(request: Request):
+    engine = request.app.state.engine
+    body = await read_json(request)
+    engine.check_model(body.get("model"), ollama=True)
+    _check_unsupported(body)
+    messages = parse_chat_messages(body.get("messages"), engine.limits.max_bytes)
+    params = parse_options(body)
+    stream = get_bool(body, "stream", True)
+    prepared = await engine.prepare_async(messages, params)
+    return await _respond(request, engine, prepared, "chat", stream)
+
+
+@router.post("/api/generate")
+async def generate(request: Request):
+    engine = request.app.state.engine
+    body = await read_json(request)
+    engine.check_model(body.get("model"), ollama=True)
+    _check_unsupported(body)
+    prompt, system = body.get("prompt", ""), body.get("system")
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise bad("'prompt' must be a string")
+    if system is not None and not isinstance(system, str):
+        raise bad("'system' must be a string")
+    if body.get("suffix"):
+        raise bad("'suffix' (fill-in-the-middle) is not supported by this server")
+    images = _images(body.get("images"), "images", engine.limits.max_bytes)
+    params = parse_options(body)
+    stream = get_bool(body, "stream", True)
+    raw = get_bool(body, "raw", False)
+    model = request.app.state.ollama_name
+    if not prompt and not images:  # Ollama: an empty prompt just loads the model
+        return JSONResponse({"model": model, "created_at": _now(), "response": "", "done": True,
+                             "done_reason": "load"})
+    if raw:  # the prompt as written (with <image> placeholders for the images), no chat template
+        prepared = await engine.prepare_async(prompt, params, images)
+    else:
+        messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + [
+            {"role": "user", "content": [{"type": "image", "image": x} for x in images]
+             + ([{"type": "text", "text": prompt}] if prompt else [])}]
+        prepared = await engine.prepare_async(messages, params)
+    return await _respond(request, engine, prepared, "generate", stream)
+
+
+def _details(engine) -> dict:
+    vlm = engine.vlm
+    cfg = vlm.config
+    n = sum(p.numel() for p in vlm.model.parameters())
+    size = f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+    family = cfg.extra.get("hf_architecture", cfg.family)
+    return {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
+            "parameter_size": size, "quantization_level": str(vlm.model.dtype).removeprefix("torch.").upper()}
+
+
+def _size(engine) -> int:
+    return sum(p.numel() * p.element_size() for p in engine.vlm.model.parameters())
+
+
+def _tag(request: Request) -> dict:
+    engine, name = request.app.state.engine, request.app.state.ollama_name
+    return {"name": name, "model": name,
+            "modified_at": datetime.fromtimestamp(engine.created, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "size": _size(engine), "digest": hashlib.sha256(name.encode()).hexdigest(), "details": _details(engine)}
+
+
+@router.get("/api/tags")
+async def tags(request: Request):
+    return {"models": [_tag(request)]}
+
+
+@router.get("/api/ps")
+async def ps(request: Request):
+    tag = _tag(request)
+    tag.update(expires_at="2999-01-01T00:00:00Z", size_vram=0)
+    return {"models": [tag]}
+
+
+@router.get("/api/version")
+async def version():
+    return {"version": OLLAMA_VERSION}
+
+
+@router.post("/api/show")
+async def show(request: Request):
+    engine = request.app.state.engine
+    body = await read_json(request)
+    engine.check_model(body.get("model", body.get("name")), ollama=True)
+    return {"modelfile": "", "parameters": "", "template": engine.vlm.processor.chat_template or "",
+            "details": _details(engine), "model_info": {"general.architecture": _details(engine)["family"],
+                                                        "context_length": engine.context},
+            "capabilities": ["completion", "vision"], "modified_at": _tag(request)["modified_at"]}
