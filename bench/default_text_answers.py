@@ -1,0 +1,59 @@
+"""Does the default model still answer plain text questions as SmolLM2 does? Prints a table: question, SmolLM2's
+greedy answer (from its GGUF), the default model's, and whether they are identical.
+
+    python bench/default_text_answers.py [--model default] [--max-new-tokens 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import vlmkit
+from vlmkit.checkpoints.adapter import resolve_gguf
+from vlmkit.checkpoints.gguf import load_gguf_text
+from vlmkit.generation import GenerationConfig, generate
+from vlmkit.models.text import TextDecoder
+from vlmkit.train.default_recipe import BASE_GGUF
+
+QUESTIONS = [
+    "What is the capital of France?", "What is 12 times 7?", "Name three primary colors.",
+    "Who wrote Romeo and Juliet?", "What is the boiling point of water in Celsius?",
+    "Translate 'good morning' into French.", "What is the largest planet in our solar system?",
+    "Give me a synonym for happy.", "How many legs does a spider have?", "What is photosynthesis?",
+    "Write a haiku about the sea.", "What is the square root of 81?", "Which ocean is the largest?",
+    "What language is spoken in Brazil?", "What is the chemical symbol for gold?",
+    "How many days are in a leap year?", "Who painted the Mona Lisa?", "What is the opposite of cold?",
+    "What do bees make?", "Name a mammal that can fly.",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    args = ap.parse_args()
+
+    m = vlmkit.load(args.model)
+    text_cfg, state, tok = load_gguf_text(resolve_gguf(BASE_GGUF))
+    base = TextDecoder(text_cfg)
+    base.load_state_dict(state)
+    base.eval()
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=tok.eos_token_ids)
+    same = 0
+    print("| question | SmolLM2 | default model | same |\n|---|---|---|---|")
+    for q in QUESTIONS:
+        messages = [{"role": "user", "content": q}]
+        ids = torch.tensor([tok.encode(tok.render_chat(messages), add_special_tokens=False)])
+        with torch.no_grad():
+            ref = generate(base, tok, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cfg)[0]
+        ours = m.chat(messages, max_new_tokens=args.max_new_tokens)
+        same += ref == ours
+        cell = lambda s: s.replace("\n", " ").replace("|", "/")[:80]  # noqa: E731
+        print(f"| {q} | {cell(ref)} | {cell(ours)} | {'yes' if ref == ours else 'no'} |")
+    print(f"\nidentical greedy answers: {same}/{len(QUESTIONS)}")
+
+
+if __name__ == "__main__":
+    main()
