@@ -200,10 +200,24 @@ def answer_loss(model: VLMModel, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
 
+@torch.no_grad()
+def match_text_scale(model: VLMModel, processor, samples: list) -> float:
+    """Scale the fresh connector so image tokens have the norm of SmolLM2's token embeddings (~3): with the
+    default init they come out ~20x larger and swamp the residual stream of the frozen decoder."""
+    batch = processor(["<image>"] * len(samples), [s.images[:1] for s in samples])
+    feats = model.image_features(batch["pixel_values"].to(model.device),
+                                 batch["pixel_attention_mask"].to(model.device))
+    target = model.text.embed_tokens.weight.norm(dim=-1).median()
+    factor = float(target / feats.norm(dim=-1).mean())
+    model.connector.proj.weight.mul_(factor)
+    return factor
+
+
 def train_language(model: VLMModel, processor, out: Path, steps: int, batch_size: int, seed: int = 1) -> list:
     from ..data.synthetic import SyntheticGenerator
 
     gen = SyntheticGenerator(seed, stage=2)
+    match_text_scale(model, processor, [gen.qa_sample(10**6 + i) for i in range(16)])  # resuming overwrites it
     model.requires_grad_(False)
     add_lora(model, targets=tuple(LORA["targets"]), r=LORA["r"], alpha=LORA["alpha"])
     model.vision.requires_grad_(True)
