@@ -129,7 +129,6 @@ def test_chat_reports_bad_turns_and_goes_on(files, capsys, monkeypatch):
     ("prompt too long", "longer than"),
     ("bad flag value", "--max-new-tokens"),
     ("unknown dtype", "--dtype"),
-    ("quantize", "not available yet"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(files, capsys, case, expected):
     m, a = files["model"], files["a"]
@@ -142,7 +141,6 @@ def test_bad_input_gives_one_line_and_exit_2(files, capsys, case, expected):
         "prompt too long": ["run", "-m", m, "-i", a, *FAST, "word " * 3000],
         "bad flag value": ["run", "-m", m, "-i", a, "--max-new-tokens", "0", "hi"],
         "unknown dtype": ["run", "-m", m, "--dtype", "float8", "hi"],
-        "quantize": ["run", "-m", m, "-i", a, "--quantize", "int8", "hi"],
     }[case]
     assert cli.main(argv) == 2
     out, err = capsys.readouterr()
@@ -157,7 +155,7 @@ def test_default_model_missing_is_a_clear_error(files, capsys):
 
 
 def test_parser_lists_only_real_commands(capsys):
-    assert set(cli.COMMANDS) == {"run", "chat", "info", "train", "eval", "serve"}
+    assert set(cli.COMMANDS) == {"run", "chat", "info", "train", "eval", "serve", "bench"}
     assert cli.main(["--help"]) == 0
     assert "run" in capsys.readouterr().out
     assert cli.main([]) == 2

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.hf import config_from_folder, load_model, save_model
-from .generation import GenerationConfig, generate
+from .generation import GenerationConfig, fast_decoder, generate, new_cache
+from .models.kv_cache import ImageFeatureCache, PrefixCache, PrefixEntry, StaticKVCache, crop_digest, crop_starts
 from .models.vlm import VLMModel
+from .quantize import check_mode, load_quantized, memory_bytes, quantization_of, save_quantized, saved_quantization
 
 # Files of a Hugging Face folder that describe the processor (copied by `save`).
 PROCESSOR_FILES = (
@@ -53,25 +55,50 @@ def resolve(path_or_name) -> Path:
     return path
 
 
-def load(path_or_name="default", dtype=None, device=None, quantize=None) -> "VLM":
-    """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family."""
+# Quantize the vision tower too? Measured on the default model (bench/results.md): its ViT is small and its
+# prefill is compute-bound, where the packed kernels are slower than float32 matmuls -- so no by default.
+QUANTIZE_VISION = False
+
+
+def load(path_or_name="default", dtype=None, device=None, quantize=None, compile: bool = False,
+         caches: bool = True) -> "VLM":
+    """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family.
+
+    quantize: None, "int8" (per-channel) or "int4" (group-wise, CPU) weight-only quantization of the decoder,
+    built tensor by tensor (see vlmkit.quantize); a folder saved quantized loads quantized whatever is passed.
+    compile: torch.compile the decode step (first answers pay the compilation). caches: keep image features and
+    the keys/values of recent prompts, so a follow-up turn re-reads neither (`VLM.clear_caches()` empties them).
+    """
     from .processing.processor import Processor
 
     folder = resolve(path_or_name)
-    if quantize is not None:
-        raise NotImplementedError(f"quantize={quantize!r} is not available yet; load in float32/bfloat16")
-    if is_adapter_folder(folder):  # the embedded default model: GGUF language model + trained adapter
+    mode, saved = check_mode(quantize), saved_quantization(folder)
+    if mode or saved:
+        if (mode or saved["mode"]) == "int4" and device is not None and torch.device(device).type != "cpu":
+            raise ValueError("int4 runs on torch's CPU kernels: load it with device=None or 'cpu' (int8 runs "
+                             "anywhere)")
+        model = load_quantized(folder, mode, dtype=_dtype(dtype), vision=QUANTIZE_VISION)
+        if device is not None:
+            model.to(device)
+    elif is_adapter_folder(folder):  # the embedded default model: GGUF language model + trained adapter
         model = load_adapter_model(folder, dtype=_dtype(dtype), device=device)
     else:
         model = load_model(folder, dtype=_dtype(dtype), device=device)
     processor = Processor.from_folder(folder, model.cfg)
-    return VLM(model, processor, folder)
+    m = VLM(model, processor, folder, caches=caches)
+    if compile:
+        m.compile()
+    return m
 
 
 def save(m: "VLM", folder) -> None:
-    """Write `m` as a Hugging Face folder (config, safetensors, processor files) that `load` reads back."""
+    """Write `m` as a Hugging Face folder (config, safetensors, processor files) that `load` reads back
+    (a quantized model stays quantized: vlmkit reads that folder, transformers does not)."""
     folder = Path(folder)
-    save_model(m.model, folder)
+    if quantization_of(m.model):
+        save_quantized(m.model, folder)
+    else:
+        save_model(m.model, folder)
     if m.folder is not None and m.folder.resolve() != folder.resolve():
         for name in PROCESSOR_FILES:
             if (m.folder / name).is_file():
@@ -79,10 +106,31 @@ def save(m: "VLM", folder) -> None:
 
 
 class VLM:
-    def __init__(self, model: VLMModel, processor, folder: Optional[Path] = None):
+    def __init__(self, model: VLMModel, processor, folder: Optional[Path] = None, caches: bool = True):
         self.model = model
         self.processor = processor
         self.folder = Path(folder) if folder is not None else None
+        self.caches = caches
+        self.image_cache, self.prefix_cache = ImageFeatureCache(), PrefixCache()
+
+    def clear_caches(self) -> None:
+        """Forget cached image features and prompt keys/values (after changing the weights, or to time a cold
+        start)."""
+        self.image_cache.clear()
+        self.prefix_cache.clear()
+
+    def compile(self, **options) -> "VLM":
+        """torch.compile the decode step (the first answer of each batch size / cache capacity compiles)."""
+        text = fast_decoder(self.model)
+        if text is None:
+            raise ValueError(f"compile: {self.model.cfg.family} decode steps run through the full model "
+                             "(gated cross-attention); only self-attention decoders compile")
+        text.compile_decode(**options)
+        return self
+
+    @property
+    def quantization(self) -> Optional[dict]:
+        return quantization_of(self.model)
 
     @property
     def config(self):
@@ -117,13 +165,81 @@ class VLM:
         batch = self._batch([prompt], None if images is None else [list(images)], max_new_tokens)
         if stream:
             return self._stream(batch, cfg)
-        return generate(self.model, self.processor.tokenizer, batch, cfg, max_length=self.context_length)[0]
+        batch, cache, crops = self._use_caches(batch, max_new_tokens)
+        try:
+            return generate(self.model, self.processor.tokenizer, batch, cfg, max_length=self.context_length,
+                            cache=cache)[0]
+        finally:
+            self._remember(cache, crops)
 
     def _stream(self, batch, cfg) -> Iterator[str]:
         # The loop runs each step under no_grad itself; an inference_mode block here would leak into the
-        # caller's code between yielded pieces.
-        yield from generate(self.model, self.processor.tokenizer, batch, cfg, stream=True,
-                            max_length=self.context_length)
+        # caller's code between yielded pieces (and its tensors could not be written outside it: the cache is
+        # made here, not in generate()).
+        with torch.no_grad():
+            batch, cache, crops = self._use_caches(batch, cfg.max_new_tokens)
+        try:
+            yield from generate(self.model, self.processor.tokenizer, batch, cfg, stream=True,
+                                max_length=self.context_length, cache=cache)
+        finally:
+            self._remember(cache, crops)
+
+    # ---- caches ----------------------------------------------------------------------------------------------
+    def _use_caches(self, batch: dict, max_new_tokens: int):
+        """Image features from the feature cache (only new crops are encoded) and, for one prompt, a KV cache
+        that already holds the longest reusable prefix of an earlier prompt + answer. -> (batch, cache, crops)."""
+        if not self.caches or self.model.cfg.merge != "splice":
+            return batch, None, ()
+        crops, features = (), None
+        if batch.get("pixel_values") is not None:
+            crops, features = self._image_features(batch.pop("pixel_values"), batch.pop("pixel_attention_mask", None))
+            batch["image_features"] = features
+        ids = batch["input_ids"]
+        if ids.shape[0] != 1 or fast_decoder(self.model) is None:
+            return batch, None, crops
+        ids = ids[0]
+        per_crop = features.shape[1] if features is not None else 0
+        total = ids.numel() + max_new_tokens
+        entry, n = self.prefix_cache.lookup(ids, crops, crop_starts(ids, self.model.cfg.image_token_id, per_crop))
+        if entry is None:
+            return batch, new_cache(self.model, total), crops
+        cache = StaticKVCache.from_prefix([k[:, :, :n] for k in entry.keys], [v[:, :, :n] for v in entry.values],
+                                          ids[None, :n], total)
+        if features is not None:  # only the image tokens after the prefix are fed: theirs are the last features
+            fed = int((ids[n:] == self.model.cfg.image_token_id).sum())
+            flat = features.reshape(-1, features.shape[-1])
+            batch["image_features"] = flat[flat.shape[0] - fed:][None] if fed else None
+        return batch, cache, crops
+
+    def _image_features(self, pixel_values, pixel_mask) -> tuple[tuple, torch.Tensor]:
+        """(crop digests, features [crops, tokens, width]) as VLMModel.image_features computes them."""
+        if pixel_values.dim() == 5:  # [B, slots, 3, H, W]: drop the all-zero padding slots, as the model does
+            flat = pixel_values.reshape(-1, *pixel_values.shape[2:])
+            real = flat.flatten(1).ne(0).any(dim=1)
+            flat = flat[real]
+            mask = None if pixel_mask is None else pixel_mask.reshape(-1, *flat.shape[-2:])[real]
+        else:
+            flat, mask = pixel_values, None
+        digests = tuple(crop_digest(flat[i], None if mask is None else mask[i]) for i in range(flat.shape[0]))
+        found = {d: f for d in set(digests) if (f := self.image_cache.get(d)) is not None}
+        missing = [i for i, d in enumerate(digests) if d not in found]
+        if missing:  # all of them on a first turn: one call, exactly as the model would make it
+            encoded = self.model.encode_images(flat[missing], None if mask is None else mask[missing])
+            for j, i in enumerate(missing):
+                found[digests[i]] = encoded[j]
+                self.image_cache.put(digests[i], encoded[j])
+        return digests, torch.stack([found[d] for d in digests])
+
+    def _remember(self, cache, crops: tuple) -> None:
+        """Keep what a one-prompt generation left in its cache (prompt + answer) for the next turn."""
+        if cache is None or getattr(cache, "token_ids", None) is None or cache.length == 0:
+            return
+        n = cache.length
+        ids = cache.token_ids[0, :n].clone()
+        per_crop = int((ids == self.model.cfg.image_token_id).sum()) // len(crops) if crops else 0
+        self.prefix_cache.store(PrefixEntry(
+            ids, crops, crop_starts(ids, self.model.cfg.image_token_id, per_crop),
+            [k[:, :, :n] for k in cache.keys], [v[:, :, :n] for v in cache.values]))
 
     @torch.inference_mode()
     def generate_batch(self, prompts: Sequence, images=None, max_new_tokens: int = 128, do_sample: bool = False,
@@ -137,6 +253,7 @@ class VLM:
                                       stop, seed, bad_words_ids)
         batch = self._batch(list(prompts), None if images is None else [list(x or []) for x in images],
                             max_new_tokens)
+        batch, _, _ = self._use_caches(batch, max_new_tokens) if len(prompts) > 1 else (batch, None, ())
         return generate(self.model, self.processor.tokenizer, batch, cfg, max_length=self.context_length)
 
     def chat(self, messages: list, images=None, **kwargs) -> str:
@@ -182,8 +299,11 @@ class VLM:
 
     def info(self) -> dict:
         cfg = self.model.cfg
-        params = sum(p.numel() for p in self.model.parameters())
-        bytes_ = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        quantized = [m for m in self.model.modules() if hasattr(m, "dequantize")]
+        params = sum(p.numel() for p in self.model.parameters()) + sum(
+            getattr(m, "out_features", getattr(m, "num_embeddings", 0)) * getattr(m, "in_features",
+            getattr(m, "embedding_dim", 0)) for m in quantized)  # quantized weights live in buffers
+        bytes_ = memory_bytes(self.model)
         return {
             "family": cfg.family, "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],
             "parameters": params, "vision_parameters": sum(p.numel() for p in self.model.vision.parameters()),
@@ -192,6 +312,7 @@ class VLM:
             "image_size": cfg.vision.image_size, "context_length": self.context_length,
             "dtype": str(self.model.dtype).removeprefix("torch."), "memory_bytes": bytes_,
             "folder": str(self.folder) if self.folder else None,
+            "quantization": (self.quantization or {}).get("mode"),
         }
 
 

@@ -369,20 +369,100 @@ def cmd_info(args) -> int:
 
 
 
-@command("train", "train a model from a recipe (--recipe default reproduces the embedded default model)",
-         arg("--recipe", choices=["default"], required=True, help="which recipe"),
-         arg("--out", default="runs/default", metavar="DIR", help="working folder: checkpoints, logs (resumable)"),
-         arg("--vision-steps", type=int, default=400, help="steps of the vision-only stage (batch 2x)"),
-         arg("--language-steps", type=int, default=800, help="steps of the language-coupled stage"),
-         arg("--batch-size", type=int, default=16, help="samples per language step"),
-         arg("--ship", default=None, metavar="DIR", help="write the shippable adapter folder here"))
+@command("train", "fine-tune a model on local data (--model M --data FILE --stage ...), or train the embedded "
+                  "default model (--recipe default)",
+         arg("--recipe", choices=["default"], default=None,
+             help="'default' reproduces the embedded default model (the other flags below do not apply to it "
+                  "except --out, --batch-size, --vision-steps, --language-steps, --ship)"),
+         arg("--out", default=None, metavar="DIR",
+             help="working folder: checkpoint, metrics.jsonl, final/ (resumable; default runs/default for "
+                  "--recipe default, runs/finetune otherwise)"),
+         arg("--vision-steps", type=int, default=400, help="--recipe default: steps of the vision-only stage"),
+         arg("--language-steps", type=int, default=800, help="--recipe default: steps of the language stage"),
+         arg("--batch-size", type=_positive_int, default=None,
+             help="samples per step, all processes together (default 16 for --recipe default, 8 otherwise)"),
+         arg("--ship", default=None, metavar="DIR", help="--recipe default: write the shippable adapter folder here"),
+         arg("--model", "-m", default=None, metavar="M", help="the model to fine-tune: a Hugging Face folder"),
+         arg("--data", "-d", action="append", default=[], metavar="PATH",
+             help="training data (repeat for several): LLaVA JSON, The Cauldron, OBELICS-style interleaved, caption "
+                  "pairs; .json/.jsonl/.parquet/.arrow, a datasets folder, or a folder of images + .txt captions"),
+         arg("--format", default="auto", choices=["auto", "llava", "cauldron", "interleaved", "captions"],
+             help="record format (default: detected)"),
+         arg("--split", default=None, help="the split of a datasets / Hub folder"),
+         arg("--image-root", default=None, metavar="DIR", help="where relative image paths live"),
+         arg("--on-bad-record", choices=["skip", "raise"], default="skip",
+             help="a malformed record: report and skip it (default, counted), or stop"),
+         arg("--stage", default="lora", metavar="NAME",
+             help="llava-stage1, llava-stage2, idefics, lora, qlora, full, or a .json stage file (default lora)"),
+         arg("--train", default=None, metavar="PARTS",
+             help="override the stage's trained parts: comma list of vision,connector,cross_attention,decoder,"
+                  "extra_embeddings,lora"),
+         arg("--steps", type=_positive_int, default=None, help="optimizer steps (default: --epochs over the data)"),
+         arg("--epochs", type=float, default=1.0, help="passes over the data when --steps is not given"),
+         arg("--micro-batch-size", type=_positive_int, default=None, metavar="N",
+             help="samples per forward pass and process; the rest is gradient accumulation"),
+         arg("--lr", type=float, default=None, help="peak learning rate (default: the stage's)"),
+         arg("--warmup", type=_float_in(0, 1), default=None, help="warmup fraction (default: the stage's, 0.03)"),
+         arg("--weight-decay", type=float, default=None),
+         arg("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)"),
+         arg("--max-length", type=_positive_int, default=None, help="longer examples are reported and skipped"),
+         arg("--group-by-length", action="store_true", help="batch examples of similar length together"),
+         arg("--pack", type=_positive_int, default=None, metavar="TOKENS",
+             help="pack several examples per row, up to TOKENS tokens"),
+         arg("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+             help="autocast dtype (default: bf16 on GPUs, fp32 on CPUs); weights stay float32"),
+         arg("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass"),
+         arg("--strategy", choices=["auto", "none", "ddp", "fsdp"], default="auto",
+             help="data parallelism under torchrun (default: DDP when several processes)"),
+         arg("--device", default=None, help="cpu or cuda (default: cuda when available)"),
+         arg("--seed", type=int, default=0),
+         arg("--log-every", type=_positive_int, default=10, metavar="N"),
+         arg("--ckpt-every", type=_positive_int, default=100, metavar="N", help="checkpoint every N steps"),
+         arg("--eval-every", type=int, default=0, metavar="N", help="run --eval-task every N steps (0: never)"),
+         arg("--eval-task", default=None, metavar="NAME", help="an eval task (see vlmkit eval)"),
+         arg("--eval-data", default=None, metavar="PATH", help="its data"),
+         arg("--eval-limit", type=_positive_int, default=50, metavar="N", help="items per evaluation"),
+         arg("--lora-r", type=_positive_int, default=None), arg("--lora-alpha", type=float, default=None),
+         arg("--quantize", choices=["int8", "int4"], default=None, help="frozen base quantized under LoRA"),
+         arg("--template", choices=["chat", "plain"], default=None,
+             help="labels on chat answers, or LLaVA's plain images + caption (default: the stage's)"),
+         arg("--no-final", action="store_true", help="do not write the merged model to OUT/final"))
 def cmd_train(args) -> int:
     from pathlib import Path
 
-    from .train.default_recipe import train_default
+    if args.recipe == "default":
+        from .train.default_recipe import train_default
 
-    train_default(Path(args.out), args.vision_steps, args.language_steps, args.batch_size,
-                  Path(args.ship) if args.ship else None)
+        train_default(Path(args.out or "runs/default"), args.vision_steps, args.language_steps,
+                      args.batch_size or 16, Path(args.ship) if args.ship else None)
+        return 0
+    if not args.model or not args.data:
+        raise CLIError("give --model FOLDER and --data FILE to fine-tune (or --recipe default)")
+    if not os.path.isfile(os.path.join(os.path.expanduser(args.model), "config.json")):
+        raise CLIError(f"{args.model!r} is not a model folder (no config.json)")
+    for path in args.data:
+        if not os.path.exists(path):
+            raise CLIError(f"data {path!r} does not exist")
+    from .train.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        model=args.model, data=list(args.data), out=args.out or "runs/finetune", stage=args.stage,
+        format=args.format, split=args.split, image_root=args.image_root, on_bad_record=args.on_bad_record,
+        steps=args.steps, epochs=args.epochs, batch_size=args.batch_size or 8,
+        micro_batch_size=args.micro_batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, max_length=args.max_length, group_by_length=args.group_by_length,
+        pack_length=args.pack, precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
+        strategy=args.strategy, device=args.device, seed=args.seed, log_every=args.log_every,
+        ckpt_every=args.ckpt_every, eval_every=args.eval_every, eval_task=args.eval_task, eval_data=args.eval_data,
+        eval_limit=args.eval_limit, save_final=not args.no_final, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        quantize=args.quantize, template=args.template,
+        train_parts=[p.strip() for p in args.train.split(",") if p.strip()] if args.train else None)
+    result = finetune(cfg)
+    if result["final"]:
+        skipped = (f"; {result['skipped']} examples skipped (bad images or too long; counted each time read)"
+                   if result["skipped"] else "")
+        _status(f"{PROG} train: {len(result['losses'])} steps, {result['samples_per_s']:.2f} samples/s; "
+                f"model in {result['final']}{skipped}")
     return 0
 
 
@@ -456,6 +536,33 @@ def cmd_serve(args) -> int:
             + ("" if args.no_ui else ", chat page /") + ")")
     run(app, host=args.host, port=args.port)
     return 0
+
+@command("bench", "time vlmkit against transformers and llama.cpp on this machine (float32 / int8 / int4) and "
+                  "write bench/results.md (runs from a source checkout: the code is in bench/)",
+         arg("--model", "-m", default="default", metavar="M",
+             help="the VLM to time (default: the embedded model, else runs/default, else its architecture untrained)"),
+         arg("--quantize", choices=["int8", "int4"], default=None, help="time float32 and only this mode"),
+         arg("--out", default=None, metavar="FILE", help="where the table goes (default bench/results.md)"),
+         arg("--threads", type=_positive_int, default=None, help="threads for every engine (default: all cores)"),
+         arg("--new-tokens", type=_positive_int, default=128, metavar="N", help="tokens per decode run"),
+         arg("--repeat", type=_positive_int, default=3, metavar="R", help="timed runs per row"),
+         arg("--eval-limit", type=int, default=450, metavar="N", help="benchmark items for the accuracy rows"),
+         arg("--skip", action="append", default=[], choices=["decode", "vlm", "memory", "accuracy", "profile"]))
+def cmd_bench(args) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "bench"
+    if not (folder / "run.py").is_file():
+        raise CLIError("vlmkit bench runs from a source checkout (its code is in bench/, next to vlmkit/)")
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("vlmkit_bench_run", folder / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    if args.out is None:
+        args.out = str(folder / "results.md")
+    return run.main(args=args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

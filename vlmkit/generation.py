@@ -20,6 +20,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .models.kv_cache import FastSteps, fast_decoder, new_cache  # noqa: F401  (re-exported for the API)
+
 # Batch keys that describe the text; every other key (pixel_values, pixel_attention_mask, image_attention_mask,
 # image_features, ...) is an image input, given to the model at the prefill only: the cache keeps what decode needs.
 _TEXT_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "cache")
@@ -233,15 +235,18 @@ def _decode_loop(model, batch, cfg, cache, stop_check) -> Iterator[torch.Tensor]
     attention_mask = batch.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    total_len = t + cfg.max_new_tokens
     if cache is None:
-        from .models.text import KVCache
-
-        cache = KVCache()
+        cache = new_cache(model, total_len)
+    # A cache may arrive holding the keys/values of the prompt's first tokens (a reused prefix): feed the rest.
+    past = cache.length
+    if not 0 <= past < t:
+        raise ValueError(f"the cache already holds {past} tokens; the prompt has {t}: at least one must be new")
     image_inputs = {k: v for k, v in batch.items() if k not in _TEXT_KEYS and v is not None}
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    record = getattr(cache, "record", None)
 
     # The full mask is allocated once; each step passes a growing view of it (no per-step concatenation).
-    total_len = t + cfg.max_new_tokens
     full_mask = torch.ones(b, total_len, dtype=attention_mask.dtype, device=device)
     full_mask[:, :t] = attention_mask
     processor = LogitsProcessor(cfg, input_ids, attention_mask, total_len)
@@ -251,12 +256,22 @@ def _decode_loop(model, batch, cfg, cache, stop_check) -> Iterator[torch.Tensor]
     if cfg.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
+    fast = FastSteps(fast_decoder(model), cache, attention_mask)
 
-    step_ids = input_ids
+    step_ids = input_ids[:, past:]
     for step in range(cfg.max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=full_mask[:, : t + step], cache=cache, **image_inputs, **extra)
-        cache, image_inputs = out.cache, {}
-        logits = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # processors may write in place
+        if step > 0 and fast.ready:
+            logits = fast(step_ids)
+        else:
+            out = model(input_ids=step_ids, attention_mask=full_mask[:, : t + step], cache=cache, **image_inputs,
+                        **extra)
+            cache, image_inputs = out.cache, {}
+            logits = out.logits[:, -1, :]
+            if step == 0:
+                fast.start(cache, t + cfg.max_new_tokens)
+        if record is not None:
+            record(step_ids)
+        logits = logits.to(dtype=torch.float32, copy=True)  # processors may write in place
         scores = processor(logits, step)
         if cfg.do_sample:
             next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)

@@ -12,41 +12,8 @@ from torch import nn
 
 from ..config import CrossAttnConfig, TextConfig
 from .cross_attn import GatedCrossAttention
+from .kv_cache import KVCache, StaticKVCache  # noqa: F401  (KVCache is imported from here by other modules)
 from .layers import RMSNorm, SwiGLU, apply_rope, attention, merge_heads, rope_cos_sin, rope_inv_freq, split_heads
-
-
-class KVCache:
-    """Keys/values per decoder layer, grown by concatenation; also what cross-attention needs on decode steps."""
-
-    def __init__(self):
-        self.keys: list[Optional[torch.Tensor]] = []
-        self.values: list[Optional[torch.Tensor]] = []
-        self.cross_context: Optional[torch.Tensor] = None  # [B, L, C] image features (IDEFICS)
-        self.cross_mask_last: Optional[torch.Tensor] = None  # [B, 1, num_images]: last token's image row
-
-    @property
-    def length(self) -> int:
-        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        while len(self.keys) <= layer:
-            self.keys.append(None)
-            self.values.append(None)
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
-
-    def select(self, rows) -> "KVCache":
-        """Keep only the given batch rows (e.g. drop finished sequences)."""
-        out = KVCache()
-        out.keys = [k[rows] for k in self.keys]
-        out.values = [v[rows] for v in self.values]
-        if self.cross_context is not None:
-            out.cross_context = self.cross_context[rows]
-            out.cross_mask_last = self.cross_mask_last[rows]
-        return out
 
 
 @dataclass
@@ -72,7 +39,23 @@ class SelfAttention(nn.Module):
         v = split_heads(self.v_proj(x), self.kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        return self.o_proj(merge_heads(attention(q, k, v, mask)))
+        return self.o_proj(merge_heads(grouped_attention(q, k, v, mask)))
+
+
+def grouped_attention(q, k, v, mask):
+    """Grouped-query attention without repeating keys/values: the query heads that share a key/value head are
+    folded into its query rows (q [B, H, T, D] -> [B, Hkv, rep*T, D]). Repeating the cache instead copies all of
+    it, every layer, every decode step (measured: most of the attention time at a few hundred tokens).
+    mask bool [B, 1, T, S] (True = attend) or None."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    if hkv == h:
+        return attention(q, k, v, mask)
+    rep = h // hkv
+    q = q.reshape(b, hkv, rep * t, d)
+    if mask is not None and (t > 1 or mask.shape[1] != 1):
+        mask = mask.repeat(1, 1, rep, 1) if mask.shape[1] == 1 else mask.reshape(b, hkv, rep * t, -1)
+    return attention(q, k, v, mask).reshape(b, h, t, d)
 
 
 class DecoderLayer(nn.Module):
@@ -150,7 +133,9 @@ class TextDecoder(nn.Module):
         return torch.where(is_extra[..., None], extra, out)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        table = self.embed_tokens if self.lm_head is None else self.lm_head
+        # quantized tables (vlmkit.quantize) project themselves: their weight is not a float matrix
+        logits = table.project(h) if hasattr(table, "project") else F.linear(h, table.weight)
         if self.cfg.additional_vocab_size:
             w = self.embed_tokens_extra.weight if self.lm_head_extra is None else self.lm_head_extra.weight
             logits = torch.cat([logits, F.linear(h, w)], dim=-1)
@@ -194,6 +179,49 @@ class TextDecoder(nn.Module):
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
         return ModelOutput(logits=logits, loss=loss, cache=cache)
+
+    # ---- fast decode -------------------------------------------------------------------------------------
+    def decode_step(self, input_ids, position_ids, index, key_mask, keys, values, length: Optional[int] = None):
+        """One new token per row written into a StaticKVCache's buffers; returns logits [B, V].
+
+        input_ids / position_ids [B, 1]; index long [1] = the cache slot to write; key_mask bool [B, capacity]
+        (True = a real token; this step's slot is set here); keys/values: the cache's per-layer buffers.
+        length (eager) attends over the filled part only; None (compiled) attends over whole buffers, masked,
+        so every shape is fixed. position_ids and index are advanced in place for the next step.
+        Self-attention decoders only (gated cross-attention goes through forward)."""
+        if self._compiled_decode is not None and length is None:
+            return self._compiled_decode(input_ids, position_ids, index, key_mask, keys, values)
+        return self._decode_step(input_ids, position_ids, index, key_mask, keys, values, length)
+
+    def _decode_step(self, input_ids, position_ids, index, key_mask, keys, values, length=None):
+        x = self.embed(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        key_mask.index_fill_(1, index, True)
+        mask = (key_mask if length is None else key_mask[:, :length])[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            a = layer.attn
+            h = layer.attn_norm(x)
+            q = apply_rope(split_heads(a.q_proj(h), a.heads, a.head_dim), cos, sin)
+            k = apply_rope(split_heads(a.k_proj(h), a.kv_heads, a.head_dim), cos, sin)
+            v = split_heads(a.v_proj(h), a.kv_heads, a.head_dim)
+            keys[i].index_copy_(2, index, k)
+            values[i].index_copy_(2, index, v)
+            kk, vv = (keys[i], values[i]) if length is None else (keys[i][:, :, :length], values[i][:, :, :length])
+            x = x + a.o_proj(merge_heads(grouped_attention(q, kk, vv, mask)))
+            x = x + layer.mlp(layer.mlp_norm(x))
+        logits = self.head(self.norm(x))[:, -1]
+        position_ids.add_(1)
+        index.add_(1)
+        return logits
+
+    _compiled_decode = None
+
+    def compile_decode(self, **options) -> None:
+        """torch.compile the whole-buffer decode step (fixed shapes: one compilation per batch size and cache
+        capacity). Weights are read as they are at call time, so quantize first."""
+        options.setdefault("fullgraph", True)
+        options.setdefault("dynamic", False)
+        self._compiled_decode = torch.compile(self._decode_step, **options)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -57,12 +57,19 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                 tensors[f"{key}/{n}"] = state[key].contiguous().cpu()
         if "step" in state:
             tensors[f"opt_step/{n}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).cpu()
-    meta = {"step": str(step), "extra": json.dumps(extra)}
+    atomic_save(Path(path), tensors, {"step": str(step), "extra": json.dumps(extra)})
+
+
+def atomic_save(path: Path, tensors: dict, metadata: dict) -> None:
+    """safetensors written to a temp file in the same folder, fsynced, then renamed over `path`: a run killed
+    mid-write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -157,3 +164,25 @@ def run(model: nn.Module, make_batch: Callable[[int], dict], loss_fn: Callable[[
             save_checkpoint(Path(ckpt_path), model, optimizer, step + 1, {"config": asdict(cfg)})
     model.eval()
     return losses
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Recompute each ViT and decoder layer in the backward pass instead of keeping its activations (memory for
+    compute). Done per instance, so the model classes stay as they are; returns how many layers it wraps."""
+    from torch.utils.checkpoint import checkpoint
+
+    count = 0
+    for stack in (getattr(model, "vision", None), getattr(model, "text", None)):
+        for layer in getattr(stack, "layers", []) if stack is not None else []:
+            if getattr(layer, "_checkpointed", False):
+                continue
+            inner = layer.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                if not torch.is_grad_enabled():  # eval / generation: nothing to save memory for
+                    return _inner(*args, **kwargs)
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            layer.forward, layer._checkpointed = forward, True
+            count += 1
+    return count

@@ -1,0 +1,98 @@
+"""`vlmkit bench` (or `python bench/run.py`): vlmkit against transformers and llama.cpp in ONE run, on the same
+checkpoints and prompts, written to bench/results.md with every target of issue 6 and its measured ratio.
+
+Needs the dev extra (transformers) for the transformers rows and, for the llama.cpp row, llama-cpp-python (no wheel
+for this platform: `pip install llama-cpp-python` compiles llama.cpp). Rows whose peer is missing say so."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from common import MODES, child_peak_memory, machine  # noqa: E402
+from report import render  # noqa: E402
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="default", help="the VLM to time (default: the embedded model, else "
+                   "runs/default, else the default architecture with random vision weights)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="only float32 and this mode")
+    p.add_argument("--out", default=str(HERE / "results.md"))
+    p.add_argument("--threads", type=int, default=None, help="torch / llama.cpp threads (default: all cores)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--eval-limit", type=int, default=450, help="items of the default model's benchmark (0: skip)")
+    p.add_argument("--skip", action="append", default=[], choices=["decode", "vlm", "memory", "accuracy", "profile"])
+    return p.parse_args(argv)
+
+
+def main(argv=None, args=None) -> int:
+    args = args or parse(argv)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    modes = MODES if args.quantize is None else ("float32", args.quantize)
+    started = time.time()
+    results = {"machine": machine(), "modes": list(modes), "threads": threads,
+               "command": "vlmkit bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+    def log(msg):
+        sys.stderr.write(f"[bench {time.time() - started:6.0f}s] {msg}\n")
+        sys.stderr.flush()
+
+    with tempfile.TemporaryDirectory(prefix="vlmkit-bench-") as tmp:
+        work = Path(tmp)
+        if "decode" not in args.skip:
+            import decode
+
+            results["decode"] = decode.measure(args.new_tokens, args.repeat, threads, log)
+        import vlm
+
+        folders = vlm.model_folders(work, args.model, log)
+        results["folders"] = {k: str(v) for k, v in folders.items()}
+        results["trained"] = bool(folders["trained"])
+        if "vlm" not in args.skip:
+            results["vlm"] = vlm.measure(folders, modes, max(3, args.repeat), log)
+        if "memory" not in args.skip:
+            mem = {}
+            for mode in modes:
+                mem[f"vlmkit {mode}"] = child_peak_memory("vlmkit", folder=str(folders["adapter"]), mode=mode)
+                log(f"peak memory vlmkit {mode}: {mem[f'vlmkit {mode}']['delta'] / 2**20:.0f} MiB")
+            try:
+                mem["transformers float32"] = child_peak_memory("transformers", folder=str(folders["full"]))
+            except RuntimeError as e:
+                mem["transformers float32"] = {"error": str(e)[-300:]}
+            results["memory"] = mem
+        if args.eval_limit and "accuracy" not in args.skip:
+            import accuracy
+
+            if folders["trained"]:
+                results["accuracy"] = accuracy.measure(folders["adapter"], work, modes, args.eval_limit, log=log)
+            else:
+                results["accuracy"] = {"skipped": "no trained default model on this machine yet"}
+        if "profile" not in args.skip:
+            import profiles
+
+            results["profiles"] = profiles.for_misses(results, folders, log)
+    results["seconds"] = time.time() - started
+    out = Path(args.out)
+    out.write_text(render(results))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
+    log(f"wrote {out} ({results['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

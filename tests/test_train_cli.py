@@ -1,0 +1,76 @@
+"""`vlmkit train` as users run it: a fine-tuning run on local data writes metrics, a checkpoint, periodic eval
+results and the merged model; bad examples are counted (or fatal); `--recipe default` is unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import vlmkit
+from vlmkit import cli
+
+DATA = Path(__file__).parent / "data" / "train"
+EVAL = Path(__file__).parent / "data" / "eval"
+
+
+@pytest.fixture()
+def data_with_a_corrupt_image(tmp_path):
+    rows = [{"image": str(DATA / "images" / f"{c}_circle.png"), "caption": f"A {c} circle."}
+            for c in ("red", "blue", "green")]
+    rows.insert(2, {"image": "data:image/png;base64,iVBORw0KGgoAAAA=", "caption": "Broken."})
+    path = tmp_path / "captions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_finetune_run_writes_metrics_eval_checkpoint_and_final_model(hf_checkpoint_dir, tmp_path, capsys,
+                                                                    data_with_a_corrupt_image):
+    out = tmp_path / "run"
+    argv = ["train", "--model", hf_checkpoint_dir("llava"), "--data", str(data_with_a_corrupt_image),
+            "--stage", "llava-stage1", "--batch-size", "4", "--steps", "2", "--log-every", "1",
+            "--eval-task", "vqav2", "--eval-data", str(EVAL / "vqav2.jsonl"), "--eval-every", "2",
+            "--eval-limit", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "stage llava-stage1: trainable parameters:" in err
+    assert "skipping" in err and "record 2" in err
+    assert "2 examples skipped" in err  # one bad example, read (and skipped) in both steps
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and steps[-1]["skipped"] == 2  # the bad example, in both steps
+    assert all(r["samples"] == 4 and r["tokens"] > 0 and r["samples_per_s"] > 0 for r in steps)
+    (evaluation,) = [r for r in records if "eval" in r]
+    assert evaluation["step"] == 2 and "accuracy" in evaluation["eval"]
+    assert (out / "eval" / "step-2" / "results.json").is_file()
+    assert (out / "checkpoint.safetensors").is_file()
+    m = vlmkit.load(out / "final")  # the merged model, a plain Hugging Face folder
+    assert m.generate("<image>Describe.", images=[str(DATA / "images" / "red_circle.png")], max_new_tokens=2)
+    # Rerunning the finished command resumes at its last step: nothing left to do.
+    assert cli.main(argv) == 0
+    assert "resumed from" in capsys.readouterr().err
+
+
+def test_bad_examples_are_fatal_on_request(hf_checkpoint_dir, tmp_path, capsys, data_with_a_corrupt_image):
+    code = cli.main(["train", "--model", hf_checkpoint_dir("llava"), "--data", str(data_with_a_corrupt_image),
+                     "--batch-size", "4", "--steps", "1", "--on-bad-record", "raise", "--out", str(tmp_path)])
+    assert code == 2
+    assert "record 2" in capsys.readouterr().err
+
+
+def test_train_needs_model_and_data(capsys, tmp_path):
+    assert cli.main(["train", "--data", str(DATA / "llava.json")]) == 2
+    assert "give --model FOLDER and --data FILE" in capsys.readouterr().err
+    assert cli.main(["train", "--model", str(tmp_path), "--data", "nope.json"]) == 2
+
+
+def test_recipe_default_runs_as_before(monkeypatch):
+    import vlmkit.train.default_recipe as recipe
+
+    calls = []
+    monkeypatch.setattr(recipe, "train_default", lambda *a: calls.append(a))
+    assert cli.main(["train", "--recipe", "default"]) == 0
+    assert cli.main(["train", "--recipe", "default", "--out", "x", "--vision-steps", "3", "--language-steps", "4",
+                     "--batch-size", "2", "--ship", "s"]) == 0
+    assert calls == [(Path("runs/default"), 400, 800, 16, None), (Path("x"), 3, 4, 2, Path("s"))]

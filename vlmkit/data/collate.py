@@ -1,0 +1,377 @@
+"""Training batches for every family: chat template, placeholder expansion, labels, padding, packing, data order.
+
+    collator = Collator(processor, template="chat")          # "chat": labels on the assistant answers (stage 2)
+    batch = collator([example, ...])                          # "plain": LLaVA stage 1, labels on the caption
+    model(**batch).logits; batch["labels"]                    # labels: -100 where no loss is taken
+
+How labels are placed: each example becomes one text with marker characters around the spans that carry a loss;
+the processor's own rules expand the image placeholders (so input_ids equal what the processor gives for the same
+text), the markers are taken out, and a token carries its id as label when its characters overlap a span. Spans:
+  chat          each assistant answer, through the first stop token after it (`<end_of_utterance>`, `<|im_end|>`,
+                EOS); a template that writes no stop token after answers (LLaVA-1.5's) gets the EOS appended, as
+                LLaVA's own training does. Prompts, system text, image tokens, BOS, padding: -100.
+  plain         LLaVA's `plain` template: the images, then the caption (or a chat's first answer) + "\\n"; the
+                caption and the "\\n" carry the loss.
+  interleaved   open_flamingo's rule: the text that follows an image, through an end-of-chunk token (EOS) written
+                before the next image and at the end; text before the first image and image tokens: -100.
+Rows are left-padded like the processor's batches. `pack_length` packs several examples into one row (positions
+restart at each example; IDEFICS image masks stay per example; attention itself still spans the whole row).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..processing.prompts import (
+    Slot, expand_idefics2, expand_idefics3, expand_llava, idefics_image_attention_mask, idefics_text, segments_text,
+)
+from .readers import IMAGE, DataError, Example
+
+OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters: no template or tokenizer writes them
+IGNORE = -100
+
+
+@dataclass
+class EncodedRow:
+    """One row before padding: ids, labels, positions, and the family's image tensors for this row."""
+
+    input_ids: list
+    labels: list
+    positions: list
+    pixels: Optional[torch.Tensor] = None  # [M, 3, H, W]: images (crops for Idefics2/3)
+    pixel_mask: Optional[torch.Tensor] = None  # [M, H, W] (Idefics2/3)
+    image_mask: Optional[torch.Tensor] = None  # [T, M] (IDEFICS image_attention_mask)
+    indices: list = field(default_factory=list)  # the examples in this row
+
+
+def _lead_space(text: str) -> int:
+    return len(text) - len(text.lstrip())
+
+
+def _to_message(role: str, text: str) -> dict:
+    """A turn's text with <image> placeholders -> chat content parts (text next to an image is stripped, so the
+    template decides the layout, as LLaVA's preprocessing moves the image to the front)."""
+    parts = []
+    pieces = text.split(IMAGE)
+    for k, piece in enumerate(pieces):
+        if k:
+            parts.append({"type": "image"})
+        piece = piece.strip() if len(pieces) > 1 else piece
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return {"role": role, "content": parts}
+
+
+class Collator:
+    """examples -> a training batch (the processor's keys + "labels"). Bad examples raise DataError."""
+
+    def __init__(self, processor, template: str = "chat", max_length: Optional[int] = None,
+                 pack_length: Optional[int] = None, caption_prompt: str = "Describe the image.",
+                 caption_suffix: str = "\n", chunk_end: Optional[str] = None):
+        if template not in ("chat", "plain"):
+            raise ValueError(f"template must be 'chat' or 'plain', not {template!r}")
+        self.processor, self.template = processor, template
+        self.tok = processor.tokenizer
+        self.max_length = max_length or processor.max_length
+        self.pack_length = pack_length
+        self.caption_prompt, self.caption_suffix = caption_prompt, caption_suffix
+        self.eos = self.tok.special_tokens.get("eos_token")
+        self.chunk_end = chunk_end if chunk_end is not None else (self.eos or "\n")
+        self.stop_texts = [t for t in (self.tok.id_to_token(i) for i in processor.eos_token_ids) if t]
+        self.family = processor.rules.family
+
+    # ------------------------------------------------------------------------------------------ marked text
+    def marked_text(self, ex: Example) -> tuple[str, bool]:
+        """(text with OPEN/CLOSE around the loss spans, whether it came from the chat template)."""
+        if ex.kind == "interleaved":
+            return self._interleaved(ex.pieces), False
+        if self.template == "plain":
+            text = ex.caption if ex.kind == "caption" else next(t for r, t in ex.turns if r == "assistant")
+            return IMAGE * len(ex.images) + self._span(text + self.caption_suffix), False
+        if ex.kind == "caption":
+            turns = [("user", IMAGE * len(ex.images) + self.caption_prompt), ("assistant", ex.caption)]
+        else:
+            turns = ex.turns
+        return self._chat(turns), True
+
+    @staticmethod
+    def _span(text: str) -> str:
+        k = _lead_space(text)  # the span opens at the first visible character (see module docstring)
+        return text[:k] + OPEN + text[k:] + CLOSE
+
+    def _chat(self, turns: list) -> str:
+        messages = [_to_message(role, text) for role, text in turns]
+        render = self.processor.apply_chat_template
+        full = render(messages, add_generation_prompt=False)
+        out, pos = [], 0
+        for k, (role, answer) in enumerate(turns):
+            if role != "assistant":
+                continue
+            prompt, through = render(messages[:k], add_generation_prompt=True), render(messages[:k + 1], False)
+            if not (full.startswith(prompt) and full.startswith(through) and len(prompt) <= len(through)):
+                raise DataError("the chat template does not render turns as prefixes of the conversation, "
+                                "so answers cannot be located")
+            region = full[len(prompt):len(through)]
+            close, extra = self._answer_end(region, answer)
+            start = len(prompt) + _lead_space(region)
+            out += [full[pos:start], OPEN, full[start:len(prompt) + close], extra, CLOSE]
+            pos = len(prompt) + close
+        out.append(full[pos:])
+        return "".join(out)
+
+    def _answer_end(self, region: str, answer: str) -> tuple[int, str]:
+        """Where the loss span ends inside an assistant turn's text: after the first stop token that follows the
+        answer; without one, right after the answer, and the EOS is written there."""
+        answer = answer.strip()
+        at = region.find(answer) if answer else -1
+        after = at + len(answer) if at >= 0 else 0
+        found = [(region.find(s, after), s) for s in self.stop_texts if region.find(s, after) >= 0]
+        if found:
+            where, stop = min(found)
+            return where + len(stop), ""
+        return (after if at >= 0 else len(region.rstrip())), (self.eos or "")
+
+    def _interleaved(self, pieces: list) -> str:
+        out, seen_image, labeled, last_text = [], False, False, False
+        for piece in pieces:
+            if piece is None:
+                if labeled:
+                    out += [self.chunk_end, CLOSE]
+                out.append(IMAGE)
+                seen_image, labeled, last_text = True, False, False
+                continue
+            if last_text:
+                out.append("\n\n")
+            if seen_image and not labeled:
+                k = _lead_space(piece)
+                out += [piece[:k], OPEN, piece[k:]]
+                labeled = True
+            else:
+                out.append(piece)
+            last_text = True
+        if labeled:
+            out += [self.chunk_end, CLOSE]
+        return "".join(out)
+
+    # ------------------------------------------------------------------------------------------ encoding
+    def _expand(self, segments: list, n_images: int, image_batch: dict) -> str:
+        """The processor's placeholder expansion for one prompt (Processor._expand, text side)."""
+        rules = self.processor.rules
+        if self.family == "idefics":
+            special = self.tok.special_tokens
+            return idefics_text(segments, rules, special.get("bos_token"), special.get("eos_token"))
+        text = segments_text(segments, rules.image_token)
+        if self.family == "llava":
+            hw = [tuple(image_batch["pixel_values"].shape[-2:])] * n_images if n_images else []
+            return expand_llava(text, rules, hw)
+        if self.family == "idefics2":
+            return expand_idefics2(text, rules)
+        grids = list(zip(image_batch["image_rows"][0], image_batch["image_cols"][0])) if n_images else []
+        return expand_idefics3(text, rules, grids)
+
+    def encode(self, ex: Example) -> EncodedRow:
+        """One example -> one row (ids, labels, images). DataError when it cannot be used."""
+        from ..processing.images import ImageError
+
+        marked, from_chat = self.marked_text(ex)
+        bos = self.tok.special_tokens.get("bos_token")
+        if self.family == "idefics" and from_chat and bos and marked.startswith(bos):
+            marked = marked[len(bos):]  # IdeficsProcessor writes the BOS itself
+        segments = self.processor._split(marked)
+        if sum(isinstance(s, Slot) for s in segments) != len(ex.images):
+            raise DataError(f"the text has {sum(isinstance(s, Slot) for s in segments)} image placeholders but "
+                            f"the example has {len(ex.images)} images")
+        try:
+            loaded = self.processor._load([list(ex.images)])[0]
+        except ImageError as e:
+            raise DataError(f"bad image: {e}") from None
+        image_batch = self.processor.image_processor([loaded]) if (loaded or self.family == "idefics") else {}
+        expanded = self._expand(segments, len(loaded), image_batch)
+        plain = self._expand([s.replace(OPEN, "").replace(CLOSE, "") if isinstance(s, str) else s
+                              for s in segments], len(loaded), image_batch)
+        text, spans = _take_spans(expanded)
+        if text != plain:
+            raise DataError("placeholder expansion moved the label markers (an answer directly after an image?)")
+        add_special = self.family != "idefics" and not (from_chat and bos is not None and text.startswith(bos))
+        enc = self.tok.backend.encode(text, add_special_tokens=add_special)
+        ids = list(enc.ids)
+        if self.max_length and len(ids) > self.max_length:
+            raise DataError(f"{len(ids)} tokens (image tokens included) > max_length={self.max_length}")
+        labels = [i if e > s and any(s < b and e > a for a, b in spans) else IGNORE
+                  for i, (s, e) in zip(ids, enc.offsets)]
+        if not any(x != IGNORE for x in labels):
+            raise DataError("no token carries a label (empty answer or caption?)")
+        row = EncodedRow(ids, labels, list(range(len(ids))), indices=[ex.index])
+        if "pixel_values" in image_batch:
+            row.pixels = image_batch["pixel_values"] if self.family == "llava" else image_batch["pixel_values"][0]
+            if self.family == "idefics" and not loaded:
+                row.pixels = row.pixels[:0]  # text only: no image slot (padding adds one back if the batch needs it)
+        if "pixel_attention_mask" in image_batch:
+            row.pixel_mask = image_batch["pixel_attention_mask"][0]
+        if self.family == "idefics":
+            row.image_mask = idefics_image_attention_mask(torch.tensor([ids]), self.processor.image_token_id,
+                                                          self.tok.eos_token_id, max(1, len(loaded)))[0]
+            row.image_mask = row.image_mask[:, :len(loaded)]
+        return row
+
+    def approx_length(self, ex: Example) -> int:
+        """Tokens of the example without reading its images (for length grouping): text + a per-image estimate.
+        Chats are rendered once, without locating the answers, to keep this cheap over a whole data set."""
+        if ex.kind == "chat" and self.template == "chat":
+            text = self.processor.apply_chat_template([_to_message(r, t) for r, t in ex.turns], False)
+        else:
+            text = self.marked_text(ex)[0]
+        text = text.replace(OPEN, "").replace(CLOSE, "").replace(IMAGE, "")
+        return len(self.tok.encode(text, add_special_tokens=False)) + len(ex.images) * self._image_cost()
+
+    def _image_cost(self) -> int:
+        rules, settings = self.processor.rules, self.processor.image_processor.settings
+        if self.family == "llava":
+            crop = getattr(settings, "crop_size", None) or {"height": 336, "width": 336}
+            return rules.llava_tokens(crop["height"], crop["width"])
+        return 3 if self.family == "idefics" else rules.image_seq_len + 2
+
+    # ------------------------------------------------------------------------------------------ batches
+    def __call__(self, examples: list) -> dict:
+        return self.collate([self.encode(ex) for ex in examples])
+
+    def collate(self, rows: list) -> dict:
+        if self.pack_length:
+            rows = pack_rows(rows, self.pack_length)
+        return pad_rows(rows, self.processor.pad_token_id, self.family, packed=bool(self.pack_length))
+
+
+def _take_spans(text: str) -> tuple[str, list]:
+    """Remove OPEN/CLOSE markers -> (clean text, [(start, end)] spans in it)."""
+    out, spans, start, n = [], [], None, 0
+    for ch in text:
+        if ch == OPEN:
+            start = n
+        elif ch == CLOSE:
+            spans.append((start, n))
+        else:
+            out.append(ch)
+            n += 1
+    return "".join(out), spans
+
+
+def pack_rows(rows: list, max_tokens: int) -> list:
+    """Greedy packing in order: consecutive rows share a row while the total stays within max_tokens."""
+    groups, current, size = [], [], 0
+    for row in rows:
+        if current and size + len(row.input_ids) > max_tokens:
+            groups.append(current)
+            current, size = [], 0
+        current.append(row)
+        size += len(row.input_ids)
+    if current:
+        groups.append(current)
+    return [_join(g) for g in groups]
+
+
+def _join(rows: list) -> EncodedRow:
+    if len(rows) == 1:
+        return rows[0]
+    out = EncodedRow([], [], [])
+    for r in rows:
+        out.input_ids += r.input_ids
+        out.labels += r.labels
+        out.positions += r.positions
+        out.indices += r.indices
+    with_px = [r for r in rows if r.pixels is not None and len(r.pixels)]
+    if with_px:
+        h = max(r.pixels.shape[-2] for r in with_px)
+        w = max(r.pixels.shape[-1] for r in with_px)
+        out.pixels = torch.cat([_pad_hw(r.pixels, h, w) for r in with_px])
+        if with_px[0].pixel_mask is not None:
+            out.pixel_mask = torch.cat([_pad_hw(r.pixel_mask, h, w) for r in with_px])
+    if rows[0].image_mask is not None:  # block-diagonal: each example sees only its own images
+        t, m = len(out.input_ids), sum(r.image_mask.shape[1] for r in rows)
+        out.image_mask = torch.zeros(t, m, dtype=rows[0].image_mask.dtype)
+        ti = mi = 0
+        for r in rows:
+            out.image_mask[ti:ti + r.image_mask.shape[0], mi:mi + r.image_mask.shape[1]] = r.image_mask
+            ti, mi = ti + r.image_mask.shape[0], mi + r.image_mask.shape[1]
+    return out
+
+
+def _pad_hw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))
+
+
+def pad_rows(rows: list, pad_id: int, family: str, packed: bool = False) -> dict:
+    """Rows -> the batch the model takes (left padding, as the processor) + labels (+ position_ids when packed)."""
+    b, t = len(rows), max(len(r.input_ids) for r in rows)
+    batch = {"input_ids": torch.full((b, t), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros(b, t, dtype=torch.long),
+             "labels": torch.full((b, t), IGNORE, dtype=torch.long)}
+    if packed:
+        batch["position_ids"] = torch.zeros(b, t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        batch["input_ids"][i, t - n:] = torch.tensor(r.input_ids)
+        batch["attention_mask"][i, t - n:] = 1
+        batch["labels"][i, t - n:] = torch.tensor(r.labels)
+        if packed:
+            batch["position_ids"][i, t - n:] = torch.tensor(r.positions)
+    with_px = [r for r in rows if r.pixels is not None and len(r.pixels)]
+    if family == "llava":
+        if with_px:
+            batch["pixel_values"] = torch.cat([r.pixels for r in with_px])
+        return batch
+    if not with_px and family != "idefics":
+        return batch
+    ref = with_px[0].pixels if with_px else rows[0].pixels
+    m = max(1, max(len(r.pixels) if r.pixels is not None else 0 for r in rows))
+    h = max((r.pixels.shape[-2] for r in with_px), default=ref.shape[-2])
+    w = max((r.pixels.shape[-1] for r in with_px), default=ref.shape[-1])
+    batch["pixel_values"] = torch.zeros(b, m, 3, h, w, dtype=ref.dtype)
+    if family != "idefics":
+        batch["pixel_attention_mask"] = torch.zeros(b, m, h, w, dtype=torch.long)
+    else:
+        batch["image_attention_mask"] = torch.zeros(b, t, m, dtype=torch.long)
+    for i, r in enumerate(rows):
+        k = len(r.pixels) if r.pixels is not None else 0
+        if k:
+            batch["pixel_values"][i, :k, :, :r.pixels.shape[-2], :r.pixels.shape[-1]] = r.pixels
+        if r.pixel_mask is not None and k:
+            batch["pixel_attention_mask"][i, :k, :r.pixel_mask.shape[-2], :r.pixel_mask.shape[-1]] = r.pixel_mask
+        if r.image_mask is not None:
+            batch["image_attention_mask"][i, t - len(r.input_ids):, :r.image_mask.shape[1]] = r.image_mask
+    return batch
+
+
+class BatchPlan:
+    """Which examples each global step reads: a seeded shuffle per epoch (optionally grouped by length, as
+    LLaVA's / transformers' length-grouped sampler), a pure function of (seed, step), so a resumed run reads
+    exactly the batches the uninterrupted run would have. Incomplete last batches of an epoch are dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, lengths: Optional[list] = None,
+                 group_size: int = 8):
+        if n < batch_size:
+            raise ValueError(f"{n} examples are fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.seed, self.lengths, self.group_size = n, batch_size, seed, lengths, group_size
+        self.steps_per_epoch = n // batch_size
+        self._cache: dict = {}
+
+    def epoch_order(self, epoch: int) -> list:
+        if epoch not in self._cache:
+            order = list(range(self.n))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            if self.lengths is not None:  # sort within mega-batches: similar lengths share a batch, order stays random
+                mega = self.batch_size * self.group_size
+                order = [i for k in range(0, self.n, mega)
+                         for i in sorted(order[k:k + mega], key=lambda j: -self.lengths[j])]
+            self._cache = {epoch: order}
+        return self._cache[epoch]
+
+    def indices(self, step: int) -> list:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self.epoch_order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch

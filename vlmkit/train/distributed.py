@@ -1,0 +1,181 @@
+"""Data-parallel training with torch.distributed: torchrun environment, DDP or FSDP2 wrapping, and the collectives
+the fine-tuning loop needs (token counts, full weights for checkpoints).
+
+    torchrun --nproc_per_node 2 -m vlmkit train --model M --data d.json --strategy ddp     # or fsdp
+    ctx = init_distributed("auto")        # reads RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on GPUs
+    wrapped = wrap_model(model, ctx)      # DDP, FSDP2 (fully_shard per ViT / decoder / cross-attention layer) or as is
+
+Every process reads the same examples list and takes its own slice of each global batch (see finetune.py), so the
+update equals one process's on the whole batch: the loss is a sum over label tokens divided by the global count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    strategy: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def sum(self, value: float) -> float:
+        """Sum of a number over all processes (float64 on the CPU for gloo, on the device for nccl)."""
+        if not self.active:
+            return float(value)
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def shard(self, items: list) -> list:
+        """This process's contiguous share of a global batch (length-grouped batches stay similar per process)."""
+        if len(items) % self.world:
+            raise ValueError(f"a global batch of {len(items)} does not split over {self.world} processes")
+        n = len(items) // self.world
+        return items[self.rank * n:(self.rank + 1) * n]
+
+
+def init_distributed(strategy: str = "auto", device: Optional[str] = None) -> DistContext:
+    """The process group from torchrun's environment (nothing to do for a single process)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device(device or "cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    if strategy == "auto":
+        strategy = "ddp" if world > 1 else "none"
+    if strategy != "none" and world == 1:
+        strategy = "none"  # one process: DDP/FSDP would only add overhead
+    if strategy == "none" and world > 1:
+        raise ValueError("several processes need --strategy ddp or fsdp")
+    return DistContext(rank, world, local, dev, strategy)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.active:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, find_unused: bool = True) -> nn.Module:
+    """DDP: a replica per process, gradients all-reduced; `find_unused` lets a batch leave trainable parameters
+    unused (a text-only batch skips the vision tower and connector), at the cost of a graph walk per step. FSDP2: parameters, gradients and
+    optimizer state sharded; one unit per transformer layer so only one layer is ever gathered at a time."""
+    if ctx.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+    if ctx.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        if any(type(m).__name__.startswith("Quantized") for m in model.modules()):
+            raise NotImplementedError("FSDP over a quantized base is not supported; use --strategy ddp")
+        for stack in (model.vision.layers, model.text.layers, getattr(model.text, "cross_blocks", None) or []):
+            for layer in stack:
+                fully_shard(layer)
+        fully_shard(model)
+        return model
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+
+def accumulation_context(model: nn.Module, last_micro_step: bool):
+    """DDP: skip the all-reduce on all but the last micro-batch of a step (the gradients add up locally)."""
+    if not last_micro_step and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" or (hasattr(t, "full_tensor") and hasattr(t, "placements"))
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the whole tensor (an FSDP2 shard is gathered: every process must call this in step)."""
+    if _is_dtensor(t):
+        t = t.full_tensor()
+    return t.detach().contiguous().cpu()
+
+
+def like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `ref`: this process's shard when ref is an FSDP2 DTensor (no communication: every
+    process holds the whole checkpoint), else a copy on ref's device and dtype."""
+    full = full.to(device=ref.device, dtype=ref.dtype)
+    if _is_dtensor(ref):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, ref.device_mesh, ref.placements, src_data_rank=None)
+    return full
+
+
+def train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Trainable weights and AdamW moments as whole CPU tensors, named as loop.save_checkpoint names them."""
+    tensors = {}
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        tensors[f"param/{name}"] = full_tensor(p)
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"{key}/{name}"] = full_tensor(state[key])
+        if "step" in state:
+            tensors[f"opt_step/{name}"] = torch.as_tensor(full_tensor(torch.as_tensor(state["step"])),
+                                                          dtype=torch.float32).reshape(1)
+    return tensors
+
+
+def load_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict) -> None:
+    params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    missing = [n for n in params if f"param/{n}" not in tensors]
+    if missing:
+        raise ValueError(f"the checkpoint lacks trainable parameters {missing[:5]} (a different stage?)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(like(tensors[f"param/{name}"], p))
+            if f"exp_avg/{name}" in tensors:
+                optimizer.state[p] = {
+                    "step": tensors[f"opt_step/{name}"].reshape(()).clone(),
+                    "exp_avg": like(tensors[f"exp_avg/{name}"], p),
+                    "exp_avg_sq": like(tensors[f"exp_avg_sq/{name}"], p),
+                }
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """Every weight, whole, on the CPU (collective under FSDP2: all processes call it)."""
+    return {k: full_tensor(v) for k, v in unwrap(model).state_dict().items()}

@@ -1,0 +1,404 @@
+"""Fine-tune any supported model on local data: `vlmkit train --model M --data FILE ...` or `finetune(cfg)`.
+
+    from vlmkit.train.finetune import FinetuneConfig, finetune
+    result = finetune(FinetuneConfig(model="path/to/hf-folder", data=["llava.json"], stage="lora",
+                                     batch_size=8, steps=200, out="runs/lora"))
+    result["losses"]          # {step: loss}, result["final"]: the merged Hugging Face folder
+
+One step = one global batch of `batch_size` examples (BatchPlan: a seeded, optionally length-grouped order), split
+over the processes (torchrun) and then into micro-batches of `micro_batch_size` (gradient accumulation). The loss is
+the sum of token losses over the whole global batch divided by its label-token count, so 1 process, N processes
+and any accumulation give the same update. Files in `out`:
+    checkpoint.safetensors   trainable weights + AdamW moments + step + RNG, written atomically every `ckpt_every`
+                             steps; rerunning the same command resumes from it and reads the same batches
+    metrics.jsonl            one line per step (loss, lr, tokens, samples/s, grad norm, epoch) and per evaluation
+    eval/step-N/             the eval harness's files for each periodic evaluation
+    final/                   the trained model, LoRA merged, in Hugging Face format (transformers loads it)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..data.collate import BatchPlan, Collator
+from ..data.readers import DataError, read_dataset
+from . import distributed as D
+from .loop import Progress, TrainConfig, atomic_save, enable_gradient_checkpointing, lr_at
+from .stages import apply_stage, get_stage, part_of, stage_dict
+
+CHECKPOINT, METRICS, FINAL = "checkpoint.safetensors", "metrics.jsonl", "final"
+
+
+@dataclass
+class FinetuneConfig:
+    model: str
+    data: list
+    out: str = "runs/finetune"
+    stage: str = "lora"  # a recipe (stages.RECIPES) or a .json stage file
+    format: str = "auto"  # llava | cauldron | interleaved | captions | auto
+    split: Optional[str] = None
+    image_root: Optional[str] = None
+    on_bad_record: str = "skip"  # or "raise"
+    steps: Optional[int] = None  # default: epochs x (examples // batch_size)
+    epochs: float = 1.0
+    batch_size: int = 8  # global: all processes, all micro-batches
+    micro_batch_size: Optional[int] = None  # per process and forward pass; default: no accumulation
+    lr: Optional[float] = None  # default: the stage's
+    warmup: Optional[float] = None  # fraction of steps; default: the stage's (3%)
+    weight_decay: Optional[float] = None
+    grad_clip: float = 1.0
+    max_length: Optional[int] = None
+    group_by_length: bool = False
+    pack_length: Optional[int] = None
+    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False
+    strategy: str = "auto"  # auto | none | ddp | fsdp
+    device: Optional[str] = None
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100
+    eval_every: int = 0
+    eval_task: Optional[str] = None
+    eval_data: Optional[str] = None
+    eval_limit: int = 50
+    save_final: bool = True
+    lora_r: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    quantize: Optional[str] = None
+    template: Optional[str] = None
+    train_parts: Optional[list] = None  # overrides the stage's parts
+
+
+def _say(ctx, log):
+    def say(line: str) -> None:
+        if ctx.is_main:
+            (log or (lambda s: print(s, file=sys.stderr, flush=True)))(line)
+    return say
+
+
+def _precision(cfg: FinetuneConfig, device: torch.device):
+    """(autocast context, GradScaler or None). Weights and AdamW state stay float32 in every mode."""
+    mode = cfg.precision
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "fp32"
+    if mode == "fp32":
+        return contextlib.nullcontext, None
+    if mode not in ("bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {mode!r}")
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 needs a GPU; use bf16 on the CPU")
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over the label tokens: averaging happens over the global batch."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+class MetricsLog:
+    """metrics.jsonl: appended and flushed line by line; on resume the lines past the checkpoint are dropped, so
+    the file is always the run's own curve."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_losses(path) -> dict:
+    """{step: loss} from a metrics.jsonl (the last line of a step wins)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[int(rec["step"])] = rec["loss"]
+    return out
+
+
+def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
+             on_step: Optional[Callable[[int, float], None]] = None) -> dict:
+    """Run (or resume) a fine-tuning job; returns {"losses", "trainable", "samples_per_s", "final", "skipped"}."""
+    from ..api import load
+
+    ctx = D.init_distributed(cfg.strategy, cfg.device)
+    say = _say(ctx, log)
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    stage = get_stage(cfg.stage, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay,
+                      quantize=cfg.quantize, template=cfg.template,
+                      train=tuple(cfg.train_parts) if cfg.train_parts else None)
+    if stage.lora is not None and (cfg.lora_r or cfg.lora_alpha):
+        stage.lora = replace(stage.lora, r=cfg.lora_r or stage.lora.r, alpha=cfg.lora_alpha or stage.lora.alpha)
+    if stage.quantize == "int4" and ctx.device.type != "cpu":
+        raise ValueError("int4 runs on torch's CPU kernels only: use --quantize int8 on GPUs")
+    # Loaded quantized tensor by tensor when asked, so the float model never sits in memory whole.
+    m = load(cfg.model, dtype=torch.float32, quantize=stage.quantize)
+    model, processor = m.model, m.processor
+    plan = apply_stage(model, stage, seed=cfg.seed)
+    say(plan.describe())
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    data = read_dataset(cfg.data, cfg.format, cfg.split, cfg.image_root, cfg.on_bad_record, log=lambda s: None)
+    say(data.summary())  # every bad record with its index and reason
+    model.to(ctx.device)
+    # DDP must look for unused parameters only when a batch can skip the images (text-only examples).
+    wrapped = D.wrap_model(model, ctx, find_unused=any(not ex.images for ex in data))
+    base = D.unwrap(wrapped)
+    # FSDP2 replaces the parameters: build the optimizer groups from the wrapped model's own, by name.
+    by_part: dict = {}
+    for name, p in base.named_parameters():
+        if p.requires_grad:
+            by_part.setdefault(part_of(name), []).append(p)
+    groups = [{"params": by_part[g["name"]], "lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"]}
+              for g in plan.groups]
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999), eps=1e-8)
+    collator = Collator(processor, template=stage.template, max_length=cfg.max_length,
+                        pack_length=cfg.pack_length)
+    lengths = [collator.approx_length(ex) for ex in data] if cfg.group_by_length else None
+    batches = BatchPlan(len(data), cfg.batch_size, cfg.seed, lengths)
+    per_process = cfg.batch_size // ctx.world
+    micro = cfg.micro_batch_size or per_process
+    if cfg.batch_size % ctx.world or per_process % micro:
+        raise ValueError(f"batch_size {cfg.batch_size} must split into {ctx.world} processes x micro-batches of "
+                         f"{micro}")
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * batches.steps_per_epoch))
+    schedule = TrainConfig(steps=total, batch_size=cfg.batch_size, lr=stage.lr, warmup=stage.warmup,
+                           min_lr_ratio=stage.min_lr_ratio)
+    autocast, scaler = _precision(cfg, ctx.device)
+
+    start, skipped = 0, 0
+    fingerprint = {"examples": len(data), "batch_size": cfg.batch_size, "seed": cfg.seed, "stage": stage.name}
+    if (out / CHECKPOINT).is_file():
+        start, skipped = _resume(out / CHECKPOINT, wrapped, optimizer, fingerprint)
+        say(f"resumed from {out / CHECKPOINT} at step {start}")
+    metrics = MetricsLog(out / METRICS, start, ctx.is_main)
+    if ctx.is_main:
+        (out / "config.json").write_text(json.dumps({"finetune": asdict(cfg), "stage": stage_dict(stage),
+                                                     "world_size": ctx.world}, indent=2, default=str))
+    say(f"{len(data)} examples, {total} steps of {cfg.batch_size} ({ctx.world} process(es) x "
+        f"{per_process // micro} micro-batch(es) of {micro}), strategy {ctx.strategy}, device {ctx.device}")
+
+    # FSDP gathers each layer's weights in every process at once: a process whose micro-batch has no image would
+    # skip the vision tower's gathers while the others wait in them (IDEFICS batches always carry pixel values).
+    need_images = ctx.strategy == "fsdp" and collator.family != "idefics" and any(ex.images for ex in data)
+    progress = Progress(total, cfg.batch_size, start, label=stage.name)
+    params = [p for g in groups for p in g["params"]]
+    losses, t0, done = {}, time.time(), 0
+    wrapped.train()
+    for step in range(start, total):
+        lr = lr_at(step, schedule)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        mine = ctx.shard(batches.indices(step))
+        micro_batches, bad = _encode(collator, data, [mine[i:i + micro] for i in range(0, len(mine), micro)],
+                                     cfg.on_bad_record, need_images)
+        skipped += int(ctx.sum(len(bad)))
+        tokens = ctx.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches))
+        loss, norm = _optimizer_step(wrapped, optimizer, params, micro_batches, tokens, ctx, autocast, scaler,
+                                     cfg.grad_clip)
+        losses[step + 1] = loss
+        done += 1
+        elapsed = time.time() - t0
+        metrics.write({"step": step + 1, "loss": loss, "lr": lr, "tokens": int(tokens), "samples": cfg.batch_size,
+                       "epoch": round(batches.epoch_of(step + 1), 4), "grad_norm": norm,
+                       "samples_per_s": round(done * cfg.batch_size / max(elapsed, 1e-9), 3),
+                       "elapsed_s": round(elapsed, 3), "skipped": skipped})
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+            say(progress.update(step, loss, lr))
+        else:
+            progress.losses.append(loss)
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
+            _save(out / CHECKPOINT, wrapped, optimizer, step + 1, fingerprint, skipped, ctx)
+        if cfg.eval_every and cfg.eval_task and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
+            metrics.write({"step": step + 1, "eval": _evaluate(cfg, wrapped, processor, step + 1, ctx, say)})
+        if on_step is not None:
+            on_step(step + 1, loss)
+    rate = done * cfg.batch_size / max(time.time() - t0, 1e-9)
+    final = None
+    if cfg.save_final:
+        final = save_merged(wrapped, cfg, stage, out / FINAL, ctx, source=m.folder)
+        say(f"saved the merged model (Hugging Face format) to {final}")
+    D.shutdown(ctx)
+    return {"losses": losses, "trainable": plan.trainable, "trainable_by_part": plan.trainable_by_part,
+            "samples_per_s": rate, "final": final, "skipped": skipped, "examples": len(data)}
+
+
+def _optimizer_step(wrapped, optimizer, params, micro_batches, tokens: float, ctx, autocast, scaler,
+                    grad_clip: float) -> tuple[float, float]:
+    """Forward/backward every micro-batch (gradients add up), clip, step. Returns (mean token loss of the global
+    batch, gradient norm before clipping)."""
+    loss_sum = 0.0
+    for k, batch in enumerate(micro_batches):
+        batch = {key: v.to(ctx.device) for key, v in batch.items()}
+        with D.accumulation_context(wrapped, k == len(micro_batches) - 1), autocast():
+            part = token_loss_sum(wrapped, batch)
+        scaled = part * (ctx.world / max(tokens, 1.0))  # DDP / FSDP average over processes: undo it
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        loss_sum += float(part.detach())
+    if scaler:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ctx.sum(loss_sum) / max(tokens, 1.0), norm
+
+
+def _encode(collator: Collator, data, chunks: list, on_error: str, need_images: bool) -> tuple[list, list]:
+    """Micro-batches of this process's examples; bad ones reported (index, reason) and skipped or raised. A
+    micro-batch left empty (or, with `need_images`, without an image) gets a stand-in example whose labels are all
+    masked, so every process runs the same forward/backward collectives while the update stays unchanged."""
+    batches, bad = [], []
+    for chunk in chunks:
+        rows = []
+        for i in chunk:
+            try:
+                rows.append(collator.encode(data[i]))
+            except DataError as e:
+                where = f"{data[i].source} record {data[i].index}"
+                if on_error == "raise":
+                    raise DataError(f"{where}: {e}") from None
+                print(f"warning: skipping {where} (example {i}): {e}", file=sys.stderr, flush=True)
+                bad.append((i, str(e)))
+        if not rows or (need_images and not any(r.pixels is not None and len(r.pixels) for r in rows)):
+            rows.append(_stand_in(collator, data, with_image=need_images))
+        batches.append(collator.collate(rows))
+    return batches, bad
+
+
+def _stand_in(collator: Collator, data, with_image: bool):
+    for i in range(len(data)):
+        if with_image and not data[i].images:
+            continue
+        try:
+            row = collator.encode(data[i])
+        except DataError:
+            continue
+        row.labels = [-100] * len(row.labels)
+        return row
+    raise DataError("no example of the data set can be encoded")
+
+
+def _save(path: Path, wrapped, optimizer, step: int, fingerprint: dict, skipped: int, ctx) -> None:
+    tensors = D.train_state(wrapped, optimizer)  # collective under FSDP
+    if ctx.is_main:
+        tensors["rng/torch"] = torch.get_rng_state()
+        meta = {"step": str(step), "extra": json.dumps({"data": fingerprint, "skipped": skipped})}
+        atomic_save(path, tensors, meta)
+    ctx.barrier()
+
+
+def _resume(path: Path, wrapped, optimizer, fingerprint: dict) -> tuple[int, int]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    extra = json.loads(meta.get("extra", "{}"))
+    if extra.get("data", fingerprint) != fingerprint:
+        raise ValueError(f"{path} was written by a run with different data or settings ({extra.get('data')} vs "
+                         f"{fingerprint}); use another --out or delete the checkpoint to start over")
+    tensors = load_file(str(path))
+    D.load_train_state(wrapped, optimizer, tensors)
+    if "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"])
+    return int(meta["step"]), int(extra.get("skipped", 0))
+
+
+def _evaluate(cfg: FinetuneConfig, wrapped, processor, step: int, ctx, say) -> dict:
+    """The eval harness on the model as it is now. DDP / one process: the first process evaluates while the others
+    wait. FSDP: every process must take part in each forward pass, so all evaluate; the first one writes."""
+    from ..api import VLM
+    from ..eval.runner import evaluate
+
+    base = D.unwrap(wrapped)
+    results = {}
+    if ctx.is_main or ctx.strategy == "fsdp":
+        base.eval()
+        folder = Path(cfg.out) / "eval" / f"step-{step}" if ctx.is_main else Path(tempfile.mkdtemp())
+        try:
+            r = evaluate(VLM(base, processor, Path(cfg.model)), cfg.eval_task, cfg.eval_data, limit=cfg.eval_limit,
+                         output_dir=folder, overwrite=True, model_name=f"{Path(cfg.model).name}@{step}",
+                         log=lambda s: None, progress=False)
+            results = r["metrics"]
+            say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
+                                                      if isinstance(v, (int, float))))
+        finally:
+            base.train()
+            if not ctx.is_main:
+                shutil.rmtree(folder, ignore_errors=True)
+    ctx.barrier()
+    return results
+
+
+def save_merged(wrapped, cfg: FinetuneConfig, stage, folder: Path, ctx, source: Path) -> Optional[Path]:
+    """LoRA merged into the base weights, saved as a Hugging Face folder (+ the processor files) in the checkpoint's
+    own dtype. Under FSDP (weights sharded) or over a quantized base (merged into the ORIGINAL float weights, not
+    the dequantized ones), the first process rebuilds the float model and loads the trained tensors into it."""
+    from ..api import PROCESSOR_FILES, load
+    from ..checkpoints.hf import save_model
+    from .lora import merge_lora
+
+    model = D.unwrap(wrapped)
+    if ctx.strategy == "fsdp" or stage.quantize is not None:
+        trained = {n: D.full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}  # collective
+        if not ctx.is_main:
+            return None
+        model = load(source, dtype=torch.float32).model
+        apply_stage(model, replace(stage, quantize=None), seed=cfg.seed)
+        unknown = sorted(set(trained) - set(model.state_dict()))
+        if unknown:
+            raise ValueError(f"trained tensors {unknown[:5]} have no place in the float model")
+        model.load_state_dict(trained, strict=False)
+    elif not ctx.is_main:
+        return None
+    model = model.cpu().eval()
+    merge_lora(model)
+    hf = model.cfg.extra.get("hf_config", {})
+    dtype = hf.get("dtype") or hf.get("torch_dtype")
+    if dtype in ("float16", "bfloat16"):
+        model.to(getattr(torch, dtype))
+    save_model(model, folder)
+    for name in PROCESSOR_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    return folder
