@@ -78,11 +78,6 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """VmHWM: this process image's peak RSS. (Not ru_maxrss: Linux carries the parent's peak across fork + exec,
-    so every child would report the benchmark's own footprint.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -181,7 +181,5 @@ def test_adapter_folder_int4_takes_the_gguf_blocks_as_they_are(tmp_path):
     assert emb.num_embeddings == model.text.embed_tokens.num_embeddings  # grown to the added image tokens
     assert rel_err(emb.dequantize()[:1000], state["embed_tokens.weight"][:1000]) < 0.01
     f = vlmkit.load(tmp_path / "adapter", caches=False)
-    batch = f.processor([f.processor.apply_chat_template([{"role": "user", "content": "Name a red fruit."}])])
-    with torch.no_grad():
-        ours, ref = m.model(**batch).logits[0, -1], f.model(**batch).logits[0, -1]
-    assert rel_err(ours, ref) < 0.05 and int(ref.argmax()) in ours.topk(3).indices.tolist()
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    assert m.chat(question, max_new_tokens=4) == f.chat(question, max_new_tokens=4)

@@ -37,7 +37,6 @@ def check_mode(mode) -> Optional[str]:
 # (M=1, 576x1536): bf16 52 us, float32 2,400 us (int4) / 1,300 us (int8), float16 as slow. So quantized layers take
 # float32 in, run the kernel in bf16 with bf16 scales, and hand float32 back; the residual stream stays float32.
 KERNEL_DTYPE = torch.bfloat16
-REFINE = 16  # output heads: candidates whose logits are recomputed in float32 (see Int8Linear.project)
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -98,16 +97,7 @@ class Int8Linear(_Quantized):
         y = torch.ops.aten._weight_int8pack_mm(_rows(x, self.in_features), self.qweight, self.scales)
         return self._out(y, x, self.out_features)
 
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        """As an output head: the kernel's logits are bf16-rounded (0.125 apart near 25: greedy near-ties flip), so
-        the `REFINE` best rows are recomputed exactly in float32 (int8 weights, float32 activations)."""
-        y = Int8Linear.forward(self, h) if self.bias is None else Int8Linear.forward(self, h) - self.bias
-        flat, hf = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]).float()
-        idx = flat.topk(min(REFINE, flat.shape[-1]), dim=-1).indices  # [rows, k]
-        rows = self.qweight[idx].float() * self.scales[idx].float()[..., None]  # [rows, k, K]
-        exact = torch.bmm(rows, hf[:, :, None])[..., 0].to(flat.dtype)
-        y = flat.scatter(-1, idx, exact).reshape(y.shape)
-        return y if self.bias is None else y + self.bias
+    project = forward  # used as an output head
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
@@ -136,6 +126,9 @@ class Int8Embedding(Int8Linear):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         dtype = self.weight.dtype
         return self.qweight[ids].to(dtype) * self.scales[ids].to(dtype).unsqueeze(-1)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return Int8Linear.forward(self, h)
 
     @classmethod
     def from_export(cls, t: dict, bias=None, dtype=torch.float32, group_size=None) -> "Int8Embedding":
@@ -429,7 +422,7 @@ def _hf_tensors(folder, model, kinds: dict, saved: bool):
             yield ours, read(hf_name)
 
 
-def _adapter_tensors(folder, hf: dict, kinds: dict, dtype, text_cfg):
+def _adapter_tensors(folder, hf: dict, kinds: dict, dtype):
     """An adapter folder: vision/connector from adapter.safetensors, the text model straight from its GGUF -- Q4_1
     tensors become int4 modules as they are (LoRA-merged ones are requantized), the token table int8 row by row."""
     from gguf import GGMLQuantizationType
@@ -437,7 +430,8 @@ def _adapter_tensors(folder, hf: dict, kinds: dict, dtype, text_cfg):
     from safetensors.torch import load_file
 
     from .checkpoints.adapter import ADAPTER, resolve_gguf
-    from .checkpoints.gguf import open_gguf, state_dict_name, unpermute_rope_rows
+    from .checkpoints.gguf import open_gguf, read_metadata, state_dict_name, text_config_from_metadata
+    from .checkpoints.gguf import unpermute_rope_rows
 
     meta = hf["vlmkit_adapter"]
     adapter = load_file(folder / ADAPTER)
@@ -447,10 +441,8 @@ def _adapter_tensors(folder, hf: dict, kinds: dict, dtype, text_cfg):
         if ".lora_" not in k:
             yield k, v.float()
     reader = open_gguf(resolve_gguf(meta["base_gguf"]))
-    # head counts from the folder's own config: read_metadata would turn the whole vocabulary into Python strings
-    # (~100 MB held at the load's peak) for two numbers
-    gcfg = text_cfg
-    vocab = text_cfg.vocab_size
+    gcfg = text_config_from_metadata(read_metadata(reader), {t.name for t in reader.tensors})
+    vocab = hf.get("text_config", {}).get("vocab_size") or hf.get("vocab_size")
     for t in reader.tensors:
         name = "text." + state_dict_name(t.name)
         module = name.rpartition(".")[0]
@@ -496,21 +488,12 @@ def load_quantized(folder, mode: Optional[str] = None, dtype=None, vision: bool 
         mode, group_size, kinds = saved["mode"], saved["group_size"], dict(saved["modules"])
     else:
         kinds = target_kinds(model, check_mode(mode), vision, group_size)
-        if is_adapter_folder(folder) and mode == "int4":
-            # LoRA-merged projections stay 8-bit: the trained delta is far below a 4-bit step, and requantizing the
-            # merged weight to 4 bits lost it (measured on the default model: "Paris" became "L'Etoile ...").
-            from safetensors import safe_open
-
-            from .checkpoints.adapter import ADAPTER
-            with safe_open(folder / ADAPTER, "pt") as f:
-                merged = {k[: -len(".lora_A")] for k in f.keys() if k.endswith(".lora_A")}
-            kinds.update({name: "int8" for name in merged if kinds.get(name) == "int4"})
     if dtype is None and not is_adapter_folder(folder):  # as stored, like the float loader
         stored = hf.get("dtype") or hf.get("torch_dtype") or hf.get("text_config", {}).get("dtype")
         dtype = getattr(torch, stored) if isinstance(stored, str) and hasattr(torch, stored) else None
     builder = _Builder(model, kinds, dtype or torch.float32, group_size)
     if is_adapter_folder(folder) and not saved:
-        source = _adapter_tensors(folder, hf, kinds, builder.dtype, cfg.text)
+        source = _adapter_tensors(folder, hf, kinds, builder.dtype)
     else:
         source = _hf_tensors(folder, model, kinds, bool(saved))
     for name, item in source:
