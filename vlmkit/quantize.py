@@ -1,10 +1,10 @@
 """Weight-only quantization on torch's packed CPU kernels.
 
-- int8: one scale per output channel, `torch.ops.aten._weight_int8pack_mm`.
-- int4: groups of `group_size` input channels, asymmetric (w = q * scale + min, q in 0..15; scale and zero point
-  in bf16, the kernels' dtype, so a saved model reloads bit for bit), `_weight_int4pack_mm_for_cpu` on the layout of
+- int8: one scale per output channel, `torch.ops.aten._weight_int8pack_mm` (activations stay float).
+- int4: groups of `group_size` input channels, asymmetric (w = q * scale + min, q in 0..15; scales and mins
+  rounded to float16 so a saved model reloads bit for bit), `_weight_int4pack_mm_for_cpu` on the layout of
   `_convert_weight_to_int4pack_for_cpu`. That is GGUF Q4_1's formula with group 32, so Q4_1 tensors become int4
-  modules directly, without a float detour (`from_q4_1`: the file's 4-bit values, its block scales in bf16).
+  modules directly, without a float detour (`from_q4_1`).
 - The token table (and the tied output head) is int8 per row in both modes: the head decides every greedy token,
   and llama.cpp keeps it at 8 bits too (SmolLM2's GGUF: Q8_0).
 
@@ -33,58 +33,30 @@ def check_mode(mode) -> Optional[str]:
     raise ValueError(f"quantize must be one of {MODES} (or None), got {mode!r}")
 
 
-# The packed CPU kernels are fast with bfloat16 activations only: measured on this project's 2-core AVX-512 box
-# (M=1, 576x1536): bf16 52 us, float32 2,400 us (int4) / 1,300 us (int8), float16 as slow. So quantized layers take
-# float32 in, run the kernel in bf16 with bf16 scales, and hand float32 back; the residual stream stays float32.
-KERNEL_DTYPE = torch.bfloat16
-
-
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     x2 = x.reshape(-1, k)
-    x2 = x2 if x2.dtype == KERNEL_DTYPE else x2.to(KERNEL_DTYPE)
     return x2 if x2.is_contiguous() else x2.contiguous()
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous and 64-byte aligned: tensors read from a safetensors file sit at any offset of the mapping, and
-    the int8 kernel crashes (SIGSEGV, seen) on a misaligned weight."""
-    t = t.contiguous()
-    return t if t.data_ptr() % 64 == 0 else t.clone()
-
-
-class _Quantized(nn.Module):
-    def __init__(self, dtype):
-        super().__init__()
-        # Empty, but with the model's dtype and device (registered first: the first float buffer): code that reads
-        # `module.weight.dtype / .device` keeps working; the weights themselves are in the buffers below.
-        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
-
-    def _out(self, y: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
-        y = y.to(x.dtype) if y.dtype != x.dtype else y
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], n)
 
 
 # ------------------------------------------------------------------------------------------------ int8
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (int8 [N, K], scales [N]), symmetric per row; scales bf16-exact (the kernel's dtype)."""
+    """[N, K] float -> (int8 [N, K], scales float32 [N]), symmetric per row."""
     w = w.float()
-    scales = (w.abs().amax(1).clamp(min=1e-12) / 127).to(KERNEL_DTYPE).float()
+    scales = w.abs().amax(1).clamp(min=1e-12) / 127
     return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
-class Int8Linear(_Quantized):
+class Int8Linear(nn.Module):
     """y = (x @ q.T) * scale (+ bias). On CPU the packed kernel; elsewhere a dequantized F.linear."""
 
     kind = "int8"
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias=None, dtype=torch.float32):
-        super().__init__(dtype)
+        super().__init__()
         self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", _aligned(qweight))
-        self.register_buffer("scales", scales.to(KERNEL_DTYPE).contiguous())
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(dtype).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
 
     @classmethod
@@ -92,10 +64,15 @@ class Int8Linear(_Quantized):
         return cls(*quantize_int8(weight), bias, dtype or weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
-        y = torch.ops.aten._weight_int8pack_mm(_rows(x, self.in_features), self.qweight, self.scales)
-        return self._out(y, x, self.out_features)
+        x2 = _rows(x, self.in_features)
+        scales = self.scales if self.scales.dtype == x2.dtype else self.scales.to(x2.dtype)
+        if x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, scales)
+        else:
+            y = F.linear(x2, self.qweight.to(x2.dtype) * scales[:, None])
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     project = forward  # used as an output head
 
@@ -118,14 +95,15 @@ class Int8Embedding(Int8Linear):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype=torch.float32):
         super().__init__(qweight, scales, None, dtype)
         self.num_embeddings, self.embedding_dim = qweight.shape
+        # Empty, but with the model's dtype and device: code reads `embed_tokens.weight.dtype / .device`.
+        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
 
     @classmethod
     def from_float(cls, weight, dtype=None) -> "Int8Embedding":
         return cls(*quantize_int8(weight), dtype or weight.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        dtype = self.weight.dtype
-        return self.qweight[ids].to(dtype) * self.scales[ids].to(dtype).unsqueeze(-1)
+        return self.qweight[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         return Int8Linear.forward(self, h)
@@ -138,20 +116,14 @@ class Int8Embedding(Int8Linear):
 # ------------------------------------------------------------------------------------------------ int4
 
 def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP):
-    """[N, K] float -> (q uint8 [N, K] in 0..15, scales [N, K/g], mins [N, K/g]); w ~ q * scale + min, with scale
-    and the kernel's zero (min + 8 scale) bf16-exact, as the module keeps them."""
+    """[N, K] float -> (q uint8 [N, K] in 0..15, scales [N, K/g], mins [N, K/g]); w ~ q * scale + min."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group_size, group_size)
     lo, hi = wg.amin(-1), wg.amax(-1)
-    scales = ((hi - lo) / 15).clamp(min=2**-20).to(KERNEL_DTYPE).float()
-    mins = _bf16_mins(lo, scales)
+    mins = lo.half().float()  # float16-exact, as stored
+    scales = ((hi - mins) / 15).clamp(min=2**-14).half().float()
     q = torch.round((wg - mins[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
     return q.reshape(n, k), scales, mins
-
-
-def _bf16_mins(mins: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The min the kernel will really use: its zero point (min + 8 scale) is rounded to bf16."""
-    return (mins + 8 * scales).to(KERNEL_DTYPE).float() - 8 * scales
 
 
 def int4_supported(n: int, k: int, group_size: int) -> bool:
@@ -168,21 +140,21 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
-class Int4Linear(_Quantized):
+class Int4Linear(nn.Module):
     """Group-wise int4 weights in the CPU kernel's packed layout (only that copy is kept: `export` recovers the
     plain values by running the kernel on an identity matrix, so saving needs no knowledge of the layout)."""
 
     kind = "int4"
 
     def __init__(self, q: torch.Tensor, scales, mins, group_size: int, bias=None, dtype=torch.float32):
-        super().__init__(dtype)
+        super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.to(torch.int32).contiguous(), 2))
         # the kernel's form: [K/g, N, 2] = (scale, zero) with w = (q - 8) * scale + zero
         sz = torch.stack([scales.float().t(), (mins.float() + 8 * scales.float()).t()], dim=-1)
-        self.register_buffer("scales_and_zeros", sz.to(KERNEL_DTYPE).contiguous())
+        self.register_buffer("scales_and_zeros", sz.to(dtype).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
 
     @classmethod
@@ -190,34 +162,31 @@ class Int4Linear(_Quantized):
         return cls(*quantize_int4(weight, group_size), group_size, bias, dtype or weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x, self.in_features), self.packed, self.group_size,
-                                                        self.scales_and_zeros)
-        return self._out(y, x, self.out_features)
+        x2 = _rows(x, self.in_features)
+        sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x2.dtype else self.scales_and_zeros.to(x2.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     project = forward
 
-    def values(self) -> torch.Tensor:
-        """The 4-bit values [N, K] (uint8), read through the kernel itself with scale 1 and zero 8 on an identity
-        matrix: every number involved is a small integer, exact in bf16."""
-        eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.packed.device)
-        unit = torch.empty_like(self.scales_and_zeros)
-        unit[..., 0], unit[..., 1] = 1, 8
-        q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, unit)
-        return q.t().round().to(torch.uint8).contiguous()
+    def dequantize(self) -> torch.Tensor:
+        eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.packed, self.group_size, self.scales_and_zeros.float()).t().contiguous()
 
     def _scales_mins(self):
         sz = self.scales_and_zeros.float()
         scales = sz[..., 0].t().contiguous()
         return scales, (sz[..., 1].t() - 8 * scales).contiguous()
 
-    def dequantize(self) -> torch.Tensor:
-        scales, mins = self._scales_mins()
-        q = self.values().float().reshape(self.out_features, -1, self.group_size)
-        return (q * scales[..., None] + mins[..., None]).reshape(self.out_features, self.in_features)
-
     def export(self) -> dict:
         scales, mins = self._scales_mins()
-        return {"qweight": pack_nibbles(self.values()), "scales": scales, "mins": mins}
+        g = self.group_size
+        w = self.dequantize().reshape(self.out_features, -1, g)
+        q = torch.round((w - mins[..., None]) / scales[..., None]).clamp(0, 15).reshape(self.out_features, -1)
+        return {"qweight": pack_nibbles(q), "scales": scales, "mins": mins}
 
     @classmethod
     def from_export(cls, t: dict, bias=None, dtype=torch.float32, group_size=DEFAULT_GROUP) -> "Int4Linear":
@@ -235,8 +204,7 @@ def from_q4_1(raw: np.ndarray, rows: int, cols: int, dtype=torch.float32, row_or
     q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(rows, cols)
     if row_order is not None:
         q, d, m = q[row_order], d[row_order], m[row_order]
-    d = d.to(KERNEL_DTYPE).float()  # the kernel's bf16 block scales (the 4-bit values stay exactly the file's)
-    return Int4Linear(q, d, _bf16_mins(m, d), 32, None, dtype)
+    return Int4Linear(q, d, m, 32, None, dtype)
 
 
 # ------------------------------------------------------------------------------------------------ model
