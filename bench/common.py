@@ -69,6 +69,7 @@ def machine() -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "transformers": version("transformers"), "llama_cpp_python": version("llama_cpp"),
         "vlmkit": version("vlmkit"), "os": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
@@ -78,6 +79,11 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """VmHWM: this process image's peak RSS. (Not ru_maxrss: Linux carries the parent's peak across fork + exec,
+    so every child would report the benchmark's own footprint.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

