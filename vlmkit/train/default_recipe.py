@@ -7,8 +7,8 @@ sequences short on a CPU. Stages:
   0. vision: the ViT alone learns the generator's scene labels (colour, shape, counts, position, word, chart)
      through small classification heads -- no language model in the loop, so it is fast;
   1. align: ViT + connector (+ LoRA on the decoder's q/v) learn to answer questions through the frozen LM; every
-     4th step is a batch of plain text questions with the base SmolLM2's own answers (distillation), so the LoRA
-     does not change how text questions are answered.
+     4th step is a batch of plain text questions with the base SmolLM2's own answers (distillation), meant to keep
+     the LoRA from changing how text questions are answered (measured: not enough on its own, see the model card).
 Both stages run in bf16 autocast where the hardware has bf16 matmuls (GPUs; CPUs with AMX / AVX512-BF16: about
 2x faster there), float32 otherwise; weights and optimizer state stay float32.
 """
