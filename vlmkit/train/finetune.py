@@ -18,7 +18,6 @@ and any accumulation give the same update. Files in `out`:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from ..data.collate import BatchPlan, Collator
 from ..data.readers import DataError, read_dataset
 from . import distributed as D
-from .loop import Progress, TrainConfig, atomic_save, enable_gradient_checkpointing, lr_at
+from .loop import Progress, TrainConfig, atomic_save, autocast, enable_gradient_checkpointing, lr_at
 from .stages import apply_stage, get_stage, part_of, stage_dict
 
 CHECKPOINT, METRICS, FINAL = "checkpoint.safetensors", "metrics.jsonl", "final"
@@ -89,19 +88,10 @@ def _say(ctx, log):
 
 
 def _precision(cfg: FinetuneConfig, device: torch.device):
-    """(autocast context, GradScaler or None). Weights and AdamW state stay float32 in every mode."""
-    mode = cfg.precision
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "fp32"
-    if mode == "fp32":
-        return contextlib.nullcontext, None
-    if mode not in ("bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {mode!r}")
-    if mode == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 needs a GPU; use bf16 on the CPU")
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if mode == "fp16" else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+    """(autocast context factory, GradScaler or None). Weights and AdamW state stay float32 in every mode."""
+    autocast(device, cfg.precision)  # validates the mode before any work
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    return (lambda: autocast(device, cfg.precision)), scaler
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:

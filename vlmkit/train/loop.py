@@ -31,7 +31,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     seed: int = 0
-    precision: str = "auto"  # "auto": bf16 autocast on a GPU, float32 on the CPU; or "bf16" / "fp32" everywhere
+    precision: str = "auto"  # see autocast(): auto (bf16 on a GPU, float32 on the CPU) | bf16 | fp32 | fp16
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -54,11 +54,17 @@ def cpu_has_native_bf16() -> bool:
 
 
 def autocast(device: torch.device, precision: str):
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The autocast context of a precision mode: "auto" = bf16 on a GPU, float32 on the CPU; "bf16"; "fp32";
+    "fp16" (GPUs only; the caller adds a GradScaler)."""
+    if precision not in ("auto", "bf16", "fp32", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 needs a GPU; use bf16 on the CPU")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def trainable(model: nn.Module) -> dict:

@@ -120,10 +120,8 @@ def _backward_weight(module: nn.Module) -> torch.Tensor:
     if not hasattr(module, "group_size"):
         return module.dequantize()
     if not hasattr(module, "_nibbles"):
-        from ..quantize import pack_nibbles
-
-        q = module.export()
-        module._nibbles, module._scales, module._mins = pack_nibbles(_unpack(q["qweight"])), q["scales"], q["mins"]
+        q = module.export()  # qweight: the 4-bit values already packed two per byte
+        module._nibbles, module._scales, module._mins = q["qweight"], q["scales"], q["mins"]
     q = _unpack(module._nibbles).float().reshape(module.out_features, -1, module.group_size)
     return (q * module._scales[..., None] + module._mins[..., None]).reshape(module.out_features, -1)
 
