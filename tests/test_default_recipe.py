@@ -30,6 +30,42 @@ def test_vision_stage_lowers_the_loss(fresh, tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
+def test_patch_labels_mark_each_object_and_text_where_it_is():
+    from vlmkit.data.synthetic import COLORS, SHAPES
+
+    gen = SyntheticGenerator(0)
+    sample = gen.qa_sample(4, category="counting")
+    scene = sample.meta["scenes"][0]
+    labels = recipe.patch_labels(sample)
+    grid = recipe.PATCH_GRID
+    assert all(v.shape == (grid * grid,) for v in labels.values())
+    for o in scene["objects"]:
+        at = int(o["y"] / scene["height"] * grid) * grid + int(o["x"] / scene["width"] * grid)
+        assert labels["patch_color"][at] == COLORS.index(o["color"])
+        assert labels["patch_shape"][at] == SHAPES.index(o["shape"])
+        assert labels["patch_center"][at] == 1
+    assert labels["patch_center"].sum() == len(scene["objects"])
+    assert (labels["patch_shape"] == len(SHAPES)).sum() > grid * grid // 2  # most of the image is background
+    text = gen.qa_sample(3, category="text")
+    t_labels, t = recipe.patch_labels(text), text.meta["scenes"][0]["texts"][0]
+    assert (t_labels["patch_color"] == COLORS.index(t["color"])).any()
+    assert (t_labels["patch_shape"] == len(SHAPES)).all() and t_labels["patch_center"].sum() == 0
+
+
+def test_frozen_decoder_language_stage_trains_only_vision_and_connector(tmp_path):
+    model, processor = recipe.prepare_folder(tmp_path, lora=None)
+    before = {k: v.clone() for k, v in model.text.state_dict().items()}
+    vision_before = model.vision.patch_embed.weight.clone()
+    connector_before = model.connector.proj.weight.clone()
+    losses = recipe.train_language(model, processor, tmp_path, steps=2, batch_size=2, lora=None)
+    assert len(losses) == 2 and not (tmp_path / "distill.json").exists()
+    assert not any(".lora_" in n for n, _ in model.named_parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.text.state_dict().items())
+    assert not torch.equal(connector_before, model.connector.proj.weight)
+    assert not torch.equal(vision_before, model.vision.patch_embed.weight)
+    assert (tmp_path / "stage1-language.ckpt").is_file()
+
+
 def test_language_stage_lowers_the_loss_and_resumes(fresh, tmp_path):
     folder, model, processor = fresh
     gen = SyntheticGenerator(3)
