@@ -6,8 +6,9 @@ pixel shuffle + one Linear is the cheapest connector that keeps the 2D layout (1
 sequences short on a CPU. Stages:
   0. vision: the ViT alone learns the generator's labels through small heads -- no language model in the loop, so
      it is fast. Scene-level heads (counts, biggest object, word, chart) and per-patch heads (the colour and shape
-     of the object under each patch, and where objects' centres are): the per-patch ones make every token say
-     which object is where, the binding that questions like "what colour is the star?" need;
+     of the object under each patch, and where objects' centres are), meant to make every token say which object
+     is where, the binding that "what colour is the star?" needs (measured: colours learnt, shapes not; the shape
+     signal is starved by the many easy scene terms, see the model card and bench/default_shape_probe.py);
   1. align: ViT + connector + LoRA on the decoder's q/v learn to answer questions through the frozen SmolLM2;
      every 4th step is a batch of plain text questions with the base SmolLM2's own answers (distillation, meant to
      keep the LoRA from changing how text questions are answered; measured not enough, see the model card).
