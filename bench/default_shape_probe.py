@@ -24,9 +24,8 @@ CATEGORIES = ("shape", "counting", "color")  # shapes scenes only
 
 
 def batch(processor, gen, first: int, n: int):
-    samples = [gen.qa_sample(first + j) for j in range(n)]
-    labels = torch.stack([recipe.patch_labels(s)["patch_shape"] for s in samples])
-    return recipe.pixels(processor, [s.images[0] for s in samples]), labels
+    b = recipe.vision_batch(processor, [gen.qa_sample(first + j) for j in range(n)])
+    return b["pixel_values"], b["patch_labels"]["patch_shape"]
 
 
 def main() -> None:
@@ -43,7 +42,7 @@ def main() -> None:
     background = len(SHAPES)
     weight = torch.ones(len(SHAPES) + 1)
     weight[background] = 0.1  # most patches are background
-    precision = "bf16" if recipe.precision() == "bf16" else "fp32"
+    precision = recipe.precision()
     test_pixels, test_labels = batch(processor, SyntheticGenerator(BENCHMARK_SEED, categories=CATEGORIES), 0, 128)
     gen = SyntheticGenerator(0, categories=CATEGORIES)
     print("| images | seconds | loss | held-out accuracy on object patches % |\n|---:|---:|---:|---:|")

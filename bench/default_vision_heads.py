@@ -11,11 +11,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
 from vlmkit.data.synthetic import BENCHMARK_SEED, SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
 from vlmkit.train import default_recipe as recipe
+from vlmkit.train.loop import load_checkpoint
 
 
 def main() -> None:
@@ -24,11 +23,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     args = ap.parse_args()
     model, processor = recipe.prepare_folder(Path(tempfile.mkdtemp()))
-    heads = recipe.VisionHeads(recipe.VISION.hidden_size * recipe.SHUFFLE**2, recipe.TOKENS_PER_IMAGE,
-                               recipe.vision_classes(), recipe.VISION.hidden_size, recipe.patch_classes())
-    stage0 = nn.ModuleDict({"vision": model.vision, "heads": heads})
-    ckpt = load_file(str(args.run / "stage0-vision.ckpt"))
-    stage0.load_state_dict({k[len("param/"):]: v for k, v in ckpt.items() if k.startswith("param/")})
+    stage0 = recipe.vision_stage(model)
+    load_checkpoint(args.run / "stage0-vision.ckpt", stage0)
     stage0.eval()
     gen = SyntheticGenerator(BENCHMARK_SEED, categories=SINGLE_IMAGE_CATEGORIES, stage=2)
     right, total = {}, {}
@@ -38,16 +34,15 @@ def main() -> None:
 
     with torch.no_grad():
         for start in range(0, args.images, 32):
-            samples = [gen.qa_sample(start + j) for j in range(min(32, args.images - start))]
-            scene, patch = stage0["heads"](stage0["vision"](recipe.pixels(processor, [s.images[0] for s in samples])))
-            labels = [recipe.vision_labels(s) for s in samples]
+            batch = recipe.vision_batch(processor, [gen.qa_sample(start + j)
+                                                    for j in range(min(32, args.images - start))])
+            scene, patch = stage0["heads"](stage0["vision"](batch["pixel_values"]))
             for key, logits in scene.items():
-                y = torch.tensor([lab.get(key, -1) for lab in labels])
+                y = batch["labels"][key]
                 known = y >= 0
                 count(key, (logits.argmax(-1)[known] == y[known]).sum(), known.sum())
-            dense = [recipe.patch_labels(s) for s in samples]
             for key, logits in patch.items():
-                y = torch.stack([d[key] for d in dense])
+                y = batch["patch_labels"][key]
                 on_object = y == 1 if key == "patch_center" else y != logits.shape[-1] - 1  # last class = none
                 count(f"{key} (object patches)", (logits.argmax(-1)[on_object] == y[on_object]).sum(), on_object.sum())
     print("| head | accuracy % | n |\n|---|---:|---:|")

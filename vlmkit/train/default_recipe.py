@@ -198,23 +198,29 @@ def precision() -> str:
     return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
 
 
+def vision_stage(model: VLMModel) -> nn.ModuleDict:
+    """Stage 0's trainable module: the model's ViT and fresh heads."""
+    heads = VisionHeads(VISION.hidden_size * SHUFFLE**2, TOKENS_PER_IMAGE, vision_classes(), VISION.hidden_size,
+                        patch_classes())
+    return nn.ModuleDict({"vision": model.vision, "heads": heads.to(model.device)})
+
+
+def vision_batch(processor, samples: list) -> dict:
+    """Stage 0's inputs and targets: first images, scene labels (-1: not applicable), per-patch labels."""
+    labels = [vision_labels(s) for s in samples]
+    dense = [patch_labels(s) for s in samples]
+    return {"pixel_values": pixels(processor, [s.images[0] for s in samples]),
+            "labels": {k: torch.tensor([lab.get(k, -1) for lab in labels]) for k in vision_classes()},
+            "patch_labels": {k: torch.stack([d[k] for d in dense]) for k in patch_classes()}}
+
+
 def train_vision(model: VLMModel, processor, out: Path, steps: int, batch_size: int, seed: int = 0) -> list:
     from ..data.synthetic import SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
 
     gen = SyntheticGenerator(seed, categories=SINGLE_IMAGE_CATEGORIES, stage=2)
-    classes = vision_classes()
-    heads = VisionHeads(VISION.hidden_size * SHUFFLE**2, TOKENS_PER_IMAGE, classes, VISION.hidden_size,
-                        patch_classes())
-    wrapper = nn.ModuleDict({"vision": model.vision, "heads": heads.to(model.device)})
 
     def make_batch(step):
-        samples = [gen.qa_sample(step * batch_size + j) for j in range(batch_size)]
-        labels = [vision_labels(s) for s in samples]
-        target = {k: torch.tensor([lab.get(k, -1) for lab in labels]) for k in classes}
-        dense = [patch_labels(s) for s in samples]
-        patch_target = {k: torch.stack([d[k] for d in dense]) for k in patch_classes()}
-        return {"pixel_values": pixels(processor, [s.images[0] for s in samples]), "labels": target,
-                "patch_labels": patch_target}
+        return vision_batch(processor, [gen.qa_sample(step * batch_size + j) for j in range(batch_size)])
 
     def loss_fn(m, batch):
         scene_logits, patch_logits = m["heads"](m["vision"](batch["pixel_values"]))
@@ -225,7 +231,7 @@ def train_vision(model: VLMModel, processor, out: Path, steps: int, batch_size: 
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=2e-3, warmup=0.05, weight_decay=0.05,
                       log_every=10, ckpt_every=50, seed=seed, precision=precision())
-    return run(wrapper, make_batch, loss_fn, cfg, ckpt_path=out / "stage0-vision.ckpt", label="vision")
+    return run(vision_stage(model), make_batch, loss_fn, cfg, ckpt_path=out / "stage0-vision.ckpt", label="vision")
 
 
 def answer_batch(processor, samples: list) -> dict:

@@ -101,7 +101,9 @@ def atomic_save(path: Path, tensors: dict, metadata: dict) -> None:
             os.unlink(tmp)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None
+                    ) -> tuple[int, dict]:
+    """Trainable weights (and, given an optimizer, its AdamW moments) from `save_checkpoint`'s file."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
@@ -114,7 +116,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param/{n}"])
-            if f"exp_avg/{n}" in tensors:
+            if optimizer is not None and f"exp_avg/{n}" in tensors:
                 optimizer.state[p] = {
                     "step": tensors[f"opt_step/{n}"].reshape(()),
                     "exp_avg": tensors[f"exp_avg/{n}"].to(p.dtype),
