@@ -1,5 +1,6 @@
 """How well did the default recipe's vision stage learn? Held-out accuracy of its stage-0 heads (scene-level heads,
-and per-patch heads on the patches that lie on an object), from a run folder's `stage0-vision.ckpt`.
+and per-patch heads on the patches that lie on an object), from a run folder's `stage0-vision.ckpt`, and of stage
+0a's shape head from `stage0-shapes.ckpt` (whichever exist).
 
     python bench/default_vision_heads.py runs/default [--images 512]
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.data.synthetic import BENCHMARK_SEED, SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
+from vlmkit.data.synthetic import BENCHMARK_SEED, SHAPES, SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
 from vlmkit.train import default_recipe as recipe
 from vlmkit.train.loop import load_checkpoint
 
@@ -23,28 +24,41 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     args = ap.parse_args()
     model, processor = recipe.prepare_folder(Path(tempfile.mkdtemp()))
-    stage0 = recipe.vision_stage(model)
-    load_checkpoint(args.run / "stage0-vision.ckpt", stage0)
-    stage0.eval()
-    gen = SyntheticGenerator(BENCHMARK_SEED, categories=SINGLE_IMAGE_CATEGORIES, stage=2)
     right, total = {}, {}
 
     def count(key, hits, n):
         right[key], total[key] = right.get(key, 0) + int(hits), total.get(key, 0) + int(n)
 
-    with torch.no_grad():
+    def batches(categories, make):
+        gen = SyntheticGenerator(BENCHMARK_SEED, categories=categories, stage=2)
         for start in range(0, args.images, 32):
-            batch = recipe.vision_batch(processor, [gen.qa_sample(start + j)
-                                                    for j in range(min(32, args.images - start))])
-            scene, patch = stage0["heads"](stage0["vision"](batch["pixel_values"]))
-            for key, logits in scene.items():
-                y = batch["labels"][key]
-                known = y >= 0
-                count(key, (logits.argmax(-1)[known] == y[known]).sum(), known.sum())
-            for key, logits in patch.items():
-                y = batch["patch_labels"][key]
-                on_object = y == 1 if key == "patch_center" else y != logits.shape[-1] - 1  # last class = none
-                count(f"{key} (object patches)", (logits.argmax(-1)[on_object] == y[on_object]).sum(), on_object.sum())
+            yield make(processor, [gen.qa_sample(start + j) for j in range(min(32, args.images - start))])
+
+    with torch.no_grad():
+        if (args.run / "stage0-shapes.ckpt").is_file():
+            shapes = recipe.shape_stage(model)
+            load_checkpoint(args.run / "stage0-shapes.ckpt", shapes)
+            shapes.eval()
+            for batch in batches(recipe.SHAPE_CATEGORIES, recipe.shape_batch):
+                pred = shapes["shape_head"](shapes["vision"](batch["pixel_values"])).argmax(-1)
+                y = batch["patch_shape"]
+                on_object = y != len(SHAPES)
+                count("stage 0a patch_shape (object patches)", (pred[on_object] == y[on_object]).sum(), on_object.sum())
+        if (args.run / "stage0-vision.ckpt").is_file():
+            stage0 = recipe.vision_stage(model)
+            load_checkpoint(args.run / "stage0-vision.ckpt", stage0)
+            stage0.eval()
+            for batch in batches(SINGLE_IMAGE_CATEGORIES, recipe.vision_batch):
+                scene, patch = stage0["heads"](stage0["vision"](batch["pixel_values"]))
+                for key, logits in scene.items():
+                    y = batch["labels"][key]
+                    known = y >= 0
+                    count(key, (logits.argmax(-1)[known] == y[known]).sum(), known.sum())
+                for key, logits in patch.items():
+                    y = batch["patch_labels"][key]
+                    on_object = y == 1 if key == "patch_center" else y != logits.shape[-1] - 1  # last class = none
+                    count(f"{key} (object patches)", (logits.argmax(-1)[on_object] == y[on_object]).sum(),
+                          on_object.sum())
     print("| head | accuracy % | n |\n|---|---:|---:|")
     for key in sorted(total):
         if total[key]:

@@ -30,6 +30,15 @@ def test_vision_stage_lowers_the_loss(fresh, tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
+def test_shape_stage_lowers_the_loss_and_trains_the_models_vit(fresh, tmp_path):
+    folder, model, processor = fresh
+    before = model.vision.patch_embed.weight.clone()
+    losses = recipe.train_shapes(model, processor, tmp_path, steps=12, batch_size=8)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert not torch.equal(model.vision.patch_embed.weight, before)
+    assert (tmp_path / "stage0-shapes.ckpt").is_file()
+
+
 def test_patch_labels_mark_each_object_and_text_where_it_is():
     from vlmkit.data.synthetic import COLORS, SHAPES
 

@@ -373,10 +373,12 @@ def cmd_info(args) -> int:
                   "default model (--recipe default)",
          arg("--recipe", choices=["default"], default=None,
              help="'default' reproduces the embedded default model (the other flags below do not apply to it "
-                  "except --out, --batch-size, --vision-steps, --language-steps, --ship)"),
+                  "except --out, --batch-size, --shape-steps, --vision-steps, --language-steps, --ship)"),
          arg("--out", default=None, metavar="DIR",
              help="working folder: checkpoint, metrics.jsonl, final/ (resumable; default runs/default for "
                   "--recipe default, runs/finetune otherwise)"),
+         arg("--shape-steps", type=int, default=600,
+             help="--recipe default: steps of the first vision-only stage (shapes alone; 0 skips it)"),
          arg("--vision-steps", type=int, default=400, help="--recipe default: steps of the vision-only stage"),
          arg("--language-steps", type=int, default=800, help="--recipe default: steps of the language stage"),
          arg("--batch-size", type=_positive_int, default=None,
@@ -434,7 +436,7 @@ def cmd_train(args) -> int:
         from .train.default_recipe import train_default
 
         train_default(Path(args.out or "runs/default"), args.vision_steps, args.language_steps,
-                      args.batch_size or 16, Path(args.ship) if args.ship else None)
+                      args.batch_size or 16, Path(args.ship) if args.ship else None, shape_steps=args.shape_steps)
         return 0
     if not args.model or not args.data:
         raise CLIError("give --model FOLDER and --data FILE to fine-tune (or --recipe default)")
