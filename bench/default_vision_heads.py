@@ -3,6 +3,7 @@ and per-patch heads on the patches that lie on an object), from a run folder's `
 0a's shape head from `stage0-shapes.ckpt` (whichever exist).
 
     python bench/default_vision_heads.py runs/default [--images 512]
+    python bench/default_vision_heads.py runs/default --image examples/shapes.png   # what stage 0b sees, per patch
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from vlmkit.data.synthetic import BENCHMARK_SEED, SHAPES, SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
+from vlmkit.data.synthetic import BENCHMARK_SEED, COLORS, SHAPES, SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
 from vlmkit.train import default_recipe as recipe
 from vlmkit.train.loop import load_checkpoint
 
@@ -22,8 +24,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a `vlmkit train --recipe default --out` folder")
     ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--image", type=Path, help="instead: print the per-patch shape / colour heads' map of this image")
     args = ap.parse_args()
     model, processor = recipe.prepare_folder(Path(tempfile.mkdtemp()))
+    if args.image:
+        return patch_map(model, processor, args.run, args.image)
     right, total = {}, {}
 
     def count(key, hits, n):
@@ -63,6 +68,20 @@ def main() -> None:
     for key in sorted(total):
         if total[key]:
             print(f"| {key} | {100 * right[key] / total[key]:.1f} | {total[key]} |")
+
+
+@torch.no_grad()
+def patch_map(model, processor, run: Path, image: Path) -> None:
+    stage0 = recipe.vision_stage(model)
+    load_checkpoint(run / "stage0-vision.ckpt", stage0)
+    stage0.eval()
+    _, patch = stage0["heads"](stage0["vision"](recipe.pixels(processor, [Image.open(image).convert("RGB")])))
+    grid = recipe.PATCH_GRID
+    shapes, colors = (patch[k][0].argmax(-1).view(grid, grid) for k in ("patch_shape", "patch_color"))
+    for row in range(grid):
+        cells = [f"{(SHAPES + ('',))[shapes[row, col]][:4]}/{(COLORS + ('',))[colors[row, col]][:3]}"
+                 for col in range(grid)]
+        print(" ".join(c.ljust(8) if c != "/" else ".".ljust(8) for c in cells))
 
 
 if __name__ == "__main__":
