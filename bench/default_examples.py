@@ -1,5 +1,5 @@
 """Ask a model the example questions of `examples/README.md` (its table: image, question, expected answer) and
-print what it answers; exact match after lowercasing and dropping a final full stop.
+print what it answers, scored by the benchmark's exact match (`vlmkit.eval.metrics.exact_match`).
 
     python bench/default_examples.py [MODEL]   # default: the shipped default model
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 import vlmkit
+from vlmkit.eval.metrics import exact_match
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -40,7 +41,7 @@ def main() -> None:
     for image, question, expected in rows:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         answer = model.generate(messages, images=[Image.open(EXAMPLES / image)], max_new_tokens=12).strip()
-        ok = answer.lower().rstrip(".") == expected
+        ok = bool(exact_match(answer, expected))
         right += ok
         print(f"| {image} | {question} | {answer} | {expected} | {'right' if ok else 'wrong'} |")
     print(f"\n{right}/{len(rows)} right")
