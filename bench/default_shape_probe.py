@@ -17,6 +17,7 @@ import torch
 
 from vlmkit.data.synthetic import BENCHMARK_SEED, SHAPES, SyntheticGenerator
 from vlmkit.train import default_recipe as recipe
+from vlmkit.train import vision_stages as stages0
 from vlmkit.train.loop import autocast
 
 
@@ -28,19 +29,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     model, processor = recipe.prepare_folder(Path(tempfile.mkdtemp()))
-    stage = recipe.shape_stage(model)
+    stage = stages0.shape_stage(model)
     opt = torch.optim.AdamW(stage.parameters(), lr=args.lr, weight_decay=0.05)
     precision = recipe.precision()
     test_gen = SyntheticGenerator(BENCHMARK_SEED, categories=recipe.SHAPE_CATEGORIES)
-    test = recipe.shape_batch(processor, [test_gen.qa_sample(i) for i in range(128)])
+    test = stages0.shape_batch(processor, [test_gen.qa_sample(i) for i in range(128)])
     gen = SyntheticGenerator(0, categories=recipe.SHAPE_CATEGORIES)
     print("| images | seconds | loss | held-out accuracy on object patches % |\n|---:|---:|---:|---:|")
     start, step = time.time(), 0
     while time.time() - start < args.minutes * 60:
-        batch = recipe.shape_batch(processor, [gen.qa_sample(step * args.batch_size + j)
+        batch = stages0.shape_batch(processor, [gen.qa_sample(step * args.batch_size + j)
                                                for j in range(args.batch_size)])
         with autocast(torch.device("cpu"), precision):
-            loss = recipe.shape_loss(stage, batch)
+            loss = stages0.shape_loss(stage, batch)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(stage.parameters(), 1.0)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from vlmkit.data.synthetic import BENCHMARK_SEED, COLORS, SHAPES, SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
 from vlmkit.train import default_recipe as recipe
+from vlmkit.train import vision_stages as stages0
 from vlmkit.train.loop import load_checkpoint
 
 
@@ -41,19 +42,19 @@ def main() -> None:
 
     with torch.no_grad():
         if (args.run / "stage0-shapes.ckpt").is_file():
-            shapes = recipe.shape_stage(model)
+            shapes = stages0.shape_stage(model)
             load_checkpoint(args.run / "stage0-shapes.ckpt", shapes)
             shapes.eval()
-            for batch in batches(recipe.SHAPE_CATEGORIES, recipe.shape_batch):
+            for batch in batches(recipe.SHAPE_CATEGORIES, stages0.shape_batch):
                 pred = shapes["shape_head"](shapes["vision"](batch["pixel_values"])).argmax(-1)
                 y = batch["patch_shape"]
                 on_object = y != len(SHAPES)
                 count("stage 0a patch_shape (object patches)", (pred[on_object] == y[on_object]).sum(), on_object.sum())
         if (args.run / "stage0-vision.ckpt").is_file():
-            stage0 = recipe.vision_stage(model)
+            stage0 = stages0.vision_stage(model)
             load_checkpoint(args.run / "stage0-vision.ckpt", stage0)
             stage0.eval()
-            for batch in batches(SINGLE_IMAGE_CATEGORIES, recipe.vision_batch):
+            for batch in batches(SINGLE_IMAGE_CATEGORIES, stages0.vision_batch):
                 scene, patch = stage0["heads"](stage0["vision"](batch["pixel_values"]))
                 for key, logits in scene.items():
                     y = batch["labels"][key]
@@ -72,7 +73,7 @@ def main() -> None:
 
 @torch.no_grad()
 def patch_map(model, processor, run: Path, image: Path) -> None:
-    stage0 = recipe.vision_stage(model)
+    stage0 = stages0.vision_stage(model)
     load_checkpoint(run / "stage0-vision.ckpt", stage0)
     stage0.eval()
     _, patch = stage0["heads"](stage0["vision"](recipe.pixels(processor, [Image.open(image).convert("RGB")])))

