@@ -161,6 +161,7 @@ def test_distillation_questions_are_fixed_and_disjoint_from_the_held_out_ones():
 
 
 def test_word_targets_put_each_objects_words_in_its_cell(fresh):
+    from vlmkit.data.synthetic import COLORS, SHAPES
     from vlmkit.train.word_targets import EMPTY_SCALE, EMPTY_WORD, WordTargets
 
     folder, model, processor = fresh
@@ -179,15 +180,24 @@ def test_word_targets_put_each_objects_words_in_its_cell(fresh):
     assert torch.allclose(t[15], word("blue") + word("star"))
     assert torch.allclose(t[5], EMPTY_SCALE * word(EMPTY_WORD))
     assert w[0] == w[15] > w[5]
+    labels = targets.classes(scene)
+    assert labels[:, 15].tolist() == [COLORS.index("blue"), SHAPES.index("star")] and (labels[:, 5] == -1).all()
     scene["objects"].append({"x": 20, "y": 5, "color": "green", "shape": "heart"})  # same cell as the circle
     assert torch.allclose(targets(scene)[0][0], word("red") + word("circle") + word("green") + word("heart"))
+    assert (targets.classes(scene)[:, 0] == -1).all()  # a shared cell has no single answer
+    # The classification term is low when each token is its object's words, high when the words are swapped.
+    right = targets(scene)[0][None]
+    swapped = right.clone()
+    swapped[0, 15] = word("green") + word("heart")
+    lab = targets.classes(scene)[None]
+    assert targets.class_loss(right, lab) < targets.class_loss(swapped, lab)
 
 
 def test_word_stage_lowers_the_loss_and_checkpoints(tmp_path):
     from vlmkit.train.word_targets import train_words
 
     model, processor = recipe.prepare_folder(tmp_path, lora=None)
-    losses = train_words(model, processor, tmp_path, steps=12, batch_size=8)
+    losses = train_words(model, processor, tmp_path, steps=12, batch_size=8, class_weight=1.0)
     assert torch.count_nonzero(model.connector.proj.weight) > 0  # it starts from zero tokens
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert (tmp_path / "stage0-words.ckpt").is_file()

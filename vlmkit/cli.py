@@ -373,7 +373,8 @@ def cmd_info(args) -> int:
                   "default model (--recipe default)",
          arg("--recipe", choices=["default"], default=None,
              help="'default' reproduces the embedded default model (the other flags below do not apply to it "
-                  "except --out, --batch-size, --shape-steps, --vision-steps, --word-steps, --init-vision, "
+                  "except --out, --batch-size, --shape-steps, --vision-steps, --word-steps, --word-class-weight, "
+                  "--init-vision, "
                   "--language-steps, --ship)"),
          arg("--out", default=None, metavar="DIR",
              help="working folder: checkpoint, metrics.jsonl, final/ (resumable; default runs/default for "
@@ -383,6 +384,9 @@ def cmd_info(args) -> int:
          arg("--vision-steps", type=int, default=400, help="--recipe default: steps of the vision-only stage"),
          arg("--word-steps", type=int, default=300,
              help="--recipe default: steps of stage 0c, image tokens taught to be word-like (0 skips it)"),
+         arg("--word-class-weight", type=float, default=0.0,
+             help="--recipe default: weight of stage 0c's closest-word classification term (v5: 0; 1 measured "
+                  "better tokens after v5, see the model card)"),
          arg("--init-vision", default=None, metavar="DIR",
              help="--recipe default: take the ViT of this adapter folder (an earlier default model) instead of "
                   "training it in the shape and vision stages"),
@@ -443,7 +447,8 @@ def cmd_train(args) -> int:
 
         train_default(Path(args.out or "runs/default"), args.vision_steps, args.language_steps,
                       args.batch_size or 16, Path(args.ship) if args.ship else None, shape_steps=args.shape_steps,
-                      word_steps=args.word_steps, init_vision=Path(args.init_vision) if args.init_vision else None)
+                      word_steps=args.word_steps, init_vision=Path(args.init_vision) if args.init_vision else None,
+                      word_class_weight=args.word_class_weight)
         return 0
     if not args.model or not args.data:
         raise CLIError("give --model FOLDER and --data FILE to fine-tune (or --recipe default)")

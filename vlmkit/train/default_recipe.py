@@ -288,7 +288,7 @@ def load_vision(model: VLMModel, folder: Path) -> None:
 
 def train_default(out: Path, vision_steps: int, language_steps: int, batch_size: int = 16,
                   ship_to: Path | None = None, lora: dict | None = LORA, shape_steps: int = 0,
-                  word_steps: int = 0, init_vision: Path | None = None) -> None:
+                  word_steps: int = 0, init_vision: Path | None = None, word_class_weight: float = 0.0) -> None:
     from .vision_stages import train_shapes, train_vision
     from .word_targets import train_words
 
@@ -303,6 +303,6 @@ def train_default(out: Path, vision_steps: int, language_steps: int, batch_size:
             train_shapes(model, processor, out, shape_steps, batch_size * 2)
         train_vision(model, processor, out, vision_steps, batch_size * 2)
     if word_steps:
-        train_words(model, processor, out, word_steps, batch_size * 2)
+        train_words(model, processor, out, word_steps, batch_size * 2, class_weight=word_class_weight)
     train_language(model, processor, out, language_steps, batch_size, lora=lora, words=bool(word_steps))
     export_adapter(model, out, ship_to or out)

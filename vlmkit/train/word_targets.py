@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .loop import TrainConfig, run
@@ -59,6 +60,33 @@ class WordTargets:
         weights = torch.where(filled, OBJECT_WEIGHT, EMPTY_WEIGHT)
         return targets, weights
 
+    def classes(self, scene: dict) -> torch.Tensor:
+        """[2, grid^2] colour and shape ids of the object in each cell that holds exactly one (-1 elsewhere)."""
+        from ..data.synthetic import COLORS, SHAPES
+
+        labels = torch.full((2, self.grid**2), -1, dtype=torch.long)
+        objects = scene.get("objects") or []
+        cells = [self.cell(o["x"], o["y"], scene) for o in objects]
+        for o, i in zip(objects, cells):
+            if cells.count(i) == 1:
+                labels[0, i], labels[1, i] = COLORS.index(o["color"]), SHAPES.index(o["shape"])
+        return labels
+
+    def class_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each token's dot products with the colour words' and the shape words' embeddings: the
+        closest colour and shape word should be the object's. The squared error alone left the shape word right in
+        only ~40 % of object cells (a small part of the summed target); with this term, 92 %."""
+        from ..data.synthetic import COLORS, SHAPES
+
+        feats = features.float().flatten(0, 1)
+        terms = []
+        for k, vocab in enumerate((COLORS, SHAPES)):
+            emb = torch.stack([self.word(w) for w in vocab]).to(feats.device)
+            y = labels[:, k].flatten()
+            if (y >= 0).any():
+                terms.append(F.cross_entropy(feats @ emb.T, y, ignore_index=-1))
+        return torch.stack(terms).mean() if terms else feats.sum() * 0
+
 
 def word_loss(features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean squared error per token, divided by the targets' (unweighted) mean square, so its scale does
@@ -72,13 +100,18 @@ def word_batch(processor, targets: WordTargets, samples: list) -> dict:
 
     images = [im for s in samples for im in s.images]
     pairs = [targets(scene) for s in samples for scene in s.meta["scenes"]]
+    scenes = [scene for s in samples for scene in s.meta["scenes"]]
     return {"pixel_values": pixels(processor, images), "word_targets": torch.stack([p[0] for p in pairs]),
-            "word_weights": torch.stack([p[1] for p in pairs])}
+            "word_weights": torch.stack([p[1] for p in pairs]),
+            "word_classes": torch.stack([targets.classes(scene) for scene in scenes])}
 
 
-def train_words(model, processor, out: Path, steps: int, batch_size: int, seed: int = 3, lr: float = 5e-4) -> list:
+def train_words(model, processor, out: Path, steps: int, batch_size: int, seed: int = 3, lr: float = 5e-4,
+                class_weight: float = 0.0) -> list:
     """Stage 0c: ViT + connector regress the word targets of every image, on the single-image and two-image
-    categories (charts and text included: their cells are mostly empty, text cells say the text's colour)."""
+    categories (charts and text included: their cells are mostly empty, text cells say the text's colour).
+    `class_weight` > 0 adds `WordTargets.class_loss` (v5 shipped without it; measured after v5: 300 more steps at
+    weight 1 (lr 3e-4) took the shape word from 40 % to 92 % of object cells, the colour word from 83 % to 99 %)."""
     from ..data.synthetic import CATEGORIES, SyntheticGenerator
     from .default_recipe import TOKENS_PER_IMAGE, precision
 
@@ -94,7 +127,10 @@ def train_words(model, processor, out: Path, steps: int, batch_size: int, seed: 
 
     def loss_fn(m, batch):
         feats = model.encode_images(batch["pixel_values"])  # m's modules, through the model's own path
-        return word_loss(feats, batch["word_targets"], batch["word_weights"])
+        loss = word_loss(feats, batch["word_targets"], batch["word_weights"])
+        if class_weight:
+            loss = loss + class_weight * targets.class_loss(feats, batch["word_classes"])
+        return loss
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0.03, weight_decay=0.01, log_every=10,
                       ckpt_every=50, seed=seed, precision=precision())
