@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.data.synthetic import SyntheticGenerator, benchmark_set
+from vlmkit.eval.metrics import exact_match
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.train import default_recipe as recipe
 from vlmkit.train.lora import add_lora
@@ -36,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     model, processor = recipe.prepare_folder(Path(tempfile.mkdtemp()), lora=None)
     tok = processor.tokenizer
-    words = WordTargets(model.text.embed_tokens.weight, tok, int(recipe.TOKENS_PER_IMAGE**0.5))
+    words = WordTargets.of(model, processor)
 
     def oracle(batch, samples):  # ground-truth tokens in place of the ViT's
         batch.pop("pixel_values"), batch.pop("pixel_attention_mask", None)
@@ -65,7 +66,7 @@ def main() -> None:
             batch = oracle(processor(prompts, [list(s.images) for s in chunk], add_generation_prompt=False), chunk)
             answers = generate(model, tok, batch, GenerationConfig(max_new_tokens=6, eos_token_ids=tok.eos_token_ids))
             for s, a in zip(chunk, answers):
-                right.setdefault(s.category, []).append(a.strip().lower().rstrip(".") == s.answer.lower())
+                right.setdefault(s.category, []).append(exact_match(a, s.answer))
     print("| category | items | right |\n|---|---:|---:|")
     for k, v in right.items():
         print(f"| {k} | {len(v)} | {100 * sum(v) / len(v):.1f} % |")

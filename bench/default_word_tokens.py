@@ -44,10 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     model, processor = load(args.source)
     model.eval()
-    grid = int(recipe.TOKENS_PER_IMAGE**0.5)
-    words = WordTargets(model.text.embed_tokens.weight, processor.tokenizer, grid)
-    colors = torch.stack([words.word(c) for c in COLORS])
-    shapes = torch.stack([words.word(s) for s in SHAPES])
+    words = WordTargets.of(model, processor)
+    grid, colors, shapes = words.grid, words.vocab(COLORS), words.vocab(SHAPES)
     empty = EMPTY_SCALE * words.word(EMPTY_WORD)
 
     def describe(tokens):
@@ -69,18 +67,16 @@ def main() -> None:
         for sample, tokens in zip(samples, feats):
             scene = sample.meta["scenes"][0]
             c, s, d = describe(tokens)
-            cells = [words.cell(o["x"], o["y"], scene) for o in scene["objects"]]
-            target, _ = words(scene)
-            d_obj = (tokens - target).norm(dim=-1)
+            occupied = {words.cell(o["x"], o["y"], scene) for o in scene["objects"]}
+            labels = words.classes(scene)  # colour and shape ids of the cells that hold exactly one object
+            d_obj = (tokens - words(scene)[0]).norm(dim=-1)
             for i in range(grid * grid):
-                n = cells.count(i)
-                if n == 0:
+                if i not in occupied:
                     hits["empty stays empty"][0] += int(d[i] < (tokens[i] - colors.mean(0) - shapes.mean(0)).norm())
                     hits["empty stays empty"][1] += 1
-                elif n == 1:
-                    o = scene["objects"][cells.index(i)]
-                    hits["colour"][0] += int(COLORS[c[i]] == o["color"])
-                    hits["shape"][0] += int(SHAPES[s[i]] == o["shape"])
+                elif labels[0, i] >= 0:
+                    hits["colour"][0] += int(c[i] == labels[0, i])
+                    hits["shape"][0] += int(s[i] == labels[1, i])
                     hits["object not empty"][0] += int(d_obj[i] < d[i])
                     for k in ("colour", "shape", "object not empty"):
                         hits[k][1] += 1

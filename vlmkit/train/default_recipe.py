@@ -161,9 +161,7 @@ def answer_batch(processor, samples: list, words=None) -> dict:
     batch["logits_to_keep"] = keep
     scenes = [scene for s in samples for scene in s.meta.get("scenes", [])]
     if words is not None and scenes:
-        pairs = [words(scene) for scene in scenes]
-        batch["word_targets"] = torch.stack([p[0] for p in pairs])
-        batch["word_weights"] = torch.stack([p[1] for p in pairs])
+        batch.update(words.batch(scenes))
     return batch
 
 
@@ -171,7 +169,7 @@ def answer_loss(model: VLMModel, batch: dict) -> torch.Tensor:
     from .word_targets import word_loss
 
     inputs = {k: v for k, v in batch.items()
-              if k not in ("answer_labels", "word_targets", "word_weights") and not isinstance(v, list)}
+              if k != "answer_labels" and not k.startswith("word_") and not isinstance(v, list)}
     aux = 0.0
     if "word_targets" in batch:
         inputs["image_features"] = model.image_features(inputs.pop("pixel_values"),
@@ -234,7 +232,7 @@ def train_language(model: VLMModel, processor, out: Path, steps: int, batch_size
     distill = distillation_set(model, processor, out) if lora else []
     targets = None
     if words:  # the connector already writes word-like tokens (stage 0c): keep them so, no rescaling
-        targets = WordTargets(model.text.embed_tokens.weight, processor.tokenizer, int(TOKENS_PER_IMAGE**0.5))
+        targets = WordTargets.of(model, processor)
     else:
         match_text_scale(model, processor, [gen.qa_sample(10**6 + i) for i in range(16)])  # resuming overwrites
     model.requires_grad_(False)
@@ -282,7 +280,7 @@ def load_vision(model: VLMModel, folder: Path) -> None:
     state = {k: v.float() for k, v in load_file(Path(folder) / ADAPTER).items() if k.startswith("vision.")}
     missing = [k for k in model.state_dict() if k.startswith("vision.") and k not in state]
     if missing:
-        raise ValueError(f"{folder}: no vision/connector weights for {missing[:5]}")
+        raise ValueError(f"{folder}: no vision weights for {missing[:5]}")
     model.load_state_dict(state, strict=False)
 
 

@@ -33,11 +33,24 @@ class WordTargets:
         self.embed, self.tok, self.grid = embed.detach().float(), tokenizer, grid
         self.cache: dict = {}
 
+    @classmethod
+    def of(cls, model, processor) -> "WordTargets":
+        """The targets of the default model's layout (its 16 tokens: a 4x4 grid) in its LM's embedding space."""
+        from .default_recipe import PATCH_GRID, SHUFFLE
+
+        return cls(model.text.embed_tokens.weight, processor.tokenizer, PATCH_GRID // SHUFFLE)
+
     def word(self, word: str) -> torch.Tensor:
         if word not in self.cache:
             ids = self.tok.encode(" " + word, add_special_tokens=False)
             self.cache[word] = self.embed[ids].sum(0)
         return self.cache[word]
+
+    def vocab(self, words: tuple) -> torch.Tensor:
+        """[len(words), dim] embeddings of a closed vocabulary (COLORS, SHAPES), rows in its order."""
+        if words not in self.cache:
+            self.cache[words] = torch.stack([self.word(w) for w in words])
+        return self.cache[words]
 
     def cell(self, x: float, y: float, scene: dict) -> int:
         g = self.grid
@@ -72,6 +85,12 @@ class WordTargets:
                 labels[0, i], labels[1, i] = COLORS.index(o["color"]), SHAPES.index(o["shape"])
         return labels
 
+    def batch(self, scenes: list) -> dict:
+        """Targets, weights and single-object classes of several images, stacked."""
+        pairs = [self(scene) for scene in scenes]
+        return {"word_targets": torch.stack([p[0] for p in pairs]), "word_weights": torch.stack([p[1] for p in pairs]),
+                "word_classes": torch.stack([self.classes(scene) for scene in scenes])}
+
     def class_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each token's dot products with the colour words' and the shape words' embeddings: the
         closest colour and shape word should be the object's. The squared error alone left the shape word right in
@@ -81,7 +100,7 @@ class WordTargets:
         feats = features.float().flatten(0, 1)
         terms = []
         for k, vocab in enumerate((COLORS, SHAPES)):
-            emb = torch.stack([self.word(w) for w in vocab]).to(feats.device)
+            emb = self.vocab(vocab).to(feats.device)
             y = labels[:, k].flatten()
             if (y >= 0).any():
                 terms.append(F.cross_entropy(feats @ emb.T, y, ignore_index=-1))
@@ -99,11 +118,8 @@ def word_batch(processor, targets: WordTargets, samples: list) -> dict:
     from .default_recipe import pixels
 
     images = [im for s in samples for im in s.images]
-    pairs = [targets(scene) for s in samples for scene in s.meta["scenes"]]
     scenes = [scene for s in samples for scene in s.meta["scenes"]]
-    return {"pixel_values": pixels(processor, images), "word_targets": torch.stack([p[0] for p in pairs]),
-            "word_weights": torch.stack([p[1] for p in pairs]),
-            "word_classes": torch.stack([targets.classes(scene) for scene in scenes])}
+    return {"pixel_values": pixels(processor, images), **targets.batch(scenes)}
 
 
 def train_words(model, processor, out: Path, steps: int, batch_size: int, seed: int = 3, lr: float = 5e-4,
@@ -113,10 +129,9 @@ def train_words(model, processor, out: Path, steps: int, batch_size: int, seed: 
     `class_weight` > 0 adds `WordTargets.class_loss` (v5 shipped without it; measured after v5: 300 more steps at
     weight 1 (lr 3e-4) took the shape word from 40 % to 92 % of object cells, the colour word from 83 % to 99 %)."""
     from ..data.synthetic import CATEGORIES, SyntheticGenerator
-    from .default_recipe import TOKENS_PER_IMAGE, precision
+    from .default_recipe import precision
 
-    grid = int(TOKENS_PER_IMAGE**0.5)
-    targets = WordTargets(model.text.embed_tokens.weight, processor.tokenizer, grid)
+    targets = WordTargets.of(model, processor)
     gen = SyntheticGenerator(seed, categories=tuple(c for c in CATEGORIES if c != "caption"), stage=2)
     stage = nn.ModuleDict({"vision": model.vision, "connector": model.connector})
     with torch.no_grad():  # zero tokens to start with, not a random projection's ~10x larger ones (a resume
