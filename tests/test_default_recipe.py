@@ -210,7 +210,13 @@ def test_word_stage_lowers_the_loss_and_checkpoints(tmp_path):
     batch = recipe.answer_batch(processor, samples, words)
     assert batch["word_targets"].shape[0] == sum(len(s.images) for s in samples)
     with torch.no_grad():
-        assert recipe.answer_loss(model, batch) > recipe.answer_loss(model, recipe.answer_batch(processor, samples))
+        plain = recipe.answer_loss(model, batch)
+        assert plain > recipe.answer_loss(model, recipe.answer_batch(processor, samples))
+        # The classification term adds exactly its weighted cross-entropy on the single-object cells.
+        feats = model.image_features(batch["pixel_values"], batch.get("pixel_attention_mask"))
+        extra = recipe.WORD_AUX * 2.0 * words.class_loss(feats, batch["word_classes"])
+        assert torch.isclose(recipe.answer_loss(model, batch, words, 2.0), plain + extra, rtol=1e-4)
     before = model.connector.proj.weight.clone()
-    assert len(recipe.train_language(model, processor, tmp_path, steps=2, batch_size=2, lora=None, words=True)) == 2
+    assert len(recipe.train_language(model, processor, tmp_path, steps=2, batch_size=2, lora=None, words=True,
+                                     class_weight=1.0)) == 2
     assert not torch.equal(before, model.connector.proj.weight)

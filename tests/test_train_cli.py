@@ -75,6 +75,6 @@ def test_recipe_default_runs_as_before(monkeypatch):
                      "--language-steps", "4", "--batch-size", "2", "--ship", "s", "--word-steps", "6",
                      "--init-vision", "v4"]) == 0
     assert calls == [((Path("runs/default"), 400, 800, 16, None),
-                      {"shape_steps": 600, "word_steps": 300, "init_vision": None, "word_class_weight": 0.0}),
+                      {"shape_steps": 600, "word_steps": 300, "init_vision": None, "word_class_weight": 1.0}),
                      ((Path("x"), 3, 4, 2, Path("s")), {"shape_steps": 5, "word_steps": 6, "init_vision": Path("v4"),
-                                                       "word_class_weight": 0.0})]
+                                                       "word_class_weight": 1.0})]

@@ -384,9 +384,9 @@ def cmd_info(args) -> int:
          arg("--vision-steps", type=int, default=400, help="--recipe default: steps of the vision-only stage"),
          arg("--word-steps", type=int, default=300,
              help="--recipe default: steps of stage 0c, image tokens taught to be word-like (0 skips it)"),
-         arg("--word-class-weight", type=float, default=0.0,
-             help="--recipe default: weight of stage 0c's closest-word classification term (v5: 0; 1 measured "
-                  "better tokens after v5, see the model card)"),
+         arg("--word-class-weight", type=float, default=1.0,
+             help="--recipe default: weight of the closest-word classification term in stage 0c and in stage 1's "
+                  "auxiliary loss (v6: 1; v5 shipped with 0, see the model card)"),
          arg("--init-vision", default=None, metavar="DIR",
              help="--recipe default: take the ViT of this adapter folder (an earlier default model) instead of "
                   "training it in the shape and vision stages"),

@@ -14,10 +14,11 @@ sequences short on a CPU. Stages:
      shapes of stage 0a;
   0c. words (`word_targets.py`, new in v5): ViT + connector learn to write, in each image token, the sum of the
      token embeddings of the words naming what lies in its cell ("red" + "circle"), so that the frozen LM starts
-     from tokens it can read; v4's stage 1 had failed to learn to find "the circle" among arbitrary vectors;
+     from tokens it can read; v4's stage 1 had failed to learn to find "the circle" among arbitrary vectors.
+     v6 adds a closest-word classification term (shape words right in 94 % of object cells instead of 39 %);
   1. align: ViT + connector + LoRA on the decoder's attention learn to answer questions through the frozen SmolLM2
-     (after 0c: the LoRA leads, the vision side follows at a low learning rate, and 0c's loss stays on as an
-     auxiliary term);
+     (after 0c: the LoRA leads, the vision side follows at a low learning rate, and 0c's loss, with its
+     classification term, stays on as an auxiliary term);
      every 4th step is a batch of plain text questions with the base SmolLM2's own answers (distillation, meant to
      keep the LoRA from changing how text questions are answered; measured not enough, see the model card).
      `lora=None` keeps the decoder entirely frozen (text answers then stay SmolLM2's); tried for 430 steps: loss
@@ -165,16 +166,21 @@ def answer_batch(processor, samples: list, words=None) -> dict:
     return batch
 
 
-def answer_loss(model: VLMModel, batch: dict) -> torch.Tensor:
+def answer_loss(model: VLMModel, batch: dict, words=None, class_weight: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on the answer tokens, plus (when the batch has stage 0c's targets) the word loss on the image
+    tokens; with `words` (a `WordTargets`) and `class_weight` > 0 also its closest-word classification term."""
     from .word_targets import word_loss
 
     inputs = {k: v for k, v in batch.items()
               if k != "answer_labels" and not k.startswith("word_") and not isinstance(v, list)}
     aux = 0.0
     if "word_targets" in batch:
-        inputs["image_features"] = model.image_features(inputs.pop("pixel_values"),
-                                                        inputs.pop("pixel_attention_mask", None))
-        aux = WORD_AUX * word_loss(inputs["image_features"], batch["word_targets"], batch["word_weights"])
+        feats = model.image_features(inputs.pop("pixel_values"), inputs.pop("pixel_attention_mask", None))
+        inputs["image_features"] = feats
+        aux = word_loss(feats, batch["word_targets"], batch["word_weights"])
+        if words is not None and class_weight:
+            aux = aux + class_weight * words.class_loss(feats, batch["word_classes"])
+        aux = WORD_AUX * aux
     logits = model(**inputs).logits[:, :-1]  # position t predicts token t+1
     labels = batch["answer_labels"]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100) + aux
@@ -219,10 +225,10 @@ def distillation_set(model: VLMModel, processor, out: Path) -> list:
 
 
 def train_language(model: VLMModel, processor, out: Path, steps: int, batch_size: int, seed: int = 1,
-                   lora: dict | None = LORA, words: bool = False, lr: float = 1e-3) -> list:
+                   lora: dict | None = LORA, words: bool = False, lr: float = 1e-3, class_weight: float = 0.0) -> list:
     """Stage 1. `lora=None` keeps the decoder frozen; a LoRA spec ({"r", "alpha", "targets"}, e.g. `LORA`) adds
     LoRA to it and mixes in the distillation batches. `words`: the image tokens were trained to be word-like
-    (stage 0c); an auxiliary loss keeps them so."""
+    (stage 0c); an auxiliary loss keeps them so (with stage 0c's classification term at `class_weight`)."""
     from ..data.synthetic import SyntheticGenerator
 
     from .word_targets import WordTargets
@@ -255,7 +261,11 @@ def train_language(model: VLMModel, processor, out: Path, steps: int, batch_size
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0.05, log_every=5, ckpt_every=20,
                       seed=seed, precision=precision())
-    return run(model, make_batch, answer_loss, cfg, ckpt_path=out / "stage1-language.ckpt", label="language",
+
+    def loss_fn(m, batch):
+        return answer_loss(m, batch, targets, class_weight)
+
+    return run(model, make_batch, loss_fn, cfg, ckpt_path=out / "stage1-language.ckpt", label="language",
                param_groups=groups)
 
 
@@ -302,5 +312,6 @@ def train_default(out: Path, vision_steps: int, language_steps: int, batch_size:
         train_vision(model, processor, out, vision_steps, batch_size * 2)
     if word_steps:
         train_words(model, processor, out, word_steps, batch_size * 2, class_weight=word_class_weight)
-    train_language(model, processor, out, language_steps, batch_size, lora=lora, words=bool(word_steps))
+    train_language(model, processor, out, language_steps, batch_size, lora=lora, words=bool(word_steps),
+                   class_weight=word_class_weight if word_steps else 0.0)
     export_adapter(model, out, ship_to or out)
