@@ -374,8 +374,7 @@ def cmd_info(args) -> int:
          arg("--recipe", choices=["default"], default=None,
              help="'default' reproduces the embedded default model (the other flags below do not apply to it "
                   "except --out, --batch-size, --shape-steps, --vision-steps, --word-steps, --word-class-weight, "
-                  "--init-vision, "
-                  "--language-steps, --ship)"),
+                  "--init-vision, --language-steps, --ship)"),
          arg("--out", default=None, metavar="DIR",
              help="working folder: checkpoint, metrics.jsonl, final/ (resumable; default runs/default for "
                   "--recipe default, runs/finetune otherwise)"),

@@ -169,7 +169,7 @@ def answer_batch(processor, samples: list, words=None) -> dict:
 def answer_loss(model: VLMModel, batch: dict, words=None, class_weight: float = 0.0) -> torch.Tensor:
     """Cross-entropy on the answer tokens, plus (when the batch has stage 0c's targets) the word loss on the image
     tokens; with `words` (a `WordTargets`) and `class_weight` > 0 also its closest-word classification term."""
-    from .word_targets import word_loss
+    from .word_targets import word_terms
 
     inputs = {k: v for k, v in batch.items()
               if k != "answer_labels" and not k.startswith("word_") and not isinstance(v, list)}
@@ -177,10 +177,7 @@ def answer_loss(model: VLMModel, batch: dict, words=None, class_weight: float = 
     if "word_targets" in batch:
         feats = model.image_features(inputs.pop("pixel_values"), inputs.pop("pixel_attention_mask", None))
         inputs["image_features"] = feats
-        aux = word_loss(feats, batch["word_targets"], batch["word_weights"])
-        if words is not None and class_weight:
-            aux = aux + class_weight * words.class_loss(feats, batch["word_classes"])
-        aux = WORD_AUX * aux
+        aux = WORD_AUX * word_terms(feats, batch, words, class_weight)
     logits = model(**inputs).logits[:, :-1]  # position t predicts token t+1
     labels = batch["answer_labels"]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100) + aux

@@ -115,6 +115,16 @@ def word_loss(features: torch.Tensor, targets: torch.Tensor, weights: torch.Tens
     return (err * weights).sum() / weights.sum() / targets.pow(2).mean()
 
 
+def word_terms(features: torch.Tensor, batch: dict, targets: WordTargets | None = None,
+               class_weight: float = 0.0) -> torch.Tensor:
+    """Stage 0c's loss on image tokens: `word_loss` against the batch's targets, plus `class_weight` times
+    `targets.class_loss` (given `targets`). Stage 0c trains on it alone; stage 1 keeps it as an auxiliary term."""
+    loss = word_loss(features, batch["word_targets"], batch["word_weights"])
+    if targets is not None and class_weight:
+        loss = loss + class_weight * targets.class_loss(features, batch["word_classes"])
+    return loss
+
+
 def word_batch(processor, targets: WordTargets, samples: list) -> dict:
     from .default_recipe import pixels
 
@@ -143,10 +153,7 @@ def train_words(model, processor, out: Path, steps: int, batch_size: int, seed: 
 
     def loss_fn(m, batch):
         feats = model.encode_images(batch["pixel_values"])  # m's modules, through the model's own path
-        loss = word_loss(feats, batch["word_targets"], batch["word_weights"])
-        if class_weight:
-            loss = loss + class_weight * targets.class_loss(feats, batch["word_classes"])
-        return loss
+        return word_terms(feats, batch, targets, class_weight)
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0.03, weight_decay=0.01, log_every=10,
                       ckpt_every=50, seed=seed, precision=precision())
