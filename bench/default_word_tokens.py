@@ -1,6 +1,7 @@
 """Do the default model's image tokens say the right words? For held-out images, the colour word and the shape word
-whose embeddings are closest to each image token, scored on the cells that hold exactly one object, and whether
-empty cells stay empty (closer to stage 0c's empty target than to any object's words).
+whose embeddings are closest to each image token, scored on the cells that hold exactly one object, the closest
+position word (left, right, top, bottom, center; v7) on those whose object has one, and whether empty cells stay
+empty (closer to stage 0c's empty target than to any object's words).
 
     python bench/default_word_tokens.py runs/default/stage0-words.ckpt   # right after stage 0c
     python bench/default_word_tokens.py vlmkit/weights/default           # an adapter folder (after stage 1)
@@ -19,7 +20,7 @@ from PIL import Image
 from vlmkit.data.synthetic import BENCHMARK_SEED, COLORS, SHAPES, SyntheticGenerator
 from vlmkit.train import default_recipe as recipe
 from vlmkit.train.loop import load_checkpoint
-from vlmkit.train.word_targets import EMPTY_SCALE, EMPTY_WORD, WordTargets
+from vlmkit.train.word_targets import EMPTY_SCALE, EMPTY_WORD, POSITIONS, WordTargets
 
 CATEGORIES = ("color", "shape", "position", "yesno", "counting")
 
@@ -44,23 +45,28 @@ def main() -> None:
     args = ap.parse_args()
     model, processor = load(args.source)
     model.eval()
-    words = WordTargets.of(model, processor)
-    grid, colors, shapes = words.grid, words.vocab(COLORS), words.vocab(SHAPES)
+    words = WordTargets.of(model, processor, recipe.POSITION_SCALE)
+    grid, colors, shapes, places = words.grid, words.vocab(COLORS), words.vocab(SHAPES), words.vocab(POSITIONS)
     empty = EMPTY_SCALE * words.word(EMPTY_WORD)
 
     def describe(tokens):
         return (tokens @ colors.T).argmax(-1), (tokens @ shapes.T).argmax(-1), (tokens - empty).norm(dim=-1)
 
+    def place(tokens):
+        return (tokens @ places.T).argmax(-1)
+
     if args.image:
         feats = model.encode_images(recipe.pixels(processor, [Image.open(args.image).convert("RGB")]))[0]
         c, s, d = describe(feats)
+        p = place(feats)
         for r in range(grid):
-            print("  ".join(f"{COLORS[c[r * grid + k]]:>7} {SHAPES[s[r * grid + k]]:<8} ({d[r * grid + k]:.1f})"
-                            for k in range(grid)))
+            print("  ".join(f"{COLORS[c[r * grid + k]]:>7} {SHAPES[s[r * grid + k]]:<8} {POSITIONS[p[r * grid + k]]:<6} "
+                            f"({d[r * grid + k]:.1f})" for k in range(grid)))
         print(f"(in brackets: distance to the empty token; a colour word's embedding has norm {colors[0].norm():.1f})")
         return
     gen = SyntheticGenerator(BENCHMARK_SEED + 7, categories=CATEGORIES, stage=2)
-    hits = {"colour": [0, 0], "shape": [0, 0], "empty stays empty": [0, 0], "object not empty": [0, 0]}
+    hits = {"colour": [0, 0], "shape": [0, 0], "position": [0, 0], "empty stays empty": [0, 0],
+            "object not empty": [0, 0]}
     for start in range(0, args.images, 32):
         samples = [gen.qa_sample(start + j) for j in range(min(32, args.images - start))]
         feats = model.encode_images(recipe.pixels(processor, [s.images[0] for s in samples]))
@@ -68,7 +74,8 @@ def main() -> None:
             scene = sample.meta["scenes"][0]
             c, s, d = describe(tokens)
             occupied = {words.cell(o["x"], o["y"], scene) for o in scene["objects"]}
-            labels = words.classes(scene)  # colour and shape ids of the cells that hold exactly one object
+            labels = words.classes(scene)  # colour, shape, position ids of the cells that hold exactly one object
+            p = place(tokens)
             d_obj = (tokens - words(scene)[0]).norm(dim=-1)
             for i in range(grid * grid):
                 if i not in occupied:
@@ -80,6 +87,9 @@ def main() -> None:
                     hits["object not empty"][0] += int(d_obj[i] < d[i])
                     for k in ("colour", "shape", "object not empty"):
                         hits[k][1] += 1
+                    if labels[2, i] >= 0:
+                        hits["position"][0] += int(p[i] == labels[2, i])
+                        hits["position"][1] += 1
     print(f"| {args.source} | cells | right |\n|---|---:|---:|")
     for k, (right, n) in hits.items():
         print(f"| {k} | {n} | {100 * right / max(1, n):.1f} % |")

@@ -181,7 +181,7 @@ def test_word_targets_put_each_objects_words_in_its_cell(fresh):
     assert torch.allclose(t[5], EMPTY_SCALE * word(EMPTY_WORD))
     assert w[0] == w[15] > w[5]
     labels = targets.classes(scene)
-    assert labels[:, 15].tolist() == [COLORS.index("blue"), SHAPES.index("star")] and (labels[:, 5] == -1).all()
+    assert labels[:, 15].tolist() == [COLORS.index("blue"), SHAPES.index("star"), -1] and (labels[:, 5] == -1).all()
     scene["objects"].append({"x": 20, "y": 5, "color": "green", "shape": "heart"})  # same cell as the circle
     assert torch.allclose(targets(scene)[0][0], word("red") + word("circle") + word("green") + word("heart"))
     assert (targets.classes(scene)[:, 0] == -1).all()  # a shared cell has no single answer
@@ -220,3 +220,59 @@ def test_word_stage_lowers_the_loss_and_checkpoints(tmp_path):
     assert len(recipe.train_language(model, processor, tmp_path, steps=2, batch_size=2, lora=None, words=True,
                                      class_weight=1.0)) == 2
     assert not torch.equal(before, model.connector.proj.weight)
+
+
+def test_position_words_name_every_zone_of_the_position_questions(fresh):
+    from vlmkit.data.scenes import ZONES
+    from vlmkit.train.word_targets import POSITIONS, WordTargets, position_words
+
+    for zone, (x0, y0, x1, y1) in ZONES.items():
+        for fx in (x0, (x0 + x1) / 2, x1):
+            for fy in (y0, (y0 + y1) / 2, y1):
+                assert position_words(fx, fy) == (zone,)
+    assert position_words(0.1, 0.9) == ("left", "bottom")
+    folder, model, processor = fresh
+    embed, tok = model.text.embed_tokens.weight, processor.tokenizer
+    plain, placed = WordTargets(embed, tok, 4), WordTargets(embed, tok, 4, position_scale=0.5)
+    scene = {"width": 100, "height": 100, "texts": [],
+             "objects": [{"x": 10, "y": 50, "color": "red", "shape": "circle"},
+                         {"x": 90, "y": 90, "color": "blue", "shape": "star"}]}
+    cell = plain.cell(10, 50, scene)
+    assert torch.allclose(placed(scene)[0][cell], plain(scene)[0][cell] + 0.5 * plain.word("left"))
+    assert torch.allclose(placed(scene)[0][15], plain(scene)[0][15] + 0.5 * (plain.word("right") + plain.word("bottom")))
+    assert placed.classes(scene)[2, cell] == POSITIONS.index("left") and placed.classes(scene)[2, 15] == -1
+    assert (plain.classes(scene)[2] == -1).all()
+    # The position term scores a token that says the right place lower than one that says the wrong place.
+    right = placed(scene)[0][None]
+    wrong = right.clone()
+    wrong[0, cell] += plain.word("right") - plain.word("left")
+    lab = placed.classes(scene)[None]
+    assert placed.class_loss(right, lab) < placed.class_loss(wrong, lab)
+
+
+def test_init_from_an_adapter_folder_continues_its_vit_connector_and_lora(tmp_path, monkeypatch):
+    import json
+
+    from vlmkit.train.lora import lora_state_dict
+
+    model, processor = recipe.prepare_folder(tmp_path / "old", lora=recipe.LORA)
+    recipe.add_lora(model, targets=tuple(recipe.LORA["targets"]), r=recipe.LORA["r"], alpha=recipe.LORA["alpha"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B" in name or name.startswith("connector."):
+                p.normal_(std=0.02)
+    recipe.export_adapter(model, tmp_path / "old", tmp_path / "old")
+    new, processor = recipe.prepare_folder(tmp_path / "new")
+    recipe.load_vision(new, tmp_path / "old", connector=True)
+    assert torch.allclose(new.connector.proj.weight, model.connector.proj.weight, atol=1e-3)
+    (tmp_path / "new" / "distill.json").write_text(json.dumps([{"question": "Hi?", "answer": "Hi.", "truncated": 0}]))
+    seen = []
+    monkeypatch.setattr(recipe, "run", lambda m, *a, **kw: seen.append(lora_state_dict(m)) or [])
+    lora = {k: v for k, v in recipe.adapter_weights(tmp_path / "old").items() if ".lora_" in k}
+    recipe.train_language(new, processor, tmp_path / "new", steps=1, batch_size=2, words=True, init_lora=lora)
+    assert seen[0].keys() == lora.keys()
+    assert all(torch.allclose(seen[0][k], lora[k].float()) for k in lora)
+    with pytest.raises(ValueError, match=r"no weights for the LoRA: \['text.layers.0"):
+        recipe.load_weights(new, dict(list(lora.items())[2:]), lora.keys(), "the LoRA")
+    with pytest.raises(FileNotFoundError, match="not an adapter folder"):
+        recipe.load_vision(new, tmp_path)

@@ -374,7 +374,7 @@ def cmd_info(args) -> int:
          arg("--recipe", choices=["default"], default=None,
              help="'default' reproduces the embedded default model (the other flags below do not apply to it "
                   "except --out, --batch-size, --shape-steps, --vision-steps, --word-steps, --word-class-weight, "
-                  "--init-vision, --language-steps, --ship)"),
+                  "--word-position-scale, --init-vision, --init-from, --language-steps, --lr, --ship)"),
          arg("--out", default=None, metavar="DIR",
              help="working folder: checkpoint, metrics.jsonl, final/ (resumable; default runs/default for "
                   "--recipe default, runs/finetune otherwise)"),
@@ -386,6 +386,12 @@ def cmd_info(args) -> int:
          arg("--word-class-weight", type=float, default=1.0,
              help="--recipe default: weight of the closest-word classification term in stage 0c and in stage 1's "
                   "auxiliary loss (v6: 1; v5 shipped with 0, see the model card)"),
+         arg("--word-position-scale", type=float, default=0.5,
+             help="--recipe default: how much of an object's position words ('left', 'top', ...) its image token "
+                  "carries in stage 0c's targets (v7: 0.5; 0 before)"),
+         arg("--init-from", default=None, metavar="DIR",
+             help="--recipe default: go on training this adapter folder (an earlier default model: ViT, connector "
+                  "and LoRA) in stages 0c and 1"),
          arg("--init-vision", default=None, metavar="DIR",
              help="--recipe default: take the ViT of this adapter folder (an earlier default model) instead of "
                   "training it in the shape and vision stages"),
@@ -412,7 +418,8 @@ def cmd_info(args) -> int:
          arg("--epochs", type=float, default=1.0, help="passes over the data when --steps is not given"),
          arg("--micro-batch-size", type=_positive_int, default=None, metavar="N",
              help="samples per forward pass and process; the rest is gradient accumulation"),
-         arg("--lr", type=float, default=None, help="peak learning rate (default: the stage's)"),
+         arg("--lr", type=float, default=None,
+             help="peak learning rate (default: the stage's; --recipe default: stage 1's, default 1e-3)"),
          arg("--warmup", type=_float_in(0, 1), default=None, help="warmup fraction (default: the stage's, 0.03)"),
          arg("--weight-decay", type=float, default=None),
          arg("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)"),
@@ -447,7 +454,9 @@ def cmd_train(args) -> int:
         train_default(Path(args.out or "runs/default"), args.vision_steps, args.language_steps,
                       args.batch_size or 16, Path(args.ship) if args.ship else None, shape_steps=args.shape_steps,
                       word_steps=args.word_steps, init_vision=Path(args.init_vision) if args.init_vision else None,
-                      word_class_weight=args.word_class_weight)
+                      word_class_weight=args.word_class_weight,
+                      init_from=Path(args.init_from) if args.init_from else None,
+                      position_scale=args.word_position_scale, language_lr=args.lr or 1e-3)
         return 0
     if not args.model or not args.data:
         raise CLIError("give --model FOLDER and --data FILE to fine-tune (or --recipe default)")

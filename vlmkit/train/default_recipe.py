@@ -15,7 +15,8 @@ sequences short on a CPU. Stages:
   0c. words (`word_targets.py`, new in v5): ViT + connector learn to write, in each image token, the sum of the
      token embeddings of the words naming what lies in its cell ("red" + "circle"), so that the frozen LM starts
      from tokens it can read; v4's stage 1 had failed to learn to find "the circle" among arbitrary vectors.
-     v6 adds a closest-word classification term (shape words right in 94 % of object cells instead of 39 %);
+     v6 adds a closest-word classification term (shape words right in 94 % of object cells instead of 39 %), v7
+     the object's position words ("left", "top", ...: position answers 55 -> 90 %);
   1. align: ViT + connector + LoRA on the decoder's attention learn to answer questions through the frozen SmolLM2
      (after 0c: the LoRA leads, the vision side follows at a low learning rate, and 0c's loss, with its
      classification term, stays on as an auxiliary term);
@@ -57,9 +58,11 @@ VISION_LR = 5e-4  # stage 0b: low enough to keep what stage 0a learnt (2e-3 lear
 # Stage 1's LoRA on the decoder: all four attention projections, so keys can learn to match image tokens too.
 LORA = {"r": 16, "alpha": 32.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 WORD_AUX = 1.0  # stage 1: weight of stage 0c's word loss on the image tokens (keeps them readable as words)
-# Stage-1 question mix: fewer long captions, less reading (which 16 tokens of a 192 px image barely resolve).
-LANGUAGE_WEIGHTS = {"color": 1.0, "shape": 1.2, "position": 1.2, "yesno": 1.0, "counting": 1.5, "text": 0.3,
-                    "chart": 0.3, "two_image": 0.8, "caption": 0.3}
+# Stage-1 question mix: fewer long captions, less reading (which 16 tokens of a 192 px image barely resolve); v7
+# leans on what v6 got least right (yes/no and positions at about chance) and less on colours and shapes.
+LANGUAGE_WEIGHTS = {"color": 0.8, "shape": 0.9, "position": 1.6, "yesno": 2.0, "counting": 1.3, "text": 0.2,
+                    "chart": 0.3, "two_image": 0.6, "caption": 0.2}
+POSITION_SCALE = 0.5  # v7: how much of an object's position words its token carries (see WordTargets)
 VISION = VisionConfig(
     hidden_size=192, intermediate_size=768, num_layers=6, num_heads=3, patch_size=PATCH, image_size=IMAGE_SIZE,
     act="gelu_pytorch_tanh", layer_norm_eps=1e-6, class_token=False, patch_bias=True, pre_norm=False,
@@ -222,10 +225,12 @@ def distillation_set(model: VLMModel, processor, out: Path) -> list:
 
 
 def train_language(model: VLMModel, processor, out: Path, steps: int, batch_size: int, seed: int = 1,
-                   lora: dict | None = LORA, words: bool = False, lr: float = 1e-3, class_weight: float = 0.0) -> list:
+                   lora: dict | None = LORA, words: bool = False, lr: float = 1e-3, class_weight: float = 0.0,
+                   position_scale: float = 0.0, init_lora: dict | None = None) -> list:
     """Stage 1. `lora=None` keeps the decoder frozen; a LoRA spec ({"r", "alpha", "targets"}, e.g. `LORA`) adds
-    LoRA to it and mixes in the distillation batches. `words`: the image tokens were trained to be word-like
-    (stage 0c); an auxiliary loss keeps them so (with stage 0c's classification term at `class_weight`)."""
+    LoRA to it and mixes in the distillation batches; `init_lora` (a `lora_state_dict`) starts it from an earlier
+    model's. `words`: the image tokens were trained to be word-like (stage 0c); an auxiliary loss keeps them so
+    (with stage 0c's classification term at `class_weight`, and its position words at `position_scale`)."""
     from ..data.synthetic import SyntheticGenerator
 
     from .word_targets import WordTargets
@@ -235,12 +240,14 @@ def train_language(model: VLMModel, processor, out: Path, steps: int, batch_size
     distill = distillation_set(model, processor, out) if lora else []
     targets = None
     if words:  # the connector already writes word-like tokens (stage 0c): keep them so, no rescaling
-        targets = WordTargets.of(model, processor)
+        targets = WordTargets.of(model, processor, position_scale)
     else:
         match_text_scale(model, processor, [gen.qa_sample(10**6 + i) for i in range(16)])  # resuming overwrites
     model.requires_grad_(False)
     if lora:
         add_lora(model, targets=tuple(lora["targets"]), r=lora["r"], alpha=lora["alpha"])
+        if init_lora is not None:
+            load_weights(model, init_lora, lora_state_dict(model).keys(), "the LoRA")
     model.vision.requires_grad_(True)
     model.connector.requires_grad_(True)
     # Word-like tokens are already where the LM reads them: the vision side only follows, the LoRA leads.
@@ -280,20 +287,38 @@ def export_adapter(model: VLMModel, out: Path, dest: Path) -> None:
               metadata={"format": "pt"})
 
 
-def load_vision(model: VLMModel, folder: Path) -> None:
-    """The ViT of an adapter folder (an earlier default model) instead of stages 0a and 0b."""
+def load_weights(model: VLMModel, state: dict, keys, what: str) -> None:
+    """Copy `keys` of `state` (an adapter's weights) into `model`; every one of them must be there."""
+    keys = list(keys)
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"no weights for {what}: {missing[:5]}")
+    model.load_state_dict({k: state[k].float() for k in keys}, strict=False)
+
+
+def adapter_weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 
-    state = {k: v.float() for k, v in load_file(Path(folder) / ADAPTER).items() if k.startswith("vision.")}
-    missing = [k for k in model.state_dict() if k.startswith("vision.") and k not in state]
-    if missing:
-        raise ValueError(f"{folder}: no vision weights for {missing[:5]}")
-    model.load_state_dict(state, strict=False)
+    path = Path(folder) / ADAPTER
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not an adapter folder of the default model (no {ADAPTER})")
+    return load_file(path)
+
+
+def load_vision(model: VLMModel, folder: Path, connector: bool = False) -> None:
+    """The ViT (and with `connector`, the connector) of an adapter folder, an earlier default model, instead of
+    stages 0a and 0b."""
+    parts = ("vision.", "connector.") if connector else ("vision.",)
+    load_weights(model, adapter_weights(folder), [k for k in model.state_dict() if k.startswith(parts)],
+                 f"the {' and '.join(p[:-1] for p in parts)} of {folder}")
 
 
 def train_default(out: Path, vision_steps: int, language_steps: int, batch_size: int = 16,
                   ship_to: Path | None = None, lora: dict | None = LORA, shape_steps: int = 0,
-                  word_steps: int = 0, init_vision: Path | None = None, word_class_weight: float = 0.0) -> None:
+                  word_steps: int = 0, init_vision: Path | None = None, word_class_weight: float = 0.0,
+                  init_from: Path | None = None, position_scale: float = 0.0, language_lr: float = 1e-3) -> None:
+    """All stages. `init_vision`: an earlier default model's ViT replaces stages 0a and 0b; `init_from`: an
+    earlier default model entire (ViT, connector, LoRA), which stages 0c and 1 then go on training."""
     from .vision_stages import train_shapes, train_vision
     from .word_targets import train_words
 
@@ -301,14 +326,20 @@ def train_default(out: Path, vision_steps: int, language_steps: int, batch_size:
     model, processor = prepare_folder(out, lora=lora)
     if torch.cuda.is_available():
         model.cuda()
-    if init_vision is not None:
+    init_lora = None
+    if init_from is not None:
+        load_vision(model, init_from, connector=True)
+        init_lora = {k: v for k, v in adapter_weights(init_from).items() if ".lora_" in k}
+    elif init_vision is not None:
         load_vision(model, init_vision)
     else:
         if shape_steps:
             train_shapes(model, processor, out, shape_steps, batch_size * 2)
         train_vision(model, processor, out, vision_steps, batch_size * 2)
     if word_steps:
-        train_words(model, processor, out, word_steps, batch_size * 2, class_weight=word_class_weight)
+        train_words(model, processor, out, word_steps, batch_size * 2, class_weight=word_class_weight,
+                    position_scale=position_scale, from_zero=init_from is None)
     train_language(model, processor, out, language_steps, batch_size, lora=lora, words=bool(word_steps),
-                   class_weight=word_class_weight if word_steps else 0.0)
+                   lr=language_lr, class_weight=word_class_weight if word_steps else 0.0,
+                   position_scale=position_scale if word_steps else 0.0, init_lora=init_lora)
     export_adapter(model, out, ship_to or out)

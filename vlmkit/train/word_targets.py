@@ -25,21 +25,35 @@ from .loop import TrainConfig, run
 EMPTY_WORD, EMPTY_SCALE = ".", 0.5  # an empty cell: half the embedding of "." (a word the LM reads as nothing)
 TEXT_WORD = "text"  # a cell covered by rendered text: its colour + "text" ("What colour is the text?")
 OBJECT_WEIGHT, EMPTY_WEIGHT = 1.0, 0.25  # most cells are empty; errors on objects matter more
+POSITIONS = ("left", "right", "top", "bottom", "center")  # the answers of "Where is the star?"
+
+
+def position_words(fx: float, fy: float) -> tuple[str, ...]:
+    """Where a centre at (fx, fy) (fractions of width and height) lies, in the words of the position answers:
+    left / right outside the middle third of the width, top / bottom outside the middle third of the height,
+    "center" when neither (a corner gets two words). Every zone of the position questions gets its own word."""
+    words = (("left",) if fx < 1 / 3 else ("right",) if fx > 2 / 3 else ())
+    words += (("top",) if fy < 1 / 3 else ("bottom",) if fy > 2 / 3 else ())
+    return words or ("center",)
 
 
 class WordTargets:
-    """Per-cell target vectors for the image tokens of a `grid` x `grid` token layout (raster order)."""
+    """Per-cell target vectors for the image tokens of a `grid` x `grid` token layout (raster order).
+    `position_scale` > 0 adds, in each object's cell, that much of the embeddings of its `position_words` (v7):
+    a token then says where its object is, which the LM cannot easily tell from the token's place in the sequence
+    (v6 answered "left" to 99 of 222 position questions)."""
 
-    def __init__(self, embed: torch.Tensor, tokenizer, grid: int):
+    def __init__(self, embed: torch.Tensor, tokenizer, grid: int, position_scale: float = 0.0):
         self.embed, self.tok, self.grid = embed.detach().float(), tokenizer, grid
+        self.position_scale = position_scale
         self.cache: dict = {}
 
     @classmethod
-    def of(cls, model, processor) -> "WordTargets":
+    def of(cls, model, processor, position_scale: float = 0.0) -> "WordTargets":
         """The targets of the default model's layout (its 16 tokens: a 4x4 grid) in its LM's embedding space."""
         from .default_recipe import PATCH_GRID, SHUFFLE
 
-        return cls(model.text.embed_tokens.weight, processor.tokenizer, PATCH_GRID // SHUFFLE)
+        return cls(model.text.embed_tokens.weight, processor.tokenizer, PATCH_GRID // SHUFFLE, position_scale)
 
     def word(self, word: str) -> torch.Tensor:
         if word not in self.cache:
@@ -57,6 +71,10 @@ class WordTargets:
         g = self.grid
         return min(g - 1, int(y / scene["height"] * g)) * g + min(g - 1, int(x / scene["width"] * g))
 
+    @staticmethod
+    def where(obj: dict, scene: dict) -> tuple[str, ...]:
+        return position_words(obj["x"] / scene["width"], obj["y"] / scene["height"])
+
     def __call__(self, scene: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(targets [grid^2, dim], weights [grid^2]) of one scene (the ground truth of one image)."""
         n = self.grid**2
@@ -65,6 +83,8 @@ class WordTargets:
         for o in scene.get("objects") or []:
             i = self.cell(o["x"], o["y"], scene)
             vec = self.word(o["color"]) + self.word(o["shape"])
+            if self.position_scale:
+                vec = vec + self.position_scale * sum(self.word(w) for w in self.where(o, scene))
             targets[i] = targets[i] + vec if filled[i] else vec  # two objects in one cell: both words
             filled[i] = True
         for t in scene.get("texts") or []:
@@ -75,15 +95,19 @@ class WordTargets:
         return targets, weights
 
     def classes(self, scene: dict) -> torch.Tensor:
-        """[2, grid^2] colour and shape ids of the object in each cell that holds exactly one (-1 elsewhere)."""
+        """[3, grid^2] colour, shape and position ids of the object in each cell that holds exactly one (-1
+        elsewhere; position ids only with `position_scale` and for objects with one position word)."""
         from ..data.synthetic import COLORS, SHAPES
 
-        labels = torch.full((2, self.grid**2), -1, dtype=torch.long)
+        labels = torch.full((3, self.grid**2), -1, dtype=torch.long)
         objects = scene.get("objects") or []
         cells = [self.cell(o["x"], o["y"], scene) for o in objects]
         for o, i in zip(objects, cells):
             if cells.count(i) == 1:
                 labels[0, i], labels[1, i] = COLORS.index(o["color"]), SHAPES.index(o["shape"])
+                where = self.where(o, scene)
+                if self.position_scale and len(where) == 1:
+                    labels[2, i] = POSITIONS.index(where[0])
         return labels
 
     def batch(self, scenes: list) -> dict:
@@ -93,14 +117,15 @@ class WordTargets:
                 "word_classes": torch.stack([self.classes(scene) for scene in scenes])}
 
     def class_loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of each token's dot products with the colour words' and the shape words' embeddings: the
-        closest colour and shape word should be the object's. The squared error alone left the shape word right in
-        only ~40 % of object cells (a small part of the summed target); with this term, 92 %."""
+        """Cross-entropy of each token's dot products with the colour words' and the shape words' embeddings (and
+        the position words', where `classes` gave positions): the closest colour and shape word should be the
+        object's. The squared error alone left the shape word right in only ~40 % of object cells (a small part of
+        the summed target); with this term, 92 %."""
         from ..data.synthetic import COLORS, SHAPES
 
         feats = features.float().flatten(0, 1)
         terms = []
-        for k, vocab in enumerate((COLORS, SHAPES)):
+        for k, vocab in enumerate((COLORS, SHAPES, POSITIONS)):
             emb = self.vocab(vocab).to(feats.device)
             y = labels[:, k].flatten()
             if (y >= 0).any():
@@ -134,19 +159,21 @@ def word_batch(processor, targets: WordTargets, samples: list) -> dict:
 
 
 def train_words(model, processor, out: Path, steps: int, batch_size: int, seed: int = 3, lr: float = 5e-4,
-                class_weight: float = 0.0) -> list:
+                class_weight: float = 0.0, position_scale: float = 0.0, from_zero: bool = True) -> list:
     """Stage 0c: ViT + connector regress the word targets of every image, on the single-image and two-image
     categories (charts and text included: their cells are mostly empty, text cells say the text's colour).
     `class_weight` > 0 adds `WordTargets.class_loss` (v5 shipped without it; v6: weight 1, 600 steps from v5's ViT
-    took the shape word from 40 % to 94 % of object cells, the colour word from 83 % to 99 %)."""
+    took the shape word from 40 % to 94 % of object cells, the colour word from 83 % to 99 %). `position_scale`:
+    see `WordTargets`. `from_zero=False` keeps the connector as it is (continuing an earlier default model)."""
     from ..data.synthetic import CATEGORIES, SyntheticGenerator
     from .default_recipe import precision
 
-    targets = WordTargets.of(model, processor)
+    targets = WordTargets.of(model, processor, position_scale)
     gen = SyntheticGenerator(seed, categories=tuple(c for c in CATEGORIES if c != "caption"), stage=2)
     stage = nn.ModuleDict({"vision": model.vision, "connector": model.connector})
-    with torch.no_grad():  # zero tokens to start with, not a random projection's ~10x larger ones (a resume
-        model.connector.proj.weight.zero_()  # overwrites this with the checkpoint's weights)
+    if from_zero:  # zero tokens to start with, not a random projection's ~10x larger ones (a resume
+        with torch.no_grad():  # overwrites this with the checkpoint's weights)
+            model.connector.proj.weight.zero_()
 
     def make_batch(step):
         return word_batch(processor, targets, [gen.qa_sample(step * batch_size + j) for j in range(batch_size)])
