@@ -49,19 +49,16 @@ def main() -> None:
     grid, colors, shapes, places = words.grid, words.vocab(COLORS), words.vocab(SHAPES), words.vocab(POSITIONS)
     empty = EMPTY_SCALE * words.word(EMPTY_WORD)
 
-    def describe(tokens):
-        return (tokens @ colors.T).argmax(-1), (tokens @ shapes.T).argmax(-1), (tokens - empty).norm(dim=-1)
-
-    def place(tokens):
-        return (tokens @ places.T).argmax(-1)
+    def describe(tokens):  # closest colour, shape and position word of each token, and its distance to empty
+        return ((tokens @ colors.T).argmax(-1), (tokens @ shapes.T).argmax(-1), (tokens @ places.T).argmax(-1),
+                (tokens - empty).norm(dim=-1))
 
     if args.image:
         feats = model.encode_images(recipe.pixels(processor, [Image.open(args.image).convert("RGB")]))[0]
-        c, s, d = describe(feats)
-        p = place(feats)
+        c, s, p, d = describe(feats)
         for r in range(grid):
-            print("  ".join(f"{COLORS[c[r * grid + k]]:>7} {SHAPES[s[r * grid + k]]:<8} {POSITIONS[p[r * grid + k]]:<6} "
-                            f"({d[r * grid + k]:.1f})" for k in range(grid)))
+            cells = range(r * grid, (r + 1) * grid)
+            print("  ".join(f"{COLORS[c[i]]:>7} {SHAPES[s[i]]:<8} {POSITIONS[p[i]]:<6} ({d[i]:.1f})" for i in cells))
         print(f"(in brackets: distance to the empty token; a colour word's embedding has norm {colors[0].norm():.1f})")
         return
     gen = SyntheticGenerator(BENCHMARK_SEED + 7, categories=CATEGORIES, stage=2)
@@ -72,10 +69,9 @@ def main() -> None:
         feats = model.encode_images(recipe.pixels(processor, [s.images[0] for s in samples]))
         for sample, tokens in zip(samples, feats):
             scene = sample.meta["scenes"][0]
-            c, s, d = describe(tokens)
+            c, s, p, d = describe(tokens)
             occupied = {words.cell(o["x"], o["y"], scene) for o in scene["objects"]}
             labels = words.classes(scene)  # colour, shape, position ids of the cells that hold exactly one object
-            p = place(tokens)
             d_obj = (tokens - words(scene)[0]).norm(dim=-1)
             for i in range(grid * grid):
                 if i not in occupied:

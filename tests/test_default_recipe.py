@@ -239,7 +239,8 @@ def test_position_words_name_every_zone_of_the_position_questions(fresh):
                          {"x": 90, "y": 90, "color": "blue", "shape": "star"}]}
     cell = plain.cell(10, 50, scene)
     assert torch.allclose(placed(scene)[0][cell], plain(scene)[0][cell] + 0.5 * plain.word("left"))
-    assert torch.allclose(placed(scene)[0][15], plain(scene)[0][15] + 0.5 * (plain.word("right") + plain.word("bottom")))
+    corner = plain(scene)[0][15] + 0.5 * (plain.word("right") + plain.word("bottom"))
+    assert torch.allclose(placed(scene)[0][15], corner)
     assert placed.classes(scene)[2, cell] == POSITIONS.index("left") and placed.classes(scene)[2, 15] == -1
     assert (plain.classes(scene)[2] == -1).all()
     # The position term scores a token that says the right place lower than one that says the wrong place.

@@ -305,12 +305,14 @@ def adapter_weights(folder: Path) -> dict:
     return load_file(path)
 
 
-def load_vision(model: VLMModel, folder: Path, connector: bool = False) -> None:
+def load_vision(model: VLMModel, folder: Path, connector: bool = False) -> dict:
     """The ViT (and with `connector`, the connector) of an adapter folder, an earlier default model, instead of
-    stages 0a and 0b."""
+    stages 0a and 0b; returns all the folder's weights (its LoRA too) as read."""
     parts = ("vision.", "connector.") if connector else ("vision.",)
-    load_weights(model, adapter_weights(folder), [k for k in model.state_dict() if k.startswith(parts)],
+    state = adapter_weights(folder)
+    load_weights(model, state, [k for k in model.state_dict() if k.startswith(parts)],
                  f"the {' and '.join(p[:-1] for p in parts)} of {folder}")
+    return state
 
 
 def train_default(out: Path, vision_steps: int, language_steps: int, batch_size: int = 16,
@@ -328,8 +330,7 @@ def train_default(out: Path, vision_steps: int, language_steps: int, batch_size:
         model.cuda()
     init_lora = None
     if init_from is not None:
-        load_vision(model, init_from, connector=True)
-        init_lora = {k: v for k, v in adapter_weights(init_from).items() if ".lora_" in k}
+        init_lora = {k: v for k, v in load_vision(model, init_from, connector=True).items() if ".lora_" in k}
     elif init_vision is not None:
         load_vision(model, init_vision)
     else:
@@ -340,6 +341,5 @@ def train_default(out: Path, vision_steps: int, language_steps: int, batch_size:
         train_words(model, processor, out, word_steps, batch_size * 2, class_weight=word_class_weight,
                     position_scale=position_scale, from_zero=init_from is None)
     train_language(model, processor, out, language_steps, batch_size, lora=lora, words=bool(word_steps),
-                   lr=language_lr, class_weight=word_class_weight if word_steps else 0.0,
-                   position_scale=position_scale if word_steps else 0.0, init_lora=init_lora)
+                   lr=language_lr, class_weight=word_class_weight, position_scale=position_scale, init_lora=init_lora)
     export_adapter(model, out, ship_to or out)

@@ -105,8 +105,8 @@ class WordTargets:
         for o, i in zip(objects, cells):
             if cells.count(i) == 1:
                 labels[0, i], labels[1, i] = COLORS.index(o["color"]), SHAPES.index(o["shape"])
-                where = self.where(o, scene)
-                if self.position_scale and len(where) == 1:
+                where = self.where(o, scene) if self.position_scale else ()
+                if len(where) == 1:
                     labels[2, i] = POSITIONS.index(where[0])
         return labels
 
