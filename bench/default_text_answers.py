@@ -1,5 +1,6 @@
 """Does the default model still answer plain text questions as SmolLM2 does? Prints a table: question, SmolLM2's
-greedy answer (from its GGUF), the default model's, and whether they are identical.
+greedy answer (from its GGUF), the default model's, whether they are identical, and for how many tokens they agree
+before they part (greedy answers that part at one token go their own ways after it).
 
     python bench/default_text_answers.py [--model default] [--max-new-tokens 40]
 """
@@ -41,18 +42,21 @@ def main() -> None:
     base.load_state_dict(state)
     base.eval()
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_ids=tok.eos_token_ids)
-    same = 0
-    print("| question | SmolLM2 | default model | same |\n|---|---|---|---|")
+    same, agreed, total = 0, 0, 0
+    print("| question | SmolLM2 | default model | same | tokens agreed |\n|---|---|---|---|---:|")
     for q in QUESTIONS:
         messages = [{"role": "user", "content": q}]
         ids = torch.tensor([tok.encode(tok.render_chat(messages), add_special_tokens=False)])
         with torch.no_grad():
             ref = generate(base, tok, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, cfg)[0]
         ours = m.chat(messages, max_new_tokens=args.max_new_tokens)
-        same += ref == ours
+        a, b = (tok.encode(x, add_special_tokens=False) for x in (ref, ours))
+        prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        same, agreed, total = same + (ref == ours), agreed + prefix, total + len(a)
         cell = lambda s: s.replace("\n", " ").replace("|", "/")[:80]  # noqa: E731
-        print(f"| {q} | {cell(ref)} | {cell(ours)} | {'yes' if ref == ours else 'no'} |")
-    print(f"\nidentical greedy answers: {same}/{len(QUESTIONS)}")
+        print(f"| {q} | {cell(ref)} | {cell(ours)} | {'yes' if ref == ours else 'no'} | {prefix}/{len(a)} |")
+    print(f"\nidentical greedy answers: {same}/{len(QUESTIONS)}; tokens agreed before parting: {agreed}/{total} "
+          f"of SmolLM2's ({100 * agreed / max(1, total):.0f} %)")
 
 
 if __name__ == "__main__":

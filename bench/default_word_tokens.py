@@ -1,7 +1,8 @@
 """Do the default model's image tokens say the right words? For held-out images, the colour word and the shape word
 whose embeddings are closest to each image token, scored on the cells that hold exactly one object, the closest
-position word (left, right, top, bottom, center; v7) on those whose object has one, and whether empty cells stay
-empty (closer to stage 0c's empty target than to any object's words).
+position word (left, right, top, bottom, center; v7) on those whose object has one, whether the token most like
+"biggest" / "smallest" is that of the object clearly so (v8; images with one), and whether empty cells stay empty
+(closer to stage 0c's empty target than to any object's words).
 
     python bench/default_word_tokens.py runs/default/stage0-words.ckpt   # right after stage 0c
     python bench/default_word_tokens.py vlmkit/weights/default           # an adapter folder (after stage 1)
@@ -20,7 +21,7 @@ from PIL import Image
 from vlmkit.data.synthetic import BENCHMARK_SEED, COLORS, SHAPES, SyntheticGenerator
 from vlmkit.train import default_recipe as recipe
 from vlmkit.train.loop import load_checkpoint
-from vlmkit.train.word_targets import EMPTY_SCALE, EMPTY_WORD, POSITIONS, WordTargets
+from vlmkit.train.word_targets import EMPTY_SCALE, EMPTY_WORD, EXTREMES, POSITIONS, WordTargets
 
 CATEGORIES = ("color", "shape", "position", "yesno", "counting")
 
@@ -45,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     model, processor = load(args.source)
     model.eval()
-    words = WordTargets.of(model, processor, recipe.POSITION_SCALE)
+    words = WordTargets.of(model, processor, recipe.POSITION_SCALE, recipe.EXTREME_SCALE)
     grid, colors, shapes, places = words.grid, words.vocab(COLORS), words.vocab(SHAPES), words.vocab(POSITIONS)
     empty = EMPTY_SCALE * words.word(EMPTY_WORD)
 
@@ -63,7 +64,7 @@ def main() -> None:
         return
     gen = SyntheticGenerator(BENCHMARK_SEED + 7, categories=CATEGORIES, stage=2)
     hits = {"colour": [0, 0], "shape": [0, 0], "position": [0, 0], "empty stays empty": [0, 0],
-            "object not empty": [0, 0]}
+            "object not empty": [0, 0], **{w: [0, 0] for w in EXTREMES}}
     for start in range(0, args.images, 32):
         samples = [gen.qa_sample(start + j) for j in range(min(32, args.images - start))]
         feats = model.encode_images(recipe.pixels(processor, [s.images[0] for s in samples]))
@@ -86,6 +87,11 @@ def main() -> None:
                     if labels[2, i] >= 0:
                         hits["position"][0] += int(p[i] == labels[2, i])
                         hits["position"][1] += 1
+            named = (tokens @ words.vocab(EXTREMES).T).argmax(0)  # the cell most like each extreme word
+            for w, cell in zip(EXTREMES, words.extreme_cells(scene).tolist()):
+                if cell >= 0:
+                    hits[w][0] += int(named[EXTREMES.index(w)] == cell)
+                    hits[w][1] += 1
     print(f"| {args.source} | cells | right |\n|---|---:|---:|")
     for k, (right, n) in hits.items():
         print(f"| {k} | {n} | {100 * right / max(1, n):.1f} % |")

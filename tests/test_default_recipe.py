@@ -251,6 +251,34 @@ def test_position_words_name_every_zone_of_the_position_questions(fresh):
     assert placed.class_loss(right, lab) < placed.class_loss(wrong, lab)
 
 
+def test_extreme_words_mark_the_clearly_biggest_and_smallest_object(fresh):
+    from vlmkit.train.word_targets import EXTREMES, WordTargets, extremes
+
+    def obj(x, r, color="red"):
+        return {"x": x, "y": 50, "r": r, "color": color, "shape": "circle"}
+
+    assert extremes([obj(10, 9)]) == {}  # one object is neither
+    assert extremes([obj(10, 9), obj(50, 6), obj(90, 5)]) == {"biggest": 0}  # 6 vs 5: not clearly the smallest
+    assert extremes([obj(10, 9), obj(50, 6), obj(90, 3)]) == {"biggest": 0, "smallest": 2}
+    folder, model, processor = fresh
+    embed, tok = model.text.embed_tokens.weight, processor.tokenizer
+    plain, sized = WordTargets(embed, tok, 4), WordTargets(embed, tok, 4, extreme_scale=0.5)
+    scene = {"width": 100, "height": 100, "texts": [], "objects": [obj(10, 9), obj(50, 6, "blue"), obj(90, 3)]}
+    big, small = plain.cell(10, 50, scene), plain.cell(90, 50, scene)
+    assert torch.allclose(sized(scene)[0][big], plain(scene)[0][big] + 0.5 * plain.word("biggest"))
+    assert torch.allclose(sized(scene)[0][small], plain(scene)[0][small] + 0.5 * plain.word("smallest"))
+    assert torch.equal(sized(scene)[0][plain.cell(50, 50, scene)], plain(scene)[0][plain.cell(50, 50, scene)])
+    assert sized.extreme_cells(scene).tolist() == [big, small] and (plain.extreme_cells(scene) == -1).all()
+    # The extreme term prefers tokens where "biggest" is most like the biggest object's token, not another's.
+    right = sized(scene)[0][None]
+    wrong = right.clone()
+    wrong[0, big] -= 0.5 * plain.word("biggest")
+    wrong[0, small] += plain.word("biggest")
+    lab, cells = sized.classes(scene)[None], sized.extreme_cells(scene)[None]
+    assert sized.class_loss(right, lab, cells) < sized.class_loss(wrong, lab, cells)
+    assert len(EXTREMES) == sized.batch([scene])["word_extremes"].shape[1]
+
+
 def test_init_from_an_adapter_folder_continues_its_vit_connector_and_lora(tmp_path, monkeypatch):
     import json
 

@@ -374,7 +374,8 @@ def cmd_info(args) -> int:
          arg("--recipe", choices=["default"], default=None,
              help="'default' reproduces the embedded default model (the other flags below do not apply to it "
                   "except --out, --batch-size, --shape-steps, --vision-steps, --word-steps, --word-class-weight, "
-                  "--word-position-scale, --init-vision, --init-from, --language-steps, --lr, --ship)"),
+                  "--word-position-scale, --word-extreme-scale, --init-vision, --init-from, --language-steps, --lr, "
+                  "--ship)"),
          arg("--out", default=None, metavar="DIR",
              help="working folder: checkpoint, metrics.jsonl, final/ (resumable; default runs/default for "
                   "--recipe default, runs/finetune otherwise)"),
@@ -389,6 +390,9 @@ def cmd_info(args) -> int:
          arg("--word-position-scale", type=float, default=0.5,
              help="--recipe default: how much of an object's position words ('left', 'top', ...) its image token "
                   "carries in stage 0c's targets (v7: 0.5; 0 before)"),
+         arg("--word-extreme-scale", type=float, default=0.5,
+             help="--recipe default: how much of 'biggest' / 'smallest' the image token of the object "
+                  "they name carries in stage 0c's targets, with its own classification term (v8: 0.5; 0 before)"),
          arg("--init-from", default=None, metavar="DIR",
              help="--recipe default: go on training this adapter folder (an earlier default model: ViT, connector "
                   "and LoRA) in stages 0c and 1"),
@@ -456,7 +460,8 @@ def cmd_train(args) -> int:
                       word_steps=args.word_steps, init_vision=Path(args.init_vision) if args.init_vision else None,
                       word_class_weight=args.word_class_weight,
                       init_from=Path(args.init_from) if args.init_from else None,
-                      position_scale=args.word_position_scale, language_lr=args.lr or 1e-3)
+                      position_scale=args.word_position_scale, language_lr=args.lr or 1e-3,
+                      extreme_scale=args.word_extreme_scale)
         return 0
     if not args.model or not args.data:
         raise CLIError("give --model FOLDER and --data FILE to fine-tune (or --recipe default)")
