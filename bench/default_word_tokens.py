@@ -88,10 +88,10 @@ def main() -> None:
                         hits["position"][0] += int(p[i] == labels[2, i])
                         hits["position"][1] += 1
             named = (tokens @ words.vocab(EXTREMES).T).argmax(0)  # the cell most like each extreme word
-            for w, cell in zip(EXTREMES, words.extreme_cells(scene).tolist()):
+            for k, cell in enumerate(words.extreme_cells(scene).tolist()):
                 if cell >= 0:
-                    hits[w][0] += int(named[EXTREMES.index(w)] == cell)
-                    hits[w][1] += 1
+                    hits[EXTREMES[k]][0] += int(named[k] == cell)
+                    hits[EXTREMES[k]][1] += 1
     print(f"| {args.source} | cells | right |\n|---|---:|---:|")
     for k, (right, n) in hits.items():
         print(f"| {k} | {n} | {100 * right / max(1, n):.1f} % |")

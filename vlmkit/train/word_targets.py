@@ -103,17 +103,16 @@ class WordTargets:
         n = self.grid**2
         targets = self.word(EMPTY_WORD).mul(EMPTY_SCALE).repeat(n, 1)
         filled = torch.zeros(n, dtype=torch.bool)
-        objects = scene.get("objects") or []
-        named = self.named(scene)
-        for k, o in enumerate(objects):
+        for o in scene.get("objects") or []:
             i = self.cell(o["x"], o["y"], scene)
             vec = self.word(o["color"]) + self.word(o["shape"])
             if self.position_scale:
                 vec = vec + self.position_scale * sum(self.word(w) for w in self.where(o, scene))
-            for w in (w for w, j in named.items() if j == k):
-                vec = vec + self.extreme_scale * self.word(w)
             targets[i] = targets[i] + vec if filled[i] else vec  # two objects in one cell: both words
             filled[i] = True
+        for w, i in zip(EXTREMES, self.extreme_cells(scene).tolist()):
+            if i >= 0:
+                targets[i] = targets[i] + self.extreme_scale * self.word(w)
         for t in scene.get("texts") or []:
             i = self.cell(t["x"], t["y"], scene)
             targets[i] = self.word(t["color"]) + self.word(TEXT_WORD)
@@ -121,15 +120,11 @@ class WordTargets:
         weights = torch.where(filled, OBJECT_WEIGHT, EMPTY_WEIGHT)
         return targets, weights
 
-    def named(self, scene: dict) -> dict:
-        """`extremes` of the scene's objects, when the targets carry them (`extreme_scale`)."""
-        return extremes(scene.get("objects") or []) if self.extreme_scale else {}
-
     def extreme_cells(self, scene: dict) -> torch.Tensor:
         """[len(EXTREMES)] the cell of the object each extreme word names (-1: none, or no `extreme_scale`)."""
         cells = torch.full((len(EXTREMES),), -1, dtype=torch.long)
         objects = scene.get("objects") or []
-        for w, k in self.named(scene).items():
+        for w, k in (extremes(objects) if self.extreme_scale else {}).items():
             cells[EXTREMES.index(w)] = self.cell(objects[k]["x"], objects[k]["y"], scene)
         return cells
 
