@@ -121,8 +121,15 @@ def _table(header, rows) -> list[str]:
 
 def render(r: dict) -> str:
     m = r["machine"]
+    c = r.get("carried")
+    scope = "Same checkpoints and prompts." if c else "One run, one machine, same checkpoints and prompts."
     lines = ["# vlmkit benchmark", "", f"Regenerate: `{r['command'].strip() or 'vlmkit bench'}` "
-             f"({r['date']}, {r.get('seconds', 0) / 60:.0f} min). One run, one machine, same checkpoints and prompts.", ""]
+             f"({r['date']}, {r.get('seconds', 0) / 60:.0f} min). {scope}", ""]
+    if c:
+        old = c["machine"]
+        lines += [f"Sections {', '.join(c['sections'])} come from the earlier run `{c['command'].strip()}` "
+                  f"({c['date']}, on {old['cpu']}, {old['cores']} cores; llama-cpp-python {old['llama_cpp_python']}, "
+                  f"transformers {old['transformers']}); the rest were measured again, on the machine below.", ""]
     lines += _table(["machine", ""], [
         ("CPU", f"{m['cpu']} ({m['cores']} cores, {m['isa']}), {m['memory']}"), ("threads", r["threads"]),
         ("versions", f"python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "

@@ -24,6 +24,18 @@ from common import MODES, child_peak_memory, machine  # noqa: E402
 from report import render  # noqa: E402
 
 
+SECTIONS = {"decode": "decode", "vlm": "vlm", "memory": "memory", "accuracy": "accuracy", "profile": "profiles"}
+
+
+def carry_over(results: dict, old: dict, skipped: list) -> None:
+    """Copy the `skipped` sections of an earlier run's results into `results`, saying which and from when."""
+    keys = [SECTIONS[s] for s in skipped if SECTIONS[s] in old]
+    results.update({k: old[k] for k in keys})
+    if keys:
+        results["carried"] = {"sections": keys, "date": old["date"], "command": old["command"],
+                              "machine": old["machine"]}
+
+
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="default", help="the VLM to time (default: the embedded model, else "
@@ -34,7 +46,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--eval-limit", type=int, default=450, help="items of the default model's benchmark (0: skip)")
-    p.add_argument("--skip", action="append", default=[], choices=["decode", "vlm", "memory", "accuracy", "profile"])
+    p.add_argument("--skip", action="append", default=[], choices=list(SECTIONS))
+    p.add_argument("--keep", action="store_true", help="take the skipped sections from the existing results (the "
+                   "report names that run and its machine), e.g. to rerun only the accuracy after retraining the "
+                   "default model")
     return p.parse_args(argv)
 
 
@@ -88,6 +103,8 @@ def main(argv=None, args=None) -> int:
             results["profiles"] = profiles.for_misses(results, folders, log)
     results["seconds"] = time.time() - started
     out = Path(args.out)
+    if args.keep:
+        carry_over(results, json.loads(out.with_suffix(".json").read_text()), args.skip)
     out.write_text(render(results))
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
     log(f"wrote {out} ({results['seconds']:.0f} s)")

@@ -325,6 +325,10 @@ def test_synthetic_benchmark_per_category(tmp_path):
     assert per_category["counting"]["exact_match"] == 0.0 and per_category["color"]["exact_match"] == 1.0
     assert results["metrics"]["caption_cider"] > 0 and 0 < results["metrics"]["caption_bleu4"] <= 1
     assert "| counting | 2 | 0.00 |" in results["markdown"]
+    per_kind = results["breakdown"]["kind"]  # and per kind of question, e.g. "yesno: exists"
+    assert set(per_kind) == {f"{s.category}: {s.meta['variant']}" for s in expected}
+    assert sum(v["n"] for k, v in per_kind.items() if k.startswith("counting: ")) == 2
+    assert all(v["exact_match"] == 0.0 for k, v in per_kind.items() if k.startswith("counting: "))
 
 
 # --------------------------------------------------------------------------------------------------- CLI

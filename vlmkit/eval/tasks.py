@@ -609,7 +609,8 @@ def _synthetic_docs(seed: Optional[int] = None, n: int = 2000):
         def rows():
             for i in range(n):
                 s = gen.qa_sample(i, category=categories[i % len(categories)])
-                yield {"index": i, "sample": s, "question": s.question, "answer": s.answer, "category": s.category}
+                yield {"index": i, "sample": s, "question": s.question, "answer": s.answer, "category": s.category,
+                       "kind": f"{s.category}: {s.meta.get('variant')}"}
 
         return Rows(n, rows, Path("."), f"vlmkit.data.synthetic.benchmark_set(n={n}, seed={bench_seed})")
     return docs
@@ -621,7 +622,7 @@ def _synthetic_build(row: dict):
 
 
 def _synthetic_score(records: list[dict], seed: int = 0) -> dict:
-    out = _item_scorer("exact_match", M.exact_match, ("category",))(records, seed)
+    out = _item_scorer("exact_match", M.exact_match, ("category", "kind"))(records, seed)
     captions = [r for r in records if r.get("category") == "caption"]
     if captions:
         preds, refs = [r["prediction"] for r in captions], [[r["target"]] for r in captions]
@@ -633,8 +634,10 @@ def _synthetic_score(records: list[dict], seed: int = 0) -> dict:
 
 def synthetic_task(seed: Optional[int] = None, n: int = 2000) -> Task:
     """The embedded default model's benchmark: `benchmark_set(n, seed)` scored by exact match (case and
-    punctuation ignored) per category; caption items also get CIDEr-D / BLEU-4 against their one caption."""
-    return Task("synthetic", _synthetic_build, lambda r: {"target": r["answer"], "category": r["category"]},
+    punctuation ignored) per category and per kind of question within it ("yesno: count", what a miss is made
+    of); caption items also get CIDEr-D / BLEU-4 against their one caption."""
+    return Task("synthetic", _synthetic_build,
+                lambda r: {"target": r["answer"], "category": r["category"], "kind": r["kind"]},
                 _synthetic_score, "vlmkit synthetic benchmark: exact match per category", "index", 24,
                 docs=_synthetic_docs(seed, n))
 
