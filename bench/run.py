@@ -59,6 +59,10 @@ def main(argv=None, args=None) -> int:
     torch.set_num_threads(threads)
     modes = MODES if args.quantize is None else ("float32", args.quantize)
     started = time.time()
+    out = Path(args.out)
+    if args.keep and not out.with_suffix(".json").is_file():
+        sys.exit(f"--keep: no earlier results to keep sections from ({out.with_suffix('.json')} does not exist)")
+    earlier = json.loads(out.with_suffix(".json").read_text()) if args.keep else None  # before the minutes of work
     results = {"machine": machine(), "modes": list(modes), "threads": threads,
                "command": "vlmkit bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -102,9 +106,8 @@ def main(argv=None, args=None) -> int:
 
             results["profiles"] = profiles.for_misses(results, folders, log)
     results["seconds"] = time.time() - started
-    out = Path(args.out)
-    if args.keep:
-        carry_over(results, json.loads(out.with_suffix(".json").read_text()), args.skip)
+    if earlier is not None:
+        carry_over(results, earlier, args.skip)
     out.write_text(render(results))
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
     log(f"wrote {out} ({results['seconds']:.0f} s)")
