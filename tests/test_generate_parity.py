@@ -31,7 +31,7 @@ def test_greedy_text_with_two_images(pair):
     images = sample_images()
     prompt = sample_prompt(family, 2, images=images)
     expected = hf_greedy(hf_model, processor, hf_inputs(family, processor, images, prompt))[0]
-    got = m.generate(prompt, images=None if family == "idefics" else images, max_new_tokens=NEW_TOKENS)
+    got = m.generate(prompt, images=None if family == "idefics" else images, max_new_tokens=NEW_TOKENS, raw=True)
     assert got == expected
 
 
@@ -42,14 +42,14 @@ def test_greedy_text_batch_of_two(pair):
     image_lists = [[a, b], [b]]
     if family == "idefics":
         batch = processor(text=prompts, return_tensors="pt", padding=True)
-        got = m.generate_batch(prompts, max_new_tokens=NEW_TOKENS)
+        got = m.generate_batch(prompts, max_new_tokens=NEW_TOKENS, raw=True)
     else:
         batch = processor(text=prompts, images=image_lists, return_tensors="pt", padding=True)
-        got = m.generate_batch(prompts, images=image_lists, max_new_tokens=NEW_TOKENS)
+        got = m.generate_batch(prompts, images=image_lists, max_new_tokens=NEW_TOKENS, raw=True)
     expected = hf_greedy(hf_model, processor, batch)
     # transformers also penalises nothing here (greedy), so padded rows must agree too
     assert got == expected
-    alone = [m.generate(p, images=None if family == "idefics" else im, max_new_tokens=NEW_TOKENS)
+    alone = [m.generate(p, images=None if family == "idefics" else im, max_new_tokens=NEW_TOKENS, raw=True)
              for p, im in zip(prompts, image_lists)]
     assert got == alone
 
@@ -62,4 +62,4 @@ def test_chat_messages_equal_string_prompt(pair):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
                                              {"type": "text", "text": "What is shown?"}]}]
     assert m.chat(messages, images=images, max_new_tokens=NEW_TOKENS) == m.generate(
-        sample_prompt(family, 2), images=images, max_new_tokens=NEW_TOKENS)
+        sample_prompt(family, 2), images=images, max_new_tokens=NEW_TOKENS, raw=True)

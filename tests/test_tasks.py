@@ -190,7 +190,7 @@ def test_classify_score_ranks_labels_by_m_score(load, family, monkeypatch):
     score = Spy(monkeypatch, m, "score")
     ranked = tasks.classify(m, A, labels, method="score")
     (prompt, candidates), kwargs = score.calls[0][0], score.calls[0][1]
-    real = m.score.real(prompt, candidates, images=kwargs["images"])
+    real = m.score.real(prompt, candidates, images=kwargs["images"], raw=True)
     assert [c.strip() for c in candidates] == labels and images_seen(m, prompt, kwargs["images"]) == 1
     assert "Category:" in prompt
     assert sorted(label for label, _ in ranked) == sorted(labels)

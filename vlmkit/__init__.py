@@ -1,8 +1,8 @@
 """vlmkit: open vision-language models (LLaVA, IDEFICS, Idefics2, Idefics3/SmolVLM) in one small library.
 
     import vlmkit
-    m = vlmkit.load("path/to/hf-folder")
-    m.generate("<image>What is in this picture?", images=["cat.png"])
+    m = vlmkit.load("default")                     # or a local Hugging Face folder of any supported family
+    m.generate("<image>What color is the circle?", images=["examples/shapes.png"])     # 'red'
 
 Importing this package loads nothing heavier than torch; submodules load on first use."""
 

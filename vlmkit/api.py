@@ -14,6 +14,7 @@ from .checkpoints.hf import config_from_folder, load_model, save_model
 from .generation import GenerationConfig, fast_decoder, generate, new_cache
 from .models.kv_cache import ImageFeatureCache, PrefixCache, PrefixEntry, StaticKVCache, crop_digest, crop_starts
 from .models.vlm import VLMModel
+from .processing.prompts import as_user_message, is_messages
 from .quantize import check_mode, load_quantized, memory_bytes, quantization_of, save_quantized, saved_quantization
 
 # Files of a Hugging Face folder that describe the processor (copied by `save`).
@@ -150,7 +151,22 @@ class VLM:
             bad_words_ids=[list(x) for x in (self.processor.bad_words_ids if bad_words is None else bad_words)],
         )
 
-    def _batch(self, prompts, images, max_new_tokens: int) -> dict:
+    def _prompt(self, prompt, raw: Optional[bool]):
+        """The prompt the processor gets. raw=True: as written (transformers' behaviour). raw=False: a string or an
+        interleaved list becomes one user turn of the chat template (Ollama's /api/generate behaviour), with
+        `<image>` placeholders as its image parts. raw=None (default): the chat template when the checkpoint has
+        one, else as written. Chat messages always go through the template."""
+        if is_messages(prompt):
+            if raw:
+                raise ValueError("raw=True takes a string or an interleaved list; chat messages always go through "
+                                 "the chat template")
+            return prompt
+        if raw is None:
+            raw = self.processor.tokenizer.chat_template is None
+        return prompt if raw else as_user_message(prompt, self.processor.image_token)
+
+    def _batch(self, prompts, images, max_new_tokens: int, raw: Optional[bool] = True) -> dict:
+        prompts = [self._prompt(p, raw) for p in prompts]
         batch = self.processor(prompts, images, max_length=self.context_length - max_new_tokens)
         return {k: (v.to(self.model.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -158,11 +174,12 @@ class VLM:
     def generate(self, prompt, images=None, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                  stop: Union[str, Sequence[str], None] = None, stream: bool = False, seed: Optional[int] = None,
-                 bad_words_ids=None) -> Union[str, Iterator[str]]:
-        """New text for one prompt (a string with <image> placeholders, an interleaved list, or chat messages)."""
+                 bad_words_ids=None, raw: Optional[bool] = None) -> Union[str, Iterator[str]]:
+        """New text for one prompt (a string with <image> placeholders, an interleaved list, or chat messages).
+        A string or list prompt goes through the chat template as one user turn unless raw=True (see _prompt)."""
         cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
                                       stop, seed, bad_words_ids)
-        batch = self._batch([prompt], None if images is None else [list(images)], max_new_tokens)
+        batch = self._batch([prompt], None if images is None else [list(images)], max_new_tokens, raw)
         if stream:
             return self._stream(batch, cfg)
         batch, cache, crops = self._use_caches(batch, max_new_tokens)
@@ -245,14 +262,15 @@ class VLM:
     def generate_batch(self, prompts: Sequence, images=None, max_new_tokens: int = 128, do_sample: bool = False,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        repetition_penalty: float = 1.0, stop=None, seed: Optional[int] = None,
-                       bad_words_ids=None) -> list[str]:
-        """Several prompts decoded together (left-padded); `images` is one list of images per prompt."""
+                       bad_words_ids=None, raw: Optional[bool] = None) -> list[str]:
+        """Several prompts decoded together (left-padded); `images` is one list of images per prompt. raw: as
+        generate."""
         if images is not None and len(images) != len(prompts):
             raise ValueError(f"generate_batch got {len(prompts)} prompts but {len(images)} image lists")
         cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
                                       stop, seed, bad_words_ids)
         batch = self._batch(list(prompts), None if images is None else [list(x or []) for x in images],
-                            max_new_tokens)
+                            max_new_tokens, raw)
         batch, _, _ = self._use_caches(batch, max_new_tokens) if len(prompts) > 1 else (batch, None, ())
         return generate(self.model, self.processor.tokenizer, batch, cfg, max_length=self.context_length)
 
@@ -263,11 +281,12 @@ class VLM:
         return self.generate(messages, images=images, **kwargs)
 
     @torch.inference_mode()
-    def score(self, prompt, candidates: Sequence[str], images=None) -> list[float]:
-        """Log-likelihood (sum over its tokens) of each candidate continuation of `prompt`."""
+    def score(self, prompt, candidates: Sequence[str], images=None, raw: Optional[bool] = None) -> list[float]:
+        """Log-likelihood (sum over its tokens) of each candidate continuation of `prompt` (after the assistant
+        prompt of the chat template unless raw=True, as generate)."""
         if not candidates:
             return []
-        batch = self._batch([prompt], None if images is None else [list(images)], 0)
+        batch = self._batch([prompt], None if images is None else [list(images)], 0, raw)
         tok = self.processor.tokenizer
         cand_ids = [tok.encode(c, add_special_tokens=False) for c in candidates]
         if any(not ids for ids in cand_ids):

@@ -189,7 +189,7 @@ def _run(m, task: str, messages: list[dict], prefix: Optional[str], gen: dict) -
     if not prefix or not prefix.strip():
         return m.generate(messages, **gen).strip()
     text, images = render_prompt(m, messages, prefix)
-    return join_prefix(prefix, m.generate(text, images=images, **gen), m.processor.tokenizer)
+    return join_prefix(prefix, m.generate(text, images=images, raw=True, **gen), m.processor.tokenizer)
 
 
 def join_prefix(prefix: str, continuation: str, tokenizer=None) -> str:
@@ -297,7 +297,7 @@ def classify(m, image, labels: Sequence[str], method: str = "generate", prompt: 
         if gen:
             raise TypeError(f"classify(method='score') takes no generation options, got {sorted(gen)}")
         text, images, candidates = classify_prompt(m, image, labels, prompt)
-        scores = m.score(text, candidates, images=images)
+        scores = m.score(text, candidates, images=images, raw=True)
         if length_normalize:
             tok = m.processor.tokenizer
             scores = [s / max(1, len(tok.encode(c, add_special_tokens=False))) for s, c in zip(scores, candidates)]

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from .chat_text import LiteralText, escape_messages, render_messages
 from .image_processors import image_processor_for
 from .images import ImageError, ImageLimits, load_image
 from .prompts import (
@@ -47,9 +48,13 @@ def _read_json(path: str) -> dict:
 
 
 class Processor:
-    """Callable: `processor(prompts, images=None, *, add_generation_prompt=True, max_length=None) -> dict`.
+    """Callable: `processor(prompts, images=None, *, add_generation_prompt=True, max_length=None, plain_text=False)
+    -> dict`.
 
     family: llava | idefics | idefics2 | idefics3 | smolvlm (smolvlm = idefics3 prompt rules, its own images).
+    plain_text: the text parts of chat messages are plain text (what the server's chat APIs use): an `<image>` or
+    a control token written in them is encoded as its characters; images come only from image parts and special
+    tokens only from the chat template. Otherwise, as transformers, `<image>` in message text is a placeholder.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_processor, rules: PromptRules, *, family: Optional[str] = None,
@@ -72,6 +77,8 @@ class Processor:
             pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_token_id = int(pad_token_id)
         self._expected_tokens: Optional[int] = None  # LLaVA: features per image the model will produce
+        added = [t.content for t in tokenizer.backend.get_added_tokens_decoder().values()]
+        self._literal_text = LiteralText(added + [rules.image_token, rules.fake_token])
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -158,26 +165,31 @@ class Processor:
 
     def _render(self, rendered: list[dict], add_generation_prompt: bool) -> str:
         template = None if self.tokenizer.chat_template is not None else default_chat_template(self.family)
-        return self.tokenizer.render_chat(rendered, add_generation_prompt=add_generation_prompt, chat_template=template)
+        image_text = self.image_token + ("\n" if self.rules.family == "llava" else "")
+        return render_messages(lambda messages: self.tokenizer.render_chat(
+            messages, add_generation_prompt=add_generation_prompt, chat_template=template), rendered, image_text)
 
     # ------------------------------------------------------------------------------------------------ call
     def __call__(self, prompts, images=None, *, add_generation_prompt: bool = True,
-                 max_length: Optional[int] = None) -> dict:
+                 max_length: Optional[int] = None, plain_text: bool = False) -> dict:
         prompts, images = self._batch(prompts, images)
-        parsed = [self._segments(p, i, add_generation_prompt) for i, p in enumerate(prompts)]
+        parsed = [self._segments(p, i, add_generation_prompt, plain_text) for i, p in enumerate(prompts)]
         sources = self._assign_images(parsed, images)
         loaded = self._load(sources)
         texts, image_batch = self._expand(parsed, loaded)
         ids = []
         limit = max_length if max_length is not None else self.max_length
-        for i, (text, (_, from_chat)) in enumerate(zip(texts, parsed)):
+        for i, (text, (_, from_chat, literals)) in enumerate(zip(texts, parsed)):
             if self.rules.family == "idefics":
                 add_special = False  # IdeficsProcessor writes the BOS text itself
             else:
                 bos = self.tokenizer.special_tokens.get("bos_token")
                 # as apply_chat_template(tokenize=True): no second BOS when the template already wrote one
                 add_special = not (from_chat and bos is not None and text.startswith(bos))
-            row = self.tokenizer.encode(text, add_special_tokens=add_special)
+            if literals:
+                row = self.tokenizer.encode_runs(LiteralText.split(text, literals), add_special_tokens=add_special)
+            else:
+                row = self.tokenizer.encode(text, add_special_tokens=add_special)
             if limit is not None and len(row) > limit:
                 context = " (the model's context)" if limit == self.max_length else ""
                 raise PromptError(f"prompt {i} is {len(row)} tokens (image tokens included), longer than "
@@ -243,14 +255,18 @@ class Processor:
             raise PromptError("images mixes single images and lists; give one list per prompt")
         return batch, ("flat", list(images))
 
-    def _segments(self, prompt, index: int, add_generation_prompt: bool):
-        """-> (segments, from_chat). Slots of chat messages are already bound to their images (or None)."""
+    def _segments(self, prompt, index: int, add_generation_prompt: bool, plain_text: bool = False):
+        """-> (segments, from_chat, literals). Slots of chat messages are already bound to their images (or None);
+        literals: what the sentinels of plain-text chat parts stand for (see chat_text.py)."""
+        literals: list[str] = []
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PromptError(f"prompt {index} is empty")
-            return self._split(prompt), False
+            return self._split(prompt), False, literals
         if is_messages(prompt):
-            rendered, message_images = normalize_messages(prompt, self.image_token)
+            rendered, message_images = normalize_messages(prompt, self.image_token, text_placeholders=not plain_text)
+            if plain_text:
+                rendered = escape_messages(rendered, self._literal_text, literals)
             text = self._render(rendered, add_generation_prompt)
             if self.rules.family == "idefics":
                 bos = self.tokenizer.special_tokens.get("bos_token")
@@ -263,14 +279,14 @@ class Processor:
                                   f"placeholders but the messages have {len(message_images)} images")
             for slot, image in zip(slots, message_images):
                 slot.image = image
-            return segments, True
+            return segments, True, literals
         if isinstance(prompt, (list, tuple)):
             if not prompt:
                 raise PromptError(f"prompt {index} is empty")
             segments = interleaved_segments(prompt, self.image_token)
             if not any(isinstance(s, Slot) or s.strip() for s in segments):
                 raise PromptError(f"prompt {index} is empty")
-            return segments, False
+            return segments, False, literals
         raise PromptError(f"prompt {index}: a prompt is a string, an interleaved list or chat messages, "
                           f"not {type(prompt).__name__}")
 
@@ -284,7 +300,7 @@ class Processor:
 
     def _assign_images(self, parsed, images) -> list[list]:
         """Fill each prompt's open slots from `images`, in order; counts must match exactly."""
-        need = [sum(1 for s in seg if isinstance(s, Slot) and s.image is None) for seg, _ in parsed]
+        need = [sum(1 for s in seg if isinstance(s, Slot) and s.image is None) for seg, _, _ in parsed]
         tok = self.image_token
         kind, images = images if images is not None else ("nested", [[] for _ in parsed])
         if kind == "nested":
@@ -300,7 +316,7 @@ class Processor:
                 per.append(images[start:start + n])
                 start += n
         out = []
-        for i, ((segments, _), given, n) in enumerate(zip(parsed, per, need)):
+        for i, ((segments, _, _), given, n) in enumerate(zip(parsed, per, need)):
             if len(given) != n:
                 where = f"prompt {i}" if len(parsed) > 1 else "the prompt"
                 inline = sum(1 for s in segments if isinstance(s, Slot) and s.image is not None)
@@ -331,7 +347,7 @@ class Processor:
         any_image = any(loaded)
         image_batch = self.image_processor(loaded) if (any_image or family == "idefics") else {}
         texts = []
-        for i, (segments, _) in enumerate(parsed):
+        for i, (segments, _, _) in enumerate(parsed):
             if family == "idefics":
                 texts.append(idefics_text(segments, rules, self.tokenizer.special_tokens.get("bos_token"),
                                           self.tokenizer.special_tokens.get("eos_token")))

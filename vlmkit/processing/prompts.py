@@ -156,6 +156,23 @@ def fill_placeholders(text: str, token: str, replacements: list[str]) -> str:
     return "".join(out)
 
 
+def as_user_message(prompt, image_token: str = IMAGE_TOKEN) -> list[dict]:
+    """A string with placeholders, or an interleaved list, as one user turn of chat messages: each placeholder or
+    image becomes an image part (a placeholder takes the next image from images=), each text piece a text part."""
+    if isinstance(prompt, str):
+        segments = split_placeholders(prompt, image_token)
+    elif isinstance(prompt, (list, tuple)):
+        segments = interleaved_segments(prompt, image_token)
+    else:
+        raise PromptError(f"a prompt is a string, an interleaved list or chat messages, not {type(prompt).__name__}")
+    parts = [{"type": "text", "text": s} if isinstance(s, str)
+             else {"type": "image"} if s.image is None else {"type": "image", "image": s.image}
+             for s in segments if not isinstance(s, str) or s.strip()]
+    if not parts:
+        raise PromptError("the prompt is empty")
+    return [{"role": "user", "content": parts}]
+
+
 # ------------------------------------------------------------------------------------------------ chat messages
 
 def _inline_image(part: dict):
@@ -180,12 +197,14 @@ def _inline_image(part: dict):
     return None
 
 
-def normalize_messages(messages, image_token: str = IMAGE_TOKEN) -> tuple[list[dict], list]:
+def normalize_messages(messages, image_token: str = IMAGE_TOKEN,
+                       text_placeholders: bool = True) -> tuple[list[dict], list]:
     """Chat messages -> (messages as the template sees them, images in placeholder order).
 
     String content becomes one text part (VLM templates iterate over parts; given a string they would drop it).
     Image parts are shown to the template as {"type": "image"}; the returned list holds each image part's inline
-    image or None ("next from images="), plus None for every `<image>` written inside text."""
+    image or None ("next from images="), plus, with text_placeholders, None for every `<image>` written inside text
+    (without it, text is plain text: see chat_text.py)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise PromptError("chat messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     rendered, images = [], []
@@ -213,7 +232,8 @@ def normalize_messages(messages, image_token: str = IMAGE_TOKEN) -> tuple[list[d
                 text = part.get("text")
                 if not isinstance(text, str):
                     raise PromptError(f"message {i}, part {j}: a text part needs a string 'text'")
-                images += [None] * text.count(image_token)
+                if text_placeholders:
+                    images += [None] * text.count(image_token)
                 parts.append({k: v for k, v in part.items() if v is not None})
             elif kind in ("image", "image_url"):
                 images.append(_inline_image(part))

@@ -15,7 +15,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Iterable, Optional, Union
 
-from tokenizers import AddedToken, processors
+from tokenizers import AddedToken, Encoding, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 # Named special tokens transformers knows; each is also passed to chat templates under this name.
@@ -128,6 +128,24 @@ class Tokenizer:
     # ----------------------------------------------------------------------------------------------- basics
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_runs(self, runs: Iterable[tuple[str, bool]], add_special_tokens: bool = True) -> list[int]:
+        """Text in runs of (text, literal): literal runs are plain text (the added tokens written in them are not
+        matched, they encode as their characters); BOS/EOS are added around the whole, as encode() would."""
+        pieces = [(self._plain_backend() if literal else self.backend).encode(text, add_special_tokens=False)
+                  for text, literal in runs if text]
+        if not pieces:
+            return self.encode("", add_special_tokens=add_special_tokens)
+        merged = Encoding.merge(pieces, growing_offsets=True)
+        return self.backend.post_process(merged, add_special_tokens=add_special_tokens).ids
+
+    def _plain_backend(self) -> BackendTokenizer:
+        """The same tokenizer without its added-token matching: text in, the ids of its characters out."""
+        if getattr(self, "_plain", None) is None:
+            spec = json.loads(self.backend.to_str())
+            spec["added_tokens"] = []
+            self._plain = BackendTokenizer.from_str(json.dumps(spec))
+        return self._plain
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

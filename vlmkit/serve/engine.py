@@ -231,7 +231,7 @@ class Engine:
                 batch = self.vlm.processor([prompt], [loaded], max_length=10**9)
             else:
                 prompt = self._load_inline(prompt, limits)
-                batch = self.vlm.processor([prompt], None, max_length=10**9)
+                batch = self.vlm.processor([prompt], None, max_length=10**9, plain_text=True)
         except ImageError as e:
             raise bad(f"invalid image: {e}", "messages", "invalid_image") from None
         except (PromptError, ValueError) as e:
