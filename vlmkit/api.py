@@ -14,7 +14,8 @@ from .checkpoints.hf import config_from_folder, load_model, save_model
 from .generation import GenerationConfig, fast_decoder, generate, new_cache
 from .models.kv_cache import ImageFeatureCache, PrefixCache, PrefixEntry, StaticKVCache, crop_digest, crop_starts
 from .models.vlm import VLMModel
-from .processing.prompts import as_user_message, is_messages
+from .processing.chat_text import as_user_message
+from .processing.prompts import is_messages
 from .quantize import check_mode, load_quantized, memory_bytes, quantization_of, save_quantized, saved_quantization
 
 # Files of a Hugging Face folder that describe the processor (copied by `save`).

@@ -6,6 +6,8 @@ Two rules live here:
     the tokenizer) in a text part is swapped for a private-use sentinel character before the template renders, so
     placeholder splitting never sees it, and the tokenizer encodes the sentinel back as the plain characters it
     stands for. Text without such strings renders and encodes exactly as before (parity with transformers holds).
+  * a plain prompt through the template: a string with `<image>` placeholders or an interleaved list becomes one
+    user turn (`as_user_message`), as Ollama's /api/generate does unless `raw`.
   * templates that only take text: a chat template written for a plain LLM concatenates `message['content']` as a
     string; given content parts it fails (or prints the list). Such templates get string content with the family's
     image placeholders instead.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import re
 from typing import Callable, Iterable
+
+from .prompts import IMAGE_TOKEN, PromptError, interleaved_segments, split_placeholders
 
 # Planes 15 and 16 are private use: no template, tokenizer or training marker (collate.py uses U+E000/E001) writes
 # them. A user's own characters from these planes are escaped too, so every sentinel in a rendered prompt is ours.
@@ -115,3 +119,20 @@ def render_messages(render: Callable[[list[dict]], str], messages: list[dict], i
     except TypeError as e:
         raise ValueError(f"the chat template cannot render these messages, with content parts or as strings: "
                          f"{e}") from None
+
+
+def as_user_message(prompt, image_token: str = IMAGE_TOKEN) -> list[dict]:
+    """A string with placeholders, or an interleaved list, as one user turn of chat messages: each placeholder or
+    image becomes an image part (a placeholder takes the next image from images=), each text piece a text part."""
+    if isinstance(prompt, str):
+        segments = split_placeholders(prompt, image_token)
+    elif isinstance(prompt, (list, tuple)):
+        segments = interleaved_segments(prompt, image_token)
+    else:
+        raise PromptError(f"a prompt is a string, an interleaved list or chat messages, not {type(prompt).__name__}")
+    parts = [{"type": "text", "text": s} if isinstance(s, str)
+             else {"type": "image"} if s.image is None else {"type": "image", "image": s.image}
+             for s in segments if not isinstance(s, str) or s.strip()]
+    if not parts:
+        raise PromptError("the prompt is empty")
+    return [{"role": "user", "content": parts}]

@@ -156,23 +156,6 @@ def fill_placeholders(text: str, token: str, replacements: list[str]) -> str:
     return "".join(out)
 
 
-def as_user_message(prompt, image_token: str = IMAGE_TOKEN) -> list[dict]:
-    """A string with placeholders, or an interleaved list, as one user turn of chat messages: each placeholder or
-    image becomes an image part (a placeholder takes the next image from images=), each text piece a text part."""
-    if isinstance(prompt, str):
-        segments = split_placeholders(prompt, image_token)
-    elif isinstance(prompt, (list, tuple)):
-        segments = interleaved_segments(prompt, image_token)
-    else:
-        raise PromptError(f"a prompt is a string, an interleaved list or chat messages, not {type(prompt).__name__}")
-    parts = [{"type": "text", "text": s} if isinstance(s, str)
-             else {"type": "image"} if s.image is None else {"type": "image", "image": s.image}
-             for s in segments if not isinstance(s, str) or s.strip()]
-    if not parts:
-        raise PromptError("the prompt is empty")
-    return [{"role": "user", "content": parts}]
-
-
 # ------------------------------------------------------------------------------------------------ chat messages
 
 def _inline_image(part: dict):
