@@ -503,18 +503,21 @@ def cmd_train(args) -> int:
          arg("--batch-size", type=_positive_int, default=8, metavar="B", help="prompts generated together (default 8)"),
          arg("--output", "-o", default=None, metavar="DIR",
              help="where predictions.jsonl, results.json and results.md go (default eval-results/TASK-MODEL); "
-                  "a rerun resumes"),
+                  "a rerun with the same model and settings resumes, one with other settings is refused"),
          arg("--max-new-tokens", type=_positive_int, default=None, metavar="N",
              help="answer length cap (default: the task's)"),
          arg("--image-root", default=None, metavar="DIR", help="the folder relative image paths start from"),
          arg("--seed", type=int, default=0, metavar="S", help="seed of MMMU's random choice for unreadable answers"),
-         arg("--overwrite", action="store_true", help="drop the predictions already in --output instead of resuming"))
+         arg("--overwrite", action="store_true",
+             help="drop the predictions already in --output instead of resuming (needed to rerun a folder with "
+                  "other settings)"))
 def cmd_eval(args) -> int:
     from .eval.runner import evaluate
 
     results = evaluate(lambda: _load_model(args), args.task, args.data, split=args.split, limit=args.limit,
                        batch_size=args.batch_size, output_dir=args.output, max_new_tokens=args.max_new_tokens,
-                       seed=args.seed, overwrite=args.overwrite, image_root=args.image_root, model_name=args.model)
+                       seed=args.seed, overwrite=args.overwrite, image_root=args.image_root, model_name=args.model,
+                       load_options={"dtype": args.dtype, "quantize": args.quantize})
     sys.stdout.write(results["markdown"])
     _status(f"{PROG} eval: {results['n']} items ({results['failed']} failed); "
             f"predictions and results in {os.path.dirname(results['files']['results'])}")
