@@ -448,7 +448,10 @@ def cmd_info(args) -> int:
          arg("--quantize", choices=["int8", "int4"], default=None, help="frozen base quantized under LoRA"),
          arg("--template", choices=["chat", "plain"], default=None,
              help="labels on chat answers, or LLaVA's plain images + caption (default: the stage's)"),
-         arg("--no-final", action="store_true", help="do not write the merged model to OUT/final"))
+         arg("--no-final", action="store_true", help="do not write the merged model to OUT/final"),
+         arg("--skip-nonfinite", action="store_true",
+             help="skip a batch whose loss or gradient is NaN or infinite (counted in metrics.jsonl as "
+                  "skipped_nonfinite) instead of stopping the run with an error naming the step"))
 def cmd_train(args) -> int:
     from pathlib import Path
 
@@ -482,14 +485,17 @@ def cmd_train(args) -> int:
         strategy=args.strategy, device=args.device, seed=args.seed, log_every=args.log_every,
         ckpt_every=args.ckpt_every, eval_every=args.eval_every, eval_task=args.eval_task, eval_data=args.eval_data,
         eval_limit=args.eval_limit, save_final=not args.no_final, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        quantize=args.quantize, template=args.template,
+        quantize=args.quantize, template=args.template, skip_nonfinite=args.skip_nonfinite,
         train_parts=[p.strip() for p in args.train.split(",") if p.strip()] if args.train else None)
     result = finetune(cfg)
-    if result["final"]:
+    if os.environ.get("RANK", "0") == "0":  # torchrun: the first process reports
         skipped = (f"; {result['skipped']} examples skipped (bad images or too long; counted each time read)"
                    if result["skipped"] else "")
+        if result["skipped_nonfinite"]:
+            skipped += f"; {result['skipped_nonfinite']} batches skipped for a non-finite loss"
+        where = f"model in {result['final']}" if result["final"] else f"checkpoint in {cfg.out}"
         _status(f"{PROG} train: {len(result['losses'])} steps, {result['samples_per_s']:.2f} samples/s; "
-                f"model in {result['final']}{skipped}")
+                f"{where}{skipped}")
     return 0
 
 
