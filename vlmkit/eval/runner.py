@@ -71,7 +71,6 @@ def _materialize(model):
     raise TypeError(f"evaluate() needs a VLM, a model folder or 'default', not a {type(model).__name__}")
 
 
-
 # ------------------------------------------------------------------------------------------------ files
 
 def _write_json(path: Path, obj) -> None:
@@ -279,7 +278,7 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
                     raise ValueError(f"{rows.source}: row {index} (id {rid}): {e}") from None
                 try:
                     prompt, cells = t.build(row)
-                except (ValueError, KeyError, TypeError) as e:
+                except (OSError, ValueError, KeyError, TypeError) as e:
                     prompt, cells = e, []
                 if rid in done:  # predicted before: rescored with this row's fields
                     _check_same_prompt(pred_path, done[rid], prompt)
