@@ -15,11 +15,11 @@ and any accumulation give the same update. Files in `out`:
                              settings is refused
     metrics.jsonl            one JSON line per step (loss, lr, tokens, samples/s, grad norm, epoch; a non-finite
                              number is null) and per evaluation
+    eval/step-N/             the eval harness's files for each periodic evaluation
+    final/                   the trained model, LoRA merged, in Hugging Face format (transformers loads it)
 
 A NaN or infinite loss stops the run with an error naming the step, before that step's update and without writing
 final/; with `skip_nonfinite` such batches are skipped instead and counted (`skipped_nonfinite` in metrics.jsonl).
-    eval/step-N/             the eval harness's files for each periodic evaluation
-    final/                   the trained model, LoRA merged, in Hugging Face format (transformers loads it)
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def _resume(path: Path, wrapped, optimizer, fingerprint: dict, say) -> tuple[int
     extra = json.loads(meta.get("extra", "{}"))
     stored = extra.get("data", {})
     differs = [f"{k} {stored[k]} (now {fingerprint.get(k)})" if k != "content" else
-               "the data's content (same number of examples, other text or images)"
+               "the data's content (other text or images)"
                for k in stored if stored[k] != fingerprint.get(k)]
     if differs:
         raise ValueError(f"{path} was written by a run with different data or settings: {'; '.join(differs)}; use "
