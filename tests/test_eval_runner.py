@@ -250,6 +250,72 @@ def test_a_folder_of_another_task_or_model_is_refused(tmp_path):
     assert model.answered == 3
 
 
+def test_resume_with_other_settings_is_refused(tmp_path):
+    first = Oracle(VQAV2)
+    evaluate(first, "vqav2", data("vqav2.jsonl"), output_dir=tmp_path, limit=2, max_new_tokens=4)
+    before = (tmp_path / "predictions.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"max_new_tokens 4 \(now 8\).*--overwrite.*another --output"):
+        evaluate(Oracle(VQAV2), "vqav2", data("vqav2.jsonl"), output_dir=tmp_path, limit=3, max_new_tokens=8)
+    with pytest.raises(ValueError, match=r"dtype as stored \(now bfloat16\)"):
+        evaluate(Oracle(VQAV2), "vqav2", data("vqav2.jsonl"), output_dir=tmp_path, max_new_tokens=4,
+                 load_options={"dtype": "bf16"})
+    with pytest.raises(ValueError, match=r"quantize none \(now int8\)"):
+        evaluate(Oracle(VQAV2), "vqav2", data("vqav2.jsonl"), output_dir=tmp_path, max_new_tokens=4,
+                 load_options={"quantize": "int8"})
+    assert (tmp_path / "predictions.jsonl").read_bytes() == before  # a refusal leaves the file alone
+    same = Oracle(VQAV2)  # the same settings resume as before
+    results = evaluate(same, "vqav2", data("vqav2.jsonl"), output_dir=tmp_path, max_new_tokens=4)
+    assert same.answered == 1 and results["n"] == 3 and results["settings"]["max_new_tokens"] == 4
+    again = Oracle(VQAV2)
+    results = evaluate(again, "vqav2", data("vqav2.jsonl"), output_dir=tmp_path, max_new_tokens=8, overwrite=True)
+    assert again.answered == 3 and results["settings"]["max_new_tokens"] == 8
+    lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [x["settings"]["max_new_tokens"] for x in lines] == [8, 8, 8]
+
+
+def test_resume_after_the_model_or_prompt_template_changed_is_refused(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}')
+    out = tmp_path / "out"
+    evaluate(Oracle(VQAV2), "vqav2", data("vqav2.jsonl"), output_dir=out, limit=1, model_name=str(folder))
+    (folder / "config.json").write_text('{"a": 2}')  # e.g. re-trained and saved into the same folder
+    with pytest.raises(ValueError, match="model_files"):
+        evaluate(Oracle(VQAV2), "vqav2", data("vqav2.jsonl"), output_dir=out, model_name=str(folder))
+    spec = {"name": "quiz", "prompt": "Q: {question}", "answer_field": "answers", "metric": "vqav2"}
+    evaluate(Oracle(VQAV2), spec, data("vqav2.jsonl"), output_dir=tmp_path / "spec", limit=1)
+    with pytest.raises(ValueError, match="task_prompt"):
+        evaluate(Oracle(VQAV2), dict(spec, prompt="Question: {question}"), data("vqav2.jsonl"),
+                 output_dir=tmp_path / "spec")
+    # the data changed under the same ids: the stored answer was to another question
+    rows = [json.loads(x) for x in open(data("vqav2.jsonl"))]
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps(dict(r, question=r["question"] + " Really?")) + "\n" for r in rows))
+    shutil.copytree(data("images"), tmp_path / "images")
+    evaluate(Oracle(VQAV2), "vqav2", data("vqav2.jsonl"), output_dir=tmp_path / "data", limit=1)
+    with pytest.raises(ValueError, match="item 100 was predicted for the prompt .* the task now asks"):
+        evaluate(Oracle(VQAV2), "vqav2", changed, output_dir=tmp_path / "data")
+
+
+def test_unreadable_lines_are_removed_and_old_files_refused(tmp_path):
+    evaluate(Oracle(VQAV2), "vqav2", data("vqav2.jsonl"), output_dir=tmp_path, limit=2)
+    path = tmp_path / "predictions.jsonl"
+    good = path.read_text().splitlines()
+    path.write_text(good[0] + "\n\x00garbage{\n[1, 2]\n\n" + good[1] + "\n" + good[1] + "\n" + '{"id": "102", "ta')
+    messages = []
+    second = Oracle(VQAV2)
+    results = evaluate(second, "vqav2", data("vqav2.jsonl"), output_dir=tmp_path, log=messages.append)
+    assert second.answered == 1 and results["n"] == 3
+    assert any("removed 3 unreadable line(s)" in m for m in messages)
+    lines = path.read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["100", "101", "102"]  # every line parses, none repeated
+    # predictions written without their settings cannot be checked: refused
+    path.write_text("".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "settings"}) + "\n"
+                            for x in lines))
+    with pytest.raises(ValueError, match="without the settings they were made with"):
+        evaluate(Oracle(VQAV2), "vqav2", data("vqav2.jsonl"), output_dir=tmp_path)
+
+
 def test_failed_items_are_reported_and_retried(tmp_path):
     rows = [json.loads(x) for x in open(data("vqav2.jsonl"))]
     rows[1]["image"] = "images/missing.png"
@@ -342,9 +408,17 @@ def test_cli_eval(hf_checkpoint_dir, tmp_path, capsys):
     assert "| vqav2 | accuracy |" in out and "**vqav2 by answer_type**" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["n"] == 2 and len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 2
-    assert cli.main(args[:-6] + ["--limit", "3", "--output", str(tmp_path)]) == 0  # resumes: one more item
+    assert cli.main(args[:-8] + ["--limit", "3", "--output", str(tmp_path), "--max-new-tokens", "2"]) == 0
     capsys.readouterr()
-    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 3  # resumed: one more item
+    # another answer length: refused (the predictions would mix two settings), in one line that says what to do
+    assert cli.main(args[:-1] + ["5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlmkit: error:") and "max_new_tokens 2 (now 5)" in err and "--overwrite" in err
+    assert len(err.splitlines()) == 1
+    assert cli.main(args[:-1] + ["5", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["max_new_tokens"] == 5
     assert cli.main(["eval", "--model", model, "--task", data("custom.yaml"), "--output", str(tmp_path / "spec")]) == 0
     assert "| color_quiz | accuracy |" in capsys.readouterr().out
 

@@ -1,5 +1,6 @@
 """`vlmkit train` as users run it: a fine-tuning run on local data writes metrics, a checkpoint, periodic eval
-results and the merged model; bad examples are counted (or fatal); `--recipe default` is unchanged."""
+results and the merged model; bad examples are counted (or fatal); a NaN loss fails the run (or is skipped on
+request); a corrupt checkpoint or changed data is refused on resume; `--recipe default` is unchanged."""
 
 from __future__ import annotations
 
@@ -83,3 +84,57 @@ def test_recipe_default_runs_as_before(monkeypatch):
                                                        "word_class_weight": 1.0, "init_from": Path("v6"),
                                                        "position_scale": 0.25, "language_lr": 5e-4,
                                                        "extreme_scale": 0.0})]
+
+
+def _strict_lines(path: Path) -> list:
+    """metrics.jsonl parsed as strict JSON: a bare NaN / Infinity fails the test."""
+    return [json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in {path.name}"))
+            for line in path.read_text().splitlines()]
+
+
+def test_a_nan_loss_fails_the_run_and_writes_no_final_model(hf_checkpoint_dir, tmp_path, capsys):
+    argv = ["train", "--model", hf_checkpoint_dir("llava"), "--data", str(DATA / "captions.jsonl"),
+            "--batch-size", "2", "--steps", "4", "--lr", "1e30", "--log-every", "1"]  # a huge lr: NaN at step 2
+    assert cli.main(argv + ["--out", str(tmp_path / "stop")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vlmkit: error: training stopped at step 2: the loss is nan") and "--skip-nonfinite" in err
+    assert not (tmp_path / "stop" / "final").exists()
+    assert [r["step"] for r in _strict_lines(tmp_path / "stop" / "metrics.jsonl")] == [1]
+    # --skip-nonfinite: the bad batches are skipped and counted, and metrics.jsonl stays JSON
+    assert cli.main(argv + ["--skip-nonfinite", "--no-final", "--out", str(tmp_path / "skip")]) == 0
+    assert "3 batches skipped for a non-finite loss" in capsys.readouterr().err
+    records = _strict_lines(tmp_path / "skip" / "metrics.jsonl")
+    assert [r["loss"] is None for r in records] == [False, True, True, True]
+    assert [r["skipped_nonfinite"] for r in records] == [0, 1, 2, 3]
+
+
+def test_resume_refuses_a_corrupt_checkpoint_and_changed_data(hf_checkpoint_dir, tmp_path, capsys):
+    rows = [dict(r, image=str(DATA / r["image"]))
+            for r in map(json.loads, (DATA / "captions.jsonl").read_text().splitlines())]
+    data = tmp_path / "captions.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".checkpoint.safetensors.k1ll3d.tmp"  # left by a run killed while writing its checkpoint
+    stale.write_bytes(b"partial")
+    argv = ["train", "--model", hf_checkpoint_dir("llava"), "--data", str(data), "--batch-size", "2",
+            "--log-every", "1", "--no-final", "--out", str(out)]
+    assert cli.main(argv + ["--steps", "1"]) == 0
+    assert not stale.exists()
+    capsys.readouterr()
+    # the same number of examples, one caption changed: another data set
+    data.write_text("".join(json.dumps(dict(r, caption="Changed.") if i == 3 else r) + "\n"
+                            for i, r in enumerate(rows)))
+    assert cli.main(argv + ["--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "different data or settings: the data's content" in err and "another --out" in err
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # 4 KB of the checkpoint's tensor data flipped (safetensors itself would load it without a word)
+    ck = out / "checkpoint.safetensors"
+    raw = bytearray(ck.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little") + 1000
+    raw[start:start + 4096] = bytes(b ^ 0xFF for b in raw[start:start + 4096])
+    ck.write_bytes(bytes(raw))
+    assert cli.main(argv + ["--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"checkpoint {ck} is corrupt" in err and f"delete {ck}" in err and "another --out" in err

@@ -114,13 +114,13 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_loss_curve(hf_checkpoi
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ck.safetensors"
     atomic_save(path, {"a": torch.zeros(2)}, {"step": "1"})
-    import vlmkit.train.loop as loop
+    import vlmkit.train.checkpoint as checkpoint
 
     def torn_write(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt  # killed mid-write
 
-    monkeypatch.setattr(loop, "save_file", torn_write)
+    monkeypatch.setattr(checkpoint, "save_file", torn_write)
     with pytest.raises(KeyboardInterrupt):
         atomic_save(path, {"a": torch.ones(2)}, {"step": "2"})
     assert torch.equal(load_file(str(path))["a"], torch.zeros(2))

@@ -448,7 +448,10 @@ def cmd_info(args) -> int:
          arg("--quantize", choices=["int8", "int4"], default=None, help="frozen base quantized under LoRA"),
          arg("--template", choices=["chat", "plain"], default=None,
              help="labels on chat answers, or LLaVA's plain images + caption (default: the stage's)"),
-         arg("--no-final", action="store_true", help="do not write the merged model to OUT/final"))
+         arg("--no-final", action="store_true", help="do not write the merged model to OUT/final"),
+         arg("--skip-nonfinite", action="store_true",
+             help="skip a batch whose loss or gradient is NaN or infinite (counted in metrics.jsonl as "
+                  "skipped_nonfinite) instead of stopping the run with an error naming the step"))
 def cmd_train(args) -> int:
     from pathlib import Path
 
@@ -482,14 +485,17 @@ def cmd_train(args) -> int:
         strategy=args.strategy, device=args.device, seed=args.seed, log_every=args.log_every,
         ckpt_every=args.ckpt_every, eval_every=args.eval_every, eval_task=args.eval_task, eval_data=args.eval_data,
         eval_limit=args.eval_limit, save_final=not args.no_final, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        quantize=args.quantize, template=args.template,
+        quantize=args.quantize, template=args.template, skip_nonfinite=args.skip_nonfinite,
         train_parts=[p.strip() for p in args.train.split(",") if p.strip()] if args.train else None)
     result = finetune(cfg)
-    if result["final"]:
+    if os.environ.get("RANK", "0") == "0":  # torchrun: the first process reports
         skipped = (f"; {result['skipped']} examples skipped (bad images or too long; counted each time read)"
                    if result["skipped"] else "")
+        if result["skipped_nonfinite"]:
+            skipped += f"; {result['skipped_nonfinite']} batches skipped for a non-finite loss"
+        where = f"model in {result['final']}" if result["final"] else f"checkpoint in {cfg.out}"
         _status(f"{PROG} train: {len(result['losses'])} steps, {result['samples_per_s']:.2f} samples/s; "
-                f"model in {result['final']}{skipped}")
+                f"{where}{skipped}")
     return 0
 
 
@@ -503,18 +509,21 @@ def cmd_train(args) -> int:
          arg("--batch-size", type=_positive_int, default=8, metavar="B", help="prompts generated together (default 8)"),
          arg("--output", "-o", default=None, metavar="DIR",
              help="where predictions.jsonl, results.json and results.md go (default eval-results/TASK-MODEL); "
-                  "a rerun resumes"),
+                  "a rerun with the same model and settings resumes, one with other settings is refused"),
          arg("--max-new-tokens", type=_positive_int, default=None, metavar="N",
              help="answer length cap (default: the task's)"),
          arg("--image-root", default=None, metavar="DIR", help="the folder relative image paths start from"),
          arg("--seed", type=int, default=0, metavar="S", help="seed of MMMU's random choice for unreadable answers"),
-         arg("--overwrite", action="store_true", help="drop the predictions already in --output instead of resuming"))
+         arg("--overwrite", action="store_true",
+             help="drop the predictions already in --output instead of resuming (needed to rerun a folder with "
+                  "other settings)"))
 def cmd_eval(args) -> int:
     from .eval.runner import evaluate
 
     results = evaluate(lambda: _load_model(args), args.task, args.data, split=args.split, limit=args.limit,
                        batch_size=args.batch_size, output_dir=args.output, max_new_tokens=args.max_new_tokens,
-                       seed=args.seed, overwrite=args.overwrite, image_root=args.image_root, model_name=args.model)
+                       seed=args.seed, overwrite=args.overwrite, image_root=args.image_root, model_name=args.model,
+                       load_options={"dtype": args.dtype, "quantize": args.quantize})
     sys.stdout.write(results["markdown"])
     _status(f"{PROG} eval: {results['n']} items ({results['failed']} failed); "
             f"predictions and results in {os.path.dirname(results['files']['results'])}")

@@ -7,9 +7,11 @@
 
 Files in `output_dir`:
     predictions.jsonl   one line per item, appended (and flushed) as each batch finishes: id, task, model, prompt,
-                        prediction, and the fields scoring needs (target, categories, options). A rerun with the same
-                        task, model and folder skips the items already there, so an interrupted run resumes; a
-                        rerun with everything predicted only rescores, without loading the model.
+                        prediction, the fields scoring needs (target, categories, options) and the settings that
+                        change answers (see predictions.py). A rerun with the same task, model, settings and folder
+                        skips the items already there, so an interrupted run resumes; one with other settings is
+                        refused; a rerun with everything predicted only rescores, without loading the model.
+                        Unreadable lines (the torn tail of a killed run) are dropped from the file.
     results.json        metrics, per-category breakdowns, counts and settings.
     results.md          the same as markdown tables (what `vlmkit eval` prints).
 
@@ -27,12 +29,14 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from .predictions import (PREDICTIONS, check_settings, load_predictions, prediction_settings, read_predictions,
+                          rewrite_predictions)
 from .tasks import Rows, Task, get_task, read_rows, resolve_image
 
 __all__ = ["evaluate", "results_markdown", "load_predictions", "PREDICTIONS", "RESULTS_JSON", "RESULTS_MD"]
 
-PREDICTIONS, RESULTS_JSON, RESULTS_MD = "predictions.jsonl", "results.json", "results.md"
-_RESERVED = ("id", "task", "model", "prompt", "prediction")
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+_RESERVED = ("id", "task", "model", "prompt", "prediction", "settings", "error")
 _MAX_SHOWN_ERRORS = 5
 
 
@@ -67,38 +71,7 @@ def _materialize(model):
     raise TypeError(f"evaluate() needs a VLM, a model folder or 'default', not a {type(model).__name__}")
 
 
-# ------------------------------------------------------------------------------------------- predictions
-
-def load_predictions(path: Union[str, Path]) -> dict[str, dict]:
-    """The lines of a predictions file by id (the last one wins). A torn last line (a run killed mid-write) is
-    cut off the file so that appending can go on."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    out: dict[str, dict] = {}
-    good_end, pos = 0, 0
-    for raw in data.splitlines(keepends=True):
-        pos += len(raw)
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            if pos == len(data):  # the torn tail
-                break
-            sys.stderr.write(f"vlmkit eval: skipping an unreadable line in {path}\n")
-            good_end = pos
-            continue
-        if isinstance(line, dict) and "id" in line and "prediction" in line:
-            out[str(line["id"])] = line
-        good_end = pos
-    if good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    elif data and not data.endswith(b"\n"):
-        with open(path, "ab") as f:
-            f.write(b"\n")
-    return out
-
+# ------------------------------------------------------------------------------------------------ files
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -197,7 +170,7 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
              limit: Optional[int] = None, batch_size: int = 8, output_dir=None,
              max_new_tokens: Optional[int] = None, seed: int = 0, progress: Optional[bool] = None,
              overwrite: bool = False, image_root=None, model_name: Optional[str] = None,
-             log: Optional[Callable[[str], None]] = None) -> dict:
+             load_options: Optional[dict] = None, log: Optional[Callable[[str], None]] = None) -> dict:
     """Run `task` on `model` and score it. Returns the results dict (also written to `output_dir`).
 
     model: a loaded VLM (or anything with `generate_batch`), a model folder or "default", or a zero-argument
@@ -205,6 +178,10 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
     a task spec (.yaml/.json path or dict). data: the benchmark file or folder (`tasks.read_rows`); split: the
     split of a DatasetDict / Hub folder. limit: only the first N rows. output_dir: default
     eval-results/<task>-<model>. seed: for MMMU's random fallback. progress: None = when stderr is a terminal.
+    load_options: {"dtype", "quantize"} the model is (to be) loaded with, when `model` is not a loaded VLM; None
+    means as stored. They are kept with each prediction, with the generation settings: resuming with other ones is
+    refused (overwrite=True starts over). Batch size and device are not among them: they change no answer beyond
+    float rounding.
     """
     say = log or (lambda msg: (sys.stderr.write(msg + "\n"), sys.stderr.flush()))
     if batch_size < 1:
@@ -230,14 +207,21 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
     pred_path = out_dir / PREDICTIONS
     if overwrite and pred_path.exists():
         pred_path.unlink()
-    done = load_predictions(pred_path)
+    gen = {"max_new_tokens": int(max_new_tokens or t.max_new_tokens), "do_sample": False}
+    settings = prediction_settings(model, model_name, load_options, gen["max_new_tokens"], t.spec)
+    stored = read_predictions(pred_path)
+    done = stored.lines
     for line in done.values():
         if line.get("task") != t.name or line.get("model") != name:
             raise ValueError(f"{pred_path} holds predictions of task {line.get('task')!r} by model "
                              f"{line.get('model')!r}, not {t.name!r} by {name!r}; use another output folder or "
                              f"--overwrite")
+    check_settings(pred_path, done, settings)
+    if stored.needs_rewrite:
+        rewrite_predictions(pred_path, done.values())
+        if stored.unreadable:
+            say(f"vlmkit eval: removed {stored.unreadable} unreadable line(s) from {pred_path}")
 
-    gen = {"max_new_tokens": int(max_new_tokens or t.max_new_tokens), "do_sample": False}
     bar = _Progress(total, t.name, sys.stderr.isatty() if progress is None else progress)
     selected: list[str] = []
     failed: dict[str, dict] = {}
@@ -266,7 +250,7 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
                 fail(rid, record, prompt_text, answer)
                 continue
             line = {"id": rid, "task": t.name, "model": name, "prompt": prompt_text,
-                    "prediction": str(answer).strip(), **record}
+                    "prediction": str(answer).strip(), **record, "settings": settings}
             done[rid] = line
             lines.append(json.dumps(line, ensure_ascii=False) + "\n")
             state["succeeded"] += 1
@@ -292,12 +276,18 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
                     record = {k: _jsonable(v) for k, v in t.record(row).items() if k not in _RESERVED}
                 except (KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{rows.source}: row {index} (id {rid}): {e}") from None
+                try:
+                    prompt, cells = t.build(row)
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    prompt, cells = e, []
                 if rid in done:  # predicted before: rescored with this row's fields
+                    _check_same_prompt(pred_path, done[rid], prompt)
                     done[rid] = {**done[rid], **record}
                     bar.update(1)
                     continue
                 try:
-                    prompt, cells = t.build(row)
+                    if isinstance(prompt, Exception):
+                        raise prompt
                     images = [resolve_image(c, rows.root, image_root) for c in cells]
                 except (OSError, ValueError, KeyError, TypeError) as e:
                     fail(rid, record, "", e)
@@ -320,8 +310,7 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
         "counts": {"items": len(selected), "failed": len(failed), **scored.get("counts", {})},
         "metrics": scored.get("metrics", {}),
         "breakdown": scored.get("breakdown", {}),
-        "settings": {"limit": limit, "batch_size": batch_size, "max_new_tokens": gen["max_new_tokens"],
-                     "seed": seed, "greedy": True},
+        "settings": {"limit": limit, "batch_size": batch_size, "seed": seed, **settings},
         "errors": [failed[k]["error"] for k in list(failed)[:_MAX_SHOWN_ERRORS]],
         "seconds": round(time.time() - started, 3),
         "files": {"predictions": str(pred_path), "results": str(out_dir / RESULTS_JSON),
@@ -333,6 +322,17 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
     results["markdown"] = markdown
     results["item_scores"] = scored.get("item_scores", {})
     return results
+
+
+def _check_same_prompt(path: Path, line: dict, prompt) -> None:
+    """An item predicted before must have been asked the same prompt (a changed template or data file would
+    otherwise mix answers to two different questions)."""
+    if isinstance(prompt, Exception) or line.get("prompt") == _prompt_text(prompt):
+        return
+    raise ValueError(f"{path}: item {line['id']} was predicted for the prompt {str(line.get('prompt'))[:80]!r}, but "
+                     f"the task now asks {_prompt_text(prompt)[:80]!r} (the data or the prompt template changed); "
+                     f"rerun with --overwrite (overwrite=True) to replace the predictions, or write to another "
+                     f"--output folder")
 
 
 def _slug(name: str) -> str:

@@ -10,10 +10,16 @@ over the processes (torchrun) and then into micro-batches of `micro_batch_size` 
 the sum of token losses over the whole global batch divided by its label-token count, so 1 process, N processes
 and any accumulation give the same update. Files in `out`:
     checkpoint.safetensors   trainable weights + AdamW moments + step + RNG, written atomically every `ckpt_every`
-                             steps; rerunning the same command resumes from it and reads the same batches
-    metrics.jsonl            one line per step (loss, lr, tokens, samples/s, grad norm, epoch) and per evaluation
+                             steps with a sha256 of its content (verified on resume); rerunning the same command
+                             resumes from it and reads the same batches; a resume on other data (by content) or
+                             settings is refused
+    metrics.jsonl            one JSON line per step (loss, lr, tokens, samples/s, grad norm, epoch; a non-finite
+                             number is null) and per evaluation
     eval/step-N/             the eval harness's files for each periodic evaluation
     final/                   the trained model, LoRA merged, in Hugging Face format (transformers loads it)
+
+A NaN or infinite loss stops the run with an error naming the step, before that step's update and without writing
+final/; with `skip_nonfinite` such batches are skipped instead and counted (`skipped_nonfinite` in metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ import torch.nn.functional as F
 from ..data.collate import BatchPlan, Collator
 from ..data.readers import DataError, read_dataset
 from . import distributed as D
-from .loop import Progress, TrainConfig, atomic_save, autocast, enable_gradient_checkpointing, lr_at
+from .checkpoint import atomic_save, data_fingerprint, read_checkpoint, remove_stale_temps
+from .loop import Progress, TrainConfig, autocast, check_finite, enable_gradient_checkpointing, lr_at
+from .metrics_log import MetricsLog, read_losses  # noqa: F401 -- read_losses: part of this module's API
 from .stages import apply_stage, get_stage, part_of, stage_dict
 
 CHECKPOINT, METRICS, FINAL = "checkpoint.safetensors", "metrics.jsonl", "final"
@@ -78,6 +86,7 @@ class FinetuneConfig:
     quantize: Optional[str] = None
     template: Optional[str] = None
     train_parts: Optional[list] = None  # overrides the stage's parts
+    skip_nonfinite: bool = False  # skip (and count) a batch whose loss or gradient is NaN / inf, instead of stopping
 
 
 def _say(ctx, log):
@@ -101,43 +110,6 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
-
-
-class MetricsLog:
-    """metrics.jsonl: appended and flushed line by line; on resume the lines past the checkpoint are dropped, so
-    the file is always the run's own curve."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
-            path.write_text("".join(line + "\n" for line in keep))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _step_of(line: str) -> Optional[int]:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def read_losses(path) -> dict:
-    """{step: loss} from a metrics.jsonl (the last line of a step wins)."""
-    out = {}
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[int(rec["step"])] = rec["loss"]
-    return out
 
 
 def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
@@ -191,10 +163,15 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
                            min_lr_ratio=stage.min_lr_ratio)
     autocast, scaler = _precision(cfg, ctx.device)
 
-    start, skipped = 0, 0
-    fingerprint = {"examples": len(data), "batch_size": cfg.batch_size, "seed": cfg.seed, "stage": stage.name}
+    start, skipped, nonfinite = 0, 0, 0
+    fingerprint = {"examples": len(data), "content": data_fingerprint(data), "batch_size": cfg.batch_size,
+                   "seed": cfg.seed, "stage": stage.name}
+    if ctx.is_main:
+        for stale in remove_stale_temps(out / CHECKPOINT):
+            say(f"removed {stale}, the temp file of a checkpoint write that was cut short")
+    ctx.barrier()
     if (out / CHECKPOINT).is_file():
-        start, skipped = _resume(out / CHECKPOINT, wrapped, optimizer, fingerprint)
+        start, skipped, nonfinite = _resume(out / CHECKPOINT, wrapped, optimizer, fingerprint, say)
         say(f"resumed from {out / CHECKPOINT} at step {start}")
     metrics = MetricsLog(out / METRICS, start, ctx.is_main)
     if ctx.is_main:
@@ -219,21 +196,26 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
                                      cfg.on_bad_record, need_images)
         skipped += int(ctx.sum(len(bad)))
         tokens = ctx.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches))
-        loss, norm = _optimizer_step(wrapped, optimizer, params, micro_batches, tokens, ctx, autocast, scaler,
-                                     cfg.grad_clip)
-        losses[step + 1] = loss
+        loss, norm, applied = _optimizer_step(wrapped, optimizer, params, micro_batches, tokens, ctx, autocast,
+                                              scaler, cfg.grad_clip, step + 1, cfg.skip_nonfinite)
         done += 1
         elapsed = time.time() - t0
+        if applied:
+            losses[step + 1] = loss
+        else:
+            nonfinite += 1
+            say(f"step {step + 1}: the loss ({loss}) or gradient norm ({norm}) is not finite; batch skipped "
+                f"({nonfinite} so far)")
         metrics.write({"step": step + 1, "loss": loss, "lr": lr, "tokens": int(tokens), "samples": cfg.batch_size,
                        "epoch": round(batches.epoch_of(step + 1), 4), "grad_norm": norm,
                        "samples_per_s": round(done * cfg.batch_size / max(elapsed, 1e-9), 3),
-                       "elapsed_s": round(elapsed, 3), "skipped": skipped})
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                       "elapsed_s": round(elapsed, 3), "skipped": skipped, "skipped_nonfinite": nonfinite})
+        if applied and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
             say(progress.update(step, loss, lr))
-        else:
+        elif applied:
             progress.losses.append(loss)
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
-            _save(out / CHECKPOINT, wrapped, optimizer, step + 1, fingerprint, skipped, ctx)
+            _save(out / CHECKPOINT, wrapped, optimizer, step + 1, fingerprint, skipped, nonfinite, ctx)
         if cfg.eval_every and cfg.eval_task and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
             metrics.write({"step": step + 1, "eval": _evaluate(cfg, wrapped, processor, step + 1, ctx, say)})
         if on_step is not None:
@@ -245,13 +227,16 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
         say(f"saved the merged model (Hugging Face format) to {final}")
     D.shutdown(ctx)
     return {"losses": losses, "trainable": plan.trainable, "trainable_by_part": plan.trainable_by_part,
-            "samples_per_s": rate, "final": final, "skipped": skipped, "examples": len(data)}
+            "samples_per_s": rate, "final": final, "skipped": skipped, "skipped_nonfinite": nonfinite,
+            "examples": len(data)}
 
 
 def _optimizer_step(wrapped, optimizer, params, micro_batches, tokens: float, ctx, autocast, scaler,
-                    grad_clip: float) -> tuple[float, float]:
+                    grad_clip: float, step: int, skip_nonfinite: bool) -> tuple[float, float, bool]:
     """Forward/backward every micro-batch (gradients add up), clip, step. Returns (mean token loss of the global
-    batch, gradient norm before clipping)."""
+    batch, gradient norm before clipping, whether the update was applied). A non-finite loss (or, without a
+    GradScaler, which skips those itself, gradient norm) raises NonFiniteLossError, or with `skip_nonfinite`
+    leaves the weights as they are; both numbers are sums over all processes, so every process decides alike."""
     loss_sum = 0.0
     for k, batch in enumerate(micro_batches):
         batch = {key: v.to(ctx.device) for key, v in batch.items()}
@@ -264,13 +249,16 @@ def _optimizer_step(wrapped, optimizer, params, micro_batches, tokens: float, ct
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
-    if scaler:
+    loss = ctx.sum(loss_sum) / max(tokens, 1.0)
+    applied = check_finite(step, loss, None if scaler else norm, skip=skip_nonfinite)
+    if applied and scaler:
         scaler.step(optimizer)
-        scaler.update()
-    else:
+    elif applied:
         optimizer.step()
+    if scaler:
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return ctx.sum(loss_sum) / max(tokens, 1.0), norm
+    return loss, norm, applied
 
 
 def _encode(collator: Collator, data, chunks: list, on_error: str, need_images: bool) -> tuple[list, list]:
@@ -308,30 +296,34 @@ def _stand_in(collator: Collator, data, with_image: bool):
     raise DataError("no example of the data set can be encoded")
 
 
-def _save(path: Path, wrapped, optimizer, step: int, fingerprint: dict, skipped: int, ctx) -> None:
+def _save(path: Path, wrapped, optimizer, step: int, fingerprint: dict, skipped: int, nonfinite: int, ctx) -> None:
     tensors = D.train_state(wrapped, optimizer)  # collective under FSDP
     if ctx.is_main:
         tensors["rng/torch"] = torch.get_rng_state()
-        meta = {"step": str(step), "extra": json.dumps({"data": fingerprint, "skipped": skipped})}
+        meta = {"step": str(step),
+                "extra": json.dumps({"data": fingerprint, "skipped": skipped, "skipped_nonfinite": nonfinite})}
         atomic_save(path, tensors, meta)
     ctx.barrier()
 
 
-def _resume(path: Path, wrapped, optimizer, fingerprint: dict) -> tuple[int, int]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+def _resume(path: Path, wrapped, optimizer, fingerprint: dict, say) -> tuple[int, int, int]:
+    """Load a checkpoint (its checksum verified) into the model and optimizer; (step, examples skipped, batches
+    skipped as non-finite). Refused when it belongs to other data or settings."""
+    tensors, meta = read_checkpoint(path, log=say)
     extra = json.loads(meta.get("extra", "{}"))
-    if extra.get("data", fingerprint) != fingerprint:
-        raise ValueError(f"{path} was written by a run with different data or settings ({extra.get('data')} vs "
-                         f"{fingerprint}); use another --out or delete the checkpoint to start over")
-    tensors = load_file(str(path))
+    stored = extra.get("data", {})
+    differs = [f"{k} {stored[k]} (now {fingerprint.get(k)})" if k != "content" else
+               "the data's content (other text or images)"
+               for k in stored if stored[k] != fingerprint.get(k)]
+    if differs:
+        raise ValueError(f"{path} was written by a run with different data or settings: {'; '.join(differs)}; use "
+                         f"another --out, or delete the checkpoint to start over")
+    if "content" not in stored:
+        say(f"warning: {path} does not record its data's content (written by an older vlmkit); not verified")
     D.load_train_state(wrapped, optimizer, tensors)
     if "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
-    return int(meta["step"]), int(extra.get("skipped", 0))
+    return int(meta["step"]), int(extra.get("skipped", 0)), int(extra.get("skipped_nonfinite", 0))
 
 
 def _evaluate(cfg: FinetuneConfig, wrapped, processor, step: int, ctx, say) -> dict:

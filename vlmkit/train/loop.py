@@ -1,22 +1,25 @@
 """A small training loop: AdamW, warmup + cosine, gradient clipping, a progress line (loss, samples/s, ETA),
-and atomic, resumable checkpoints in safetensors (trainable weights + optimizer moments + step)."""
+atomic, checksummed, resumable checkpoints in safetensors (trainable weights + optimizer moments + step; see
+checkpoint.py), and a stop with an error naming the step when the loss or the gradient is not finite."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .checkpoint import atomic_save, read_checkpoint, remove_stale_temps
+
+__all__ = ["TrainConfig", "run", "lr_at", "autocast", "save_checkpoint", "load_checkpoint", "atomic_save",
+           "NonFiniteLossError", "check_finite", "Progress", "trainable", "enable_gradient_checkpointing"]
 
 
 @dataclass
@@ -32,6 +35,25 @@ class TrainConfig:
     ckpt_every: int = 100
     seed: int = 0
     precision: str = "auto"  # see autocast(): auto (bf16 on a GPU, float32 on the CPU) | bf16 | fp32 | fp16
+    skip_nonfinite: bool = False  # a NaN / inf loss skips its batch (counted) instead of stopping the run
+
+
+class NonFiniteLossError(ValueError):
+    """The loss (or gradient norm) of a step is NaN or infinite; raised before that step updates the weights."""
+
+
+def check_finite(step: int, loss: float, grad_norm: Optional[float] = None, skip: bool = False) -> bool:
+    """True when the step's loss (and gradient norm, if given) are finite numbers. Otherwise False when `skip`
+    (the caller drops the batch), else NonFiniteLossError naming the step (1-based, as in the logs)."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return True
+    if skip:
+        return False
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    raise NonFiniteLossError(
+        f"training stopped at step {step}: {what}, so its update was not applied and nothing more was saved. "
+        f"Lower the learning rate (--lr), check the data of that step, or pass --skip-nonfinite to skip such "
+        f"batches")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -72,7 +94,7 @@ def trainable(model: nn.Module) -> dict:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict) -> None:
-    """Trainable weights and AdamW moments in one safetensors file, written to a temp file then renamed."""
+    """Trainable weights and AdamW moments in one safetensors file, written atomically with its checksum."""
     params = trainable(model)
     tensors = {f"param/{n}": p.detach().contiguous().cpu() for n, p in params.items()}
     for n, p in params.items():
@@ -85,30 +107,11 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     atomic_save(Path(path), tensors, {"step": str(step), "extra": json.dumps(extra)})
 
 
-def atomic_save(path: Path, tensors: dict, metadata: dict) -> None:
-    """safetensors written to a temp file in the same folder, fsynced, then renamed over `path`: a run killed
-    mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load_checkpoint(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None
                     ) -> tuple[int, dict]:
-    """Trainable weights (and, given an optimizer, its AdamW moments) from `save_checkpoint`'s file."""
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(path)
+    """Trainable weights (and, given an optimizer, its AdamW moments) from `save_checkpoint`'s file, its checksum
+    verified (CheckpointError names a corrupt file)."""
+    tensors, meta = read_checkpoint(Path(path))
     params = trainable(model)
     missing = [n for n in params if f"param/{n}" not in tensors]
     if missing:
@@ -163,10 +166,13 @@ def run(model: nn.Module, make_batch: Callable[[int], dict], loss_fn: Callable[[
         g.setdefault("lr_scale", 1.0)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     start = 0
+    if ckpt_path is not None:
+        for stale in remove_stale_temps(Path(ckpt_path)):
+            log(f"{label} removed {stale}, the temp file of a checkpoint write that was cut short")
     if ckpt_path is not None and Path(ckpt_path).is_file():
         start, _ = load_checkpoint(Path(ckpt_path), model, optimizer)
         log(f"{label} resumed from {ckpt_path} at step {start}")
-    progress, losses = Progress(cfg.steps, cfg.batch_size, start, label), []
+    progress, losses, skipped = Progress(cfg.steps, cfg.batch_size, start, label), [], 0
     device = next(model.parameters()).device
     precision = autocast(device, cfg.precision)
     model.train()
@@ -177,15 +183,23 @@ def run(model: nn.Module, make_batch: Callable[[int], dict], loss_fn: Callable[[
         with precision:
             loss = loss_fn(model, to_device(make_batch(step), device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            log(progress.update(step, losses[-1], lr))
+        value, applied = float(loss.detach()), False
+        if check_finite(step + 1, value, skip=cfg.skip_nonfinite):
+            loss.backward()
+            params = [p for g in groups for p in g["params"]]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip else None
+            if check_finite(step + 1, value, norm, skip=cfg.skip_nonfinite):
+                optimizer.step()
+                applied = True
+        if not applied:
+            skipped += 1
+            log(f"{label} step {step + 1}: the loss or gradient is not finite; batch skipped ({skipped} so far)")
+        elif (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            losses.append(value)
+            log(progress.update(step, value, lr))
         else:
-            progress.losses.append(losses[-1])
+            losses.append(value)
+            progress.losses.append(value)
         if ckpt_path is not None and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(Path(ckpt_path), model, optimizer, step + 1, {"config": asdict(cfg)})
     model.eval()

@@ -1,0 +1,66 @@
+"""metrics.jsonl: one strict JSON object per line (a NaN or infinite number is written as null, since bare `NaN`
+is not JSON and breaks the readers of the file)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+
+def finite_json(value):
+    """`value` with every non-finite float replaced by None (in nested dicts and lists too)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    return json.dumps(finite_json(record), allow_nan=False) + "\n"
+
+
+def _step_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class MetricsLog:
+    """metrics.jsonl: appended and flushed line by line; on resume the lines past the checkpoint (and unreadable
+    ones, such as the torn tail of a killed run) are dropped, so the file is always the run's own curve."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+            steps = [(_step_of(line), line) for line in lines]
+            keep = [json.loads(line) for step, line in steps if step is not None and step <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json_line(record) for record in keep), encoding="utf-8")
+            os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json_line(record))
+
+
+def read_losses(path) -> dict:
+    """{step: loss} from a metrics.jsonl (the last line of a step wins; steps whose batch was skipped for a
+    non-finite loss have none)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("loss") is not None:
+            out[int(rec["step"])] = rec["loss"]
+    return out
