@@ -127,7 +127,14 @@ class Tokenizer:
 
     # ----------------------------------------------------------------------------------------------- basics
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # the backend's message ("TextInputSequence must be str") hides the usual cause
+            lone = re.search("[\ud800-\udfff]", text) if isinstance(text, str) else None
+            if lone is None:
+                raise
+            raise ValueError(f"the text holds a lone UTF-16 surrogate {lone.group()!r} at character {lone.start()}, "
+                             "which is not valid Unicode and cannot be tokenized") from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Optional
@@ -38,23 +40,44 @@ def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -
 
 # --------------------------------------------------------------------------------------------- field checks
 
-def _type_name(value) -> str:
+# Integers a request may carry: what a sampler seed or a token count can hold. Past it a value is a typo or a probe,
+# and Python would otherwise carry it on until something converts it to a float or a C integer and fails.
+INT_LIMIT = 2**63 - 1
+
+
+def type_name(value) -> str:
     return "null" if value is None else {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
         type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
+def show_value(value) -> str:
+    """A value for an error message: short, on one line, ASCII-safe (repr escapes lone surrogates)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+        return f"a {len(str(abs(value)))}-digit integer"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def get_number(body: dict, name: str, *, low=None, high=None, low_open=False, integer=False, param=None):
-    """body[name] checked: a number (an integer when `integer`) in [low, high] (low excluded when low_open);
-    None when absent or null."""
+    """body[name] checked: a finite number (an integer when `integer`) in [low, high] (low excluded when low_open)
+    and never past INT_LIMIT in magnitude; None when absent or null."""
     value = body.get(name, None)
     if value is None:
         return None
     param = param or name
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
-        raise bad(f"'{param}' must be {'an integer' if integer else 'a number'}, got {_type_name(value)} "
-                  f"{value!r}"[:200], param)
-    if integer:
-        value = int(value)
+    what = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad(f"'{param}' must be {what}, got {type_name(value)} {show_value(value)}", param)
+    if isinstance(value, float):
+        if not math.isfinite(value):  # 1e400 parses to inf
+            raise bad(f"'{param}' must be a finite number, got {value}", param)
+        if integer:
+            if not value.is_integer():
+                raise bad(f"'{param}' must be an integer, got {value}", param)
+            value = int(value)
+    if abs(value) > INT_LIMIT:
+        raise bad(f"'{param}' is out of range: got {show_value(value)}, the largest accepted magnitude is {INT_LIMIT}",
+                  param)
     if low is not None and (value <= low if low_open else value < low):
         raise bad(f"'{param}' must be {'>' if low_open else '>='} {low}, got {value}", param)
     if high is not None and value > high:
@@ -67,7 +90,7 @@ def get_bool(body: dict, name: str, default: bool, param=None) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise bad(f"'{param or name}' must be a boolean, got {_type_name(value)}", param or name)
+        raise bad(f"'{param or name}' must be a boolean, got {type_name(value)}", param or name)
     return value
 
 
@@ -195,18 +218,20 @@ class Engine:
         self.max_tokens_limit = max(1, min(max_tokens_limit, self.context - 1))
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
+        # The README's examples and `vlmkit.load("default")` call the embedded model "default".
+        self.aliases = ("default",) if _is_embedded_default(vlm) else ()
         self._limiter = anyio.CapacityLimiter(prepare_threads)
 
     def check_model(self, name, *, ollama: bool = False) -> None:
         if name is None:
             raise APIError(400, "'model' is required", param="model", code="missing_required_parameter")
         if not isinstance(name, str):
-            raise bad(f"'model' must be a string, got {_type_name(name)}", "model")
-        names = {self.model_name}
+            raise bad(f"'model' must be a string, got {type_name(name)}", "model")
+        names = {self.model_name, *self.aliases}
         if ollama or ":" in name:
-            names |= {self.model_name + ":latest"}
+            names |= {n + ":latest" for n in names}
         if name not in names:
-            raise APIError(404, f"model {name!r} not found; this server serves {self.model_name!r}",
+            raise APIError(404, f"model {show_value(name)} not found; this server serves {self.model_name!r}",
                            type="invalid_request_error", param="model", code="model_not_found")
 
     def check_busy(self) -> None:
@@ -298,6 +323,13 @@ class Engine:
                 "max_batch": b.max_batch, "queue_limit": b.queue_limit, "context_length": self.context}
 
 
+def _is_embedded_default(vlm) -> bool:
+    from ..api import default_model_path
+
+    folder = getattr(vlm, "folder", None)
+    return folder is not None and folder.resolve() == default_model_path().resolve()
+
+
 def _busy(message: str) -> APIError:
     return APIError(429, message, type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
@@ -333,5 +365,39 @@ async def read_json(request) -> dict:
         raise bad(f"malformed JSON in the request body: {type(e).__name__}: {str(e)[:200]}",
                   code="invalid_json") from None
     if not isinstance(body, dict):
-        raise bad(f"the request body must be a JSON object, got {_type_name(body)}", code="invalid_json")
+        raise bad(f"the request body must be a JSON object, got {type_name(body)}", code="invalid_json")
+    if _MAY_HOLD_SURROGATE.search(raw):
+        where = _lone_surrogate_path(body)
+        if where is not None:
+            raise bad(f"'{where}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), which is "
+                      "not valid Unicode text; send UTF-8 text or escape the full surrogate pair", where,
+                      "invalid_unicode")
     return body
+
+
+# A lone surrogate reaches a parsed body only from a \\uD800-\\uDFFF escape or from surrogate bytes (json decodes
+# bytes with "surrogatepass"); most bodies have neither, so the walk below is skipped for them.
+_MAY_HOLD_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate_path(body) -> Optional[str]:
+    """Where the first string (a value or a key) with a lone surrogate is, as 'messages[0].content'; iterative,
+    as bodies may nest as deep as the JSON parser allows."""
+    stack = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            items = []
+            for key, item in value.items():
+                sub = f"{path}.{ascii(key)[1:-1]}" if path else ascii(key)[1:-1]
+                if _SURROGATE.search(key):
+                    return sub
+                items.append((item, sub))
+            stack.extend(reversed(items))
+        elif isinstance(value, list):
+            stack.extend(reversed([(item, f"{path}[{i}]") for i, item in enumerate(value)]))
+    return None

@@ -15,12 +15,14 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from datetime import datetime, timezone
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .engine import APIError, GenParams, bad, get_bool, get_number, get_stop, read_json
+from .engine import (APIError, GenParams, bad, get_bool, get_number, get_stop, read_json, show_value,
+                     type_name)
 
 router = APIRouter()
 
@@ -31,22 +33,35 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+# A URL (any scheme), a Unix, home-relative or Windows path, or a file name with an image extension.
+_LOCATION = re.compile(r"[a-z][a-z0-9+.-]*:|[/~\\]|\.\.?[/\\]|.*\.(png|jpe?g|gif|webp|bmp|tiff?|avif|ppm)$",
+                       re.IGNORECASE)
+
+
 def decode_image(value, where: str, max_bytes: int):
-    """A raw base64 string (Ollama's form) -> bytes; a data: URI passes through for load_image."""
+    """A raw base64 string (Ollama's form) -> bytes; a data: URI passes through for load_image.
+
+    Base64 is tried first, as Ollama does: base64 of a JPEG starts with "/9j/", so a leading "/" is no sign of a
+    path. A string that starts with "/" but does not decode to JPEG's first bytes cannot be an image (its first
+    byte would be 0xFC-0xFF, which only JPEG's 0xFF 0xD8 begins with among image formats): that one is a path."""
     if not isinstance(value, str) or not value:
-        raise bad(f"{where} must be a base64 string")
+        raise bad(f"{where} must be a base64 string (the image file's bytes, base64-encoded), got "
+                  f"{type_name(value)} {show_value(value)}")
     if value[:5].lower() == "data:":
         return value
-    if value[:8].lower().startswith(("http://", "https://")) or value.startswith(("/", "./", "~")):
-        raise bad(f"{where}: images are raw base64 strings here (URLs and paths are not accepted)")
     if len(value) * 3 // 4 > max_bytes + 3:
         raise bad(f"{where}: image too large: ~{len(value) * 3 // 4} bytes > max_bytes={max_bytes}")
     compact = "".join(value.split())
-    compact += "=" * (-len(compact) % 4)
     try:
-        return base64.b64decode(compact, validate=True)
+        data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise bad(f"{where} is not valid base64") from None
+        data = None
+    if data is not None and not (value.startswith("/") and not data.startswith(b"\xff\xd8")):
+        return data
+    if _LOCATION.match(value):
+        raise bad(f"{where}: images are raw base64 strings here (the image file's bytes, base64-encoded) or data: "
+                  f"URIs; URLs and file paths are not accepted, got {show_value(value)}")
+    raise bad(f"{where} is not valid base64 (send the image file's bytes, base64-encoded, or a data: URI)")
 
 
 def _images(value, where: str, max_bytes: int) -> list:
