@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import time
@@ -36,6 +37,21 @@ class APIError(Exception):
 
 def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+log = logging.getLogger("vlmkit.serve")
+
+
+def log_api_error(method: str, path: str, e: APIError) -> None:
+    """One log line for a refused request; a traceback only for a fault of the server (a 500 with a cause)."""
+    line = f"{method} {path} -> {e.status}: {' '.join(e.message.split())[:500]}"
+    cause = e.__cause__
+    if e.status == 500 and cause is not None:
+        log.error(line, exc_info=(type(cause), cause, cause.__traceback__))
+    elif e.status >= 500:
+        log.warning(line)
+    else:
+        log.info(line)
 
 
 # --------------------------------------------------------------------------------------------- field checks
@@ -165,7 +181,7 @@ class Stream:
                 raise value
             if isinstance(value, ValueError):  # a setting generation refused
                 raise bad(f"generation refused the request: {value}")
-            raise APIError(500, f"generation failed: {type(value).__name__}: {value}", type="server_error")
+            raise APIError(500, f"generation failed: {type(value).__name__}: {value}", type="server_error") from value
         raise StopAsyncIteration
 
     def cancel(self) -> None:
@@ -379,6 +395,7 @@ async def read_json(request) -> dict:
 # bytes with "surrogatepass"); most bodies have neither, so the walk below is skipped for them.
 _MAY_HOLD_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]|\xed[\xa0-\xbf]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_NAME = re.compile("[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _lone_surrogate_path(body) -> Optional[str]:
@@ -393,7 +410,8 @@ def _lone_surrogate_path(body) -> Optional[str]:
         elif isinstance(value, dict):
             items = []
             for key, item in value.items():
-                sub = f"{path}.{ascii(key)[1:-1]}" if path else ascii(key)[1:-1]
+                name = key if _NAME.fullmatch(key) else f"[{json.dumps(key)}]"  # json.dumps escapes surrogates
+                sub = f"{path}.{name}" if path and name[0] != "[" else path + name
                 if _SURROGATE.search(key):
                     return sub
                 items.append((item, sub))

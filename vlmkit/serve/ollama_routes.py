@@ -17,12 +17,13 @@ import hashlib
 import json
 import re
 from datetime import datetime, timezone
+from typing import Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .engine import (APIError, GenParams, bad, get_bool, get_number, get_stop, read_json, show_value,
-                     type_name)
+from .engine import (APIError, GenParams, bad, get_bool, get_number, get_stop, log_api_error, read_json,
+                     show_value, type_name)
 
 router = APIRouter()
 
@@ -72,7 +73,8 @@ def _images(value, where: str, max_bytes: int) -> list:
     return [decode_image(v, f"{where}[{j}]", max_bytes) for j, v in enumerate(value)]
 
 
-def parse_options(body: dict) -> GenParams:
+def parse_options(body: dict, max_tokens_limit: Optional[int] = None) -> GenParams:
+    """Ollama's options -> GenParams; max_tokens_limit: the server's cap on new tokens."""
     opts = body.get("options")
     if opts is None:
         opts = {}
@@ -83,6 +85,8 @@ def parse_options(body: dict) -> GenParams:
         num_predict = None  # -1 (infinite) / -2 (fill the context): the server default, cut to the context
     elif num_predict == 0:
         raise bad("'options.num_predict' must be >= 1 (or -1)")
+    elif num_predict is not None and max_tokens_limit is not None and num_predict > max_tokens_limit:
+        raise bad(f"'options.num_predict' is {num_predict}, over this server's limit of {max_tokens_limit}")
     return GenParams(
         max_tokens=num_predict,
         temperature=get_number(opts, "temperature", low=0, high=100, param="options.temperature"),
@@ -112,7 +116,7 @@ def parse_chat_messages(value, max_bytes: int) -> list[dict]:
             raise bad(f"{where} must be an object with 'role' and 'content'")
         role = m.get("role")
         if role not in ("system", "user", "assistant"):
-            raise bad(f"{where}.role must be 'system', 'user' or 'assistant', got {role!r}")
+            raise bad(f"{where}.role must be 'system', 'user' or 'assistant', got {show_value(role)}")
         content = m.get("content", "")
         if content is None:
             content = ""
@@ -154,7 +158,8 @@ async def _respond(request: Request, engine, prepared, kind: str, stream_mode: b
             async for piece in handle:
                 yield json.dumps(piece_obj(piece)) + "\n"
             yield json.dumps(final_obj("")) + "\n"
-        except APIError as e:
+        except APIError as e:  # the response has started: the error travels as the last line
+            log_api_error(request.method, request.url.path, e)
             yield json.dumps({"error": e.message}) + "\n"
         finally:
             handle.cancel()
@@ -169,7 +174,7 @@ async def chat(request: Request):
     engine.check_model(body.get("model"), ollama=True)
     _check_unsupported(body)
     messages = parse_chat_messages(body.get("messages"), engine.limits.max_bytes)
-    params = parse_options(body)
+    params = parse_options(body, engine.max_tokens_limit)
     stream = get_bool(body, "stream", True)
     prepared = await engine.prepare_async(messages, params)
     return await _respond(request, engine, prepared, "chat", stream)
@@ -191,7 +196,7 @@ async def generate(request: Request):
     if body.get("suffix"):
         raise bad("'suffix' (fill-in-the-middle) is not supported by this server")
     images = _images(body.get("images"), "images", engine.limits.max_bytes)
-    params = parse_options(body)
+    params = parse_options(body, engine.max_tokens_limit)
     stream = get_bool(body, "stream", True)
     raw = get_bool(body, "raw", False)
     model = request.app.state.ollama_name
