@@ -140,10 +140,16 @@ class GenParams:
             raise bad(f"'seed' must be < 2**63, got {self.seed}", "seed")
 
     def sampling(self) -> Sampling:
-        if not self.temperature:
+        """As vLLM: a temperature under 1e-5 decodes greedily (its limit), one under 1e-2 is raised to 1e-2, as
+        dividing the logits by less overflows them to inf and the probabilities to NaN."""
+        if not self.temperature or self.temperature < 1e-5:
             return Sampling(repetition_penalty=self.repetition_penalty)
-        return Sampling(True, float(self.temperature), float(self.top_p), int(self.top_k),
+        return Sampling(True, max(float(self.temperature), 1e-2), float(self.top_p), int(self.top_k),
                         float(self.repetition_penalty), self.seed)
+
+
+# Smaller penalties divide the logits of seen tokens into inf (NaN probabilities when sampling).
+MIN_REPETITION_PENALTY = 0.01
 
 
 @dataclass

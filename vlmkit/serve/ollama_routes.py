@@ -22,8 +22,8 @@ from typing import Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .engine import (APIError, GenParams, bad, get_bool, get_number, get_stop, log_api_error, read_json,
-                     show_value, type_name)
+from .engine import (MIN_REPETITION_PENALTY, APIError, GenParams, bad, get_bool, get_number, get_stop,
+                     log_api_error, read_json, show_value, type_name)
 
 router = APIRouter()
 
@@ -92,7 +92,7 @@ def parse_options(body: dict, max_tokens_limit: Optional[int] = None) -> GenPara
         temperature=get_number(opts, "temperature", low=0, high=100, param="options.temperature"),
         top_p=get_number(opts, "top_p", low=0, high=1, low_open=True, param="options.top_p") or 1.0,
         top_k=get_number(opts, "top_k", low=0, integer=True, param="options.top_k") or 0,
-        repetition_penalty=get_number(opts, "repeat_penalty", low=0, high=100, low_open=True,
+        repetition_penalty=get_number(opts, "repeat_penalty", low=MIN_REPETITION_PENALTY, high=100,
                                       param="options.repeat_penalty") or 1.0,
         seed=get_number(opts, "seed", integer=True, param="options.seed"),
         stop=get_stop(opts.get("stop"), "options.stop"),
@@ -127,6 +127,22 @@ def parse_chat_messages(value, max_bytes: int) -> list[dict]:
             parts.append({"type": "text", "text": content})
         out.append({"role": role, "content": parts})
     return out
+
+
+async def _prepare(engine, prompt, params, images=None, *, image_fields: list, raw: bool = False):
+    """engine.prepare_async, its errors in this API's terms: which field holds the bad image, and that a raw
+    prompt places its images with <image> placeholders itself."""
+    try:
+        return await engine.prepare_async(prompt, params, images)
+    except APIError as e:
+        if e.code == "invalid_image":
+            index = re.match(r"invalid image: image (\d+)\b", e.message)
+            i = int(index.group(1)) if index else -1
+            field = image_fields[i] if 0 <= i < len(image_fields) else image_fields[0].split("[0]")[0] + "[]"
+            e.message = f"{field}: {e.message}"
+        elif raw and e.code == "invalid_prompt":
+            e.message = f"'prompt' with 'raw': true (no chat template): {e.message}"
+        raise
 
 
 async def _respond(request: Request, engine, prepared, kind: str, stream_mode: bool):
@@ -176,7 +192,9 @@ async def chat(request: Request):
     messages = parse_chat_messages(body.get("messages"), engine.limits.max_bytes)
     params = parse_options(body, engine.max_tokens_limit)
     stream = get_bool(body, "stream", True)
-    prepared = await engine.prepare_async(messages, params)
+    image_fields = [f"messages[{i}].images[{j}]" for i, m in enumerate(body["messages"])
+                    for j in range(len(m.get("images") or []))]
+    prepared = await _prepare(engine, messages, params, image_fields=image_fields or ["messages[0].images[0]"])
     return await _respond(request, engine, prepared, "chat", stream)
 
 
@@ -203,13 +221,14 @@ async def generate(request: Request):
     if not prompt and not images:  # Ollama: an empty prompt just loads the model
         return JSONResponse({"model": model, "created_at": _now(), "response": "", "done": True,
                              "done_reason": "load"})
+    image_fields = [f"images[{j}]" for j in range(len(images))] or ["images[0]"]
     if raw:  # the prompt as written (with <image> placeholders for the images), no chat template
-        prepared = await engine.prepare_async(prompt, params, images)
+        prepared = await _prepare(engine, prompt, params, images, image_fields=image_fields, raw=True)
     else:
         messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + [
             {"role": "user", "content": [{"type": "image", "image": x} for x in images]
              + ([{"type": "text", "text": prompt}] if prompt else [])}]
-        prepared = await engine.prepare_async(messages, params)
+        prepared = await _prepare(engine, messages, params, image_fields=image_fields)
     return await _respond(request, engine, prepared, "generate", stream)
 
 

@@ -15,8 +15,8 @@ from typing import Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .engine import (APIError, GenParams, bad, get_bool, get_number, get_stop, log_api_error, read_json,
-                     show_value)
+from .engine import (MIN_REPETITION_PENALTY, APIError, GenParams, bad, get_bool, get_number, get_stop,
+                     log_api_error, read_json, show_value)
 
 router = APIRouter()
 
@@ -34,7 +34,8 @@ def parse_messages(value, allow_remote: bool) -> list[dict]:
             raise bad(f"{where} must be an object with 'role' and 'content'", where)
         role = message.get("role")
         if role in ("tool", "function"):
-            raise bad(f"{where}: role {show_value(role)} is not supported (this server has no tool calling)", f"{where}.role")
+            raise bad(f"{where}: role {show_value(role)} is not supported (this server has no tool calling)",
+                      f"{where}.role")
         if not isinstance(role, str) or role not in ROLES:
             raise bad(f"{where}.role must be one of {', '.join(ROLES)}, got {show_value(role)}", f"{where}.role")
         content = message.get("content")
@@ -106,7 +107,7 @@ def parse_params(body: dict, max_tokens_limit: Optional[int] = None) -> tuple[Ge
         temperature=get_number(body, "temperature", low=0, high=2),
         top_p=get_number(body, "top_p", low=0, high=1, low_open=True) or 1.0,
         top_k=get_number(body, "top_k", low=0, integer=True) or 0,
-        repetition_penalty=get_number(body, "repetition_penalty", low=0, high=100, low_open=True) or 1.0,
+        repetition_penalty=get_number(body, "repetition_penalty", low=MIN_REPETITION_PENALTY, high=100) or 1.0,
         seed=get_number(body, "seed", integer=True),
         stop=get_stop(body.get("stop")),
         ignore_eos=get_bool(body, "ignore_eos", False),
