@@ -40,9 +40,14 @@ def client(hf_checkpoint_dir):
     vlm = vlmkit.load(hf_checkpoint_dir("llava"))
     app = create_app(vlm, model_name=MODEL, limits=ImageLimits(max_pixels=100_000, max_bytes=100_000, max_images=2),
                      max_tokens_limit=3, default_max_tokens=3, max_body_bytes=300_000, ui=False)
-    logging.getLogger("vlmkit.serve").setLevel(logging.WARNING)  # a line per refusal would flood the output
-    with TestClient(app, raise_server_exceptions=False) as c:
-        yield c
+    logger = logging.getLogger("vlmkit.serve")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # a line per refusal would flood a failure's report
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            yield c
+    finally:
+        logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------- values

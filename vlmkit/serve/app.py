@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..processing.images import ImageLimits
 from .batcher import Batcher
-from .engine import APIError, BodyTooLarge, Engine, log_api_error, show_value
+from .checks import APIError, BodyTooLarge, log_api_error, show_value
+from .engine import Engine
 
 log = logging.getLogger("vlmkit.serve")
 

@@ -22,8 +22,9 @@ from typing import Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .engine import (MIN_REPETITION_PENALTY, APIError, GenParams, bad, get_bool, get_number, get_stop,
-                     log_api_error, read_json, show_value, type_name)
+from .checks import (MIN_REPETITION_PENALTY, APIError, bad, get_bool, get_number, get_stop, log_api_error,
+                     read_json, show_value, type_name)
+from .engine import GenParams
 
 router = APIRouter()
 
@@ -129,9 +130,9 @@ def parse_chat_messages(value, max_bytes: int) -> list[dict]:
     return out
 
 
-async def _prepare(engine, prompt, params, images=None, *, image_fields: list, raw: bool = False):
-    """engine.prepare_async, its errors in this API's terms: which field holds the bad image, and that a raw
-    prompt places its images with <image> placeholders itself."""
+async def _prepare(engine, prompt, params, images=None, *, image_fields: list, text_fields: str, raw: bool = False):
+    """engine.prepare_async, its errors in this API's terms (Ollama's errors have only a message): which field
+    holds the bad image or text, and that a raw prompt places its images with <image> placeholders itself."""
     try:
         return await engine.prepare_async(prompt, params, images)
     except APIError as e:
@@ -142,6 +143,8 @@ async def _prepare(engine, prompt, params, images=None, *, image_fields: list, r
             e.message = f"{field}: {e.message}"
         elif raw and e.code == "invalid_prompt":
             e.message = f"'prompt' with 'raw': true (no chat template): {e.message}"
+        elif e.code in ("invalid_prompt", "context_length_exceeded"):
+            e.message = f"{text_fields}: {e.message}"
         raise
 
 
@@ -194,7 +197,8 @@ async def chat(request: Request):
     stream = get_bool(body, "stream", True)
     image_fields = [f"messages[{i}].images[{j}]" for i, m in enumerate(body["messages"])
                     for j in range(len(m.get("images") or []))]
-    prepared = await _prepare(engine, messages, params, image_fields=image_fields or ["messages[0].images[0]"])
+    prepared = await _prepare(engine, messages, params, image_fields=image_fields or ["messages[0].images[0]"],
+                              text_fields="'messages'")
     return await _respond(request, engine, prepared, "chat", stream)
 
 
@@ -223,12 +227,14 @@ async def generate(request: Request):
                              "done_reason": "load"})
     image_fields = [f"images[{j}]" for j in range(len(images))] or ["images[0]"]
     if raw:  # the prompt as written (with <image> placeholders for the images), no chat template
-        prepared = await _prepare(engine, prompt, params, images, image_fields=image_fields, raw=True)
+        prepared = await _prepare(engine, prompt, params, images, image_fields=image_fields, text_fields="'prompt'",
+                                  raw=True)
     else:
         messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + [
             {"role": "user", "content": [{"type": "image", "image": x} for x in images]
              + ([{"type": "text", "text": prompt}] if prompt else [])}]
-        prepared = await _prepare(engine, messages, params, image_fields=image_fields)
+        prepared = await _prepare(engine, messages, params, image_fields=image_fields,
+                                  text_fields="'prompt'" + (" and 'system'" if system else ""))
     return await _respond(request, engine, prepared, "generate", stream)
 
 

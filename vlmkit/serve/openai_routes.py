@@ -15,8 +15,9 @@ from typing import Optional
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .engine import (MIN_REPETITION_PENALTY, APIError, GenParams, bad, get_bool, get_number, get_stop,
-                     log_api_error, read_json, show_value)
+from .checks import (MIN_REPETITION_PENALTY, APIError, bad, get_bool, get_number, get_stop, log_api_error,
+                     read_json, show_value)
+from .engine import GenParams
 
 router = APIRouter()
 
