@@ -28,7 +28,7 @@ from vlmkit.processing.images import ImageLimits  # noqa: E402
 from vlmkit.serve import create_app  # noqa: E402
 
 MODEL = "tiny-llava"
-# Per route: ~30 s for the module on 2 shared cores. VLMKIT_FUZZ_EXAMPLES=2000 hunts longer (by hand).
+# Examples per route: 200 take ~30 s for the module on 2 shared cores; VLMKIT_FUZZ_EXAMPLES=2000 hunts longer.
 EXAMPLES = int(os.environ.get("VLMKIT_FUZZ_EXAMPLES", 200))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,

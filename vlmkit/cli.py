@@ -4,9 +4,9 @@
     vlmkit chat [--model M] [--image PATH] [--system TEXT]      (stdin lines; /image PATH, /reset, /help, /exit)
     vlmkit info M [--json]
 
-Answers stream to stdout; status lines and errors go to stderr. Bad input (missing model folder, unreadable image or a URL,
-placeholder/image count mismatch, prompt over the context, bad flag values) ends with one line `vlmkit: error: ...`
-and exit code 2; an unexpected failure with exit code 1 (set VLMKIT_DEBUG=1 for the traceback).
+Answers stream to stdout; status lines and errors go to stderr. Bad input (missing model folder, unreadable image, an
+image URL, placeholder/image count mismatch, prompt over the context, bad flag values) ends with one line
+`vlmkit: error: ...` and exit code 2; an unexpected failure with exit code 1 (set VLMKIT_DEBUG=1 for the traceback).
 
 Adding a subcommand: one function decorated with `@command(name, help, *arguments)`; nothing else to register.
 """
