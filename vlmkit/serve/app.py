@@ -176,7 +176,16 @@ def create_app(vlm, *, model_name: str = "vlmkit", limits: Optional[ImageLimits]
 def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve `app` with uvicorn (blocking)."""
     import uvicorn
+    from uvicorn.logging import DefaultFormatter
 
+    # uvicorn sets up only its own loggers: vlmkit.serve's lines (one per refused request, with its reason) go
+    # beside them, in the same form, unless the embedding program configured logging itself.
+    logger = logging.getLogger("vlmkit")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(log_level.upper())
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
