@@ -147,6 +147,37 @@ def test_bad_input_gives_one_line_and_exit_2(files, capsys, case, expected):
     assert expected in one_error_line(err) and out == ""
 
 
+@pytest.mark.parametrize("case, expected", [
+    ("a URL", "do not fetch URLs"),
+    ("the second image missing", "does not exist"),
+    ("a folder", "not a file (a folder)"),
+    ("not an image", "not a recognised image"),
+    ("a corrupt image", "cannot read image"),
+    ("placeholders do not match", "3 <image> placeholder(s) but 2 image(s)"),
+])
+def test_run_checks_every_image_before_loading_the_model(files, capsys, monkeypatch, case, expected):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "_load_model", must_not_load)
+    monkeypatch.setattr(api, "load", must_not_load)
+    (files["root"] / "notes.txt").write_text("not an image")
+    a, b = files["a"], files["b"]
+    images = {
+        "a URL": [a, "https://example.com/cat.jpg"],
+        "the second image missing": [a, str(files["root"] / "nope.png")],
+        "a folder": [a, str(files["root"])],
+        "not an image": [a, str(files["root"] / "notes.txt")],
+        "a corrupt image": [a, files["corrupt"]],
+        "placeholders do not match": [a, b],
+    }[case]
+    prompt = "<image> <image> <image> compare" if case == "placeholders do not match" else "<image> vs <image>"
+    argv = ["run", "-m", files["missing"]] + [x for path in images for x in ("-i", path)] + [prompt]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert expected in one_error_line(err) and out == ""
+
+
 def test_default_model_missing_is_a_clear_error(files, capsys):
     if (api.default_model_path() / "config.json").is_file():
         pytest.skip("the embedded default model is installed")

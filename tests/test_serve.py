@@ -542,3 +542,7 @@ def test_cli_serve_subprocess(hf_checkpoint_dir):
             out, _ = proc.communicate()
     assert proc.returncode == 0, out[-2000:]
     assert f"http://127.0.0.1:{port}" in out
+    # each refused request is one line with its reason; no tracebacks
+    refused = [line for line in out.splitlines() if "POST /v1/chat/completions -> 400: " in line]
+    assert len(refused) == 5 and all("refusing to fetch" in line for line in refused), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]

@@ -4,9 +4,9 @@
     vlmkit chat [--model M] [--image PATH] [--system TEXT]      (stdin lines; /image PATH, /reset, /help, /exit)
     vlmkit info M [--json]
 
-Answers stream to stdout; status lines and errors go to stderr. Bad input (missing model folder, unreadable image,
-placeholder/image count mismatch, prompt over the context, bad flag values) ends with one line `vlmkit: error: ...`
-and exit code 2; an unexpected failure with exit code 1 (set VLMKIT_DEBUG=1 for the traceback).
+Answers stream to stdout; status lines and errors go to stderr. Bad input (missing model folder, unreadable image, an
+image URL, placeholder/image count mismatch, prompt over the context, bad flag values) ends with one line
+`vlmkit: error: ...` and exit code 2; an unexpected failure with exit code 1 (set VLMKIT_DEBUG=1 for the traceback).
 
 Adding a subcommand: one function decorated with `@command(name, help, *arguments)`; nothing else to register.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Callable, Optional
 
@@ -173,31 +174,52 @@ def _quiet_stdout() -> None:
 
 def _load_model(args):
     """The model named by --model, with its dtype / device / quantize options."""
-    from . import api
-
     name = args.model
-    if name == "default" and not (api.default_model_path() / "config.json").is_file():
-        raise CLIError("no model given and the embedded default model is not installed; pass --model FOLDER "
-                       "(a local Hugging Face folder)")
-    if name != "default" and not os.path.isdir(os.path.expanduser(name)):
+    if name != "default" and not os.path.isdir(os.path.expanduser(name)):  # before importing torch (seconds)
         what = "is a file, not a model folder" if os.path.exists(name) else "does not exist"
         raise CLIError(f"model folder {name!r} {what}")
     if name != "default" and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
         raise CLIError(f"{name!r} is not a model folder: it has no config.json")
+    from . import api
+
+    if name == "default" and not (api.default_model_path() / "config.json").is_file():
+        raise CLIError("no model given and the embedded default model is not installed; pass --model FOLDER "
+                       "(a local Hugging Face folder)")
     try:
         return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize)
     except NotImplementedError as e:
         raise CLIError(f"--quantize {args.quantize}: {e}") from None
 
 
+def _check_image_files(paths) -> None:
+    """Cheap checks of every image path, before any is decoded: not a URL (the CLI reads local files only, so
+    nothing is fetched on a command line's behalf), an existing, readable file whose header is an image's."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths or []:
+        if re.match(r"[a-z][a-z0-9+.-]*://", path, re.IGNORECASE):
+            raise CLIError(f"image {path[:100]!r} is a URL: vlmkit run and chat do not fetch URLs; download the "
+                           "image and pass the file's path")
+        if not os.path.exists(path):
+            raise CLIError(f"image file {path!r} does not exist")
+        if not os.path.isfile(path):
+            raise CLIError(f"image {path!r} is not a file" + (" (a folder)" if os.path.isdir(path) else ""))
+        try:
+            with Image.open(path):  # reads the header only
+                pass
+        except UnidentifiedImageError:
+            raise CLIError(f"cannot read image {path!r}: not a recognised image file") from None
+        except OSError as e:
+            raise CLIError(f"cannot read image {path!r}: {e.strerror or e}") from None
+
+
 def _load_images(paths) -> list:
     """Open every image up front (before the model loads) so a bad file fails fast, naming the file."""
     from .processing.images import ImageError, load_image
 
+    _check_image_files(paths)
     images = []
     for path in paths or []:
-        if not os.path.exists(path):
-            raise CLIError(f"image file {path!r} does not exist")
         try:
             images.append(load_image(path))
         except ImageError as e:
@@ -240,8 +262,11 @@ def cmd_run(args) -> int:
 
     if not args.prompt.strip() and not args.image:
         raise CLIError("the prompt is empty")
+    # Everything about the input is checked before the model loads (seconds): paths and headers, the count of
+    # <image> placeholders against the images, then every image decoded.
+    _check_image_files(args.image)
+    user_content(args.prompt, args.image)
     images = _load_images(args.image)
-    user_content(args.prompt, images)  # placeholder/image count checked before the (slow) model load
     m = _load_model(args)
     chat = Chat(m, system=args.system)
     _write_stream(chat.stream(args.prompt, images, **_generation_options(args)))

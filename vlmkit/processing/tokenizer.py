@@ -127,7 +127,14 @@ class Tokenizer:
 
     # ----------------------------------------------------------------------------------------------- basics
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # the backend's message ("TextInputSequence must be str") hides the usual cause
+            lone = re.search("[\ud800-\udfff]", text) if isinstance(text, str) else None
+            if lone is None:
+                raise
+            raise ValueError(f"the text holds a lone UTF-16 surrogate {lone.group()!r} at character {lone.start()}, "
+                             "which is not valid Unicode and cannot be tokenized") from None
 
     def encode_runs(self, runs: Iterable[tuple[str, bool]], add_special_tokens: bool = True) -> list[int]:
         """Text in runs of (text, literal): literal runs are plain text (the added tokens written in them are not

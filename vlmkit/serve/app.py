@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..processing.images import ImageLimits
 from .batcher import Batcher
-from .engine import APIError, BodyTooLarge, Engine
+from .checks import APIError, BodyTooLarge, log_api_error, show_value
+from .engine import Engine
 
 log = logging.getLogger("vlmkit.serve")
 
@@ -54,6 +55,7 @@ class BodyLimitMiddleware:
             except ValueError:
                 declared = -1
             if declared > self.max_bytes:
+                log_api_error(scope.get("method", ""), path, too_large)
                 return await error_response(path, too_large)(scope, receive, send)
         total, started = 0, False
 
@@ -77,6 +79,7 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             if started:
                 raise
+            log_api_error(scope.get("method", ""), path, too_large)
             await error_response(path, too_large)(scope, receive, send)
 
 
@@ -109,19 +112,25 @@ def create_app(vlm, *, model_name: str = "vlmkit", limits: Optional[ImageLimits]
     app.state.ollama_name = model_name if ":" in model_name else f"{model_name}:latest"
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
 
+    # A refused request logs one line (log_api_error); only a fault of the server logs a traceback.
+    def refuse(request: Request, e: APIError) -> JSONResponse:
+        log_api_error(request.method, request.url.path, e)
+        return error_response(request.url.path, e)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        if e.status >= 500:
-            log.warning("%s %s -> %d: %s", request.method, request.url.path, e.status, e.message)
-        return error_response(request.url.path, e)
+        return refuse(request, e)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        return error_response(request.url.path, APIError(e.status_code, str(e.detail), code=str(e.status_code)))
+        message = str(e.detail)
+        if e.status_code == 404:  # paths no route matches (the /v1 and /api catch-alls do not match newlines)
+            message = f"no such endpoint: {request.method} {show_value(request.url.path)}"
+        return refuse(request, APIError(e.status_code, message, code=str(e.status_code)))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
-        return error_response(request.url.path, APIError(400, f"invalid request: {e.errors()}"[:1000]))
+        return refuse(request, APIError(400, f"invalid request: {e.errors()}"[:1000]))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
@@ -167,7 +176,16 @@ def create_app(vlm, *, model_name: str = "vlmkit", limits: Optional[ImageLimits]
 def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve `app` with uvicorn (blocking)."""
     import uvicorn
+    from uvicorn.logging import DefaultFormatter
 
+    # uvicorn sets up only its own loggers: vlmkit.serve's lines (one per refused request, with its reason) go
+    # beside them, in the same form, unless the embedding program configured logging itself.
+    logger = logging.getLogger("vlmkit")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(log_level.upper())
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 

@@ -1,4 +1,4 @@
-"""What the routes share: request errors, field checks, turning a request into a queued `Job`, and streaming it.
+"""What the routes share: turning a request into a queued `Job`, and streaming it (request checks: checks.py).
 
 Both API dialects (OpenAI, Ollama) and the Gradio UI reduce a request to chat messages in vlmkit's form
 (`{"role", "content": [{"type": "text", "text"}, {"type": "image", "image": SOURCE}]}`, SOURCE a data: URI, an
@@ -10,75 +10,17 @@ checks them against the context; `Engine.submit` queues the job and returns a `S
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import anyio
 
+from ..api import default_model_path
 from ..processing.images import ImageError, ImageLimits, load_image
 from ..processing.prompts import PromptError
 from .batcher import Batcher, Job, QueueFull, Sampling
-
-
-class APIError(Exception):
-    """A request the server refuses; rendered as the dialect's JSON error with `status`."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-
-def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-# --------------------------------------------------------------------------------------------- field checks
-
-def _type_name(value) -> str:
-    return "null" if value is None else {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
-        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
-
-
-def get_number(body: dict, name: str, *, low=None, high=None, low_open=False, integer=False, param=None):
-    """body[name] checked: a number (an integer when `integer`) in [low, high] (low excluded when low_open);
-    None when absent or null."""
-    value = body.get(name, None)
-    if value is None:
-        return None
-    param = param or name
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
-        raise bad(f"'{param}' must be {'an integer' if integer else 'a number'}, got {_type_name(value)} "
-                  f"{value!r}"[:200], param)
-    if integer:
-        value = int(value)
-    if low is not None and (value <= low if low_open else value < low):
-        raise bad(f"'{param}' must be {'>' if low_open else '>='} {low}, got {value}", param)
-    if high is not None and value > high:
-        raise bad(f"'{param}' must be <= {high}, got {value}", param)
-    return value
-
-
-def get_bool(body: dict, name: str, default: bool, param=None) -> bool:
-    value = body.get(name, None)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise bad(f"'{param or name}' must be a boolean, got {_type_name(value)}", param or name)
-    return value
-
-
-def get_stop(value, param: str = "stop") -> tuple:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or len(value) > 16 or any(not isinstance(s, str) or not s for s in value):
-        raise bad(f"'{param}' must be a non-empty string or a list of up to 16 non-empty strings", param)
-    return tuple(value)
+from .checks import APIError, bad, show_value, type_name
 
 
 # --------------------------------------------------------------------------------------------- params
@@ -101,10 +43,13 @@ class GenParams:
             raise bad(f"'seed' must be < 2**63, got {self.seed}", "seed")
 
     def sampling(self) -> Sampling:
-        if not self.temperature:
+        """As vLLM: a temperature under 1e-5 decodes greedily (its limit), one under 1e-2 is raised to 1e-2, as
+        dividing the logits by less overflows them to inf and the probabilities to NaN."""
+        if not self.temperature or self.temperature < 1e-5:
             return Sampling(repetition_penalty=self.repetition_penalty)
-        return Sampling(True, float(self.temperature), float(self.top_p), int(self.top_k),
+        return Sampling(True, max(float(self.temperature), 1e-2), float(self.top_p), int(self.top_k),
                         float(self.repetition_penalty), self.seed)
+
 
 
 @dataclass
@@ -142,7 +87,7 @@ class Stream:
                 raise value
             if isinstance(value, ValueError):  # a setting generation refused
                 raise bad(f"generation refused the request: {value}")
-            raise APIError(500, f"generation failed: {type(value).__name__}: {value}", type="server_error")
+            raise APIError(500, f"generation failed: {type(value).__name__}: {value}", type="server_error") from value
         raise StopAsyncIteration
 
     def cancel(self) -> None:
@@ -195,18 +140,20 @@ class Engine:
         self.max_tokens_limit = max(1, min(max_tokens_limit, self.context - 1))
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
+        # The README's examples and `vlmkit.load("default")` call the embedded model "default".
+        self.aliases = ("default",) if _is_embedded_default(vlm) else ()
         self._limiter = anyio.CapacityLimiter(prepare_threads)
 
     def check_model(self, name, *, ollama: bool = False) -> None:
         if name is None:
             raise APIError(400, "'model' is required", param="model", code="missing_required_parameter")
         if not isinstance(name, str):
-            raise bad(f"'model' must be a string, got {_type_name(name)}", "model")
-        names = {self.model_name}
+            raise bad(f"'model' must be a string, got {type_name(name)}", "model")
+        names = {self.model_name, *self.aliases}
         if ollama or ":" in name:
-            names |= {self.model_name + ":latest"}
+            names |= {n + ":latest" for n in names}
         if name not in names:
-            raise APIError(404, f"model {name!r} not found; this server serves {self.model_name!r}",
+            raise APIError(404, f"model {show_value(name)} not found; this server serves {self.model_name!r}",
                            type="invalid_request_error", param="model", code="model_not_found")
 
     def check_busy(self) -> None:
@@ -298,40 +245,10 @@ class Engine:
                 "max_batch": b.max_batch, "queue_limit": b.queue_limit, "context_length": self.context}
 
 
+def _is_embedded_default(vlm) -> bool:
+    folder = getattr(vlm, "folder", None)
+    return folder is not None and folder.resolve() == default_model_path().resolve()
+
+
 def _busy(message: str) -> APIError:
     return APIError(429, message, type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-
-
-# --------------------------------------------------------------------------------------------- request body
-
-class BodyTooLarge(Exception):
-    """Raised by the body-limit middleware while a request body streams in past the limit."""
-
-
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def read_json(request) -> dict:
-    """The request body as a JSON object, or an APIError saying what is wrong with it."""
-    from starlette.requests import ClientDisconnect
-
-    try:
-        raw = await request.body()
-    except BodyTooLarge as e:
-        raise APIError(413, str(e), code="payload_too_large") from None
-    except ClientDisconnect:
-        raise bad("the client disconnected while sending the body") from None
-    if not raw.strip():
-        raise bad("the request body is empty; expected a JSON object", code="invalid_json")
-    try:
-        body = json.loads(raw, parse_constant=_no_constants)
-    except json.JSONDecodeError as e:
-        raise bad(f"malformed JSON in the request body: {e.msg} at line {e.lineno} column {e.colno}",
-                  code="invalid_json") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise bad(f"malformed JSON in the request body: {type(e).__name__}: {str(e)[:200]}",
-                  code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad(f"the request body must be a JSON object, got {_type_name(body)}", code="invalid_json")
-    return body

@@ -15,12 +15,16 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from datetime import datetime, timezone
+from typing import Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .engine import APIError, GenParams, bad, get_bool, get_number, get_stop, read_json
+from .checks import (MIN_REPETITION_PENALTY, APIError, bad, get_bool, get_number, get_stop, log_api_error,
+                     read_json, show_value, type_name)
+from .engine import GenParams
 
 router = APIRouter()
 
@@ -31,22 +35,35 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+# A URL (any scheme), a Unix, home-relative or Windows path, or a file name with an image extension.
+_LOCATION = re.compile(r"[a-z][a-z0-9+.-]*:|[/~\\]|\.\.?[/\\]|.*\.(png|jpe?g|gif|webp|bmp|tiff?|avif|ppm)$",
+                       re.IGNORECASE)
+
+
 def decode_image(value, where: str, max_bytes: int):
-    """A raw base64 string (Ollama's form) -> bytes; a data: URI passes through for load_image."""
+    """A raw base64 string (Ollama's form) -> bytes; a data: URI passes through for load_image.
+
+    Base64 is tried first, as Ollama does: base64 of a JPEG starts with "/9j/", so a leading "/" is no sign of a
+    path. A string that starts with "/" but does not decode to JPEG's first bytes cannot be an image (its first
+    byte would be 0xFC-0xFF, which only JPEG's 0xFF 0xD8 begins with among image formats): that one is a path."""
     if not isinstance(value, str) or not value:
-        raise bad(f"{where} must be a base64 string")
+        raise bad(f"{where} must be a base64 string (the image file's bytes, base64-encoded), got "
+                  f"{type_name(value)} {show_value(value)}")
     if value[:5].lower() == "data:":
         return value
-    if value[:8].lower().startswith(("http://", "https://")) or value.startswith(("/", "./", "~")):
-        raise bad(f"{where}: images are raw base64 strings here (URLs and paths are not accepted)")
     if len(value) * 3 // 4 > max_bytes + 3:
         raise bad(f"{where}: image too large: ~{len(value) * 3 // 4} bytes > max_bytes={max_bytes}")
     compact = "".join(value.split())
-    compact += "=" * (-len(compact) % 4)
     try:
-        return base64.b64decode(compact, validate=True)
+        data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise bad(f"{where} is not valid base64") from None
+        data = None
+    if data is not None and not (value.startswith("/") and not data.startswith(b"\xff\xd8")):
+        return data
+    if _LOCATION.match(value):
+        raise bad(f"{where}: images are raw base64 strings here (the image file's bytes, base64-encoded) or data: "
+                  f"URIs; URLs and file paths are not accepted, got {show_value(value)}")
+    raise bad(f"{where} is not valid base64 (send the image file's bytes, base64-encoded, or a data: URI)")
 
 
 def _images(value, where: str, max_bytes: int) -> list:
@@ -57,7 +74,8 @@ def _images(value, where: str, max_bytes: int) -> list:
     return [decode_image(v, f"{where}[{j}]", max_bytes) for j, v in enumerate(value)]
 
 
-def parse_options(body: dict) -> GenParams:
+def parse_options(body: dict, max_tokens_limit: Optional[int] = None) -> GenParams:
+    """Ollama's options -> GenParams; max_tokens_limit: the server's cap on new tokens."""
     opts = body.get("options")
     if opts is None:
         opts = {}
@@ -68,12 +86,14 @@ def parse_options(body: dict) -> GenParams:
         num_predict = None  # -1 (infinite) / -2 (fill the context): the server default, cut to the context
     elif num_predict == 0:
         raise bad("'options.num_predict' must be >= 1 (or -1)")
+    elif num_predict is not None and max_tokens_limit is not None and num_predict > max_tokens_limit:
+        raise bad(f"'options.num_predict' is {num_predict}, over this server's limit of {max_tokens_limit}")
     return GenParams(
         max_tokens=num_predict,
         temperature=get_number(opts, "temperature", low=0, high=100, param="options.temperature"),
         top_p=get_number(opts, "top_p", low=0, high=1, low_open=True, param="options.top_p") or 1.0,
         top_k=get_number(opts, "top_k", low=0, integer=True, param="options.top_k") or 0,
-        repetition_penalty=get_number(opts, "repeat_penalty", low=0, high=100, low_open=True,
+        repetition_penalty=get_number(opts, "repeat_penalty", low=MIN_REPETITION_PENALTY, high=100,
                                       param="options.repeat_penalty") or 1.0,
         seed=get_number(opts, "seed", integer=True, param="options.seed"),
         stop=get_stop(opts.get("stop"), "options.stop"),
@@ -97,7 +117,7 @@ def parse_chat_messages(value, max_bytes: int) -> list[dict]:
             raise bad(f"{where} must be an object with 'role' and 'content'")
         role = m.get("role")
         if role not in ("system", "user", "assistant"):
-            raise bad(f"{where}.role must be 'system', 'user' or 'assistant', got {role!r}")
+            raise bad(f"{where}.role must be 'system', 'user' or 'assistant', got {show_value(role)}")
         content = m.get("content", "")
         if content is None:
             content = ""
@@ -108,6 +128,24 @@ def parse_chat_messages(value, max_bytes: int) -> list[dict]:
             parts.append({"type": "text", "text": content})
         out.append({"role": role, "content": parts})
     return out
+
+
+async def _prepare(engine, prompt, params, images=None, *, image_fields: list, text_fields: str, raw: bool = False):
+    """engine.prepare_async, its errors in this API's terms (Ollama's errors have only a message): which field
+    holds the bad image or text, and that a raw prompt places its images with <image> placeholders itself."""
+    try:
+        return await engine.prepare_async(prompt, params, images)
+    except APIError as e:
+        if e.code == "invalid_image":
+            index = re.match(r"invalid image: image (\d+)\b", e.message)
+            i = int(index.group(1)) if index else -1
+            field = image_fields[i] if 0 <= i < len(image_fields) else image_fields[0].split("[0]")[0] + "[]"
+            e.message = f"{field}: {e.message}"
+        elif raw and e.code == "invalid_prompt":
+            e.message = f"'prompt' with 'raw': true (no chat template): {e.message}"
+        elif e.code in ("invalid_prompt", "context_length_exceeded"):
+            e.message = f"{text_fields}: {e.message}"
+        raise
 
 
 async def _respond(request: Request, engine, prepared, kind: str, stream_mode: bool):
@@ -139,7 +177,8 @@ async def _respond(request: Request, engine, prepared, kind: str, stream_mode: b
             async for piece in handle:
                 yield json.dumps(piece_obj(piece)) + "\n"
             yield json.dumps(final_obj("")) + "\n"
-        except APIError as e:
+        except APIError as e:  # the response has started: the error travels as the last line
+            log_api_error(request.method, request.url.path, e)
             yield json.dumps({"error": e.message}) + "\n"
         finally:
             handle.cancel()
@@ -154,9 +193,12 @@ async def chat(request: Request):
     engine.check_model(body.get("model"), ollama=True)
     _check_unsupported(body)
     messages = parse_chat_messages(body.get("messages"), engine.limits.max_bytes)
-    params = parse_options(body)
+    params = parse_options(body, engine.max_tokens_limit)
     stream = get_bool(body, "stream", True)
-    prepared = await engine.prepare_async(messages, params)
+    image_fields = [f"messages[{i}].images[{j}]" for i, m in enumerate(body["messages"])
+                    for j in range(len(m.get("images") or []))]
+    prepared = await _prepare(engine, messages, params, image_fields=image_fields or ["messages[0].images[0]"],
+                              text_fields="'messages'")
     return await _respond(request, engine, prepared, "chat", stream)
 
 
@@ -176,20 +218,23 @@ async def generate(request: Request):
     if body.get("suffix"):
         raise bad("'suffix' (fill-in-the-middle) is not supported by this server")
     images = _images(body.get("images"), "images", engine.limits.max_bytes)
-    params = parse_options(body)
+    params = parse_options(body, engine.max_tokens_limit)
     stream = get_bool(body, "stream", True)
     raw = get_bool(body, "raw", False)
     model = request.app.state.ollama_name
     if not prompt and not images:  # Ollama: an empty prompt just loads the model
         return JSONResponse({"model": model, "created_at": _now(), "response": "", "done": True,
                              "done_reason": "load"})
+    image_fields = [f"images[{j}]" for j in range(len(images))] or ["images[0]"]
     if raw:  # the prompt as written (with <image> placeholders for the images), no chat template
-        prepared = await engine.prepare_async(prompt, params, images)
+        prepared = await _prepare(engine, prompt, params, images, image_fields=image_fields, text_fields="'prompt'",
+                                  raw=True)
     else:
         messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + [
             {"role": "user", "content": [{"type": "image", "image": x} for x in images]
              + ([{"type": "text", "text": prompt}] if prompt else [])}]
-        prepared = await engine.prepare_async(messages, params)
+        prepared = await _prepare(engine, messages, params, image_fields=image_fields,
+                                  text_fields="'prompt'" + (" and 'system'" if system else ""))
     return await _respond(request, engine, prepared, "generate", stream)
 
 

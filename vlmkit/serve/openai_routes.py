@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .engine import APIError, GenParams, bad, get_bool, get_number, get_stop, read_json
+from .checks import (MIN_REPETITION_PENALTY, APIError, bad, get_bool, get_number, get_stop, log_api_error,
+                     read_json, show_value)
+from .engine import GenParams
 
 router = APIRouter()
 
@@ -32,9 +35,10 @@ def parse_messages(value, allow_remote: bool) -> list[dict]:
             raise bad(f"{where} must be an object with 'role' and 'content'", where)
         role = message.get("role")
         if role in ("tool", "function"):
-            raise bad(f"{where}: role {role!r} is not supported (this server has no tool calling)", f"{where}.role")
-        if role not in ROLES:
-            raise bad(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
+            raise bad(f"{where}: role {show_value(role)} is not supported (this server has no tool calling)",
+                      f"{where}.role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise bad(f"{where}.role must be one of {', '.join(ROLES)}, got {show_value(role)}", f"{where}.role")
         content = message.get("content")
         if content is None:
             content = []
@@ -69,17 +73,19 @@ def parse_messages(value, allow_remote: bool) -> list[dict]:
                               f"{url[:40]!r}", f"{pwhere}.image_url", "invalid_image_url")
                 parts.append({"type": "image", "image": url})
             else:
-                raise bad(f"{pwhere}: unsupported content part type {kind!r}; use 'text' or 'image_url'",
+                raise bad(f"{pwhere}: unsupported content part type {show_value(kind)}; use 'text' or 'image_url'",
                           f"{pwhere}.type")
         out.append({"role": ROLES[role], "content": parts})
     return out
 
 
-def parse_params(body: dict) -> tuple[GenParams, bool, bool]:
-    """-> (params, stream, include_usage)."""
-    max_tokens = get_number(body, "max_completion_tokens", low=1, integer=True)
-    if max_tokens is None:
-        max_tokens = get_number(body, "max_tokens", low=1, integer=True)
+def parse_params(body: dict, max_tokens_limit: Optional[int] = None) -> tuple[GenParams, bool, bool]:
+    """-> (params, stream, include_usage); max_tokens_limit: the server's cap on new tokens."""
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = get_number(body, name, low=1, integer=True)
+    if max_tokens is not None and max_tokens_limit is not None and max_tokens > max_tokens_limit:
+        raise bad(f"'{name}' is {max_tokens}, over this server's limit of {max_tokens_limit}", name,
+                  "max_tokens_exceeded")
     n = get_number(body, "n", low=1, integer=True)
     if n not in (None, 1):
         raise bad("only n=1 is supported", "n")
@@ -102,7 +108,7 @@ def parse_params(body: dict) -> tuple[GenParams, bool, bool]:
         temperature=get_number(body, "temperature", low=0, high=2),
         top_p=get_number(body, "top_p", low=0, high=1, low_open=True) or 1.0,
         top_k=get_number(body, "top_k", low=0, integer=True) or 0,
-        repetition_penalty=get_number(body, "repetition_penalty", low=0, high=100, low_open=True) or 1.0,
+        repetition_penalty=get_number(body, "repetition_penalty", low=MIN_REPETITION_PENALTY, high=100) or 1.0,
         seed=get_number(body, "seed", integer=True),
         stop=get_stop(body.get("stop")),
         ignore_eos=get_bool(body, "ignore_eos", False),
@@ -129,7 +135,7 @@ async def chat_completions(request: Request):
     body = await read_json(request)
     engine.check_model(body.get("model"))
     messages = parse_messages(body.get("messages"), engine.limits.allow_remote)
-    params, stream, include_usage = parse_params(body)
+    params, stream, include_usage = parse_params(body, engine.max_tokens_limit)
     prepared = await engine.prepare_async(messages, params)
     handle = engine.submit(prepared)
     ident, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.model_name
@@ -162,6 +168,7 @@ async def chat_completions(request: Request):
                 yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         except APIError as e:  # the response has started: the error travels as an event
+            log_api_error(request.method, request.url.path, e)
             yield f"data: {json.dumps(error_body(e))}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # normal end, error, or the client went away (the generator is closed / cancelled)
