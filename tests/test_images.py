@@ -342,3 +342,21 @@ def test_dns_rebinding_is_caught_at_connect_time(fake_internet, monkeypatch):
 def test_url_descriptions_drop_query_and_credentials():
     text = describe_source("https://user:pw@example.com:8443/a/cat.png?sig=SECRET")
     assert text == "https://example.com:8443/a/cat.png"
+
+
+@pytest.mark.parametrize("path", ["/slow-headers", "/slow-body"])
+def test_trickling_server_is_cut_at_the_total_deadline(monkeypatch, path):
+    # Every byte arrives within the socket timeout, so only a deadline over the whole fetch stops it.
+    from slow_http import TricklingServer, route_public_host_to
+
+    with TricklingServer(interval=0.25) as server:
+        route_public_host_to(monkeypatch, server.port)
+        start = time.monotonic()
+        with pytest.raises(ImageError, match=r"timed out after 1\.5 s"):
+            load_image(f"http://slow.test{path}", limits=ImageLimits(allow_remote=True, timeout_s=1.5))
+        took = time.monotonic() - start
+        assert 1.4 < took < 2.0, took
+        deadline = time.monotonic() + 2  # the abandoned fetch's socket is shut down, so its thread ends
+        while server.connections and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.connections == 0
