@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import anyio
 
-from ..processing.images import ImageError, ImageLimits, load_image
+from ..processing.early_resize import shrink_hint_for
+from ..processing.images import ImageError, ImageLimits, fetch_image, is_remote, load_images
 from ..processing.prompts import PromptError
 from .batcher import Batcher, Job, QueueFull, Sampling
 
@@ -187,15 +188,25 @@ class Stream:
 # --------------------------------------------------------------------------------------------- engine
 
 class Engine:
+    """prepare_async keeps requests from waiting on each other's image work: remote images download in their own
+    threads (at most `max_fetches` at once, each under one hard deadline; a request that finds every slot taken
+    gets 429 rather than a place in a queue), images decode in `prepare_threads` threads (CPU and memory bound),
+    and text-only requests render in threads of their own that image work never fills."""
+
     def __init__(self, vlm, batcher: Batcher, *, model_name: str, limits: ImageLimits,
-                 max_tokens_limit: int = 4096, default_max_tokens: int = 512, prepare_threads: int = 2):
+                 max_tokens_limit: int = 4096, default_max_tokens: int = 512, prepare_threads: int = 2,
+                 max_fetches: int = 16):
         self.vlm, self.batcher, self.model_name = vlm, batcher, model_name
         self.limits = replace(limits, allow_paths=False)  # never read server files on a client's behalf
         self.context = vlm.context_length
         self.max_tokens_limit = max(1, min(max_tokens_limit, self.context - 1))
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
-        self._limiter = anyio.CapacityLimiter(prepare_threads)
+        self._image_limiter = anyio.CapacityLimiter(prepare_threads)
+        self._text_limiter = anyio.CapacityLimiter(prepare_threads)
+        self._fetch_limiter = anyio.CapacityLimiter(max_fetches)
+        # Huge images are decoded straight to a size the family's preprocessing still reduces from.
+        self._shrink = shrink_hint_for(getattr(vlm.processor, "image_processor", None))
 
     def check_model(self, name, *, ollama: bool = False) -> None:
         if name is None:
@@ -219,7 +230,7 @@ class Engine:
                 t_arrival: Optional[float] = None) -> Prepared:
         """Blocking: load images (limits), render the prompt, count tokens, check the context.
         `prompt` is chat messages whose image parts carry their source inline, or a raw string with `<image>`
-        placeholders filled from `images`."""
+        placeholders filled from `images`. Image sources may be already downloaded (`FetchedImage`)."""
         t_arrival = t_arrival if t_arrival is not None else time.monotonic()
         if params.max_tokens is not None and params.max_tokens > self.max_tokens_limit:
             raise bad(f"max_tokens={params.max_tokens} is over this server's limit of {self.max_tokens_limit}",
@@ -233,7 +244,7 @@ class Engine:
                 prompt = self._load_inline(prompt, limits)
                 batch = self.vlm.processor([prompt], None, max_length=10**9)
         except ImageError as e:
-            raise bad(f"invalid image: {e}", "messages", "invalid_image") from None
+            raise _invalid_image(e) from None
         except (PromptError, ValueError) as e:
             raise bad(f"invalid prompt: {e}", "messages", "invalid_prompt") from None
         n = int(batch["attention_mask"].sum())
@@ -255,19 +266,62 @@ class Engine:
     def _load_all(self, sources: list, limits: ImageLimits) -> list:
         if len(sources) > limits.max_images:
             raise ImageError(f"too many images: {len(sources)} > max_images={limits.max_images} per request")
-        return [load_image(src, limits=limits, index=i) for i, src in enumerate(sources)]
+        return load_images(sources, limits, shrink=self._shrink)
 
     def _load_inline(self, messages: list, limits: ImageLimits) -> list:
-        sources = [part["image"] for m in messages for part in m["content"] if part.get("type") == "image"]
-        loaded = iter(self._load_all(sources, limits))
+        loaded = iter(self._load_all(_inline_sources(messages), limits))
         return [{**m, "content": [{"type": "image", "image": next(loaded)} if part.get("type") == "image" else part
                                   for part in m["content"]]} for m in messages]
 
     async def prepare_async(self, prompt, params: GenParams, images=None) -> Prepared:
         t_arrival = time.monotonic()
         self.check_busy()  # cheap refusal before decoding images
+        sources = list(images or []) if isinstance(prompt, str) else _inline_sources(prompt)
+        if not sources:
+            return await anyio.to_thread.run_sync(
+                lambda: self.prepare(prompt, params, images, t_arrival=t_arrival), limiter=self._text_limiter)
+        if len(sources) > self.limits.max_images:
+            raise _invalid_image(ImageError(f"too many images: {len(sources)} > max_images={self.limits.max_images} "
+                                            "per request"))
+        if any(is_remote(src) for src in sources):
+            fetched = await self._fetch_all(sources)
+            if isinstance(prompt, str):
+                images = fetched
+            else:
+                prompt = _replace_inline_sources(prompt, fetched)
         return await anyio.to_thread.run_sync(
-            lambda: self.prepare(prompt, params, images, t_arrival=t_arrival), limiter=self._limiter)
+            lambda: self.prepare(prompt, params, images, t_arrival=t_arrival), limiter=self._image_limiter)
+
+    async def _fetch_all(self, sources: list) -> list:
+        """Download a request's remote images, each in its own thread at once; other sources pass through."""
+        remote = [i for i, src in enumerate(sources) if is_remote(src)]
+        if not self.limits.allow_remote:
+            return sources  # the loader refuses them with its usual message
+        slots = [object() for _ in remote]
+        taken = []
+        try:
+            for slot in slots:
+                try:
+                    self._fetch_limiter.acquire_on_behalf_of_nowait(slot)
+                except anyio.WouldBlock:
+                    raise _busy(f"server busy: {self._fetch_limiter.total_tokens:g} remote image downloads are in "
+                                "progress; retry later or send the image inline (data: URI)") from None
+                taken.append(slot)
+            results = await asyncio.gather(*[anyio.to_thread.run_sync(
+                lambda i=i: fetch_image(sources[i], limits=self.limits, index=i)) for i in remote],
+                return_exceptions=True)
+        finally:
+            for slot in taken:
+                self._fetch_limiter.release_on_behalf_of(slot)
+        for result in results:
+            if isinstance(result, ImageError):
+                raise _invalid_image(result)
+            if isinstance(result, BaseException):
+                raise result
+        fetched = list(sources)
+        for i, result in zip(remote, results):
+            fetched[i] = result
+        return fetched
 
     # ---------------------------------------------------------------------------------------- submit
     def submit(self, prepared: Prepared) -> Stream:
@@ -296,6 +350,20 @@ class Engine:
         b = self.batcher
         return {"status": "ok", "model": self.model_name, "queued": b.queued, "running": b.running,
                 "max_batch": b.max_batch, "queue_limit": b.queue_limit, "context_length": self.context}
+
+
+def _invalid_image(e: ImageError) -> APIError:
+    return bad(f"invalid image: {e}", "messages", "invalid_image")
+
+
+def _inline_sources(messages: list) -> list:
+    return [part["image"] for m in messages for part in m["content"] if part.get("type") == "image"]
+
+
+def _replace_inline_sources(messages: list, sources: list) -> list:
+    it = iter(sources)
+    return [{**m, "content": [{**part, "image": next(it)} if part.get("type") == "image" else part
+                              for part in m["content"]]} for m in messages]
 
 
 def _busy(message: str) -> APIError:
