@@ -138,3 +138,17 @@ def test_memory_of_huge_images_returns_to_the_os(vlm):
         grown = _rss_bytes() - baseline
         print(f"RSS baseline {baseline / 2**20:.0f} MiB, after 2x2 requests +{grown / 2**20:.0f} MiB")
         assert grown < 120 * 2**20, f"RSS stayed {grown / 2**20:.0f} MiB above its baseline"
+
+
+def test_serve_flag_sets_the_request_pixel_budget(monkeypatch):
+    from vlmkit import cli, serve
+    from vlmkit.serve import app as app_module
+
+    seen = {}
+    monkeypatch.setattr(cli, "_load_model", lambda args: object())
+    monkeypatch.setattr(serve, "create_app", lambda vlm, **kw: seen.update(kw) or "app")
+    monkeypatch.setattr(app_module, "run", lambda app, **kw: None)
+    assert cli.main(["serve", "--no-ui", "--max-request-pixels", "1234"]) == 0
+    assert seen["limits"].max_request_pixels == 1234
+    assert cli.main(["serve", "--no-ui"]) == 0
+    assert seen["limits"].max_request_pixels == ImageLimits().max_request_pixels == 100_000_000
