@@ -79,7 +79,7 @@ def test_slow_remote_images_do_not_delay_other_requests(vlm, monkeypatch):
 
 def test_remote_downloads_beyond_the_slots_get_429(vlm, monkeypatch):
     app = create_app(vlm, model_name=MODEL, limits=ImageLimits(allow_remote=True, timeout_s=3), ui=False)
-    app.state.engine._fetch_limiter.total_tokens = 1  # one download slot
+    app.state.engine.downloads.limiter.total_tokens = 1  # one download slot
     with TricklingServer(interval=0.5) as slow, LiveServer(app) as server:
         route_public_host_to(monkeypatch, slow.port)
         first = threading.Thread(target=post, args=(server, chat([image_url("http://slow.test/slow-body")])))

@@ -18,9 +18,10 @@ from typing import Any, Optional
 import anyio
 
 from ..processing.early_resize import shrink_hint_for
-from ..processing.images import ImageError, ImageLimits, fetch_image, is_remote, load_images
+from ..processing.images import ImageError, ImageLimits, load_images
 from ..processing.prompts import PromptError
 from .batcher import Batcher, Job, QueueFull, Sampling
+from .image_inputs import DownloadSlotsFull, Downloader, image_sources, with_sources
 
 
 class APIError(Exception):
@@ -204,7 +205,7 @@ class Engine:
         self.created = int(time.time())
         self._image_limiter = anyio.CapacityLimiter(prepare_threads)
         self._text_limiter = anyio.CapacityLimiter(prepare_threads)
-        self._fetch_limiter = anyio.CapacityLimiter(max_fetches)
+        self.downloads = Downloader(self.limits, max_fetches)
         # Huge images are decoded straight to a size the family's preprocessing still reduces from.
         self._shrink = shrink_hint_for(getattr(vlm.processor, "image_processor", None))
 
@@ -264,64 +265,28 @@ class Engine:
         return Prepared(batch, n, max_tokens, params, t_arrival, time.monotonic())
 
     def _load_all(self, sources: list, limits: ImageLimits) -> list:
-        if len(sources) > limits.max_images:
-            raise ImageError(f"too many images: {len(sources)} > max_images={limits.max_images} per request")
-        return load_images(sources, limits, shrink=self._shrink)
+        return load_images(sources, limits, shrink=self._shrink)  # count and pixel budget checked before decoding
 
     def _load_inline(self, messages: list, limits: ImageLimits) -> list:
-        loaded = iter(self._load_all(_inline_sources(messages), limits))
-        return [{**m, "content": [{"type": "image", "image": next(loaded)} if part.get("type") == "image" else part
-                                  for part in m["content"]]} for m in messages]
+        return with_sources(messages, None, self._load_all(image_sources(messages, None), limits))[0]
 
     async def prepare_async(self, prompt, params: GenParams, images=None) -> Prepared:
         t_arrival = time.monotonic()
         self.check_busy()  # cheap refusal before decoding images
-        sources = list(images or []) if isinstance(prompt, str) else _inline_sources(prompt)
+        sources = image_sources(prompt, images)
         if not sources:
             return await anyio.to_thread.run_sync(
                 lambda: self.prepare(prompt, params, images, t_arrival=t_arrival), limiter=self._text_limiter)
-        if len(sources) > self.limits.max_images:
-            raise _invalid_image(ImageError(f"too many images: {len(sources)} > max_images={self.limits.max_images} "
-                                            "per request"))
-        if any(is_remote(src) for src in sources):
-            fetched = await self._fetch_all(sources)
-            if isinstance(prompt, str):
-                images = fetched
-            else:
-                prompt = _replace_inline_sources(prompt, fetched)
+        if len(sources) > self.limits.max_images:  # before downloading any of them
+            raise _invalid_image(ImageError(f"too many images: {len(sources)} > max_images={self.limits.max_images}"))
+        try:
+            prompt, images = with_sources(prompt, images, await self.downloads.fetch_all(sources))
+        except ImageError as e:
+            raise _invalid_image(e) from None
+        except DownloadSlotsFull as e:
+            raise _busy(str(e)) from None
         return await anyio.to_thread.run_sync(
             lambda: self.prepare(prompt, params, images, t_arrival=t_arrival), limiter=self._image_limiter)
-
-    async def _fetch_all(self, sources: list) -> list:
-        """Download a request's remote images, each in its own thread at once; other sources pass through."""
-        remote = [i for i, src in enumerate(sources) if is_remote(src)]
-        if not self.limits.allow_remote:
-            return sources  # the loader refuses them with its usual message
-        slots = [object() for _ in remote]
-        taken = []
-        try:
-            for slot in slots:
-                try:
-                    self._fetch_limiter.acquire_on_behalf_of_nowait(slot)
-                except anyio.WouldBlock:
-                    raise _busy(f"server busy: {self._fetch_limiter.total_tokens:g} remote image downloads are in "
-                                "progress; retry later or send the image inline (data: URI)") from None
-                taken.append(slot)
-            results = await asyncio.gather(*[anyio.to_thread.run_sync(
-                lambda i=i: fetch_image(sources[i], limits=self.limits, index=i)) for i in remote],
-                return_exceptions=True)
-        finally:
-            for slot in taken:
-                self._fetch_limiter.release_on_behalf_of(slot)
-        for result in results:
-            if isinstance(result, ImageError):
-                raise _invalid_image(result)
-            if isinstance(result, BaseException):
-                raise result
-        fetched = list(sources)
-        for i, result in zip(remote, results):
-            fetched[i] = result
-        return fetched
 
     # ---------------------------------------------------------------------------------------- submit
     def submit(self, prepared: Prepared) -> Stream:
@@ -353,17 +318,9 @@ class Engine:
 
 
 def _invalid_image(e: ImageError) -> APIError:
+    if e.index is None:  # about the request's images together (count, pixel budget)
+        return bad(f"images refused: {e.reason}", "messages", "invalid_image")
     return bad(f"invalid image: {e}", "messages", "invalid_image")
-
-
-def _inline_sources(messages: list) -> list:
-    return [part["image"] for m in messages for part in m["content"] if part.get("type") == "image"]
-
-
-def _replace_inline_sources(messages: list, sources: list) -> list:
-    it = iter(sources)
-    return [{**m, "content": [{**part, "image": next(it)} if part.get("type") == "image" else part
-                              for part in m["content"]]} for m in messages]
 
 
 def _busy(message: str) -> APIError:
