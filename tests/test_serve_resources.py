@@ -118,23 +118,36 @@ def _rss_bytes() -> int:
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs Linux /proc")
-def test_memory_of_huge_images_returns_to_the_os(vlm):
-    # 16 one-colour 2500x2500 PNGs (~18 KB each on the wire, 300 MB decoded), twice at once.
+def test_huge_images_neither_hold_memory_nor_delay_small_ones(vlm):
+    # 16 one-colour 2500x2500 PNGs per request (~18 KB each on the wire, 100 Mpx decoded), two at once, twice;
+    # during the first pair a request with one small image must not wait for their decoding.
     limits = ImageLimits(max_request_pixels=10**9, max_images=16)
     app = create_app(vlm, model_name=MODEL, limits=limits, ui=False, max_body_bytes=8 << 20)
     body = chat([{"type": "text", "text": "What is it?"}] + [image_url(data_uri(big_png(2500)))] * 16)
+    small = chat([{"type": "text", "text": "What is it?"}, image_url(data_uri(png_bytes()))])
     with LiveServer(app) as server:
-        r, _ = post(server, chat([image_url(data_uri(png_bytes()))]))  # warm up every code path once
+        r, idle_small = post(server, small)  # also warms up every code path once
         assert r.status_code == 200, r.text
         baseline = _rss_bytes()
-        for _ in range(2):
+        for round in range(2):
             results = []
             threads = [threading.Thread(target=lambda: results.append(post(server, body))) for _ in range(2)]
+            start = time.monotonic()
             for thread in threads:
                 thread.start()
+            if round == 0:
+                time.sleep(0.5)  # both big requests are decoding
+                r, busy_small = post(server, small)
+                assert r.status_code == 200, r.text
+                big_still_running = sum(thread.is_alive() for thread in threads)
             for thread in threads:
                 thread.join(120)
+            big_wall = time.monotonic() - start
             assert [r.status_code for r, _ in results] == [200, 200], [r.text for r, _ in results]
+            if round == 0:
+                print(f"small image: {idle_small:.2f} s idle, {busy_small:.2f} s beside two big requests "
+                      f"({big_wall:.1f} s)")
+                assert big_still_running == 2 and busy_small < big_wall / 3, (busy_small, big_wall)
         grown = _rss_bytes() - baseline
         print(f"RSS baseline {baseline / 2**20:.0f} MiB, after 2x2 requests +{grown / 2**20:.0f} MiB")
         assert grown < 120 * 2**20, f"RSS stayed {grown / 2**20:.0f} MiB above its baseline"
@@ -152,3 +165,21 @@ def test_serve_flag_sets_the_request_pixel_budget(monkeypatch):
     assert seen["limits"].max_request_pixels == 1234
     assert cli.main(["serve", "--no-ui"]) == 0
     assert seen["limits"].max_request_pixels == ImageLimits().max_request_pixels == 100_000_000
+
+
+def test_pixel_gate_admits_by_pixels():
+    from vlmkit.serve.image_inputs import PixelGate
+
+    gate, order = PixelGate(100), []
+    with gate.admit(60):
+        with gate.admit(30):  # fits beside the first
+            order.append("small")
+        huge = gate.admit(500)  # over the capacity: runs alone, once the 60 are released
+        waiter = threading.Thread(target=lambda: huge.__enter__() or order.append("huge"))
+        waiter.start()
+        time.sleep(0.2)
+        assert order == ["small"] and gate.in_use == 60
+    waiter.join(5)
+    assert order == ["small", "huge"] and gate.in_use == 100
+    huge.__exit__(None, None, None)
+    assert gate.in_use == 0

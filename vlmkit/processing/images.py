@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ctypes
 import io
 import os
@@ -100,10 +101,12 @@ def describe_source(x) -> str:
     return type(x).__name__
 
 
-def load_images(items, limits: ImageLimits | None = None, *, shrink: ShrinkHint | None = None) -> list[Image.Image]:
+def load_images(items, limits: ImageLimits | None = None, *, shrink: ShrinkHint | None = None,
+                admit=None) -> list[Image.Image]:
     """Load the images of one request: at most `limits.max_images`, and at most `limits.max_request_pixels`
     decoded pixels together, checked from the headers before any image is decoded; one image is decoded (and
-    reduced, see `shrink`) at a time."""
+    reduced, see `shrink`) at a time. `admit(pixels)`, when given, is a context manager held while decoding
+    (a server uses it to bound the pixels being decoded at once)."""
     limits = limits or ImageLimits()
     items = list(items)
     if len(items) > limits.max_images:
@@ -116,9 +119,10 @@ def load_images(items, limits: ImageLimits | None = None, *, shrink: ShrinkHint 
                          f"> max_request_pixels={limits.max_request_pixels} (the per-request budget; send fewer or "
                          "smaller images)")
     images = []
-    for i in range(len(opened)):
-        image, opened[i] = opened[i], None  # nothing keeps the full-size image once it is decoded and reduced
-        images.append(_decode(image, fails[i], shrink))
+    with admit(total) if admit is not None else contextlib.nullcontext():
+        for i in range(len(opened)):
+            image, opened[i] = opened[i], None  # nothing keeps the full-size image once it is decoded and reduced
+            images.append(_decode(image, fails[i], shrink))
     if total >= TRIM_AFTER_PIXELS:
         release_freed_memory()
     return images

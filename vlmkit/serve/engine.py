@@ -21,7 +21,7 @@ from ..processing.early_resize import shrink_hint_for
 from ..processing.images import ImageError, ImageLimits, load_images
 from ..processing.prompts import PromptError
 from .batcher import Batcher, Job, QueueFull, Sampling
-from .image_inputs import DownloadSlotsFull, Downloader, image_sources, with_sources
+from .image_inputs import DownloadSlotsFull, Downloader, PixelGate, image_sources, with_sources
 
 
 class APIError(Exception):
@@ -191,20 +191,23 @@ class Stream:
 class Engine:
     """prepare_async keeps requests from waiting on each other's image work: remote images download in their own
     threads (at most `max_fetches` at once, each under one hard deadline; a request that finds every slot taken
-    gets 429 rather than a place in a queue), images decode in `prepare_threads` threads (CPU and memory bound),
-    and text-only requests render in threads of their own that image work never fills."""
+    gets 429 rather than a place in a queue); requests with images prepare in up to `image_threads` threads and
+    decode once `decode_pixels` leaves room for their pixels (default: two full per-request budgets and half of
+    one more, so small images never queue behind large ones); text-only requests render in `prepare_threads`
+    threads of their own that image work never fills."""
 
     def __init__(self, vlm, batcher: Batcher, *, model_name: str, limits: ImageLimits,
                  max_tokens_limit: int = 4096, default_max_tokens: int = 512, prepare_threads: int = 2,
-                 max_fetches: int = 16):
+                 image_threads: int = 8, max_fetches: int = 16, decode_pixels: Optional[int] = None):
         self.vlm, self.batcher, self.model_name = vlm, batcher, model_name
         self.limits = replace(limits, allow_paths=False)  # never read server files on a client's behalf
         self.context = vlm.context_length
         self.max_tokens_limit = max(1, min(max_tokens_limit, self.context - 1))
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
-        self._image_limiter = anyio.CapacityLimiter(prepare_threads)
+        self._image_limiter = anyio.CapacityLimiter(image_threads)
         self._text_limiter = anyio.CapacityLimiter(prepare_threads)
+        self.decoding = PixelGate(decode_pixels or self.limits.max_request_pixels * 5 // 2)
         self.downloads = Downloader(self.limits, max_fetches)
         # Huge images are decoded straight to a size the family's preprocessing still reduces from.
         self._shrink = shrink_hint_for(getattr(vlm.processor, "image_processor", None))
@@ -265,7 +268,8 @@ class Engine:
         return Prepared(batch, n, max_tokens, params, t_arrival, time.monotonic())
 
     def _load_all(self, sources: list, limits: ImageLimits) -> list:
-        return load_images(sources, limits, shrink=self._shrink)  # count and pixel budget checked before decoding
+        # Count and pixel budget are checked from the headers before decoding, and before waiting at the gate.
+        return load_images(sources, limits, shrink=self._shrink, admit=self.decoding.admit)
 
     def _load_inline(self, messages: list, limits: ImageLimits) -> list:
         return with_sources(messages, None, self._load_all(image_sources(messages, None), limits))[0]

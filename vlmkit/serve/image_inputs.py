@@ -1,19 +1,24 @@
-"""A request's images on their way in: where they sit in the prompt, and remote ones downloaded before decoding.
+"""A request's images on their way in: where they sit in the prompt, remote ones downloaded before decoding, and
+how many pixels may be decoded at once.
 
 Downloads run in threads of their own, at most `max_fetches` at once across the server, each under the one hard
 deadline of `processing.image_fetch` (ImageLimits.timeout_s). A request that finds every download slot taken is
 refused at once (`DownloadSlotsFull`) rather than queued behind other requests' downloads.
+Decoding is admitted by pixels (`PixelGate`), not by a small pool of threads: a request with small images starts at
+once beside large ones, and only a request that would push the pixels in flight past the gate's capacity waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 
 import anyio
 
 from ..processing.images import ImageLimits, fetch_image, is_remote
 
-__all__ = ["DownloadSlotsFull", "Downloader", "image_sources", "with_sources"]
+__all__ = ["DownloadSlotsFull", "Downloader", "PixelGate", "image_sources", "with_sources"]
 
 
 class DownloadSlotsFull(Exception):
@@ -69,3 +74,24 @@ class Downloader:
                 raise result
             fetched[i] = result
         return fetched
+
+
+class PixelGate:
+    """A counting gate over decoded pixels shared by the threads decoding requests' images."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.in_use = capacity, 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def admit(self, pixels: int):
+        need = min(pixels, self.capacity)  # a request over the capacity runs alone
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_use + need <= self.capacity)
+            self.in_use += need
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= need
+                self._changed.notify_all()
