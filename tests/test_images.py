@@ -421,3 +421,15 @@ def test_early_reduce_applies_exif_orientation_and_transparency():
     rgba.paste((0, 0, 255, 255), (0, 0, 1500, 2000))  # left half opaque blue
     early = load_images([encode(rgba)], shrink=shrink)[0]
     assert early.getpixel((10, 10)) == (0, 0, 255) and early.getpixel((early.width - 10, 10)) == (255, 255, 255)
+
+
+def test_a_hanging_dns_lookup_is_abandoned_at_the_deadline(monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(fetch_module, "_resolve_host", lambda host, port: release.wait(30) and [])
+    start = time.monotonic()
+    try:
+        with pytest.raises(ImageError, match=r"timed out after 1 s"):
+            load_image("http://hanging-dns.test/x.png", limits=ImageLimits(allow_remote=True, timeout_s=1))
+        assert time.monotonic() - start < 1.5
+    finally:
+        release.set()
