@@ -18,7 +18,7 @@ from typing import Any, Optional
 import anyio
 
 from ..processing.early_resize import shrink_hint_for
-from ..processing.images import ImageError, ImageLimits, load_images
+from ..processing.images import TRIM_AFTER_PIXELS, ImageError, ImageLimits, load_images, release_freed_memory
 from ..processing.prompts import PromptError
 from .batcher import Batcher, Job, QueueFull, Sampling
 from .image_inputs import DownloadSlotsFull, Downloader, PixelGate, image_sources, with_sources
@@ -239,18 +239,14 @@ class Engine:
         if params.max_tokens is not None and params.max_tokens > self.max_tokens_limit:
             raise bad(f"max_tokens={params.max_tokens} is over this server's limit of {self.max_tokens_limit}",
                       "max_tokens", "max_tokens_exceeded")
-        limits = self.limits
         try:
-            if isinstance(prompt, str):
-                loaded = self._load_all(list(images or []), limits)
-                batch = self.vlm.processor([prompt], [loaded], max_length=10**9)
-            else:
-                prompt = self._load_inline(prompt, limits)
-                batch = self.vlm.processor([prompt], None, max_length=10**9)
+            batch, decoded_pixels = self._render(prompt, images)
         except ImageError as e:
             raise _invalid_image(e) from None
         except (PromptError, ValueError) as e:
             raise bad(f"invalid prompt: {e}", "messages", "invalid_prompt") from None
+        if decoded_pixels >= TRIM_AFTER_PIXELS:
+            release_freed_memory()  # the request's decoded images are gone now: hand their memory back to the OS
         n = int(batch["attention_mask"].sum())
         room = self.context - n
         if params.max_tokens is None:
@@ -267,12 +263,17 @@ class Engine:
                           "messages", "context_length_exceeded")
         return Prepared(batch, n, max_tokens, params, t_arrival, time.monotonic())
 
-    def _load_all(self, sources: list, limits: ImageLimits) -> list:
-        # Count and pixel budget are checked from the headers before decoding, and before waiting at the gate.
-        return load_images(sources, limits, shrink=self._shrink, admit=self.decoding.admit)
+    def _render(self, prompt, images) -> tuple[dict, int]:
+        """The processor's batch for the prompt with its images loaded, and how many pixels those images held."""
+        loaded = self._load_all(image_sources(prompt, images))
+        pixels = sum(image.width * image.height for image in loaded)
+        if isinstance(prompt, str):
+            return self.vlm.processor([prompt], [loaded], max_length=10**9), pixels
+        return self.vlm.processor([with_sources(prompt, None, loaded)[0]], None, max_length=10**9), pixels
 
-    def _load_inline(self, messages: list, limits: ImageLimits) -> list:
-        return with_sources(messages, None, self._load_all(image_sources(messages, None), limits))[0]
+    def _load_all(self, sources: list) -> list:
+        # Count and pixel budget are checked from the headers before decoding, and before waiting at the gate.
+        return load_images(sources, self.limits, shrink=self._shrink, admit=self.decoding.admit)
 
     async def prepare_async(self, prompt, params: GenParams, images=None) -> Prepared:
         t_arrival = time.monotonic()
