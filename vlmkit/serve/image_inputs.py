@@ -44,7 +44,8 @@ def with_sources(prompt, images, sources: list):
 class Downloader:
     def __init__(self, limits: ImageLimits, max_fetches: int = 16):
         self.limits = limits
-        self.limiter = anyio.CapacityLimiter(max_fetches)
+        self.limiter = anyio.CapacityLimiter(max_fetches)  # download slots, taken without waiting
+        self._threads = anyio.CapacityLimiter(max_fetches)  # never waited on (slots come first); off anyio's default
 
     async def fetch_all(self, sources: list) -> list:
         """`sources` with each http(s) URL replaced by its downloaded bytes (a FetchedImage); all of one request's
@@ -52,7 +53,8 @@ class Downloader:
         remote = [i for i, src in enumerate(sources) if is_remote(src)]
         if not remote or not self.limits.allow_remote:
             return sources  # the loader refuses URLs with its usual message when they are disabled
-        slots, taken = [object() for _ in remote], []
+        # One slot per download; a request with more URLs than there are slots takes them all and runs in waves.
+        slots, taken = [object() for _ in range(min(len(remote), int(self.limiter.total_tokens)))], []
         try:
             for slot in slots:
                 try:
@@ -62,9 +64,9 @@ class Downloader:
                         f"server busy: {self.limiter.total_tokens:g} remote image downloads are in progress; retry "
                         "later or send the image inline (data: URI)") from None
                 taken.append(slot)
-            results = await asyncio.gather(*[anyio.to_thread.run_sync(
-                lambda i=i: fetch_image(sources[i], limits=self.limits, index=i)) for i in remote],
-                return_exceptions=True)
+            downloads = [anyio.to_thread.run_sync(lambda i=i: fetch_image(sources[i], limits=self.limits, index=i),
+                                                  limiter=self._threads) for i in remote]
+            results = await asyncio.gather(*downloads, return_exceptions=True)
         finally:
             for slot in taken:
                 self.limiter.release_on_behalf_of(slot)
