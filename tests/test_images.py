@@ -342,3 +342,94 @@ def test_dns_rebinding_is_caught_at_connect_time(fake_internet, monkeypatch):
 def test_url_descriptions_drop_query_and_credentials():
     text = describe_source("https://user:pw@example.com:8443/a/cat.png?sig=SECRET")
     assert text == "https://example.com:8443/a/cat.png"
+
+
+@pytest.mark.parametrize("path", ["/slow-headers", "/slow-body"])
+def test_trickling_server_is_cut_at_the_total_deadline(monkeypatch, path):
+    # Every byte arrives within the socket timeout, so only a deadline over the whole fetch stops it.
+    from slow_http import TricklingServer, route_public_host_to
+
+    with TricklingServer(interval=0.25) as server:
+        route_public_host_to(monkeypatch, server.port)
+        start = time.monotonic()
+        with pytest.raises(ImageError, match=r"timed out after 1\.5 s"):
+            load_image(f"http://slow.test{path}", limits=ImageLimits(allow_remote=True, timeout_s=1.5))
+        took = time.monotonic() - start
+        assert 1.4 < took < 2.0, took
+        deadline = time.monotonic() + 2  # the abandoned fetch's socket is shut down, so its thread ends
+        while server.connections and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.connections == 0
+
+
+def test_request_pixel_budget_is_checked_before_any_decoding(monkeypatch):
+    small = encode(Image.new("RGB", (100, 100), "red"))
+    with pytest.raises(ImageError, match=r"3 images of 30000 decoded pixels together > max_request_pixels=25000"):
+        monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded before the check"))
+        load_images([small] * 3, ImageLimits(max_request_pixels=25_000))
+    monkeypatch.undo()
+    assert len(load_images([small] * 2, ImageLimits(max_request_pixels=25_000))) == 2
+
+
+def _shrink_for(family_settings_size):
+    from vlmkit.processing.early_resize import shrink_hint_for
+    from vlmkit.processing.image_processors import image_processor_for
+
+    processor = image_processor_for("idefics3", {"size": {"longest_edge": family_settings_size},
+                                                 "max_image_size": {"longest_edge": family_settings_size},
+                                                 "do_image_splitting": False})
+    return processor, shrink_hint_for(processor)
+
+
+def _smooth_photo(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 50 + 1, width // 50 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def test_ordinary_images_are_decoded_exactly_even_with_a_shrink_hint():
+    processor, shrink = _shrink_for(192)
+    data = encode(_smooth_photo(1920, 1080), "PNG")  # 2 Mpx: under EARLY_REDUCE_MIN_PIXELS
+    assert load_images([data], shrink=shrink)[0].size == (1920, 1080)
+    exact = processor([load_image(data)])["pixel_values"]
+    assert (processor(load_images([data], shrink=shrink))["pixel_values"] == exact).all()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_huge_images_are_decoded_small_with_nearly_the_same_pixels(fmt):
+    processor, shrink = _shrink_for(192)
+    photo = _smooth_photo(4800, 3000)
+    data = encode(photo, fmt, **({"quality": 95} if fmt == "JPEG" else {"compress_level": 1}))
+    reduced = load_images([data], shrink=shrink)[0]
+    assert 576 <= reduced.width <= 1200 and reduced.mode == "RGB", reduced.size  # >= 3x the 192 px output
+    exact = processor([load_image(data)])["pixel_values"]
+    early = processor([reduced])["pixel_values"]
+    assert early.shape == exact.shape
+    assert (early - exact).abs().mean() < 0.01 and (early - exact).abs().max() < 0.1  # in [-1, 1] units
+
+
+def test_early_reduce_applies_exif_orientation_and_transparency():
+    processor, shrink = _shrink_for(192)
+    photo = _smooth_photo(3000, 2000)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    data = encode(photo, "JPEG", exif=exif.tobytes(), quality=95)
+    full, early = load_image(data), load_images([data], shrink=shrink)[0]
+    assert full.size == (2000, 3000) and early.height > early.width
+    assert abs(early.width / early.height - 2 / 3) < 0.01
+    rgba = Image.new("RGBA", (3000, 2000), (255, 0, 0, 0))  # fully transparent red: white once flattened
+    rgba.paste((0, 0, 255, 255), (0, 0, 1500, 2000))  # left half opaque blue
+    early = load_images([encode(rgba)], shrink=shrink)[0]
+    assert early.getpixel((10, 10)) == (0, 0, 255) and early.getpixel((early.width - 10, 10)) == (255, 255, 255)
+
+
+def test_a_hanging_dns_lookup_is_abandoned_at_the_deadline(monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(fetch_module, "_resolve_host", lambda host, port: release.wait(30) and [])
+    start = time.monotonic()
+    try:
+        with pytest.raises(ImageError, match=r"timed out after 1 s"):
+            load_image("http://hanging-dns.test/x.png", limits=ImageLimits(allow_remote=True, timeout_s=1))
+        assert time.monotonic() - start < 1.5
+    finally:
+        release.set()

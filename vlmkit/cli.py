@@ -572,6 +572,9 @@ def cmd_eval(args) -> int:
          arg("--max-images", type=_positive_int, default=16, metavar="N", help="images per request (default 16)"),
          arg("--max-image-pixels", type=_positive_int, default=40_000_000, metavar="N",
              help="decoded pixels per image (default 40000000)"),
+         arg("--max-request-pixels", type=_positive_int, default=100_000_000, metavar="N",
+             help="decoded pixels of all images of one request together, checked before decoding "
+                  "(default 100000000: four 6000x4000 photos)"),
          arg("--no-ui", action="store_true", help="no Gradio chat page at /"))
 def cmd_serve(args) -> int:
     try:
@@ -588,7 +591,8 @@ def cmd_serve(args) -> int:
         _status(f"warning: binding {args.host}: anyone who can reach this address can use the model")
     m = _load_model(args)
     limits = ImageLimits(max_pixels=args.max_image_pixels, max_images=args.max_images,
-                         allow_remote=args.allow_remote_images, allow_paths=False)
+                         max_request_pixels=args.max_request_pixels, allow_remote=args.allow_remote_images,
+                         allow_paths=False)
     name = args.name or default_model_name(args.model)
     app = create_app(m, model_name=name, limits=limits, max_batch=args.max_batch, queue_limit=args.queue_limit,
                      max_tokens_limit=args.max_tokens, max_body_bytes=args.max_body_mb * 1024 * 1024,

@@ -3,7 +3,9 @@
 Rules: http/https only; the destination host must resolve ONLY to public unicast addresses, checked before
 every hop and again at connect time against the very addresses we connect to (so DNS rebinding between
 check and connect does not help); redirects are followed here, one hop at a time, each re-checked; no
-proxies; the whole download has a byte cap and a deadline.
+proxies; the whole download has a byte cap and ONE hard deadline covering DNS, connect, TLS, headers, body and
+every redirect: the work runs in its own thread, and when the deadline passes the caller gets its error at once
+while the sockets the fetch opened are shut down, which wakes any read blocked on a server that trickles bytes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -69,7 +72,37 @@ class _ForbiddenDestination(OSError):
     pass
 
 
-def _guarded_create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+class _Deadline:
+    """One fetch's hard deadline. Sockets opened for the fetch are registered here; `expire()` shuts them down,
+    so a read blocked on a slow server returns at once instead of waiting for its next byte."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.at = seconds, time.monotonic() + seconds
+        self.expired = False
+        self._connections: list = []
+        self._lock = threading.Lock()
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def track(self, connection) -> None:
+        with self._lock:
+            self._connections.append(connection)
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            connections = list(self._connections)
+        for connection in connections:
+            sock = connection.sock  # after TLS setup this is the SSLSocket holding the same descriptor
+            if sock is not None:
+                try:  # the plain-socket shutdown (not SSLSocket's) so a thread inside an SSL read is woken too
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _guarded_create_connection(address, deadline: _Deadline, source_address=None):
     # Runs at connect time for every hop, and connects to the exact addresses it vetted, so a DNS
     # answer that changes between the check and the connection (rebinding) cannot slip through.
     host, port = address
@@ -79,40 +112,56 @@ def _guarded_create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, 
 
     last_error: OSError | None = None
     for ip in _vetted_addresses(host, port, fail):
+        remaining = deadline.remaining()
+        if deadline.expired or remaining <= 0:
+            raise TimeoutError("deadline passed before connecting")
         try:
-            return _open_socket(ip, port, timeout)
+            return _open_socket(ip, port, remaining)  # connect itself is one blocking call bounded by this
         except OSError as e:
             last_error = e
     raise last_error or OSError(f"cannot connect to {host}")
 
 
-class _GuardedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args, **kwargs):
+class _GuardedConnectionMixin:
+    def __init__(self, *args, deadline: _Deadline, **kwargs):
         super().__init__(*args, **kwargs)
-        self._create_connection = _guarded_create_connection
+        self._create_connection = lambda address, timeout=None, source_address=None: _guarded_create_connection(
+            address, deadline, source_address)
+        deadline.track(self)
 
 
-class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._create_connection = _guarded_create_connection  # TLS (SNI, cert check) still uses the hostname
+class _GuardedHTTPConnection(_GuardedConnectionMixin, http.client.HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_GuardedConnectionMixin, http.client.HTTPSConnection):
+    pass  # TLS (SNI, cert check) still uses the hostname
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
     def http_open(self, req):
-        return self.do_open(_GuardedHTTPConnection, req)
+        return self.do_open(lambda *a, **kw: _GuardedHTTPConnection(*a, deadline=self.deadline, **kw), req)
 
 
 class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline, context):
+        super().__init__(context=context)
+        self.deadline = deadline
+
     def https_open(self, req):
-        return self.do_open(_GuardedHTTPSConnection, req, context=self._context)
+        return self.do_open(lambda *a, **kw: _GuardedHTTPSConnection(*a, deadline=self.deadline, **kw), req,
+                            context=self._context)
 
 
-def _build_opener() -> urllib.request.OpenerDirector:
+def _build_opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
     # Built by hand instead of build_opener(): no proxy handler (a proxy would fetch internal URLs for us),
-    # no file:/ftp:/data: handlers, and no redirect handler (redirects are followed in _fetch_url).
+    # no file:/ftp:/data: handlers, and no redirect handler (redirects are followed in _fetch).
     opener = urllib.request.OpenerDirector()
-    for handler in (_GuardedHTTPHandler(), _GuardedHTTPSHandler(context=ssl.create_default_context()),
+    for handler in (_GuardedHTTPHandler(deadline), _GuardedHTTPSHandler(deadline, ssl.create_default_context()),
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener
@@ -122,9 +171,36 @@ _REDIRECT_CODES = (301, 302, 303, 307, 308)
 
 
 def fetch_url(url: str, limits, fail) -> bytes:
-    """Bytes at `url` under `limits` (an ImageLimits); `fail(reason)` builds the exception to raise."""
-    deadline = time.monotonic() + limits.timeout_s
-    opener = _build_opener()
+    """Bytes at `url` under `limits` (an ImageLimits); `fail(reason)` builds the exception to raise.
+    Returns or raises within `limits.timeout_s` whatever the server does (DNS lookups that hang are
+    abandoned to finish in the background; nothing they return is used)."""
+    deadline = _Deadline(limits.timeout_s)
+    outcome: dict = {}
+    done = threading.Event()
+
+    def work():
+        try:
+            outcome["data"] = _fetch(url, limits, fail, deadline)
+        except BaseException as e:  # handed to the caller, who decides what to raise
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="vlmkit-fetch", daemon=True).start()
+    if not done.wait(max(0.0, deadline.remaining())):
+        deadline.expire()
+        raise fail(_timed_out(limits))
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["data"]
+
+
+def _timed_out(limits) -> str:
+    return f"download timed out after {limits.timeout_s:g} s (timeout_s covers connect, headers and body)"
+
+
+def _fetch(url: str, limits, fail, deadline: _Deadline) -> bytes:
+    opener = _build_opener(deadline)
     for hop in range(limits.max_redirects + 1):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
@@ -135,9 +211,9 @@ def fetch_url(url: str, limits, fail) -> bytes:
             raise fail("invalid port in URL") from None
         _vetted_addresses(parts.hostname, port, fail)  # early, clear refusal; re-checked at connect time
         request = urllib.request.Request(url, headers={"User-Agent": "vlmkit", "Accept": "image/*"})
-        remaining = deadline - time.monotonic()
+        remaining = deadline.remaining()
         if remaining <= 0:
-            raise fail(f"download timed out after {limits.timeout_s} s")
+            raise fail(_timed_out(limits))
         try:
             response = opener.open(request, timeout=remaining)
         except urllib.error.HTTPError as e:
@@ -158,16 +234,16 @@ def fetch_url(url: str, limits, fail) -> bytes:
     raise fail(f"too many redirects (max_redirects={limits.max_redirects})")
 
 
-def _read_capped(response, deadline: float, limits, fail) -> bytes:
+def _read_capped(response, deadline: _Deadline, limits, fail) -> bytes:
     declared = response.headers.get("Content-Length")
     if declared and declared.strip().isdigit() and int(declared) > limits.max_bytes:
         raise fail(f"remote image too large: {declared} bytes > max_bytes={limits.max_bytes}")
     chunks, total = [], 0
     try:
         while True:
-            if time.monotonic() > deadline:
-                raise fail(f"download timed out after {limits.timeout_s} s")
-            chunk = response.read(64 * 1024)
+            if deadline.remaining() <= 0:
+                raise fail(_timed_out(limits))
+            chunk = response.read1(64 * 1024)  # what has arrived (up to 64 KiB), not "wait until 64 KiB"
             if not chunk:
                 break
             total += len(chunk)

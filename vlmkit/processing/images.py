@@ -1,28 +1,33 @@
 """Turn user-supplied images (PIL, path, bytes, data URI, http(s) URL) into safe RGB PIL images.
 
 Everything here runs on untrusted input (the server passes request payloads straight in), so each
-step has a cap: payload bytes, decoded pixels (checked from the header BEFORE decoding), number of
-images, and for URLs scheme, destination address (on every hop), redirects, size and time.
+step has a cap: payload bytes, decoded pixels per image and per request (both checked from the headers BEFORE
+decoding), number of images, and for URLs scheme, destination address (on every hop), redirects, size and time.
+`load_images(..., shrink=)` also decodes very large images straight to a smaller size (JPEG DCT scaling, then an
+integer box reduce) when the caller's preprocessing shrinks them anyway, so their full size is never held for long.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import ctypes
 import io
 import os
 import urllib.parse
 from dataclasses import dataclass
+from typing import Callable, Optional
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from .image_fetch import fetch_url, forbidden_address_reason, redact_url, shorten
 
 __all__ = [
-    "ImageError", "ImageLimits", "load_image", "load_images", "describe_source", "flatten_to_rgb",
-    "forbidden_address_reason",
+    "FetchedImage", "ImageError", "ImageLimits", "load_image", "load_images", "describe_source", "fetch_image",
+    "flatten_to_rgb", "forbidden_address_reason", "is_remote", "release_freed_memory",
 ]
 
 # Formats whose decoders are plain and well exercised. Notably absent: EPS (runs Ghostscript), and
@@ -36,9 +41,11 @@ class ImageLimits:
     max_pixels: int = 40_000_000  # decoded width*height per image (a 40 Mpx RGB image is ~120 MB)
     max_bytes: int = 20 * 1024 * 1024  # encoded payload per image
     max_images: int = 16  # per request / prompt
+    # Decoded width*height of all images of one request together (load_images): four 6000x4000 photos.
+    max_request_pixels: int = 100_000_000
     allow_remote: bool = False  # http(s) URLs are refused unless a caller opts in
     allow_paths: bool = True  # local files; a server taking requests from others should set False
-    timeout_s: float = 10.0  # whole download, not per read
+    timeout_s: float = 10.0  # whole download (connect, headers, body, redirects), not per read
     max_redirects: int = 3
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
 
@@ -52,8 +59,30 @@ class ImageError(ValueError):
         super().__init__(f"{which} ({source}): {reason}" if source else f"{which}: {reason}")
 
 
+@dataclass(frozen=True)
+class FetchedImage:
+    """A remote image's bytes, downloaded ahead of decoding (so downloads and decoding can use different pools)."""
+
+    url: str
+    data: bytes
+
+
+# A size hint from the caller's preprocessing: (width, height) -> the smallest (width, height) the image may be
+# reduced to before it, or None to keep it whole.
+ShrinkHint = Callable[[int, int], Optional[tuple[int, int]]]
+
+EARLY_REDUCE_MIN_PIXELS = 4_000_000  # images up to this size stay exactly as decoded (pixel parity with HF)
+TRIM_AFTER_PIXELS = 8_000_000  # after decoding this much, give freed memory back to the OS
+
+
+def is_remote(x) -> bool:
+    return isinstance(x, str) and x[:8].lower().startswith(("http://", "https://"))
+
+
 def describe_source(x) -> str:
     """Short, log-safe description of an image input: never the payload, never URL query/credentials."""
+    if isinstance(x, FetchedImage):
+        return shorten(redact_url(x.url))
     if isinstance(x, Image.Image):
         return f"PIL image {x.width}x{x.height} {x.mode}"
     if isinstance(x, (bytes, bytearray, memoryview)):
@@ -72,35 +101,69 @@ def describe_source(x) -> str:
     return type(x).__name__
 
 
-def load_images(items, limits: ImageLimits | None = None) -> list[Image.Image]:
-    """Load several images for one request, refusing more than `limits.max_images`."""
+def load_images(items, limits: ImageLimits | None = None, *, shrink: ShrinkHint | None = None,
+                admit=None) -> list[Image.Image]:
+    """Load the images of one request: at most `limits.max_images`, and at most `limits.max_request_pixels`
+    decoded pixels together, checked from the headers before any image is decoded; one image is decoded (and
+    reduced, see `shrink`) at a time. `admit(pixels)`, when given, is a context manager held while decoding
+    (a server uses it to bound the pixels being decoded at once)."""
     limits = limits or ImageLimits()
     items = list(items)
     if len(items) > limits.max_images:
         raise ImageError(f"too many images: {len(items)} > max_images={limits.max_images}")
-    return [load_image(x, limits=limits, index=i) for i, x in enumerate(items)]
+    fails = [_failure(x, i) for i, x in enumerate(items)]
+    opened = [_open(x, limits, fail) for x, fail in zip(items, fails)]
+    total = sum(image.width * image.height for image in opened)
+    if total > limits.max_request_pixels:
+        raise ImageError(f"too many pixels in one request: {len(items)} images of {total} decoded pixels together "
+                         f"> max_request_pixels={limits.max_request_pixels} (the per-request budget; send fewer or "
+                         "smaller images)")
+    images = []
+    with admit(total) if admit is not None else contextlib.nullcontext():
+        for i in range(len(opened)):
+            image, opened[i] = opened[i], None  # nothing keeps the full-size image once it is decoded and reduced
+            images.append(_decode(image, fails[i], shrink))
+    if total >= TRIM_AFTER_PIXELS:
+        release_freed_memory()
+    return images
 
 
-def load_image(x, *, limits: ImageLimits | None = None, index: int | None = None) -> Image.Image:
+def load_image(x, *, limits: ImageLimits | None = None, index: int | None = None,
+               shrink: ShrinkHint | None = None) -> Image.Image:
     """Return an RGB PIL image: EXIF orientation applied, transparency on white, first frame only."""
     limits = limits or ImageLimits()
+    fail = _failure(x, index)
+    return _decode(_open(x, limits, fail), fail, shrink)
+
+
+def fetch_image(x: str, *, limits: ImageLimits, index: int | None = None) -> FetchedImage:
+    """Download a remote image (refused unless `limits.allow_remote`); decode it later with load_image(s)."""
+    fail = _failure(x, index)
+    if not limits.allow_remote:
+        raise fail("remote image URLs are disabled (ImageLimits.allow_remote=False)")
+    return FetchedImage(x, fetch_url(x, limits, fail))
+
+
+def _failure(x, index):
     source = describe_source(x)
+    return lambda reason: ImageError(reason, index=index, source=source)
 
-    def fail(reason: str) -> ImageError:
-        return ImageError(reason, index=index, source=source)
 
+def _open(x, limits: ImageLimits, fail) -> Image.Image:
+    """A PIL image as given, or one whose header only is parsed; the per-image pixel cap checked either way."""
     if isinstance(x, Image.Image):
         _check_pixels(x.width, x.height, limits, fail)
-        return _finish(x, fail)
-    if isinstance(x, (bytes, bytearray, memoryview)):
+        return x
+    if isinstance(x, FetchedImage):
+        data = x.data
+    elif isinstance(x, (bytes, bytearray, memoryview)):
         data = bytes(x)
     elif isinstance(x, os.PathLike):
         data = _read_file(Path(x), limits, fail)
     elif isinstance(x, str):
-        head = x[:8].lower()
-        if head.startswith("data:"):
+        if x[:5].lower() == "data:":
             data = _decode_data_uri(x, limits, fail)
-        elif head.startswith(("http://", "https://")):
+        elif is_remote(x):
             if not limits.allow_remote:
                 raise fail("remote image URLs are disabled (ImageLimits.allow_remote=False)")
             data = fetch_url(x, limits, fail)
@@ -109,7 +172,7 @@ def load_image(x, *, limits: ImageLimits | None = None, index: int | None = None
     else:
         raise fail(f"unsupported input type {type(x).__name__}; expected a PIL image, path, bytes, "
                    "data: URI or http(s) URL")
-    return _decode(data, limits, fail)
+    return _open_header(data, limits, fail)
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -173,7 +236,7 @@ def _check_pixels(width: int, height: int, limits: ImageLimits, fail) -> None:
         raise fail(f"too many pixels: {width}x{height} = {width * height} > max_pixels={limits.max_pixels}")
 
 
-def _decode(data: bytes, limits: ImageLimits, fail) -> Image.Image:
+def _open_header(data: bytes, limits: ImageLimits, fail) -> Image.Image:
     if not data:
         raise fail("empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -189,11 +252,82 @@ def _decode(data: bytes, limits: ImageLimits, fail) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise fail(f"cannot decode image header: {e}") from None
     _check_pixels(image.width, image.height, limits, fail)  # BEFORE any pixel data is decoded
+    return image
+
+
+def _decode(image: Image.Image, fail, shrink: ShrinkHint | None) -> Image.Image:
+    if not isinstance(image, ImageFile.ImageFile):  # a PIL image the caller decoded
+        return _finish(image, fail)
+    target = _reduce_target(image, shrink)
     try:
+        if target is not None and image.format == "JPEG":
+            image.draft(image.mode, target)  # the decoder scales by 1/2..1/8, keeping at least `target`
         image.load()  # first frame only: Image.open leaves animated images on frame 0
+        if target is not None:
+            image = _reduce(image, target)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise fail(f"corrupt or truncated image data: {e}") from None
     return _finish(image, fail)
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that undoes it (as exif_transpose)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # malformed EXIF: treated as upright, as _finish does
+        return 1
+
+
+def _reduce_target(image: Image.Image, shrink: ShrinkHint | None) -> tuple[int, int] | None:
+    """The smallest size (in stored orientation) this image may be decoded/reduced to; None: keep it whole."""
+    if shrink is None or image.width * image.height <= EARLY_REDUCE_MIN_PIXELS:
+        return None
+    swapped = _orientation(image) in (5, 6, 7, 8)  # the preprocessing sees the image after transposing
+    hint = shrink(image.height, image.width) if swapped else shrink(image.width, image.height)
+    if hint is None:
+        return None
+    width, height = (hint[1], hint[0]) if swapped else hint
+    if image.width // max(1, width) < 2 or image.height // max(1, height) < 2:
+        return None
+    return max(1, int(width)), max(1, int(height))
+
+
+def _reduce(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Box-reduce by the largest integer factor that keeps `target`; EXIF orientation applied here."""
+    factor = min(image.width // target[0], image.height // target[1])  # < 2 when a JPEG draft did enough
+    transpose = _TRANSPOSE.get(_orientation(image))
+    if image.mode in ("RGBA", "LA") and "transparency" not in image.info:
+        # Premultiplied, so averaging then compositing on white equals compositing then averaging.
+        premultiplied = {"RGBA": "RGBa", "LA": "La"}[image.mode]
+        image = image.convert(premultiplied).reduce(factor).convert(image.mode) if factor >= 2 else image
+    elif image.mode in ("RGB", "L") and "transparency" not in image.info:
+        image = image.reduce(factor) if factor >= 2 else image
+    else:  # palette, 16-bit, CMYK, colour-keyed transparency: to RGB first
+        image = flatten_to_rgb(image)
+        image = image.reduce(factor) if factor >= 2 else image
+    for key in ("exif", "xmp", "XML:com.adobe.xmp"):  # orientation is applied below, not again by _finish
+        image.info.pop(key, None)
+    return image.transpose(transpose) if transpose is not None else image
+
+
+_MALLOC_TRIM = None
+
+
+def release_freed_memory() -> None:
+    """Give memory freed after large decodes back to the OS. glibc keeps large freed blocks in its heaps (its
+    mmap threshold rises after the first large free), so without this a server's RSS stays at its peak."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 def _finish(image: Image.Image, fail) -> Image.Image:

@@ -25,9 +25,10 @@ def default_model_name(model: str) -> str:
 
 
 def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, *, model_name: Optional[str] = None,
-          allow_remote_images: bool = False, dtype=None, device=None, ui: bool = True, log_level: str = "info",
-          **app_options) -> None:
-    """Load `model` and serve it (blocking). app_options go to create_app (max_batch, queue_limit, limits, ...)."""
+          allow_remote_images: bool = False, max_request_pixels: Optional[int] = None, dtype=None, device=None,
+          ui: bool = True, log_level: str = "info", **app_options) -> None:
+    """Load `model` and serve it (blocking). app_options go to create_app (max_batch, queue_limit, limits, ...).
+    max_request_pixels: decoded pixels of one request's images together (default: ImageLimits')."""
     from dataclasses import replace
 
     from .. import api
@@ -37,6 +38,8 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, *, 
     vlm = api.load(model, dtype=dtype, device=device)
     limits = replace(app_options.pop("limits", None) or ImageLimits(), allow_remote=allow_remote_images,
                      allow_paths=False)
+    if max_request_pixels is not None:
+        limits = replace(limits, max_request_pixels=max_request_pixels)
     app = create_app(vlm, model_name=model_name or default_model_name(model), limits=limits, ui=ui,
                       **app_options)
     run(app, host=host, port=port, log_level=log_level)

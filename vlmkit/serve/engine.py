@@ -17,10 +17,12 @@ from typing import Any, Optional
 import anyio
 
 from ..api import default_model_path
-from ..processing.images import ImageError, ImageLimits, load_image
+from ..processing.early_resize import shrink_hint_for
+from ..processing.images import TRIM_AFTER_PIXELS, ImageError, ImageLimits, load_images, release_freed_memory
 from ..processing.prompts import PromptError
 from .batcher import Batcher, Job, QueueFull, Sampling
 from .checks import APIError, bad, show_value, type_name
+from .image_inputs import DownloadSlotsFull, Downloader, PixelGate, image_sources, with_sources
 
 
 # --------------------------------------------------------------------------------------------- params
@@ -132,8 +134,16 @@ class Stream:
 # --------------------------------------------------------------------------------------------- engine
 
 class Engine:
+    """prepare_async keeps requests from waiting on each other's image work: remote images download in their own
+    threads (at most `max_fetches` at once, each under one hard deadline; a request that finds every slot taken
+    gets 429 rather than a place in a queue); requests with images prepare in up to `image_threads` threads and
+    decode once `decode_pixels` leaves room for their pixels (default: two full per-request budgets and half of
+    one more, so small images never queue behind large ones); text-only requests render in `prepare_threads`
+    threads of their own that image work never fills."""
+
     def __init__(self, vlm, batcher: Batcher, *, model_name: str, limits: ImageLimits,
-                 max_tokens_limit: int = 4096, default_max_tokens: int = 512, prepare_threads: int = 2):
+                 max_tokens_limit: int = 4096, default_max_tokens: int = 512, prepare_threads: int = 2,
+                 image_threads: int = 8, max_fetches: int = 16, decode_pixels: Optional[int] = None):
         self.vlm, self.batcher, self.model_name = vlm, batcher, model_name
         self.limits = replace(limits, allow_paths=False)  # never read server files on a client's behalf
         self.context = vlm.context_length
@@ -142,7 +152,12 @@ class Engine:
         self.created = int(time.time())
         # The README's examples and `vlmkit.load("default")` call the embedded model "default".
         self.aliases = ("default",) if _is_embedded_default(vlm) else ()
-        self._limiter = anyio.CapacityLimiter(prepare_threads)
+        self._image_limiter = anyio.CapacityLimiter(image_threads)
+        self._text_limiter = anyio.CapacityLimiter(prepare_threads)
+        self.decoding = PixelGate(decode_pixels or self.limits.max_request_pixels * 5 // 2)
+        self.downloads = Downloader(self.limits, max_fetches)
+        # Huge images are decoded straight to a size the family's preprocessing still reduces from.
+        self._shrink = shrink_hint_for(getattr(vlm.processor, "image_processor", None))
 
     def check_model(self, name, *, ollama: bool = False) -> None:
         if name is None:
@@ -166,23 +181,19 @@ class Engine:
                 t_arrival: Optional[float] = None) -> Prepared:
         """Blocking: load images (limits), render the prompt, count tokens, check the context.
         `prompt` is chat messages whose image parts carry their source inline, or a raw string with `<image>`
-        placeholders filled from `images`."""
+        placeholders filled from `images`. Image sources may be already downloaded (`FetchedImage`)."""
         t_arrival = t_arrival if t_arrival is not None else time.monotonic()
         if params.max_tokens is not None and params.max_tokens > self.max_tokens_limit:
             raise bad(f"max_tokens={params.max_tokens} is over this server's limit of {self.max_tokens_limit}",
                       "max_tokens", "max_tokens_exceeded")
-        limits = self.limits
         try:
-            if isinstance(prompt, str):
-                loaded = self._load_all(list(images or []), limits)
-                batch = self.vlm.processor([prompt], [loaded], max_length=10**9)
-            else:
-                prompt = self._load_inline(prompt, limits)
-                batch = self.vlm.processor([prompt], None, max_length=10**9, plain_text=True)
+            batch, decoded_pixels = self._render(prompt, images)
         except ImageError as e:
-            raise bad(f"invalid image: {e}", "messages", "invalid_image") from None
+            raise _invalid_image(e) from None
         except (PromptError, ValueError) as e:
             raise bad(f"invalid prompt: {e}", "messages", "invalid_prompt") from None
+        if decoded_pixels >= TRIM_AFTER_PIXELS:
+            release_freed_memory()  # the request's decoded images are gone now: hand their memory back to the OS
         n = int(batch["attention_mask"].sum())
         room = self.context - n
         if params.max_tokens is None:
@@ -199,22 +210,36 @@ class Engine:
                           "messages", "context_length_exceeded")
         return Prepared(batch, n, max_tokens, params, t_arrival, time.monotonic())
 
-    def _load_all(self, sources: list, limits: ImageLimits) -> list:
-        if len(sources) > limits.max_images:
-            raise ImageError(f"too many images: {len(sources)} > max_images={limits.max_images} per request")
-        return [load_image(src, limits=limits, index=i) for i, src in enumerate(sources)]
+    def _render(self, prompt, images) -> tuple[dict, int]:
+        """The processor's batch for the prompt with its images loaded, and how many pixels those images held."""
+        loaded = self._load_all(image_sources(prompt, images))
+        pixels = sum(image.width * image.height for image in loaded)
+        if isinstance(prompt, str):
+            return self.vlm.processor([prompt], [loaded], max_length=10**9), pixels
+        return self.vlm.processor([with_sources(prompt, None, loaded)[0]], None, max_length=10**9,
+                                  plain_text=True), pixels
 
-    def _load_inline(self, messages: list, limits: ImageLimits) -> list:
-        sources = [part["image"] for m in messages for part in m["content"] if part.get("type") == "image"]
-        loaded = iter(self._load_all(sources, limits))
-        return [{**m, "content": [{"type": "image", "image": next(loaded)} if part.get("type") == "image" else part
-                                  for part in m["content"]]} for m in messages]
+    def _load_all(self, sources: list) -> list:
+        # Count and pixel budget are checked from the headers before decoding, and before waiting at the gate.
+        return load_images(sources, self.limits, shrink=self._shrink, admit=self.decoding.admit)
 
     async def prepare_async(self, prompt, params: GenParams, images=None) -> Prepared:
         t_arrival = time.monotonic()
         self.check_busy()  # cheap refusal before decoding images
+        sources = image_sources(prompt, images)
+        if not sources:
+            return await anyio.to_thread.run_sync(
+                lambda: self.prepare(prompt, params, images, t_arrival=t_arrival), limiter=self._text_limiter)
+        if len(sources) > self.limits.max_images:  # before downloading any of them
+            raise _invalid_image(ImageError(f"too many images: {len(sources)} > max_images={self.limits.max_images}"))
+        try:
+            prompt, images = with_sources(prompt, images, await self.downloads.fetch_all(sources))
+        except ImageError as e:
+            raise _invalid_image(e) from None
+        except DownloadSlotsFull as e:
+            raise _busy(str(e)) from None
         return await anyio.to_thread.run_sync(
-            lambda: self.prepare(prompt, params, images, t_arrival=t_arrival), limiter=self._limiter)
+            lambda: self.prepare(prompt, params, images, t_arrival=t_arrival), limiter=self._image_limiter)
 
     # ---------------------------------------------------------------------------------------- submit
     def submit(self, prepared: Prepared) -> Stream:
@@ -248,6 +273,12 @@ class Engine:
 def _is_embedded_default(vlm) -> bool:
     folder = getattr(vlm, "folder", None)
     return folder is not None and folder.resolve() == default_model_path().resolve()
+
+
+def _invalid_image(e: ImageError) -> APIError:
+    if e.index is None:  # about the request's images together (count, pixel budget)
+        return bad(f"images refused: {e.reason}", "messages", "invalid_image")
+    return bad(f"invalid image: {e}", "messages", "invalid_image")
 
 
 def _busy(message: str) -> APIError:
