@@ -188,12 +188,16 @@ class Stream:
 
 class Engine:
     def __init__(self, vlm, batcher: Batcher, *, model_name: str, limits: ImageLimits,
-                 max_tokens_limit: int = 4096, default_max_tokens: int = 512, prepare_threads: int = 2):
+                 max_tokens_limit: int = 4096, default_max_tokens: int = 512, prepare_threads: int = 2,
+                 max_prompt_tokens: Optional[int] = None):
         self.vlm, self.batcher, self.model_name = vlm, batcher, model_name
         self.limits = replace(limits, allow_paths=False)  # never read server files on a client's behalf
         self.context = vlm.context_length
         self.max_tokens_limit = max(1, min(max_tokens_limit, self.context - 1))
         self.default_max_tokens = default_max_tokens
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        self.max_prompt_tokens = max_prompt_tokens  # None: only the context bounds a prompt
         self.created = int(time.time())
         self._limiter = anyio.CapacityLimiter(prepare_threads)
 
@@ -237,6 +241,10 @@ class Engine:
         except (PromptError, ValueError) as e:
             raise bad(f"invalid prompt: {e}", "messages", "invalid_prompt") from None
         n = int(batch["attention_mask"].sum())
+        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
+            raise bad(f"the prompt is {n} tokens (image tokens included), over this server's limit of "
+                      f"{self.max_prompt_tokens} (max_prompt_tokens, `vlmkit serve --max-prompt-tokens`); shorten it "
+                      "or use fewer images", "messages", "prompt_too_long")
         room = self.context - n
         if params.max_tokens is None:
             if room < 1:
