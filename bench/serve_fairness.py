@@ -82,6 +82,7 @@ def measure(impl: str, opts: dict) -> dict:
     out["idle_ttft_s"] = statistics.median(idle[1:])  # the first one warms up
     out["idle_ttft_all_s"] = idle[1:]
     out["question_prompt_tokens"] = j.prompt_tokens
+    say(impl, f"(a) idle TTFT {out['idle_ttft_s']:.3f} s")
 
     # (c) 32 at once
     jobs = [question(i, max_tokens=8 + (i * 5) % 17, ignore_eos=True) for i in range(32)]
@@ -97,13 +98,13 @@ def measure(impl: str, opts: dict) -> dict:
     out["burst_requests_per_s"] = len(jobs) / wall
     out["burst_ttft_p50_s"] = statistics.median(ttft(j) for j in jobs)
     out["burst_ttft_max_s"] = max(ttft(j) for j in jobs)
+    say(impl, f"(c) {out['burst_tokens_per_s']:.1f} tokens/s, {wall:.1f} s")
 
     # (b) one long prompt in flight
     words = " ".join(f"item{i % 97} is next to item{(i * 7) % 89}," for i in range(LONG_TOKENS // 5))
     long_msgs = [{"role": "user", "content": [{"type": "text", "text": words}]}]
-    n = engine.prepare(long_msgs, GenParams(max_tokens=8)).prompt_tokens
-    cut = len(words) * LONG_TOKENS // n
-    long_msgs[0]["content"][0]["text"] = words[:cut] + " Which item comes first?"
+    n = int(m.processor([long_msgs], max_length=10**9)["attention_mask"].sum())
+    long_msgs[0]["content"][0]["text"] = words[: len(words) * (LONG_TOKENS - 20) // n] + " Which item comes first?"
     long = job(long_msgs, 8)
     out["long_prompt_tokens"] = long.prompt_tokens
     batcher.submit(long)
@@ -114,18 +115,23 @@ def measure(impl: str, opts: dict) -> dict:
     finished = short.done_event.wait(opts["cap"])
     out["loaded_ttft_s"] = ttft(short) if finished and short.t_first else None
     out["loaded_cap_s"] = opts["cap"]
+    say(impl, f"(b) TTFT {out['loaded_ttft_s']} s with {long.prompt_tokens} tokens in flight")
     out["long_prefill_done_before_short"] = bool(long.t_first and finished and long.t_first < short.t_first)
     return out
 
 
 # --------------------------------------------------------------------------------------------- parent
 
+def say(impl: str, text: str) -> None:
+    print(f"[{impl}] {text}", file=sys.stderr, flush=True)
+
+
 def run_child(impl: str, src: Path, opts: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--opts", json.dumps(opts)]
-    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, text=True, timeout=1200)
     if proc.returncode != 0 or not proc.stdout.strip():
-        raise RuntimeError(f"{impl} run failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"the {impl} run failed (its error is above)")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -199,7 +205,7 @@ def main() -> int:
     print(table(results))
     cpu = lscpu()
     print(f"\nCPU: {cpu.get('Model name', '?')}, {cpu.get('CPU(s)', '?')} CPUs, torch threads "
-          f"{results[0]['torch_threads']}; load average before: {os.getloadavg()[0]:.1f}")
+          f"{results[0]['torch_threads']}; load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
     print(f"flags: {cpu.get('Flags', '?')}")
     print(json.dumps(results))
     return 0

@@ -207,8 +207,10 @@ def stack_left_padded(caches: list, masks: list) -> tuple["StaticKVCache", torch
         contexts, last = [], []
         for c, m in zip(caches, masks):
             b = m.shape[0]
-            ctx = c.cross_context if c.cross_context is not None else ref.cross_context.new_zeros(b, 0, ref.cross_context.shape[2])
-            sees = c.cross_mask_last if c.cross_mask_last is not None else ref.cross_mask_last.new_zeros(b, 1, 0)
+            ctx, sees = c.cross_context, c.cross_mask_last
+            if ctx is None:  # a prompt without images: no image to see
+                ctx = ref.cross_context.new_zeros(b, 0, ref.cross_context.shape[2])
+                sees = ref.cross_mask_last.new_zeros(b, 1, 0)
             contexts.append(torch.nn.functional.pad(ctx, (0, 0, 0, images * per_image - ctx.shape[1])))
             last.append(torch.nn.functional.pad(sees, (0, images - sees.shape[-1])))
         out.cross_context, out.cross_mask_last = torch.cat(contexts), torch.cat(last)

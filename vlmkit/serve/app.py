@@ -88,8 +88,8 @@ def create_app(vlm, *, model_name: str = "vlmkit", limits: Optional[ImageLimits]
     """The server app for an in-process `vlmkit.VLM`.
 
     limits: image limits (payload bytes, pixels, images per request, allow_remote); allow_paths is always off.
-    max_batch: prompts run together (prefilling or decoding); queue_limit: requests queued or running before new ones get 429;
-    batch_wait_ms: how long the batcher collects requests before starting a batch.
+    max_batch: prompts decoded together (or being prefilled); queue_limit: requests queued or running before new
+    ones get 429; batch_wait_ms: on an idle server, how long the batcher gathers requests before its first step.
     max_body_bytes: larger request bodies get 413. max_tokens_limit: the most new tokens a request may ask for;
     default_max_tokens: when it asks for none (cut to what the context leaves). max_prompt_tokens: longer prompts
     (image tokens included) get 400 (None: the context is the limit). prefill_chunk: prompt tokens prefilled per

@@ -8,9 +8,9 @@
 
 Each scheduler step:
 1. queued jobs are admitted while fewer than `max_batch` run (prefilling or decoding);
-2. prefill work of at most `prefill_chunk` prompt tokens, shortest remaining prompt first: a short prompt is
-   prefilled whole at the step after it arrives, a long one advances a chunk at a time in what the step has left
-   (so one long prompt never holds the others for more than a chunk);
+2. prefill: fresh prompts of at most `prefill_chunk` tokens are prefilled whole, together in one forward (as a
+   static batch would), at the step after they arrive; longer prompts share `prefill_chunk` tokens a step,
+   shortest remaining first, so one long prompt never holds the others for more than a chunk;
 3. sequences whose prefill is done (their first token chosen) join the decode batch;
 4. one decode step for every row of the decode batch; finished rows leave it at once.
 Rows decode together whatever their sampling settings: each keeps its own logit rules and RNG
@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from .jobs import Job, QueueFull, Sampling
-from .sequences import DecodeBatch, Sequence
+from .sequences import DecodeBatch, Sequence, prefill_together
 
 __all__ = ["Batcher", "Job", "Sampling", "QueueFull", "default_prefill_chunk"]
 
@@ -179,24 +179,37 @@ class Batcher:
             if seq.job.cancelled or self._stop:
                 seq.text.finish("cancelled")
         self._decoding.drop_finished()
-        budget = self.prefill_chunk
-        for seq in sorted(self._prefilling, key=lambda s: s.remaining):  # stable: FIFO among equals
-            if budget <= 0:
-                break
-            if seq.finished:
+        chunk, ready = self.prefill_chunk, []
+        # Fresh prompts of at most one chunk: prefilled whole, together, in one forward.
+        short = [s for s in self._prefilling if not s.finished and s.done_tokens == 0 and s.length <= chunk]
+        if len(short) > 1:
+            try:
+                cache, mask = prefill_together(short, self.model, self.pad_token_id)
+            except Exception:  # noqa: BLE001 -- inputs that cannot share a batch, or one bad row: one by one below
+                pass
+            else:
+                self._counted(len(short), sum(s.length for s in short))
+                ready.append((cache, mask, short))
+        # Longer prompts share `prefill_chunk` tokens a step, shortest remaining first (FIFO among equals).
+        budget = chunk
+        for seq in sorted(self._prefilling, key=lambda s: s.remaining):
+            if seq.finished or seq.remaining == 0:
+                continue
+            is_short = seq.length <= chunk
+            if not is_short and budget <= 0:
                 continue
             try:
-                fed = seq.prefill(budget)
+                fed = seq.prefill(seq.remaining if is_short else budget)
             except Exception as e:  # noqa: BLE001 -- e.g. image tokens that do not match the images
                 seq.fail(e)
                 continue
-            budget -= fed
-            self.stats["prefill_chunks"] += 1
-            self.stats["prefill_tokens"] += fed
-        ready = [s for s in self._prefilling if s.remaining == 0 and not s.finished]
+            budget -= 0 if is_short else fed
+            self._counted(1, fed)
+            if seq.remaining == 0:
+                ready.append((seq.cache, seq.mask, [seq]))
         self._prefilling = [s for s in self._prefilling if s.remaining > 0 and not s.finished]
-        if ready:
-            self._decoding.join(ready)
+        for cache, mask, seqs in ready:
+            self._decoding.join(cache, mask, seqs)
         batch = self._decoding
         if len(batch):
             n = len(batch)
@@ -207,6 +220,10 @@ class Batcher:
             self.stats["rows"] += n
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], n)
             batch.drop_finished()
+
+    def _counted(self, chunks: int, tokens: int) -> None:
+        self.stats["prefill_chunks"] += chunks
+        self.stats["prefill_tokens"] += tokens
 
     def _retire(self) -> None:
         with self._cond:

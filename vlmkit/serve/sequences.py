@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 from ..generation import LogitsProcessor, check_request, choose_tokens, sampling_generator
 from ..models.kv_cache import FastSteps, StaticKVCache, fast_decoder, stack_left_padded
+from .collate import collate
 from .jobs import Job, JobText
 
-__all__ = ["Sequence", "DecodeBatch"]
+__all__ = ["Sequence", "DecodeBatch", "prefill_together"]
 
 # Batch keys the chunked prefill knows how to split; any other image input goes to the model whole, at once.
 _CHUNKABLE = {"input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "image_attention_mask"}
@@ -121,6 +122,28 @@ class Sequence:
         self.text.push(self.next_token)
 
 
+def prefill_together(seqs: list, model, pad_token_id: int) -> tuple[StaticKVCache, torch.Tensor]:
+    """Prefill fresh sequences whole in one left-padded forward (as a processor batch runs) and choose each one's
+    first token. -> the rows' cache and attention mask. CollateError when their inputs cannot share a batch."""
+    batch = collate([{"input_ids": s.ids, "attention_mask": s.mask, **s.images} for s in seqs], pad_token_id)
+    now = time.monotonic()
+    for s in seqs:
+        s.job.t_start = s.job.t_start or now
+    cache = StaticKVCache(len(model.text.layers), seqs[0].cache.max_length)
+    out = model(**batch, cache=cache, logits_to_keep=1)
+    for i, s in enumerate(seqs):
+        s.done_tokens, s.images, s.cache = s.length, {}, None
+        s.choose(out.logits[i : i + 1, -1])
+    return out.cache, batch["attention_mask"]
+
+
+def keep_rows(cache: StaticKVCache, mask: torch.Tensor, rows: list) -> tuple[StaticKVCache, torch.Tensor]:
+    """The given rows of a left-padded cache, without the columns that are padding in all of them."""
+    mask = mask[rows]
+    start = int(mask.any(0).to(torch.long).argmax())  # first column holding a real token of some row
+    return cache.select(rows, start=start), mask[:, start:]
+
+
 class DecodeBatch:
     """The sequences decoding together: one left-padded cache, its attention mask, one new token per row a step."""
 
@@ -135,32 +158,33 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def join(self, seqs: list) -> None:
-        """Stack the caches of sequences whose prefill is done onto the batch (their prefill caches are freed)."""
-        caches = ([self.cache] if self.rows else []) + [s.cache for s in seqs]
-        masks = ([self.mask] if self.rows else []) + [s.mask for s in seqs]
-        self.cache, self.mask = stack_left_padded(caches, masks)
-        self.rows += seqs
+    def join(self, cache: StaticKVCache, mask: torch.Tensor, seqs: list) -> None:
+        """Add prefilled sequences (their rows of `cache`, attention `mask`) to the batch; finished ones are left
+        out."""
+        alive = [i for i, s in enumerate(seqs) if not s.finished]
+        if not alive:
+            return
+        if len(alive) < len(seqs):
+            cache, mask = keep_rows(cache, mask, alive)
+        if self.rows:
+            cache, mask = stack_left_padded([self.cache, cache], [self.mask, mask])
+        self.cache, self.mask = cache, mask
+        self.rows += [seqs[i] for i in alive]
         for s in seqs:
             s.cache = None
         self.fast = None
 
-    def drop_finished(self) -> list:
+    def drop_finished(self) -> None:
         """Remove the rows whose text is done; trim the columns that are padding in every remaining row."""
-        gone = [s for s in self.rows if s.finished]
-        if not gone:
-            return []
         keep = [i for i, s in enumerate(self.rows) if not s.finished]
+        if len(keep) == len(self.rows):
+            return
         self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.cache = self.mask = self.fast = None
-            return gone
-        mask = self.mask[keep]
-        start = int(mask.any(0).to(torch.long).argmax())  # first column holding a real token of some row
-        self.cache = self.cache.select(keep, start=start)
-        self.mask = mask[:, start:]
         self.fast = None
-        return gone
+        if not self.rows:
+            self.cache = self.mask = None
+            return
+        self.cache, self.mask = keep_rows(self.cache, self.mask, keep)
 
     def step(self) -> None:
         """Feed every row's chosen token, choose each row's next one."""
