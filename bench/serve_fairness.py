@@ -5,16 +5,17 @@
     python bench/serve_fairness.py --only new          # this checkout alone
 
 Drives the server's scheduler in-process (`Batcher` + `Engine.prepare`, the path every route takes, without
-HTTP) on the default model, each implementation in a fresh process. The baseline's `vlmkit/` is extracted with
+HTTP) on the default model, each implementation in its own process, the model loaded once; the implementations
+take turns (`--rounds`), since a shared machine's load drifts. The baseline's `vlmkit/` is extracted with
 `git archive` into a temporary folder (the working tree is not touched). Measured:
 
   (a) time to first token of a short image question on an idle server (median of a few);
   (b) the same question submitted while one ~7,500-token prompt is being prefilled (target: <= 3x (a));
-  (c) 32 short image questions submitted at once (8..24 new tokens each, ignore_eos so both implementations
+  (c) 32 short image questions submitted at once (4..12 new tokens each, ignore_eos so both implementations
       generate the same tokens): completion tokens/s and requests/s (target: new >= static).
 
-The baseline runs (b) last, with a cap (its short request waits for the whole long prompt), then its process
-exits. Times come from the jobs' own timestamps (t_submit, t_first, t_end). Total time: a few minutes.
+(b) runs last, once, with a cap (the static batcher's short request waits for the whole long prompt); then the
+processes are ended. Times come from the jobs' own timestamps (t_submit, t_first, t_end). Total time: a few minutes.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ QUESTIONS = [("shapes.png", "What color is the circle?"), ("count.png", "How man
 
 # --------------------------------------------------------------------------------------------- child process
 
-def measure(impl: str, opts: dict) -> dict:
+def serve_commands(impl: str, opts: dict) -> None:
+    """Load the model once, then answer the parent's commands (one per stdin line: a, c, b) with a JSON line."""
     import torch
 
     import vlmkit
@@ -71,53 +73,40 @@ def measure(impl: str, opts: dict) -> dict:
     def ttft(j):
         return j.t_first - j.t_submit
 
-    out = {"impl": impl, "torch_threads": torch.get_num_threads(), "context": m.context_length,
-           "prefill_chunk": getattr(batcher, "prefill_chunk", None)}
-    # (a) idle
-    idle = []
-    for i in range(opts["repeat"] + 1):
+    def idle():  # (a)
         j = batcher.submit(question(0))
         j.done_event.wait()
-        idle.append(ttft(j))
-    out["idle_ttft_s"] = statistics.median(idle[1:])  # the first one warms up
-    out["idle_ttft_all_s"] = idle[1:]
-    out["question_prompt_tokens"] = j.prompt_tokens
-    say(impl, f"(a) idle TTFT {out['idle_ttft_s']:.3f} s")
+        return {"ttft": ttft(j), "prompt_tokens": j.prompt_tokens}
 
-    # (c) 32 at once
-    jobs = [question(i, max_tokens=8 + (i * 5) % 17, ignore_eos=True) for i in range(32)]
-    t0 = time.monotonic()
-    for j in jobs:
-        batcher.submit(j)
-    for j in jobs:
-        j.done_event.wait()
-    wall = max(j.t_end for j in jobs) - t0
-    out["burst_wall_s"] = wall
-    out["burst_completion_tokens"] = sum(j.completion_tokens for j in jobs)
-    out["burst_tokens_per_s"] = out["burst_completion_tokens"] / wall
-    out["burst_requests_per_s"] = len(jobs) / wall
-    out["burst_ttft_p50_s"] = statistics.median(ttft(j) for j in jobs)
-    out["burst_ttft_max_s"] = max(ttft(j) for j in jobs)
-    say(impl, f"(c) {out['burst_tokens_per_s']:.1f} tokens/s, {wall:.1f} s")
+    def burst():  # (c)
+        jobs = [question(i, max_tokens=4 + (i * 3) % 9, ignore_eos=True) for i in range(32)]
+        t0 = time.monotonic()
+        for j in jobs:
+            batcher.submit(j)
+        for j in jobs:
+            j.done_event.wait()
+        wall = max(j.t_end for j in jobs) - t0
+        return {"wall": wall, "tokens": sum(j.completion_tokens for j in jobs), "requests": len(jobs),
+                "ttft_p50": statistics.median(ttft(j) for j in jobs), "ttft_max": max(ttft(j) for j in jobs)}
 
-    # (b) one long prompt in flight
-    words = " ".join(f"item{i % 97} is next to item{(i * 7) % 89}," for i in range(LONG_TOKENS // 5))
-    long_msgs = [{"role": "user", "content": [{"type": "text", "text": words}]}]
-    n = int(m.processor([long_msgs], max_length=10**9)["attention_mask"].sum())
-    long_msgs[0]["content"][0]["text"] = words[: len(words) * (LONG_TOKENS - 20) // n] + " Which item comes first?"
-    long = job(long_msgs, 8)
-    out["long_prompt_tokens"] = long.prompt_tokens
-    batcher.submit(long)
-    while not long.t_start:
-        time.sleep(0.01)
-    time.sleep(opts["delay"])
-    short = batcher.submit(question(0))
-    finished = short.done_event.wait(opts["cap"])
-    out["loaded_ttft_s"] = ttft(short) if finished and short.t_first else None
-    out["loaded_cap_s"] = opts["cap"]
-    say(impl, f"(b) TTFT {out['loaded_ttft_s']} s with {long.prompt_tokens} tokens in flight")
-    out["long_prefill_done_before_short"] = bool(long.t_first and finished and long.t_first < short.t_first)
-    return out
+    def loaded():  # (b): one long prompt in flight
+        words = " ".join(f"item{i % 97} is next to item{(i * 7) % 89}," for i in range(LONG_TOKENS // 5))
+        msgs = [{"role": "user", "content": [{"type": "text", "text": words}]}]
+        n = int(m.processor([msgs], max_length=10**9)["attention_mask"].sum())
+        msgs[0]["content"][0]["text"] = words[: len(words) * (LONG_TOKENS - 20) // n] + " Which item comes first?"
+        long = batcher.submit(job(msgs, 8))
+        while not long.t_start:
+            time.sleep(0.01)
+        time.sleep(opts["delay"])
+        short = batcher.submit(question(0))
+        finished = short.done_event.wait(opts["cap"])
+        return {"ttft": ttft(short) if finished and short.t_first else None, "long_tokens": long.prompt_tokens}
+
+    print(json.dumps({"torch_threads": torch.get_num_threads(), "prefill_chunk": getattr(batcher, "prefill_chunk",
+                                                                                          None)}), flush=True)
+    for line in sys.stdin:
+        result = {"a": idle, "b": loaded, "c": burst}[line.strip()]()
+        print(json.dumps(result), flush=True)
 
 
 # --------------------------------------------------------------------------------------------- parent
@@ -126,13 +115,32 @@ def say(impl: str, text: str) -> None:
     print(f"[{impl}] {text}", file=sys.stderr, flush=True)
 
 
-def run_child(impl: str, src: Path, opts: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--opts", json.dumps(opts)]
-    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, text=True, timeout=1200)
-    if proc.returncode != 0 or not proc.stdout.strip():
-        raise RuntimeError(f"the {impl} run failed (its error is above)")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Child:
+    """One implementation in its own process, model loaded once, measuring on command."""
+
+    def __init__(self, impl: str, src: Path, opts: dict):
+        self.impl = impl
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--opts", json.dumps(opts)]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(src)}, cwd=str(ROOT),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.impl} process failed (its error is above)")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        result = self._read()
+        say(self.impl, f"{command}: {result}")
+        return result
+
+    def close(self) -> None:
+        self.proc.kill()  # the static batcher may still be prefilling the long prompt: do not wait for it
+        self.proc.wait()
 
 
 def extract(rev: str, dest: Path) -> Path:
@@ -152,20 +160,33 @@ def lscpu() -> dict:
     return {k: fields[k].strip() for k in ("Model name", "CPU(s)", "Flags") if k in fields}
 
 
+def summarise(impl: str, info: dict, rounds: list, loaded: dict, cap: float) -> dict:
+    idle = [x["ttft"] for r in rounds for x in r["a"]]
+    bursts = [r["c"] for r in rounds]
+    return {"impl": impl, **info, "idle_ttft_s": statistics.median(idle), "idle_ttft_all_s": idle,
+            "question_prompt_tokens": rounds[0]["a"][0]["prompt_tokens"],
+            "burst_tokens_per_s": statistics.median(b["tokens"] / b["wall"] for b in bursts),
+            "burst_requests_per_s": statistics.median(b["requests"] / b["wall"] for b in bursts),
+            "burst_walls_s": [b["wall"] for b in bursts], "burst_completion_tokens": bursts[0]["tokens"],
+            "burst_ttft_p50_s": statistics.median(b["ttft_p50"] for b in bursts),
+            "burst_ttft_max_s": max(b["ttft_max"] for b in bursts),
+            "loaded_ttft_s": loaded["ttft"], "loaded_cap_s": cap, "long_prompt_tokens": loaded["long_tokens"]}
+
+
 def table(results: list) -> str:
     def s(x, digits=2):
         return "n/a" if x is None else f"{x:.{digits}f}"
 
     rows = ["| | " + " | ".join(r["impl"] for r in results) + " |", "|---|" + "---|" * len(results)]
     cells = [
-        ("(a) idle TTFT, s", lambda r: s(r["idle_ttft_s"], 3)),
-        ("(b) TTFT with a {} -token prompt in flight, s".format(results[0]["long_prompt_tokens"]),
+        ("(a) idle TTFT, s (median)", lambda r: s(r["idle_ttft_s"], 3)),
+        ("(b) TTFT with a {}-token prompt in flight, s".format(results[0]["long_prompt_tokens"]),
          lambda r: s(r["loaded_ttft_s"], 3) if r["loaded_ttft_s"] is not None else f"> {r['loaded_cap_s']:.0f}"),
         ("(b) / (a) (target <= 3)", lambda r: s(r["loaded_ttft_s"] / r["idle_ttft_s"]) if r["loaded_ttft_s"]
          else f"> {r['loaded_cap_s'] / r['idle_ttft_s']:.0f}"),
-        ("(c) 32 at once: completion tokens/s", lambda r: s(r["burst_tokens_per_s"], 1)),
-        ("(c) requests/s", lambda r: s(r["burst_requests_per_s"])),
-        ("(c) wall, s", lambda r: s(r["burst_wall_s"], 1)),
+        ("(c) 32 at once: completion tokens/s (median)", lambda r: s(r["burst_tokens_per_s"], 1)),
+        ("(c) requests/s (median)", lambda r: s(r["burst_requests_per_s"])),
+        ("(c) wall per burst, s", lambda r: ", ".join(s(w, 1) for w in r["burst_walls_s"])),
         ("(c) TTFT p50 / max, s", lambda r: f"{s(r['burst_ttft_p50_s'])} / {s(r['burst_ttft_max_s'])}"),
         ("prefill chunk (tokens)", lambda r: str(r["prefill_chunk"] or "whole prompt")),
         ("question prompt tokens", lambda r: str(r["question_prompt_tokens"])),
@@ -181,31 +202,39 @@ def main() -> int:
     ap.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision with the static batcher")
     ap.add_argument("--only", choices=["new", "old"], default=None)
     ap.add_argument("--prefill-chunk", type=int, default=None, help="new scheduler's chunk (default: by device)")
-    ap.add_argument("--repeat", type=int, default=3, help="idle TTFT samples")
+    ap.add_argument("--repeat", type=int, default=3, help="idle TTFT samples per round")
+    ap.add_argument("--rounds", type=int, default=2, help="turns of (a) and (c) per implementation")
     ap.add_argument("--delay", type=float, default=2.0, help="seconds into the long prefill the question comes")
     ap.add_argument("--cap", type=float, default=60.0, help="longest wait for (b) (the static batcher)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--opts", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        result = measure(args.child, json.loads(args.opts))
-        print(json.dumps(result), flush=True)
-        os._exit(0)  # the static batcher may still be prefilling the long prompt: do not wait for it
-    opts = {"model": args.model, "prefill_chunk": args.prefill_chunk, "repeat": args.repeat, "delay": args.delay,
-            "cap": args.cap}
-    results = []
+        serve_commands(args.child, json.loads(args.opts))
+        return 0
+    opts = {"model": args.model, "prefill_chunk": args.prefill_chunk, "delay": args.delay, "cap": args.cap}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
+        children = []
         if args.only in (None, "new"):
-            results.append(run_child("new", ROOT, opts))
+            children.append(Child("new", ROOT, opts))
         if args.only in (None, "old"):
-            src = extract(args.baseline_rev, Path(tmp))
-            old = run_child("old", src, opts)
-            old["impl"] = f"static ({args.baseline_rev})"
-            results.append(old)
+            children.append(Child(f"static ({args.baseline_rev})", extract(args.baseline_rev, Path(tmp)), opts))
+        try:
+            for c in children:
+                c.ask("a")  # warm-up
+            rounds = {c.impl: [] for c in children}
+            for _ in range(args.rounds):  # the implementations take turns: the box's load drifts
+                for c in children:
+                    rounds[c.impl].append({"a": [c.ask("a") for _ in range(args.repeat)], "c": c.ask("c")})
+            results = [summarise(c.impl, c.info, rounds[c.impl], c.ask("b"), args.cap) for c in children]
+        finally:
+            for c in children:
+                c.close()
     print(table(results))
     cpu = lscpu()
     print(f"\nCPU: {cpu.get('Model name', '?')}, {cpu.get('CPU(s)', '?')} CPUs, torch threads "
-          f"{results[0]['torch_threads']}; load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
+          f"{results[0]['torch_threads']}; load average (1 min) before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f}")
     print(f"flags: {cpu.get('Flags', '?')}")
     print(json.dumps(results))
     return 0
