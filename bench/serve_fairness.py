@@ -234,7 +234,8 @@ def main() -> int:
     print(table(results))
     cpu = lscpu()
     print(f"\nCPU: {cpu.get('Model name', '?')}, {cpu.get('CPU(s)', '?')} CPUs, torch threads "
-          f"{results[0]['torch_threads']}; load average (1 min) before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f}")
+          f"{results[0]['torch_threads']}; load average (1 min) before / after: {load_before:.1f} / "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"flags: {cpu.get('Flags', '?')}")
     print(json.dumps(results))
     return 0

@@ -228,6 +228,28 @@ def test_max_prompt_tokens_refuses_longer_prompts(models):
         Engine(m, batcher, model_name="t", limits=ImageLimits(), max_prompt_tokens=0)
 
 
+def test_max_prompt_tokens_over_http(models):
+    """create_app(max_prompt_tokens=...): both dialects answer 400 naming the limit; shorter prompts still run."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed (make install-dev)")
+    from fastapi.testclient import TestClient
+
+    from vlmkit.serve import create_app
+
+    app = create_app(models["llava"], model_name="t", ui=False, max_prompt_tokens=12)
+    long_text = "please describe " * 20
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={"model": "t", "messages": [
+            {"role": "user", "content": long_text}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long", r.text
+        assert "max-prompt-tokens" in r.json()["error"]["message"]
+        r = client.post("/api/chat", json={"model": "t", "stream": False, "messages": [
+            {"role": "user", "content": long_text}]})
+        assert r.status_code == 400 and "max-prompt-tokens" in r.json()["error"], r.text
+        r = client.post("/v1/chat/completions", json={"model": "t", "max_tokens": 2, "messages": [
+            {"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+
+
 def test_stack_left_padded_and_trim_keep_each_row():
     """The cache operations behind join/leave: stacking right-aligns rows, select(start=) trims padding."""
     from vlmkit.models.kv_cache import StaticKVCache, stack_left_padded
