@@ -568,6 +568,11 @@ def cmd_eval(args) -> int:
              help="requests queued or running before new ones get 429 (default 64)"),
          arg("--max-tokens", type=_positive_int, default=4096, metavar="N",
              help="the most new tokens a request may ask for (default 4096, at most the context)"),
+         arg("--max-prompt-tokens", type=_positive_int, default=None, metavar="N",
+             help="longest prompt accepted, image tokens included (default: the model's context)"),
+         arg("--prefill-chunk", type=_positive_int, default=None, metavar="N",
+             help="prompt tokens prefilled per scheduler step, between the running requests' decode steps "
+                  "(default 64 on CPU, 512 on a GPU)"),
          arg("--max-body-mb", type=_positive_int, default=32, metavar="MB", help="request body cap (default 32)"),
          arg("--max-images", type=_positive_int, default=16, metavar="N", help="images per request (default 16)"),
          arg("--max-image-pixels", type=_positive_int, default=40_000_000, metavar="N",
@@ -596,7 +601,7 @@ def cmd_serve(args) -> int:
     name = args.name or default_model_name(args.model)
     app = create_app(m, model_name=name, limits=limits, max_batch=args.max_batch, queue_limit=args.queue_limit,
                      max_tokens_limit=args.max_tokens, max_body_bytes=args.max_body_mb * 1024 * 1024,
-                     ui=not args.no_ui)
+                     ui=not args.no_ui, max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk)
     _status(f"{PROG} serve: {name!r} on http://{args.host}:{args.port} (OpenAI API /v1, Ollama API /api"
             + ("" if args.no_ui else ", chat page /") + ")")
     run(app, host=args.host, port=args.port)

@@ -173,6 +173,24 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
 
 
+def sampling_generator(cfg: GenerationConfig, device) -> Optional[torch.Generator]:
+    """The RNG of a seeded sampling call (a fresh generator per call); None: greedy, or torch's global RNG."""
+    if cfg.do_sample and cfg.seed is not None:
+        return torch.Generator(device=device).manual_seed(cfg.seed)
+    return None
+
+
+def choose_tokens(processor: LogitsProcessor, logits: torch.Tensor, step: int,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next tokens [B] from the model's logits [B, V] for new token number `step`: the logit rules, then argmax
+    (greedy) or a draw from the softmax (sampling). Does not record the tokens (`processor.append` does)."""
+    logits = logits.to(dtype=torch.float32, copy=True)  # processors may write in place
+    scores = processor(logits, step)
+    if processor.cfg.do_sample:
+        return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    return scores.argmax(-1)
+
+
 def model_context_length(model) -> Optional[int]:
     """max_position_embeddings of the text model, found on `model.cfg` / `model.config` (or their `.text`)."""
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
@@ -252,9 +270,7 @@ def _decode_loop(model, batch, cfg, cache, stop_check) -> Iterator[torch.Tensor]
     processor = LogitsProcessor(cfg, input_ids, attention_mask, total_len)
     eos = processor.eos
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids[0] if cfg.eos_token_ids else 0)
-    generator = None
-    if cfg.do_sample and cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = sampling_generator(cfg, device)
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
     fast = FastSteps(fast_decoder(model), cache, attention_mask)
 
@@ -271,12 +287,7 @@ def _decode_loop(model, batch, cfg, cache, stop_check) -> Iterator[torch.Tensor]
                 fast.start(cache, t + cfg.max_new_tokens)
         if record is not None:
             record(step_ids)
-        logits = logits.to(dtype=torch.float32, copy=True)  # processors may write in place
-        scores = processor(logits, step)
-        if cfg.do_sample:
-            next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            next_tokens = scores.argmax(-1)
+        next_tokens = choose_tokens(processor, logits, step, generator)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
         processor.append(next_tokens)
         if eos.numel():
@@ -312,7 +323,8 @@ class _WindowDecoder:
         return text[len(done) :]
 
 
-def _incremental_decoder(tokenizer):
+def incremental_decoder(tokenizer):
+    """A streaming detokeniser: `push(token_id)` returns the new text (special tokens skipped)."""
     make = getattr(tokenizer, "incremental_decoder", None)  # vlmkit's Tokenizer has one
     return make(skip_special_tokens=True) if make is not None else _WindowDecoder(tokenizer)
 
@@ -323,7 +335,7 @@ def find_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> Optiona
     return min(hits) if hits else None
 
 
-def _held_back(text: str, stop_strings: Sequence[str]) -> int:
+def held_back(text: str, stop_strings: Sequence[str]) -> int:
     """Length of the longest end of `text` that could still grow into a stop string (not streamed yet)."""
     longest = 0
     for s in stop_strings:
@@ -334,7 +346,8 @@ def _held_back(text: str, stop_strings: Sequence[str]) -> int:
     return longest
 
 
-def _cut(text: str, stop_strings: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to (not including) its first stop string."""
     i = find_stop(text, stop_strings)
     return text if i is None else text[:i]
 
@@ -359,7 +372,7 @@ def generate(
     done = [False] * b
     # A stop string completed by a new piece starts at most `keep` characters before it: keep only that tail.
     keep = max(map(len, stops), default=1) - 1
-    decoders = [_incremental_decoder(tokenizer) for _ in range(b)] if stops else []
+    decoders = [incremental_decoder(tokenizer) for _ in range(b)] if stops else []
     tails = [""] * b
 
     def record(tokens: torch.Tensor) -> list[bool]:
@@ -381,12 +394,12 @@ def generate(
 
     for _ in generate_tokens(model, batch, cfg, max_length=max_length, cache=cache, stop_check=record):
         pass
-    return [_cut(tokenizer.decode(ids, skip_special_tokens=True), stops) for ids in kept]
+    return [cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops) for ids in kept]
 
 
 def _stream(model, tokenizer, batch, cfg, max_length, cache) -> Iterator[str]:
     eos_ids, stops = set(cfg.eos_token_ids), cfg.stop_strings
-    decoder, ids, current = _incremental_decoder(tokenizer), [], ""
+    decoder, ids, current = incremental_decoder(tokenizer), [], ""
     emitted = 0  # characters of `current` already yielded
     for tokens in generate_tokens(model, batch, cfg, max_length=max_length, cache=cache):
         tok = int(tokens[0])
@@ -404,12 +417,12 @@ def _stream(model, tokenizer, batch, cfg, max_length, cache) -> Iterator[str]:
                 yield current[emitted:stop_at]
             emitted = stop_at
             break  # closing the token generator ends generation
-        safe_end = len(current) - _held_back(current, stops)
+        safe_end = len(current) - held_back(current, stops)
         if safe_end > emitted:
             yield current[emitted:safe_end]
             emitted = safe_end
     # The full decode is the ground truth (as in the non-streamed result); send what the stream has not. (Only a
     # decode that rewrites earlier text as more comes, e.g. a space clean-up, could make the two disagree.)
-    final = _cut(tokenizer.decode(ids, skip_special_tokens=True), stops)
+    final = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops)
     if len(final) > emitted and final.startswith(current[:emitted]):
         yield final[emitted:]

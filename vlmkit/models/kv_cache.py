@@ -147,12 +147,14 @@ class StaticKVCache:
         """Count `t` tokens written directly into the buffers (the whole-buffer decode step)."""
         self._length += t
 
-    def select(self, rows) -> "StaticKVCache":
+    def select(self, rows, start: int = 0) -> "StaticKVCache":
+        """Keep only the given batch rows, and only the columns from `start` on (columns before it are left
+        padding in every kept row: the caller checks)."""
         out = StaticKVCache(self.num_layers, self.max_length, self.initial, self.multiple)
-        out.keys = [None if k is None else k[rows] for k in self.keys]
-        out.values = [None if v is None else v[rows] for v in self.values]
-        out._length = self._length
-        out.token_ids = None if self.token_ids is None else self.token_ids[rows]
+        out.keys = [None if k is None else k[rows][:, :, start:] for k in self.keys]
+        out.values = [None if v is None else v[rows][:, :, start:] for v in self.values]
+        out._length = self._length - start
+        out.token_ids = None if self.token_ids is None else self.token_ids[rows][:, start:]
         if self.cross_context is not None:
             out.cross_context = self.cross_context[rows]
             out.cross_mask_last = self.cross_mask_last[rows]
@@ -174,6 +176,45 @@ class StaticKVCache:
         cache.token_ids[:, :n] = ids
         cache._length = n
         return cache
+
+
+def stack_left_padded(caches: list, masks: list) -> tuple["StaticKVCache", torch.Tensor]:
+    """One cache holding the rows of several StaticKVCaches (each [b_i rows, length_i columns] with its attention
+    mask [b_i, length_i]), every part right-aligned at the longest length: shorter parts get left padding (mask
+    0), as a left-padded batch has. Cross-attention contexts (IDEFICS) are padded to the most images with
+    all-zero features that no token sees. Token ids are not kept."""
+    length = max(c.length for c in caches)
+    first = caches[0]
+    out = StaticKVCache(first.num_layers, first.max_length, first.initial, first.multiple)
+    cap = out._round(min(max(length + 1, out.initial), out.max_length))
+    for i in range(first.num_layers):
+        for name in ("keys", "values"):
+            parts = [getattr(c, name)[i] for c in caches]
+            ref = parts[0]
+            buf = ref.new_zeros(sum(p.shape[0] for p in parts), ref.shape[1], cap, ref.shape[3])
+            row = 0
+            for c, p in zip(caches, parts):
+                buf[row : row + p.shape[0], :, length - c.length : length] = p[:, :, : c.length]
+                row += p.shape[0]
+            getattr(out, name)[i] = buf
+    out._length = length
+    mask = torch.cat([torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in masks])
+    with_images = [c for c in caches if c.cross_context is not None]
+    if with_images:
+        ref = with_images[0]
+        per_image = ref.cross_context.shape[1] // ref.cross_mask_last.shape[-1]
+        images = max(c.cross_mask_last.shape[-1] for c in with_images)
+        contexts, last = [], []
+        for c, m in zip(caches, masks):
+            b = m.shape[0]
+            ctx, sees = c.cross_context, c.cross_mask_last
+            if ctx is None:  # a prompt without images: no image to see
+                ctx = ref.cross_context.new_zeros(b, 0, ref.cross_context.shape[2])
+                sees = ref.cross_mask_last.new_zeros(b, 1, 0)
+            contexts.append(torch.nn.functional.pad(ctx, (0, 0, 0, images * per_image - ctx.shape[1])))
+            last.append(torch.nn.functional.pad(sees, (0, images - sees.shape[-1])))
+        out.cross_context, out.cross_mask_last = torch.cat(contexts), torch.cat(last)
+    return out, mask
 
 
 # ------------------------------------------------------------------------------------------ fast decode

@@ -86,19 +86,24 @@ class BodyLimitMiddleware:
 def create_app(vlm, *, model_name: str = "vlmkit", limits: Optional[ImageLimits] = None, max_batch: int = 8,
                queue_limit: int = 64, batch_wait_ms: float = 5.0, max_body_bytes: int = DEFAULT_MAX_BODY,
                max_tokens_limit: int = 4096, default_max_tokens: int = 512, ui: bool = True,
-               ui_max_tokens: int = 256, title: Optional[str] = None) -> FastAPI:
+               ui_max_tokens: int = 256, title: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
+               prefill_chunk: Optional[int] = None) -> FastAPI:
     """The server app for an in-process `vlmkit.VLM`.
 
     limits: image limits (payload bytes, pixels, images per request, allow_remote); allow_paths is always off.
-    max_batch: prompts decoded together; queue_limit: requests queued or running before new ones get 429;
-    batch_wait_ms: how long the batcher collects requests before starting a batch.
+    max_batch: prompts decoded together (or being prefilled); queue_limit: requests queued or running before new
+    ones get 429; batch_wait_ms: on an idle server, how long the batcher gathers requests before its first step.
     max_body_bytes: larger request bodies get 413. max_tokens_limit: the most new tokens a request may ask for;
-    default_max_tokens: when it asks for none (cut to what the context leaves).
+    default_max_tokens: when it asks for none (cut to what the context leaves). max_prompt_tokens: longer prompts
+    (image tokens included) get 400 (None: the context is the limit). prefill_chunk: prompt tokens prefilled per
+    scheduler step, so a long prompt is prefilled in chunks between the others' decode steps (None: by device).
     ui: mount the Gradio chat at / (ui_max_tokens per answer)."""
     limits = replace(limits or ImageLimits(), allow_paths=False)
-    batcher = Batcher(vlm, max_batch=max_batch, queue_limit=queue_limit, batch_wait_ms=batch_wait_ms).start()
+    batcher = Batcher(vlm, max_batch=max_batch, queue_limit=queue_limit, batch_wait_ms=batch_wait_ms,
+                      prefill_chunk=prefill_chunk)
     engine = Engine(vlm, batcher, model_name=model_name, limits=limits, max_tokens_limit=max_tokens_limit,
-                    default_max_tokens=default_max_tokens)
+                    default_max_tokens=default_max_tokens, max_prompt_tokens=max_prompt_tokens)
+    batcher.start()
 
     @asynccontextmanager
     async def lifespan(app):

@@ -143,12 +143,16 @@ class Engine:
 
     def __init__(self, vlm, batcher: Batcher, *, model_name: str, limits: ImageLimits,
                  max_tokens_limit: int = 4096, default_max_tokens: int = 512, prepare_threads: int = 2,
-                 image_threads: int = 8, max_fetches: int = 16, decode_pixels: Optional[int] = None):
+                 image_threads: int = 8, max_fetches: int = 16, decode_pixels: Optional[int] = None,
+                 max_prompt_tokens: Optional[int] = None):
         self.vlm, self.batcher, self.model_name = vlm, batcher, model_name
         self.limits = replace(limits, allow_paths=False)  # never read server files on a client's behalf
         self.context = vlm.context_length
         self.max_tokens_limit = max(1, min(max_tokens_limit, self.context - 1))
         self.default_max_tokens = default_max_tokens
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        self.max_prompt_tokens = max_prompt_tokens  # None: only the context bounds a prompt
         self.created = int(time.time())
         # The README's examples and `vlmkit.load("default")` call the embedded model "default".
         self.aliases = ("default",) if _is_embedded_default(vlm) else ()
@@ -195,6 +199,10 @@ class Engine:
         if decoded_pixels >= TRIM_AFTER_PIXELS:
             release_freed_memory()  # the request's decoded images are gone now: hand their memory back to the OS
         n = int(batch["attention_mask"].sum())
+        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
+            raise bad(f"the prompt is {n} tokens (image tokens included), over this server's limit of "
+                      f"{self.max_prompt_tokens} (max_prompt_tokens, `vlmkit serve --max-prompt-tokens`); shorten it "
+                      "or use fewer images", "messages", "prompt_too_long")
         room = self.context - n
         if params.max_tokens is None:
             if room < 1:
