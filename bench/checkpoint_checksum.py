@@ -1,7 +1,7 @@
 """What the checkpoint checksum costs: writing and reading a training checkpoint with and without its sha256, and
 the training-data fingerprint (text + image paths and sizes) for N examples. Prints a markdown table.
 
-    PYTHONPATH=. python bench/checkpoint_checksum.py [--mb 64 256] [--examples 10000 100000]
+    python bench/checkpoint_checksum.py [--mb 64 256] [--examples 10000 100000]
 """
 
 from __future__ import annotations
@@ -9,25 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from common import timed
+
 from vlmkit.data.readers import Example
 from vlmkit.train.checkpoint import atomic_save, data_fingerprint, read_checkpoint
-
-
-def median_time(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -43,10 +34,10 @@ def main() -> None:
         for mb in args.mb:
             tensors = {f"param/{i}": torch.randn(mb * 2**20 // 4 // 16) for i in range(16)}
             plain, checked = Path(tmp) / "plain.safetensors", Path(tmp) / "checked.safetensors"
-            t_save = median_time(lambda: save_file(tensors, str(plain), metadata={"step": "1"}))
-            t_atomic = median_time(lambda: atomic_save(checked, tensors, {"step": "1"}))
-            t_load = median_time(lambda: load_file(str(plain)))
-            t_read = median_time(lambda: read_checkpoint(checked))
+            t_save = timed(lambda: save_file(tensors, str(plain), metadata={"step": "1"}))
+            t_atomic = timed(lambda: atomic_save(checked, tensors, {"step": "1"}))
+            t_load = timed(lambda: load_file(str(plain)))
+            t_read = timed(lambda: read_checkpoint(checked))
             print(f"| {mb} MB | {t_save:.3f} s | {t_atomic:.3f} s | {t_load:.3f} s | {t_read:.3f} s |")
         image = Path(tmp) / "a.png"
         image.write_bytes(b"x" * 1000)
@@ -54,7 +45,7 @@ def main() -> None:
         for n in args.examples:
             data = [Example("chat", images=[str(image)], turns=[("user", f"<image>\nWhat is {i}?"),
                                                                    ("assistant", f"It is {i}.")]) for i in range(n)]
-            print(f"| {n} | {median_time(lambda: data_fingerprint(data)):.3f} s |")
+            print(f"| {n} | {timed(lambda: data_fingerprint(data)):.3f} s |")
 
 
 if __name__ == "__main__":
