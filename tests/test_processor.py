@@ -362,3 +362,17 @@ def test_special_ids(hf_checkpoint):
     else:
         assert tok.token_to_id("<end_of_utterance>") in proc.eos_token_ids
         assert proc.bad_words_ids == [[tok.token_to_id("<image>")], [tok.token_to_id("<fake_token_around_image>")]]
+
+
+def test_the_request_pixel_budget_holds_in_the_python_api(hf_checkpoint_dir):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    proc = ours(hf_checkpoint_dir("llava"))
+    tight = Processor(proc.tokenizer, proc.image_processor, proc.rules, family=proc.family,
+                      limits=replace(proc.limits, max_request_pixels=5000))
+    small = Image.new("RGB", (60, 50), (200, 30, 30))
+    tight(["<image>x"], [[small]])  # 3000 pixels: within the budget
+    with pytest.raises(ImageError, match="max_request_pixels=5000"):
+        tight(["<image><image>x"], [[small, small]])  # 6000 pixels together

@@ -23,7 +23,7 @@ import torch
 
 from .chat_text import LiteralText, escape_messages, render_messages
 from .image_processors import image_processor_for
-from .images import ImageError, ImageLimits, load_image
+from .images import ImageError, ImageLimits, load_images
 from .prompts import (
     PromptError, PromptRules, Slot, default_chat_template, expand_idefics2, expand_idefics3, expand_llava,
     idefics_image_attention_mask, idefics_text, interleaved_segments, is_image_object, is_image_reference,
@@ -338,7 +338,7 @@ class Processor:
                 raise ImageError(f"prompt {i} has {len(prompt_sources)} images > max_images={self.limits.max_images}")
             if self.rules.family == "idefics2":
                 prompt_sources = [_drop_alpha(x, self.limits) for x in prompt_sources]
-            loaded.append([load_image(x, limits=self.limits, index=j) for j, x in enumerate(prompt_sources)])
+            loaded.append(load_images(prompt_sources, self.limits))  # the per-request pixel budget too
         return loaded
 
     def _expand(self, parsed, loaded) -> tuple[list[str], dict]:
