@@ -73,6 +73,35 @@ def test_error_exchanges_are_kept_out_of_the_prompt(tmp_path):
         _text_turn("assistant", "two"), _text_turn("user", "third")]
 
 
+def test_chat_function_answers_errors_instead_of_raising(hf_checkpoint_dir):
+    """Errors come back as an error reply (a raised gr.Error would leave the page's textbox disabled)."""
+    import asyncio
+
+    from gradio.utils import get_upload_folder
+
+    from vlmkit.serve.ui import build_ui
+
+    app = create_app(vlmkit.load(hf_checkpoint_dir("llava")), model_name=MODEL, ui=False)
+    respond = build_ui(app.state.engine, max_tokens=UI_TOKENS).fn
+    upload = Path(get_upload_folder()) / "vlmkit-test" / "corrupt.png"
+    upload.parent.mkdir(parents=True, exist_ok=True)
+    upload.write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
+
+    async def replies(message):
+        return [r async for r in respond(message, [], UI_TOKENS, 0)]
+
+    try:
+        for message, says in [({"text": "what is it?", "files": [str(upload)]}, "invalid image"),
+                              ({"text": "word " * 2500, "files": []}, "context of 2048 tokens"),
+                              ({"text": "   ", "files": []}, "Type a question")]:
+            *_, last = asyncio.run(replies(message))
+            assert last.metadata["title"] == ERROR_TITLE and says in last.content
+        *_, answer = asyncio.run(replies({"text": "Hello", "files": []}))
+        assert isinstance(answer, str) and answer.strip()
+    finally:
+        app.state.batcher.stop()
+
+
 def test_model_note_and_examples(hf_checkpoint_dir):
     default = SimpleNamespace(folder=default_model_path())
     assert "synthetic" in model_note(default, "vlmkit-default") and "not trained on photos" in model_note(
@@ -169,24 +198,35 @@ def _ask(page, text: str, image: Path = None) -> None:
 
 
 def _wait_answer(page, n: int, want: str) -> None:
-    page.wait_for_function(WANT_BOT, arg=[n, _norm(want)], timeout=30_000)
+    try:
+        page.wait_for_function(WANT_BOT, arg=[n, _norm(want)], timeout=30_000)
+    except Exception:  # say what the page shows instead
+        shown = [_norm(b.inner_text()) for b in page.locator("[data-testid=bot]").all()]
+        raise AssertionError(f"bot message {n} should read {_norm(want)!r}; the page shows {shown!r}") from None
 
 
 def _answered(ui, index: int) -> str:
     return "".join(ui.streams[index].text_parts)
 
 
-def _finished_job(ui, page, index: int):
-    """The job of the index-th request the page sent, once it has ended."""
-    deadline = time.monotonic() + 30
-    while (len(ui.streams) <= index or not ui.streams[index].job.finished) and time.monotonic() < deadline:
+def _wait_until(page, done, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         page.wait_for_timeout(20)  # not time.sleep: the page's requests pass the route handler of this thread
+
+
+def _finished_job(ui, page, index: int):
+    """The job of the index-th request the page sent, once the batcher has ended it."""
+    _wait_until(page, lambda: len(ui.streams) > index and ui.streams[index].job.finished, f"job {index}")
     return ui.streams[index].job
 
 
 def _wait_streamed_answer(ui, page, n: int, index: int) -> None:
     """Bot message n shows the whole answer of request `index`, which ran to its end."""
-    assert _finished_job(ui, page, index).finish_reason in ("stop", "length") and _answered(ui, index).strip()
+    # `ended`: the page's handler has read the last piece (the job may end in the batcher before that)
+    _wait_until(page, lambda: len(ui.streams) > index and ui.streams[index].ended, f"answer {index}")
+    assert ui.streams[index].job.finish_reason in ("stop", "length") and _answered(ui, index).strip()
     _wait_answer(page, n, _answered(ui, index))
 
 
