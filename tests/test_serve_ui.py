@@ -87,14 +87,17 @@ def test_chat_function_answers_errors_instead_of_raising(hf_checkpoint_dir):
     upload.parent.mkdir(parents=True, exist_ok=True)
     upload.write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
 
-    async def replies(message):
-        return [r async for r in respond(message, [], UI_TOKENS, 0)]
+    async def replies(message, tokens=UI_TOKENS, temperature=0):
+        return [r async for r in respond(message, [], tokens, temperature)]
 
     try:
-        for message, says in [({"text": "what is it?", "files": [str(upload)]}, "invalid image"),
-                              ({"text": "word " * 2500, "files": []}, "context of 2048 tokens"),
-                              ({"text": "   ", "files": []}, "Type a question")]:
-            *_, last = asyncio.run(replies(message))
+        for message, settings, says in [
+                ({"text": "what is it?", "files": [str(upload)]}, (), "invalid image"),
+                ({"text": "word " * 2500, "files": []}, (), "context of 2048 tokens"),
+                ({"text": "   ", "files": []}, (), "Type a question"),
+                ({"text": "Hi", "files": []}, (UI_TOKENS, float("nan")), "Temperature must be a number from 0.0"),
+                ({"text": "Hi", "files": []}, (10**6, 0), "Max tokens must be a number from 1")]:
+            *_, last = asyncio.run(replies(message, *settings))
             assert last.metadata["title"] == ERROR_TITLE and says in last.content
         *_, answer = asyncio.run(replies({"text": "Hello", "files": []}))
         assert isinstance(answer, str) and answer.strip()

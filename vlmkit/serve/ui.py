@@ -170,6 +170,13 @@ class UIConversation:
 
 # --------------------------------------------------------------------------------------------- the page
 
+def _setting(value, label: str, low: float, high: float) -> float:
+    """A control's value checked (the page's sliders keep to their range; the page's API does not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise APIError(400, f"{label} must be a number from {low} to {high}, got {value!r}"[:200])
+    return float(value)
+
+
 def build_ui(engine, *, max_tokens: int = 256, title=None, examples_dir: Optional[Path] = None):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
@@ -187,11 +194,11 @@ def build_ui(engine, *, max_tokens: int = 256, title=None, examples_dir: Optiona
         text, stream = "", None
         try:
             messages = await anyio.to_thread.run_sync(conversation.messages, message, history)
-            params = GenParams(temperature=float(temperature or 0))
+            params = GenParams(temperature=_setting(temperature, "Temperature", 0.0, 2.0))
+            answer_tokens = int(_setting(answer_tokens, "Max tokens", 1, max_tokens))
             prepared = await engine.prepare_async(messages, params)
-            # The slider's value, cut to what the context leaves after the prompt.
-            prepared.max_tokens = max(1, min(int(answer_tokens or max_tokens), max_tokens,
-                                             engine.context - prepared.prompt_tokens))
+            # The control's value, cut to what the context leaves after the prompt.
+            prepared.max_tokens = max(1, min(answer_tokens, engine.context - prepared.prompt_tokens))
             stream = engine.submit(prepared)
             async for piece in stream:
                 text += piece
