@@ -82,3 +82,13 @@ def test_openai_client_example_answers_right(server, monkeypatch):
         exec(code.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}"), {})
     first, streamed = out.getvalue().split("\n", 1)
     assert first.startswith("red CompletionUsage(") and streamed.strip() == "red"
+
+
+def test_in_process_server_example_builds_an_app():
+    from fastapi.testclient import TestClient
+
+    (code,) = [b for b in blocks("python") if "from vlmkit.serve import create_app" in b]
+    scope = {}
+    exec(code, scope)
+    with TestClient(scope["app"]) as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == "my-model"
