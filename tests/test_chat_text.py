@@ -164,3 +164,11 @@ def test_cli_run_with_two_images_on_a_text_only_template(text_only_llava, tmp_pa
     code = cli.main(["run", "--model", str(text_only_llava), "--image", str(tmp_path / "a.png"), "--image",
                      str(tmp_path / "b.png"), "--max-new-tokens", "2", "Compare them."])
     assert code == 0, capsys.readouterr().err
+
+
+def test_a_template_that_prints_the_content_list_gets_strings(text_only_llava):
+    m = vlmkit.load(text_only_llava)
+    m.processor.tokenizer.chat_template = (
+        "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}ASSISTANT:")
+    text = m.processor.apply_chat_template(user("Compare them.", 2))
+    assert text == "user: <image>\n<image>\nCompare them.\nASSISTANT:"
