@@ -41,6 +41,12 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "weights" / "default"
 
 
+def is_default_model(m) -> bool:
+    """Whether `m` (a VLM) is the embedded default model."""
+    folder = getattr(m, "folder", None)
+    return folder is not None and Path(folder).resolve() == default_model_path().resolve()
+
+
 def resolve(path_or_name) -> Path:
     if str(path_or_name) == "default":
         path = default_model_path()

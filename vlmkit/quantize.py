@@ -343,7 +343,8 @@ def save_quantized(model, folder) -> None:
 
     from safetensors.torch import save_file
 
-    from .checkpoints.hf import WEIGHTS, _atomic_write, hf_config_for
+    from .checkpoints.hf import WEIGHTS, hf_config_for
+    from .checkpoints.io import atomic_write
 
     info = quantization_of(model)
     folder = Path(folder)
@@ -362,8 +363,8 @@ def save_quantized(model, folder) -> None:
     hf = dict(hf_config_for(model.cfg))
     hf["dtype"] = str(model.dtype).removeprefix("torch.")
     hf["quantization_config"] = info
-    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2)))
-    _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2)))
+    atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     (folder / "model.safetensors.index.json").unlink(missing_ok=True)
 
 

@@ -5,8 +5,6 @@ an error that names it."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +15,7 @@ from safetensors.torch import save_file
 from ..config import VLMConfig
 from ..models.vlm import VLMModel
 from .families import FAMILIES, Family, family_for_architecture
+from .io import atomic_write
 from .keymaps import build_key_map, normalize_names
 
 WEIGHTS = "model.safetensors"
@@ -112,16 +111,6 @@ def load_model(folder, dtype: Optional[torch.dtype] = None, device=None) -> VLMM
     return model.eval()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def hf_config_for(cfg: VLMConfig) -> dict:
@@ -142,7 +131,7 @@ def save_model(model: VLMModel, folder, max_shard_bytes: int = 5 * 2**30) -> Non
     tensors = {key_map[k]: v.detach().contiguous().cpu() for k, v in state.items()}
     hf = dict(hf_config_for(cfg))
     hf["dtype"] = str(model.dtype).removeprefix("torch.")
-    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2)))
+    atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2)))
 
     shards, current, size = [], {}, 0
     for name in sorted(tensors):
@@ -155,15 +144,15 @@ def save_model(model: VLMModel, folder, max_shard_bytes: int = 5 * 2**30) -> Non
     shards.append(current)
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_write(folder / WEIGHTS, lambda p: save_file(shards[0], p, metadata=meta))
+        atomic_write(folder / WEIGHTS, lambda p: save_file(shards[0], p, metadata=meta))
         (folder / INDEX).unlink(missing_ok=True)
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_write(folder / name, lambda p, s=shard: save_file(s, p, metadata=meta))
+        atomic_write(folder / name, lambda p, s=shard: save_file(s, p, metadata=meta))
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _atomic_write(folder / INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+    atomic_write(folder / INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
     (folder / WEIGHTS).unlink(missing_ok=True)

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from ..checkpoints.io import atomic_write_text
+
 PREDICTIONS = "predictions.jsonl"
 _HASHED_WHOLE = 1 << 20  # model files up to this size are hashed by content; bigger ones by size and mtime
+HOW_TO_REDO = "rerun with --overwrite (overwrite=True) to replace them, or write to another --output folder"
 
 
 @dataclass
@@ -62,14 +65,8 @@ def load_predictions(path: Union[str, Path]) -> dict[str, dict]:
 
 
 def rewrite_predictions(path: Union[str, Path], lines: Iterable[dict]) -> None:
-    """Replace the file by `lines` (temp file, fsync, rename: a kill mid-way leaves the old file whole)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace the file by `lines` (atomically: a kill mid-way leaves the old file whole)."""
+    atomic_write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -137,8 +134,7 @@ def _shown(value) -> str:
 
 def check_settings(path: Path, lines: dict, settings: dict) -> None:
     """Refuse to resume into predictions made with other settings, naming what differs and how to proceed."""
-    how = ("rerun with --overwrite (overwrite=True) to replace them, or write to another --output folder to keep "
-           "both")
+    how = HOW_TO_REDO + " to keep both"
     for line in lines.values():
         stored = line.get("settings")
         if not isinstance(stored, dict):

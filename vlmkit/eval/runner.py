@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .predictions import (PREDICTIONS, check_settings, load_predictions, prediction_settings, read_predictions,
-                          rewrite_predictions)
+from ..checkpoints.io import atomic_write_text
+from .predictions import (HOW_TO_REDO, PREDICTIONS, check_settings, load_predictions, prediction_settings,
+                          read_predictions, rewrite_predictions)
 from .tasks import Rows, Task, get_task, read_rows, resolve_image
 
 __all__ = ["evaluate", "results_markdown", "load_predictions", "PREDICTIONS", "RESULTS_JSON", "RESULTS_MD"]
@@ -74,11 +75,7 @@ def _materialize(model):
 # ------------------------------------------------------------------------------------------------ files
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def _jsonable(value):
@@ -331,8 +328,7 @@ def _check_same_prompt(path: Path, line: dict, prompt) -> None:
         return
     raise ValueError(f"{path}: item {line['id']} was predicted for the prompt {str(line.get('prompt'))[:80]!r}, but "
                      f"the task now asks {_prompt_text(prompt)[:80]!r} (the data or the prompt template changed); "
-                     f"rerun with --overwrite (overwrite=True) to replace the predictions, or write to another "
-                     f"--output folder")
+                     f"{HOW_TO_REDO}")
 
 
 def _slug(name: str) -> str:

@@ -72,6 +72,7 @@ class Tokenizer:
             self._set_bos_eos_post_processor(bool(add_bos_token), bool(add_eos_token))
         eos = [self.eos_token_id] if self.eos_token_id is not None else []
         self._eos_ids = list(dict.fromkeys(eos + [int(i) for i in extra_eos_ids]))
+        self._plain: Optional[BackendTokenizer] = None  # built on first use by _plain_backend
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -148,7 +149,7 @@ class Tokenizer:
 
     def _plain_backend(self) -> BackendTokenizer:
         """The same tokenizer without its added-token matching: text in, the ids of its characters out."""
-        if getattr(self, "_plain", None) is None:
+        if self._plain is None:
             spec = json.loads(self.backend.to_str())
             spec["added_tokens"] = []
             self._plain = BackendTokenizer.from_str(json.dumps(spec))

@@ -16,10 +16,12 @@ class APIError(Exception):
     """A request the server refuses; rendered as the dialect's JSON error with `status`."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None,
+                 image_index: Optional[int] = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
+        self.image_index = image_index  # which of the request's images is at fault (a dialect names its field)
 
 
 def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:

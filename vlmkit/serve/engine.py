@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import anyio
 
-from ..api import default_model_path
+from ..api import is_default_model
 from ..processing.early_resize import shrink_hint_for
 from ..processing.images import TRIM_AFTER_PIXELS, ImageError, ImageLimits, load_images, release_freed_memory
 from ..processing.prompts import PromptError
@@ -37,6 +37,7 @@ class GenParams:
     seed: Optional[int] = None
     stop: tuple = ()
     ignore_eos: bool = False
+    max_tokens_param: str = "max_tokens"  # the field the request set max_tokens with, for errors
 
     def __post_init__(self):
         if self.seed is not None and self.seed < 0:
@@ -51,7 +52,6 @@ class GenParams:
             return Sampling(repetition_penalty=self.repetition_penalty)
         return Sampling(True, max(float(self.temperature), 1e-2), float(self.top_p), int(self.top_k),
                         float(self.repetition_penalty), self.seed)
-
 
 
 @dataclass
@@ -155,7 +155,7 @@ class Engine:
         self.max_prompt_tokens = max_prompt_tokens  # None: only the context bounds a prompt
         self.created = int(time.time())
         # The README's examples and `vlmkit.load("default")` call the embedded model "default".
-        self.aliases = ("default",) if _is_embedded_default(vlm) else ()
+        self.aliases = ("default",) if is_default_model(vlm) else ()
         self._image_limiter = anyio.CapacityLimiter(image_threads)
         self._text_limiter = anyio.CapacityLimiter(prepare_threads)
         self.decoding = PixelGate(decode_pixels or self.limits.max_request_pixels * 5 // 2)
@@ -175,6 +175,12 @@ class Engine:
             raise APIError(404, f"model {show_value(name)} not found; this server serves {self.model_name!r}",
                            type="invalid_request_error", param="model", code="model_not_found")
 
+    def check_max_tokens(self, params: GenParams) -> None:
+        if params.max_tokens is not None and params.max_tokens > self.max_tokens_limit:
+            name = params.max_tokens_param
+            raise bad(f"'{name}' is {params.max_tokens}, over this server's limit of {self.max_tokens_limit}", name,
+                      "max_tokens_exceeded")
+
     def check_busy(self) -> None:
         if self.batcher.full():
             raise _busy(f"server busy: queue_limit={self.batcher.queue_limit} requests are queued or running; "
@@ -187,9 +193,7 @@ class Engine:
         `prompt` is chat messages whose image parts carry their source inline, or a raw string with `<image>`
         placeholders filled from `images`. Image sources may be already downloaded (`FetchedImage`)."""
         t_arrival = t_arrival if t_arrival is not None else time.monotonic()
-        if params.max_tokens is not None and params.max_tokens > self.max_tokens_limit:
-            raise bad(f"max_tokens={params.max_tokens} is over this server's limit of {self.max_tokens_limit}",
-                      "max_tokens", "max_tokens_exceeded")
+        self.check_max_tokens(params)
         try:
             batch, decoded_pixels = self._render(prompt, images)
         except ImageError as e:
@@ -233,7 +237,8 @@ class Engine:
 
     async def prepare_async(self, prompt, params: GenParams, images=None) -> Prepared:
         t_arrival = time.monotonic()
-        self.check_busy()  # cheap refusal before decoding images
+        self.check_busy()  # cheap refusals before downloading or decoding images
+        self.check_max_tokens(params)
         sources = image_sources(prompt, images)
         if not sources:
             return await anyio.to_thread.run_sync(
@@ -278,15 +283,10 @@ class Engine:
                 "max_batch": b.max_batch, "queue_limit": b.queue_limit, "context_length": self.context}
 
 
-def _is_embedded_default(vlm) -> bool:
-    folder = getattr(vlm, "folder", None)
-    return folder is not None and folder.resolve() == default_model_path().resolve()
-
-
 def _invalid_image(e: ImageError) -> APIError:
     if e.index is None:  # about the request's images together (count, pixel budget)
         return bad(f"images refused: {e.reason}", "messages", "invalid_image")
-    return bad(f"invalid image: {e}", "messages", "invalid_image")
+    return APIError(400, f"invalid image: {e}", param="messages", code="invalid_image", image_index=e.index)
 
 
 def _busy(message: str) -> APIError:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import re
 from datetime import datetime, timezone
-from typing import Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -74,8 +73,8 @@ def _images(value, where: str, max_bytes: int) -> list:
     return [decode_image(v, f"{where}[{j}]", max_bytes) for j, v in enumerate(value)]
 
 
-def parse_options(body: dict, max_tokens_limit: Optional[int] = None) -> GenParams:
-    """Ollama's options -> GenParams; max_tokens_limit: the server's cap on new tokens."""
+def parse_options(body: dict) -> GenParams:
+    """Ollama's options -> GenParams."""
     opts = body.get("options")
     if opts is None:
         opts = {}
@@ -86,10 +85,8 @@ def parse_options(body: dict, max_tokens_limit: Optional[int] = None) -> GenPara
         num_predict = None  # -1 (infinite) / -2 (fill the context): the server default, cut to the context
     elif num_predict == 0:
         raise bad("'options.num_predict' must be >= 1 (or -1)")
-    elif num_predict is not None and max_tokens_limit is not None and num_predict > max_tokens_limit:
-        raise bad(f"'options.num_predict' is {num_predict}, over this server's limit of {max_tokens_limit}")
     return GenParams(
-        max_tokens=num_predict,
+        max_tokens=num_predict, max_tokens_param="options.num_predict",
         temperature=get_number(opts, "temperature", low=0, high=100, param="options.temperature"),
         top_p=get_number(opts, "top_p", low=0, high=1, low_open=True, param="options.top_p") or 1.0,
         top_k=get_number(opts, "top_k", low=0, integer=True, param="options.top_k") or 0,
@@ -137,8 +134,7 @@ async def _prepare(engine, prompt, params, images=None, *, image_fields: list, t
         return await engine.prepare_async(prompt, params, images)
     except APIError as e:
         if e.code == "invalid_image":
-            index = re.match(r"invalid image: image (\d+)\b", e.message)
-            i = int(index.group(1)) if index else -1
+            i = e.image_index if e.image_index is not None else -1
             field = image_fields[i] if 0 <= i < len(image_fields) else image_fields[0].split("[0]")[0] + "[]"
             e.message = f"{field}: {e.message}"
         elif raw and e.code == "invalid_prompt":
@@ -193,7 +189,7 @@ async def chat(request: Request):
     engine.check_model(body.get("model"), ollama=True)
     _check_unsupported(body)
     messages = parse_chat_messages(body.get("messages"), engine.limits.max_bytes)
-    params = parse_options(body, engine.max_tokens_limit)
+    params = parse_options(body)
     stream = get_bool(body, "stream", True)
     image_fields = [f"messages[{i}].images[{j}]" for i, m in enumerate(body["messages"])
                     for j in range(len(m.get("images") or []))]
@@ -218,7 +214,7 @@ async def generate(request: Request):
     if body.get("suffix"):
         raise bad("'suffix' (fill-in-the-middle) is not supported by this server")
     images = _images(body.get("images"), "images", engine.limits.max_bytes)
-    params = parse_options(body, engine.max_tokens_limit)
+    params = parse_options(body)
     stream = get_bool(body, "stream", True)
     raw = get_bool(body, "raw", False)
     model = request.app.state.ollama_name

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -79,13 +78,10 @@ def parse_messages(value, allow_remote: bool) -> list[dict]:
     return out
 
 
-def parse_params(body: dict, max_tokens_limit: Optional[int] = None) -> tuple[GenParams, bool, bool]:
-    """-> (params, stream, include_usage); max_tokens_limit: the server's cap on new tokens."""
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = get_number(body, name, low=1, integer=True)
-    if max_tokens is not None and max_tokens_limit is not None and max_tokens > max_tokens_limit:
-        raise bad(f"'{name}' is {max_tokens}, over this server's limit of {max_tokens_limit}", name,
-                  "max_tokens_exceeded")
+def parse_params(body: dict) -> tuple[GenParams, bool, bool]:
+    """-> (params, stream, include_usage)."""
+    tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = get_number(body, tokens_field, low=1, integer=True)
     n = get_number(body, "n", low=1, integer=True)
     if n not in (None, 1):
         raise bad("only n=1 is supported", "n")
@@ -104,7 +100,7 @@ def parse_params(body: dict, max_tokens_limit: Optional[int] = None) -> tuple[Ge
         raise bad("'stream_options' must be an object", "stream_options")
     include_usage = get_bool(opts or {}, "include_usage", False, "stream_options.include_usage")
     params = GenParams(
-        max_tokens=max_tokens,
+        max_tokens=max_tokens, max_tokens_param=tokens_field,
         temperature=get_number(body, "temperature", low=0, high=2),
         top_p=get_number(body, "top_p", low=0, high=1, low_open=True) or 1.0,
         top_k=get_number(body, "top_k", low=0, integer=True) or 0,
@@ -135,7 +131,7 @@ async def chat_completions(request: Request):
     body = await read_json(request)
     engine.check_model(body.get("model"))
     messages = parse_messages(body.get("messages"), engine.limits.allow_remote)
-    params, stream, include_usage = parse_params(body, engine.max_tokens_limit)
+    params, stream, include_usage = parse_params(body)
     prepared = await engine.prepare_async(messages, params)
     handle = engine.submit(prepared)
     ident, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.model_name

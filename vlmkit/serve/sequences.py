@@ -193,13 +193,12 @@ class DecodeBatch:
             self.fast = FastSteps(self.fast_text, self.cache, self.mask)
             longest = self.cache.length + max(s.cfg.max_new_tokens - s.step for s in self.rows)
             self.fast.start(self.cache, min(longest, self.cache.max_length))
+        self.mask = F.pad(self.mask, (0, 1), value=1)
         if self.fast.ready:
             logits = self.fast(tokens)
         else:  # cross-attention (IDEFICS) and foreign decoders: the model's forward with the cache
-            mask = F.pad(self.mask, (0, 1), value=1)
-            out = self.model(input_ids=tokens, attention_mask=mask, cache=self.cache, logits_to_keep=1)
+            out = self.model(input_ids=tokens, attention_mask=self.mask, cache=self.cache, logits_to_keep=1)
             self.cache, logits = out.cache, out.logits[:, -1]
-        self.mask = F.pad(self.mask, (0, 1), value=1)
         for i, s in enumerate(self.rows):
             if not s.finished:
                 s.choose(logits[i : i + 1])

@@ -22,7 +22,7 @@ from typing import Optional
 
 import anyio
 
-from ..api import default_model_path
+from ..api import is_default_model
 from .engine import APIError, GenParams
 
 log = logging.getLogger("vlmkit.serve")
@@ -41,11 +41,6 @@ FAMILY_NAMES = {"llava": "LLaVA", "idefics": "IDEFICS", "idefics2": "Idefics2", 
 
 
 # --------------------------------------------------------------------------------------------- what is served
-
-def is_default_model(vlm) -> bool:
-    folder = getattr(vlm, "folder", None)
-    return folder is not None and Path(folder).resolve() == default_model_path().resolve()
-
 
 def model_note(vlm, model_name: str) -> str:
     """One line on what the served model can do."""

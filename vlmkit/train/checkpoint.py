@@ -12,13 +12,14 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from ..checkpoints.io import atomic_write, temp_files
 
 CHECKSUM = "sha256"
 
@@ -38,28 +39,13 @@ def content_sha256(tensors: dict, metadata: dict) -> str:
     return h.hexdigest()
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
 def atomic_save(path: Path, tensors: dict, metadata: dict) -> None:
     """safetensors written to a temp file in the same folder, fsynced, then renamed over `path`: a run killed
     mid-write leaves the previous checkpoint intact. The content's sha256 goes into the metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {k: v for k, v in metadata.items() if k != CHECKSUM}
     metadata[CHECKSUM] = content_sha256(tensors, metadata)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _what_to_do(path: Path) -> str:
@@ -89,10 +75,7 @@ def read_checkpoint(path: Path, log: Optional[Callable[[str], None]] = None) -> 
 
 def remove_stale_temps(path: Path) -> list[Path]:
     """Delete the temp files of `path` that a run killed mid-write left in its folder; returns them."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    stale = [p for p in path.parent.glob(_temp_prefix(path) + "*.tmp") if p.is_file()]
+    stale = temp_files(path)
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Optional
+
+from ..checkpoints.io import atomic_write_text
 
 
 def finite_json(value):
@@ -25,9 +26,12 @@ def json_line(record: dict) -> str:
     return json.dumps(finite_json(record), allow_nan=False) + "\n"
 
 
-def _step_of(line: str) -> Optional[int]:
+def _record(line: str) -> Optional[dict]:
+    """A line's record with an integer step, or None for lines that cannot be read."""
     try:
-        return int(json.loads(line)["step"])
+        record = json.loads(line)
+        record["step"] = int(record["step"])
+        return record
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -43,11 +47,9 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():
             lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
-            steps = [(_step_of(line), line) for line in lines]
-            keep = [json.loads(line) for step, line in steps if step is not None and step <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json_line(record) for record in keep), encoding="utf-8")
-            os.replace(tmp, self.path)
+            records = [_record(line) for line in lines]
+            keep = [r for r in records if r is not None and r["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(json_line(record) for record in keep))
 
     def write(self, record: dict) -> None:
         if self.enabled:
