@@ -53,7 +53,7 @@ def vlmkit_decoder(mode: str, compile_: bool = False):
 
 def run_vlmkit(decoder, rows, new_tokens: int) -> tuple[float, float]:
     """(time to first token, decode tokens/s) for one batch."""
-    from vlmkit.generation import GenerationConfig, generate_tokens
+    from vlmkit.generation.loop import GenerationConfig, generate_tokens
 
     batch = left_pad(rows)
     cfg = GenerationConfig(max_new_tokens=new_tokens)  # no eos: always new_tokens tokens

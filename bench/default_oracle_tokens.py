@@ -18,7 +18,7 @@ import torch
 
 from vlmkit.data.synthetic import SyntheticGenerator, benchmark_set
 from vlmkit.eval.metrics import exact_match
-from vlmkit.generation import GenerationConfig, generate
+from vlmkit.generation.loop import GenerationConfig, generate
 from vlmkit.train import default_recipe as recipe
 from vlmkit.train.lora import add_lora
 from vlmkit.train.loop import TrainConfig, run

@@ -14,7 +14,7 @@ import torch
 import vlmkit
 from vlmkit.checkpoints.adapter import resolve_gguf
 from vlmkit.checkpoints.gguf import load_gguf_text
-from vlmkit.generation import GenerationConfig, generate
+from vlmkit.generation.loop import GenerationConfig, generate
 from vlmkit.models.text import TextDecoder
 from vlmkit.train.default_recipe import BASE_GGUF
 

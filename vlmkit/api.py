@@ -11,8 +11,10 @@ import torch.nn.functional as F
 
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.hf import config_from_folder, load_model, save_model
-from .generation import GenerationConfig, fast_decoder, generate, new_cache
-from .models.kv_cache import ImageFeatureCache, PrefixCache, PrefixEntry, StaticKVCache, crop_digest, crop_starts
+from .generation.caches import ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts
+from .generation.fast_path import fast_decoder, new_cache
+from .generation.loop import GenerationConfig, generate
+from .models.kv_cache import StaticKVCache
 from .models.vlm import VLMModel
 from .processing.chat_text import as_user_message
 from .processing.prompts import is_messages

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import CrossAttnConfig, TextConfig
 from .cross_attn import GatedCrossAttention
-from .kv_cache import KVCache, StaticKVCache  # noqa: F401  (KVCache is imported from here by other modules)
+from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, apply_rope, attention, merge_heads, rope_cos_sin, rope_inv_freq, split_heads
 
 
@@ -119,10 +119,6 @@ class TextDecoder(nn.Module):
         device = self.embed_tokens.weight.device
         self.inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(device)
 
-    @property
-    def total_vocab_size(self) -> int:
-        return self.cfg.vocab_size + self.cfg.additional_vocab_size
-
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens_extra is None:
             return self.embed_tokens(input_ids)
@@ -215,6 +211,11 @@ class TextDecoder(nn.Module):
         return logits
 
     _compiled_decode = None
+
+    @property
+    def decode_compiled(self) -> bool:
+        """Whether `compile_decode` ran: whole-buffer decode steps then take fixed shapes."""
+        return self._compiled_decode is not None
 
     def compile_decode(self, **options) -> None:
         """torch.compile the whole-buffer decode step (fixed shapes: one compilation per batch size and cache

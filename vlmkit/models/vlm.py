@@ -10,8 +10,9 @@ from torch import nn
 from ..config import VLMConfig
 from .connectors import build_connector
 from .cross_attn import expand_image_mask
+from .kv_cache import KVCache
 from .layers import init_normal_
-from .text import KVCache, ModelOutput, TextDecoder
+from .text import ModelOutput, TextDecoder
 from .vision import VisionTransformer
 
 

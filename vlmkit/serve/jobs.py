@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..generation import GenerationConfig, cut_at_stop, find_stop, held_back, incremental_decoder
+from ..generation.loop import GenerationConfig
+from ..generation.text_stream import TextStream
 
 __all__ = ["Job", "JobText", "QueueFull", "Sampling"]
 
@@ -84,15 +85,12 @@ class Job:
 
 
 class JobText:
-    """A job's answer as text: incremental detokenisation, OpenAI stop strings held back until decided (never
-    streamed), its max_tokens, and the final "done" event."""
+    """A job's answer as text: the generation's `TextStream` (stop strings held back until decided, never
+    streamed), its max_tokens, and the events its sink gets."""
 
     def __init__(self, job: Job, tokenizer, eos_ids):
-        self.job, self.tokenizer = job, tokenizer
-        self.eos = set() if job.ignore_eos else set(eos_ids)
-        self.decoder = incremental_decoder(tokenizer)
-        self.ids: list[int] = []
-        self.current, self.emitted = "", 0
+        self.job = job
+        self.stream = TextStream(tokenizer, job.stop, () if job.ignore_eos else eos_ids)
         self.done = False
 
     def emit(self, text: str) -> None:
@@ -103,26 +101,12 @@ class JobText:
         """Take the next chosen token; may finish the job ("stop" on eos or a stop string, "length")."""
         if self.done:
             return
-        if tok in self.eos:
+        stream, job = self.stream, self.job
+        self.emit(stream.push(tok))
+        job.completion_tokens = len(stream.ids)
+        if stream.done:
             self.finish("stop")
-            return
-        job, stops = self.job, list(self.job.stop)
-        self.ids.append(tok)
-        job.completion_tokens += 1
-        piece = self.decoder.push(tok)
-        if piece:
-            self.current += piece
-            stop_at = find_stop(self.current, stops, self.emitted) if stops else None
-            if stop_at is not None:
-                self.emit(self.current[self.emitted:stop_at])
-                self.emitted = stop_at
-                self.finish("stop")
-                return
-            safe_end = len(self.current) - (held_back(self.current, stops) if stops else 0)
-            if safe_end > self.emitted:
-                self.emit(self.current[self.emitted:safe_end])
-                self.emitted = safe_end
-        if len(self.ids) >= job.max_tokens:
+        elif len(stream.ids) >= job.max_tokens:
             self.finish("length")
 
     def finish(self, reason: str) -> None:
@@ -131,10 +115,7 @@ class JobText:
         self.done = True
         job = self.job
         if reason != "cancelled":
-            # The full decode is the ground truth (as generate's stream): send what the pieces have not.
-            final = cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), list(job.stop))
-            if len(final) > self.emitted and final.startswith(self.current[: self.emitted]):
-                self.emit(final[self.emitted:])
+            self.emit(self.stream.rest())
         job.finish_reason = reason
         job.t_end = time.monotonic()
         job._finished = True

@@ -9,8 +9,8 @@ attention mask (real tokens before), so a chunked prompt sees exactly what a who
 
 The decode batch is one left-padded cache: a joining sequence's cache is stacked onto it (both right-aligned at
 the longer length), finished rows are dropped and the columns that became padding in every row are trimmed.
-Each row keeps its own logit rules and RNG (`vlmkit.generation.LogitsProcessor`, `choose_tokens`), so rows with
-different sampling settings share the batch and a seeded row draws what `generate(..., seed=s)` draws.
+Each row keeps its own logit rules and RNG (`vlmkit.generation.loop.LogitsProcessor`, `choose_tokens`), so rows
+with different sampling settings share the batch and a seeded row draws what `generate(..., seed=s)` draws.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..generation import LogitsProcessor, check_request, choose_tokens, sampling_generator
-from ..models.kv_cache import FastSteps, StaticKVCache, fast_decoder, stack_left_padded
+from ..generation.fast_path import FastSteps, fast_decoder
+from ..generation.loop import LogitsProcessor, check_request, choose_tokens, sampling_generator
+from ..models.kv_cache import StaticKVCache
 from .collate import collate
 from .jobs import Job, JobText
 
@@ -167,7 +168,7 @@ class DecodeBatch:
         if len(alive) < len(seqs):
             cache, mask = keep_rows(cache, mask, alive)
         if self.rows:
-            cache, mask = stack_left_padded([self.cache, cache], [self.mask, mask])
+            cache, mask = StaticKVCache.stack_left_padded([self.cache, cache], [self.mask, mask])
         self.cache, self.mask = cache, mask
         self.rows += [seqs[i] for i in alive]
         for s in seqs:

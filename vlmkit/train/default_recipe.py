@@ -207,7 +207,7 @@ def distillation_set(model: VLMModel, processor, out: Path) -> list:
     in `out/distill.json` so a resumed run trains on the same targets)."""
     from ..data.synthetic import Sample
     from ..data.text_prompts import general_questions
-    from ..generation import GenerationConfig, generate
+    from ..generation.loop import GenerationConfig, generate
 
     path = out / "distill.json"
     if not path.is_file():

@@ -5,7 +5,8 @@ bad words, min new tokens; then, only when sampling, temperature, top-k, top-p),
 same tokens and seeded sampling the same draws (on CPU: `seed=s` here == `torch.manual_seed(s)` there).
 
 Stop strings follow the OpenAI API: generation stops at the first occurrence and the stop string itself is
-not part of the returned text (transformers' `stop_strings` keeps it).
+not part of the returned text (transformers' `stop_strings` keeps it); `text_stream.TextStream` turns tokens into
+text, here and in the server.
 
 Left padding is invisible to the logit rules: the repetition penalty and bad-word prefixes look at real tokens
 only, so a padded row gets the tokens it would get alone (transformers also penalises / matches the pad id in
@@ -20,7 +21,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .models.kv_cache import FastSteps, fast_decoder, new_cache  # noqa: F401  (re-exported for the API)
+from .fast_path import FastSteps, fast_decoder, new_cache
+from .text_stream import TextStream
 
 # Batch keys that describe the text; every other key (pixel_values, pixel_attention_mask, image_attention_mask,
 # image_features, ...) is an image input, given to the model at the prefill only: the cache keeps what decode needs.
@@ -221,7 +223,7 @@ def generate_tokens(
     eos id or when `stop_check(tokens)` (called after each step) flags it; finished rows then get pad_token_id.
     Stops when every row has finished or after max_new_tokens steps.
     max_length: the model's context (prompt + new tokens); None reads it from the model's config.
-    cache: an empty cache object for the model (default: a fresh `vlmkit.models.text.KVCache`).
+    cache: an empty cache object for the model (default: `new_cache(model, ...)`).
     Bad parameters raise here, at the call, not at the first step.
     """
     check_request(model, batch, cfg, max_length)
@@ -300,58 +302,6 @@ def _decode_loop(model, batch, cfg, cache, stop_check) -> Iterator[torch.Tensor]
         step_ids = next_tokens[:, None]
 
 
-class _WindowDecoder:
-    """Streaming detokenisation for a tokenizer that only has decode() (same scheme as vlmkit's
-    IncrementalDecoder): decode a short window with and without the new ids and emit the difference. Both decodes
-    start at the same token, the last one that showed text (not a skipped special token), so a decoder that strips
-    the first token's leading space does it to both alike. Text ending in U+FFFD (an incomplete UTF-8 character)
-    waits for the next token."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.start, self.emitted_end = tokenizer, [], 0, 0
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        done, text = self._decode(self.ids[self.start : self.emitted_end]), self._decode(self.ids[self.start :])
-        if len(text) <= len(done) or text.endswith("\ufffd") or not text.startswith(done):
-            return ""
-        # The token that just made text appear is a visible one: the next window starts there.
-        self.start, self.emitted_end = len(self.ids) - 1, len(self.ids)
-        return text[len(done) :]
-
-
-def incremental_decoder(tokenizer):
-    """A streaming detokeniser: `push(token_id)` returns the new text (special tokens skipped)."""
-    make = getattr(tokenizer, "incremental_decoder", None)  # vlmkit's Tokenizer has one
-    return make(skip_special_tokens=True) if make is not None else _WindowDecoder(tokenizer)
-
-
-def find_stop(text: str, stop_strings: Sequence[str], start: int = 0) -> Optional[int]:
-    """Index where the earliest stop string begins in text[start:] (as an index into text), or None."""
-    hits = [i for s in stop_strings if (i := text.find(s, start)) >= 0]
-    return min(hits) if hits else None
-
-
-def held_back(text: str, stop_strings: Sequence[str]) -> int:
-    """Length of the longest end of `text` that could still grow into a stop string (not streamed yet)."""
-    longest = 0
-    for s in stop_strings:
-        for k in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:k]):
-                longest = k
-                break
-    return longest
-
-
-def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """`text` up to (not including) its first stop string."""
-    i = find_stop(text, stop_strings)
-    return text if i is None else text[:i]
-
-
 def generate(
     model, tokenizer, batch: dict, cfg: GenerationConfig, *, stream: bool = False, max_length=None, cache=None
 ):
@@ -366,63 +316,27 @@ def generate(
         if batch["input_ids"].shape[0] != 1:
             raise ValueError(f"stream=True takes a batch of one prompt, got {batch['input_ids'].shape[0]}")
         return _stream(model, tokenizer, batch, cfg, max_length, cache)
-    b = batch["input_ids"].shape[0]
-    eos_ids, stops = set(cfg.eos_token_ids), cfg.stop_strings
-    kept: list[list[int]] = [[] for _ in range(b)]  # each row's ids before its eos / stop
-    done = [False] * b
-    # A stop string completed by a new piece starts at most `keep` characters before it: keep only that tail.
-    keep = max(map(len, stops), default=1) - 1
-    decoders = [incremental_decoder(tokenizer) for _ in range(b)] if stops else []
-    tails = [""] * b
+    texts = [TextStream(tokenizer, cfg.stop_strings, cfg.eos_token_ids, pieces=False)
+             for _ in range(batch["input_ids"].shape[0])]
 
     def record(tokens: torch.Tensor) -> list[bool]:
-        stopped = [False] * b
-        for row, tok in enumerate(tokens.tolist()):
-            if done[row]:
-                continue
-            if tok in eos_ids:
-                done[row] = True
-                continue
-            kept[row].append(tok)
-            piece = decoders[row].push(tok) if stops else ""
-            if piece:
-                window = tails[row] + piece
-                if find_stop(window, stops) is not None:
-                    done[row] = stopped[row] = True
-                tails[row] = window[-keep:] if keep else ""
-        return stopped
+        for text, tok in zip(texts, tokens.tolist()):
+            text.push(tok)
+        return [text.stopped for text in texts]
 
     for _ in generate_tokens(model, batch, cfg, max_length=max_length, cache=cache, stop_check=record):
         pass
-    return [cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops) for ids in kept]
+    return [text.text() for text in texts]
 
 
 def _stream(model, tokenizer, batch, cfg, max_length, cache) -> Iterator[str]:
-    eos_ids, stops = set(cfg.eos_token_ids), cfg.stop_strings
-    decoder, ids, current = incremental_decoder(tokenizer), [], ""
-    emitted = 0  # characters of `current` already yielded
+    text = TextStream(tokenizer, cfg.stop_strings, cfg.eos_token_ids)
     for tokens in generate_tokens(model, batch, cfg, max_length=max_length, cache=cache):
-        tok = int(tokens[0])
-        if tok in eos_ids:
-            break
-        ids.append(tok)
-        piece = decoder.push(tok)
-        if not piece:
-            continue
-        current += piece
-        # Nothing before `emitted` can start a stop string: such a start would have been held back.
-        stop_at = find_stop(current, stops, emitted)
-        if stop_at is not None:
-            if stop_at > emitted:
-                yield current[emitted:stop_at]
-            emitted = stop_at
+        piece = text.push(int(tokens[0]))
+        if piece:
+            yield piece
+        if text.done:
             break  # closing the token generator ends generation
-        safe_end = len(current) - held_back(current, stops)
-        if safe_end > emitted:
-            yield current[emitted:safe_end]
-            emitted = safe_end
-    # The full decode is the ground truth (as in the non-streamed result); send what the stream has not. (Only a
-    # decode that rewrites earlier text as more comes, e.g. a space clean-up, could make the two disagree.)
-    final = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops)
-    if len(final) > emitted and final.startswith(current[:emitted]):
-        yield final[emitted:]
+    rest = text.rest()
+    if rest:
+        yield rest
