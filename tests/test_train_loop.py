@@ -64,7 +64,8 @@ def _finite(model) -> bool:
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
-    from vlmkit.train.loop import NonFiniteLossError, load_checkpoint
+    from vlmkit.train.checkpoint import load_checkpoint
+    from vlmkit.train.loop import NonFiniteLossError
 
     model, batch, loss, cfg = _tiny(10, nan_at=5)
     with pytest.raises(NonFiniteLossError, match=r"step 6: the loss is nan.*--skip-nonfinite"):
