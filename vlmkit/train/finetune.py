@@ -8,7 +8,8 @@
 One step = one global batch of `batch_size` examples (BatchPlan: a seeded, optionally length-grouped order), split
 over the processes (torchrun) and then into micro-batches of `micro_batch_size` (gradient accumulation). The loss is
 the sum of token losses over the whole global batch divided by its label-token count, so 1 process, N processes
-and any accumulation give the same update. Files in `out`:
+and any accumulation give the same update. The steps run in the one training loop (loop.Loop); this module turns
+the data into batches, applies the stage, evaluates on the way and saves the merged model. Files in `out`:
     checkpoint.safetensors   trainable weights + AdamW moments + step + RNG, written atomically every `ckpt_every`
                              steps with a sha256 of its content (verified on resume); rerunning the same command
                              resumes from it and reads the same batches; a resume on other data (by content) or
