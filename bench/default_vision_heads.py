@@ -18,7 +18,7 @@ from PIL import Image
 from vlmkit.data.synthetic import BENCHMARK_SEED, COLORS, SHAPES, SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
 from vlmkit.train import default_recipe as recipe
 from vlmkit.train import vision_stages as stages0
-from vlmkit.train.loop import load_checkpoint
+from vlmkit.train.checkpoint import load_checkpoint
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from vlmkit.data.synthetic import BENCHMARK_SEED, COLORS, SHAPES, SyntheticGenerator
 from vlmkit.train import default_recipe as recipe
-from vlmkit.train.loop import load_checkpoint
+from vlmkit.train.checkpoint import load_checkpoint
 from vlmkit.train.word_targets import EMPTY_SCALE, EMPTY_WORD, EXTREMES, POSITIONS, WordTargets
 
 CATEGORIES = ("color", "shape", "position", "yesno", "counting")

@@ -14,7 +14,7 @@ import vlmkit
 from vlmkit import cli
 from vlmkit.eval import evaluate, load_predictions, read_rows
 from vlmkit.eval import metrics as M
-from vlmkit.eval.tasks import get_task, load_task_spec
+from vlmkit.eval.spec import get_task, load_task_spec
 from vlmkit.processing.images import load_image
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "eval")

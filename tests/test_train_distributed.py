@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlmkit.train.finetune import CHECKPOINT, METRICS, FinetuneConfig, finetune, read_losses
-from vlmkit.train.loop import atomic_save
+from vlmkit.train.checkpoint import atomic_save
+from vlmkit.train.finetune import CHECKPOINT, METRICS, FinetuneConfig, finetune
+from vlmkit.train.metrics_log import read_losses
 
 DATA = Path(__file__).parent / "data" / "train"
 REPO = Path(__file__).parent.parent

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from vlmkit.train.loop import TrainConfig, autocast, run
@@ -64,7 +65,8 @@ def _finite(model) -> bool:
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
-    from vlmkit.train.loop import NonFiniteLossError, load_checkpoint
+    from vlmkit.train.checkpoint import load_checkpoint
+    from vlmkit.train.loop import NonFiniteLossError
 
     model, batch, loss, cfg = _tiny(10, nan_at=5)
     with pytest.raises(NonFiniteLossError, match=r"step 6: the loss is nan.*--skip-nonfinite"):
@@ -115,6 +117,40 @@ def test_stale_temp_files_are_removed_and_resume_still_works(tmp_path):
     assert len(run(model, batch, loss, cfg, ckpt_path=ck, log=lines.append)) == 2  # resumed at step 3
     assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ck.safetensors"]
     assert any("removed" in line for line in lines) and any("resumed" in line and "step 3" in line for line in lines)
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(tmp_path):
+    """The checkpoint holds the RNG state too: dropout draws the same masks after a resume."""
+    from vlmkit.train.metrics_log import read_losses
+
+    def make(kill_at=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.3), nn.Linear(32, 1))
+        x = torch.randn(64, 16)
+
+        def batch(step):
+            if step == kill_at:
+                raise KeyboardInterrupt  # killed after the checkpoint of the step before
+            return {"x": x + step, "y": x[:, :1]}
+
+        cfg = TrainConfig(steps=6, batch_size=64, lr=1e-2, warmup=0.0, log_every=1000, ckpt_every=1)
+        return model, batch, lambda m, b: (m(b["x"]) - b["y"]).pow(2).mean(), cfg
+
+    model, batch, loss, cfg = make()
+    straight = run(model, batch, loss, cfg, ckpt_path=tmp_path / "a.ck", metrics_path=tmp_path / "a.jsonl",
+                   log=lambda _: None)
+    assert list(read_losses(tmp_path / "a.jsonl").values()) == straight
+    model, batch, loss, cfg = make(kill_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, batch, loss, cfg, ckpt_path=tmp_path / "b.ck", metrics_path=tmp_path / "b.jsonl",
+            log=lambda _: None)
+    model, batch, loss, cfg = make()
+    torch.manual_seed(123)  # another process, another RNG state: the checkpoint's replaces it
+    resumed = run(model, batch, loss, cfg, ckpt_path=tmp_path / "b.ck", metrics_path=tmp_path / "b.jsonl",
+                  log=lambda _: None)
+    assert resumed == straight[3:] and read_losses(tmp_path / "b.jsonl") == read_losses(tmp_path / "a.jsonl")
+    assert all(torch.equal(a, b) for a, b in zip(load_file(str(tmp_path / "a.ck")).values(),
+                                                   load_file(str(tmp_path / "b.ck")).values()))
 
 
 def test_metrics_log_writes_strict_json_and_cleans_up_on_resume(tmp_path):

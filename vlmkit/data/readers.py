@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+from .files import read_rows, resolve_image
+
 IMAGE = "<image>"
 FORMATS = ("llava", "cauldron", "interleaved", "captions")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -106,8 +108,6 @@ class TrainData:
 # ------------------------------------------------------------------------------------------------ images
 
 def _image_resolver(root: Path, image_root: Optional[Path]) -> Callable[[Any], Any]:
-    from ..eval.tasks import resolve_image
-
     def resolve(value):
         if isinstance(value, str) and value.startswith(("http://", "https://")):
             raise DataError(f"image {value[:80]!r} is a URL; training reads local or embedded images only "
@@ -262,8 +262,6 @@ def _caption_folder(folder: Path) -> list[dict]:
 def read_file(path, format: str = "auto", split: Optional[str] = None, image_root=None,
               on_error: str = "skip", log=None) -> tuple[list[Example], ReadReport]:
     """One file or folder -> (examples, report). See the module docstring for formats and `on_error`."""
-    from ..eval.tasks import read_rows
-
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
     if format != "auto" and format not in PARSERS:

@@ -6,7 +6,7 @@
     metrics.vqav2_accuracy("two", ["2"] * 10)       # 1.0
 
 Built-in tasks: vqav2, textvqa, docvqa, chartqa, mmmu, mmbench, synthetic; or a YAML/JSON task spec
-(`vlmkit.eval.tasks`). Submodules load on first use: importing `vlmkit.eval.metrics` needs nothing but Python.
+(`vlmkit.eval.spec`). Submodules load on first use: importing `vlmkit.eval.metrics` needs nothing but Python.
 """
 
 _LAZY = {
@@ -15,19 +15,19 @@ _LAZY = {
     "load_predictions": ("vlmkit.eval.runner", "load_predictions"),
     "Task": ("vlmkit.eval.tasks", "Task"),
     "TASKS": ("vlmkit.eval.tasks", "TASKS"),
-    "get_task": ("vlmkit.eval.tasks", "get_task"),
+    "get_task": ("vlmkit.eval.spec", "get_task"),
     "task_names": ("vlmkit.eval.tasks", "task_names"),
-    "read_rows": ("vlmkit.eval.tasks", "read_rows"),
-    "load_task_spec": ("vlmkit.eval.tasks", "load_task_spec"),
+    "read_rows": ("vlmkit.data.files", "read_rows"),
+    "load_task_spec": ("vlmkit.eval.spec", "load_task_spec"),
 }
 
-__all__ = sorted(_LAZY) + ["metrics", "tasks", "runner"]
+__all__ = sorted(_LAZY) + ["metrics", "tasks", "spec", "runner"]
 
 
 def __getattr__(name):
     import importlib
 
-    if name in ("metrics", "tasks", "runner", "vqa_metrics", "choice_metrics", "caption_metrics"):
+    if name in ("metrics", "tasks", "spec", "runner"):
         return importlib.import_module(f"vlmkit.eval.{name}")
     if name in _LAZY:
         module, attr = _LAZY[name]
@@ -38,4 +38,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY) + ["metrics", "tasks", "runner"])
+    return sorted(list(globals()) + list(_LAZY) + ["metrics", "tasks", "spec", "runner"])

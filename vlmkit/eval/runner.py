@@ -32,7 +32,9 @@ from typing import Callable, Optional, Union
 from ..checkpoints.io import atomic_write_text
 from .predictions import (HOW_TO_REDO, PREDICTIONS, check_settings, load_predictions, prediction_settings,
                           read_predictions, rewrite_predictions)
-from .tasks import Rows, Task, get_task, read_rows, resolve_image
+from ..data.files import Rows, read_rows, resolve_image
+from .spec import get_task
+from .tasks import Task
 
 __all__ = ["evaluate", "results_markdown", "load_predictions", "PREDICTIONS", "RESULTS_JSON", "RESULTS_MD"]
 
@@ -172,7 +174,7 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
 
     model: a loaded VLM (or anything with `generate_batch`), a model folder or "default", or a zero-argument
     factory (called only if something is left to predict). task: a built-in name (see `tasks.TASKS`), a Task, or
-    a task spec (.yaml/.json path or dict). data: the benchmark file or folder (`tasks.read_rows`); split: the
+    a task spec (.yaml/.json path or dict). data: the benchmark file or folder (`data.files.read_rows`); split: the
     split of a DatasetDict / Hub folder. limit: only the first N rows. output_dir: default
     eval-results/<task>-<model>. seed: for MMMU's random fallback. progress: None = when stderr is a terminal.
     load_options: {"dtype", "quantize"} the model is (to be) loaded with, when `model` is not a loaded VLM; None

@@ -1,8 +1,7 @@
-"""Benchmark tasks (prompts, targets, scoring) and readers for benchmark files in their public formats.
+"""Benchmark tasks: how a row becomes a prompt and images, what is kept for scoring, and how records score.
 
-    from vlmkit.eval.tasks import get_task, read_rows
-    task = get_task("vqav2")                    # or a Task, or a YAML/JSON task spec file
-    rows = read_rows("vqav2_val.parquet")       # parquet / JSON lines / JSON / TSV / a `datasets` save_to_disk folder
+    from vlmkit.eval.tasks import TASKS
+    task = TASKS["vqav2"]()                     # vlmkit.eval.spec.get_task also takes a YAML/JSON task spec
 
 Built-in tasks, with the fields of the public Hugging Face versions (lmms-lab/VQAv2, lmms-lab/textvqa,
 lmms-lab/DocVQA, lmms-lab/ChartQA, MMMU/MMMU, lmms-lab/MMBench) and lmms-eval's default prompts:
@@ -15,304 +14,34 @@ lmms-lab/DocVQA, lmms-lab/ChartQA, MMMU/MMMU, lmms-lab/MMBench) and lmms-eval's 
     mmbench   index, question, hint, A..E, answer, category, image             -> circular accuracy
     synthetic the embedded default model's benchmark (vlmkit.data.synthetic)   -> exact match per category
 
-A task spec (YAML or JSON) defines a task over any file:
-
-    name: my_vqa
-    data: questions.jsonl            # optional: --data overrides it; relative to the spec file
-    prompt: "{question}\\nAnswer the question using a single word or phrase."
-    image_field: image               # a field, a list of fields, or null (text only)
-    answer_field: answers
-    metric: vqav2                    # vqav2 textvqa anls relaxed_accuracy exact_match multiple_choice cider bleu4
-    options_field: options           # multiple_choice only: a list of option texts; "{choices}" in the prompt
-    id_field: question_id            # optional (default: the row number)
-    category_field: type             # optional: scores per value of this field too
-    max_new_tokens: 16
+The rows come from `vlmkit.data.files.read_rows` (parquet / JSON lines / JSON / TSV / `datasets` folders).
 """
 
 from __future__ import annotations
 
 import ast
-import base64
-import binascii
-import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
+from ..data.files import Rows
 from . import metrics as M
 
-__all__ = [
-    "Task", "Rows", "TASKS", "get_task", "task_names", "read_rows", "load_task_spec", "resolve_image",
-    "VQA_SUFFIX", "CHOICE_SUFFIX", "MMMU_DOMAINS",
-]
+__all__ = ["Task", "TASKS", "task_names", "VQA_SUFFIX", "CHOICE_SUFFIX", "MMMU_DOMAINS"]
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 MMBENCH_OPTIONS_HEADER = "There are several options:"
-
-DATA_EXTENSIONS = (".parquet", ".arrow", ".jsonl", ".ndjson", ".json", ".tsv")
-SPLIT_PREFERENCE = ("validation", "val", "dev", "test", "testmini", "train")
-
-
-# ============================================================================================ data readers
-
-class Rows:
-    """Rows of a benchmark file (dicts), read lazily; `len()` is known up front, `root` is the folder that
-    relative image paths are resolved against."""
-
-    def __init__(self, length: int, factory: Callable[[], Iterator[dict]], root: Path, source: str):
-        self._length, self._factory, self.root, self.source = length, factory, root, source
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self) -> Iterator[dict]:
-        return self._factory()
-
-
-def _pyarrow():
-    try:
-        import pyarrow  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("reading parquet / arrow benchmark files needs pyarrow: pip install 'vlmkit[eval]'") from None
-    import pyarrow as pa
-
-    return pa
-
-
-def _parquet_rows(paths: list[Path]) -> tuple[int, Callable]:
-    _pyarrow()
-    import pyarrow.parquet as pq
-
-    total = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
-
-    def rows():
-        for p in paths:
-            for batch in pq.ParquetFile(p).iter_batches(batch_size=64):
-                yield from batch.to_pylist()
-
-    return total, rows
-
-
-def _open_arrow(path: Path):
-    pa = _pyarrow()
-    source = pa.memory_map(str(path), "r")
-    try:
-        return pa.ipc.open_stream(source)  # what `datasets` writes
-    except pa.ArrowInvalid:
-        source = pa.memory_map(str(path), "r")
-        return pa.ipc.open_file(source)
-
-
-def _arrow_batches(reader):
-    if hasattr(reader, "num_record_batches"):  # file format
-        for i in range(reader.num_record_batches):
-            yield reader.get_batch(i)
-    else:
-        yield from reader
-
-
-def _arrow_rows(paths: list[Path]) -> tuple[int, Callable]:
-    total = 0
-    for p in paths:
-        total += sum(b.num_rows for b in _arrow_batches(_open_arrow(p)))
-
-    def rows():
-        for p in paths:
-            for batch in _arrow_batches(_open_arrow(p)):
-                for start in range(0, batch.num_rows, 64):
-                    yield from batch.slice(start, 64).to_pylist()
-
-    return total, rows
-
-
-def _jsonl_rows(path: Path) -> tuple[int, Callable]:
-    with open(path, encoding="utf-8") as f:
-        total = sum(1 for line in f if line.strip())
-
-    def rows():
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: line {n} is not JSON ({e.msg})") from None
-
-    return total, rows
-
-
-def _json_rows(path: Path) -> tuple[int, Callable]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if isinstance(data, dict):
-        for key in ("data", "rows", "questions", "annotations", "examples", "items"):
-            if isinstance(data.get(key), list):
-                data = data[key]
-                break
-        else:
-            columns = [v for v in data.values() if isinstance(v, list)]
-            if columns and len(columns) == len(data) and len({len(c) for c in columns}) == 1:  # columnar
-                keys = list(data)
-                data = [dict(zip(keys, values)) for values in zip(*data.values())]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ValueError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
-    return len(data), lambda: iter(data)
-
-
-def _tsv_rows(path: Path) -> tuple[int, Callable]:
-    """Tab-separated rows with a header (MMBench's own release: base64 images in an "image" column)."""
-    import csv
-
-    csv.field_size_limit(1 << 30)
-    with open(path, encoding="utf-8", newline="") as f:
-        total = sum(1 for _ in csv.DictReader(f, delimiter="\t"))
-
-    def rows():
-        with open(path, encoding="utf-8", newline="") as f:
-            for row in csv.DictReader(f, delimiter="\t"):
-                if row.get("index", "").lstrip("-").isdigit():
-                    row["index"] = int(row["index"])
-                yield row
-
-    return total, rows
-
-
-def _file_rows(path: Path) -> tuple[int, Callable]:
-    suffix = path.suffix.lower()
-    if suffix == ".tsv":
-        return _tsv_rows(path)
-    if suffix == ".parquet":
-        return _parquet_rows([path])
-    if suffix == ".arrow":
-        return _arrow_rows([path])
-    if suffix in (".jsonl", ".ndjson"):
-        return _jsonl_rows(path)
-    if suffix == ".json":
-        return _json_rows(path)
-    raise ValueError(f"{path}: unknown benchmark file type (expected one of {', '.join(DATA_EXTENSIONS)})")
-
-
-def _pick_split(splits: Sequence[str], split: Optional[str], where: str) -> str:
-    if split is not None:
-        if split not in splits:
-            raise ValueError(f"{where} has no split {split!r}; it has {', '.join(sorted(splits))}")
-        return split
-    for name in SPLIT_PREFERENCE:
-        if name in splits:
-            return name
-    return sorted(splits)[0]
-
-
-def _file_split(path: Path, folder: Path) -> str:
-    """The split a data file belongs to: "validation-00000-of-00002.parquet" -> validation, "dev/0000.parquet" ->
-    dev (its folder), "test.jsonl" -> test."""
-    stem = path.name.split(".")[0]
-    m = re.match(r"^(.+?)-\d+-of-\d+", stem)
-    if m:
-        return m.group(1)
-    if stem.isdigit() and path.parent != folder:
-        return path.parent.name
-    return stem
-
-
-def read_rows(path, split: Optional[str] = None) -> Rows:
-    """Rows of a benchmark: a .parquet / .arrow / .jsonl / .json file, a `datasets` save_to_disk folder (a Dataset,
-    or a DatasetDict whose `split` is taken, validation by default), or a folder of data files (the Hugging Face
-    Hub layout, e.g. data/validation-00000-of-00001.parquet; `split` picks the files)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"benchmark data {str(path)!r} does not exist")
-    if path.is_file():
-        total, rows = _file_rows(path)
-        return Rows(total, rows, path.parent, str(path))
-    if (path / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk
-        with open(path / "dataset_dict.json", encoding="utf-8") as f:
-            splits = json.load(f).get("splits") or [p.name for p in path.iterdir() if (p / "state.json").is_file()]
-        return read_rows(path / _pick_split(splits, split, str(path)))
-    if (path / "state.json").is_file():  # Dataset.save_to_disk
-        with open(path / "state.json", encoding="utf-8") as f:
-            state = json.load(f)
-        files = [path / d["filename"] for d in state.get("_data_files", [])] or sorted(path.glob("*.arrow"))
-        total, rows = _arrow_rows(files)
-        return Rows(total, rows, path, str(path))
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS
-                   and not p.name.startswith(".") and len(p.relative_to(path).parts) <= 4
-                   and p.name not in ("dataset_info.json", "state.json", "dataset_dict.json"))
-    if not files:
-        raise ValueError(f"{path} holds no benchmark files ({', '.join(DATA_EXTENSIONS)})")
-    by_split: dict[str, list[Path]] = {}
-    for p in files:
-        by_split.setdefault(_file_split(p, path), []).append(p)
-    chosen = by_split[_pick_split(list(by_split), split, str(path))] if len(by_split) > 1 or split else files
-    kinds = {p.suffix.lower() for p in chosen}
-    if kinds == {".parquet"}:
-        total, rows = _parquet_rows(chosen)
-    elif kinds == {".arrow"}:
-        total, rows = _arrow_rows(chosen)
-    elif len(chosen) == 1:
-        total, rows = _file_rows(chosen[0])
-    else:
-        parts = [_file_rows(p) for p in chosen]
-        total = sum(n for n, _ in parts)
-
-        def rows():
-            for _, make in parts:
-                yield from make()
-    return Rows(total, rows, path, str(path))
-
-
-# ============================================================================================ images
-
-_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
-
-
-def resolve_image(value, root: Optional[Path] = None, image_root: Optional[Path] = None):
-    """A benchmark's image cell -> something `load_image` takes: a Hugging Face Image struct
-    {"bytes": ..., "path": ...}, raw bytes, a PIL image, a data: URI / URL, or a path (absolute, or relative to
-    `image_root`, to the data file's folder, or to an images/ folder beside it), or bare base64 (MMBench's TSV)."""
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return bytes(value["bytes"])
-        if value.get("path"):
-            return resolve_image(value["path"], root, image_root)
-        raise ValueError("image struct has neither bytes nor path")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        if value.startswith(("data:", "http://", "https://")):
-            return value
-        p = Path(value[:4096]).expanduser()
-        candidates = [p] if p.is_absolute() else [
-            base / p for base in (image_root, root, root / "images" if root else None) if base is not None]
-        for c in candidates:
-            try:
-                if c.is_file():
-                    return str(c)
-            except OSError:  # a name too long to be a path
-                pass
-        if len(value) >= 64 and _BASE64.fullmatch(value[:1024]):
-            try:
-                return base64.b64decode(value, validate=False)  # MMBench TSV cells: bare base64
-            except (ValueError, binascii.Error):
-                pass
-        where = ", ".join(str(c.parent) for c in candidates)
-        raise FileNotFoundError(f"image {value[:120]!r} not found (looked in {where})")
-    if hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image
-        return value
-    raise ValueError(f"cannot read an image from a {type(value).__name__}")
 
 
 def _present(value) -> bool:
     return value is not None and not M.is_missing(value)
 
 
-def _field_images(doc: dict, fields: Sequence[str]) -> list:
+def field_images(doc: dict, fields: Sequence[str]) -> list:
     out = []
     for name in fields:
         value = doc.get(name)
@@ -352,11 +81,11 @@ class Task:
         return str(index)
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _breakdown(records: list[dict], scores: dict, fields: Sequence[str], metric: str) -> dict:
+def breakdown(records: list[dict], scores: dict, fields: Sequence[str], metric: str) -> dict:
     out = {}
     for name in fields:
         groups: dict[str, list[float]] = {}
@@ -365,16 +94,16 @@ def _breakdown(records: list[dict], scores: dict, fields: Sequence[str], metric:
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 groups.setdefault(str(value), []).append(scores[r["id"]])
         if groups:
-            out[name] = {k: {"n": len(v), metric: _mean(v)} for k, v in sorted(groups.items())}
+            out[name] = {k: {"n": len(v), metric: mean(v)} for k, v in sorted(groups.items())}
     return out
 
 
-def _item_scorer(metric_name: str, fn: Callable, groups: Sequence[str] = (), target_key: str = "target"):
+def item_scorer(metric_name: str, fn: Callable, groups: Sequence[str] = (), target_key: str = "target"):
     """score() for tasks whose score is the mean of fn(prediction, target)."""
     def score(records: list[dict], seed: int = 0) -> dict:
         item = {r["id"]: float(fn(r["prediction"], r[target_key])) for r in records}
-        return {"metrics": {metric_name: _mean(list(item.values()))},
-                "breakdown": _breakdown(records, item, groups, metric_name), "item_scores": item}
+        return {"metrics": {metric_name: mean(list(item.values()))},
+                "breakdown": breakdown(records, item, groups, metric_name), "item_scores": item}
     return score
 
 
@@ -395,7 +124,7 @@ def _first(row: dict, *names, default=None):
 
 
 def _main_image(row: dict) -> list:
-    return _field_images(row, ("image", "images", "img", "image_path", "image_file"))
+    return field_images(row, ("image", "images", "img", "image_path", "image_file"))
 
 
 # -------------------------------------------------------------------------------------------- VQA family
@@ -411,23 +140,23 @@ def _vqav2() -> Task:
     return Task(
         "vqav2", _vqa_build(), lambda r: {"target": _answers(r), "answer_type": r.get("answer_type"),
                                            "question_type": r.get("question_type")},
-        _item_scorer("accuracy", M.vqav2_accuracy, ("answer_type",)),
+        item_scorer("accuracy", M.vqav2_accuracy, ("answer_type",)),
         "VQAv2: VQA accuracy over the 10 annotators' answers (official normalisation)", "question_id", 16)
 
 
 def _textvqa() -> Task:
     return Task("textvqa", _vqa_build(capitalize=True), lambda r: {"target": _answers(r)},
-                _item_scorer("accuracy", M.textvqa_accuracy),
+                item_scorer("accuracy", M.textvqa_accuracy),
                 "TextVQA: VQA accuracy with the EvalAI answer processor", "question_id", 32)
 
 
 def _docvqa() -> Task:
     return Task("docvqa", _vqa_build(), lambda r: {"target": _answers(r), "question_types": r.get("question_types")},
-                _item_scorer("anls", M.anls), "DocVQA: ANLS (threshold 0.5)", "questionId", 64)
+                item_scorer("anls", M.anls), "DocVQA: ANLS (threshold 0.5)", "questionId", 64)
 
 
 def _chartqa() -> Task:
-    base = _item_scorer("relaxed_accuracy", M.relaxed_correctness, ("type",))
+    base = item_scorer("relaxed_accuracy", M.relaxed_correctness, ("type",))
 
     def score(records, seed=0):
         out = base(records, seed)
@@ -462,7 +191,7 @@ MMMU_DOMAINS = {
 _SUBJECT_DOMAIN = {s: d for d, subjects in MMMU_DOMAINS.items() for s in subjects}
 
 
-def _options(value) -> list[str]:
+def parse_options(value) -> list[str]:
     """MMMU stores its options as the string of a Python list; accept a real list too."""
     if value is None:
         return []
@@ -487,8 +216,8 @@ def _mmmu_subject(item_id: str) -> Optional[str]:
 def _mmmu_prompt(row: dict) -> str:
     question = str(row.get("question", ""))
     if row.get("question_type", "multiple-choice") == "multiple-choice":
-        letters = M.choice_letters(len(_options(row.get("options"))))
-        listed = "\n".join(f"{c}. {o}" for c, o in zip(letters, _options(row.get("options"))))
+        letters = M.choice_letters(len(parse_options(row.get("options"))))
+        listed = "\n".join(f"{c}. {o}" for c, o in zip(letters, parse_options(row.get("options"))))
         return f"{question}\n{listed}\n\n{CHOICE_SUFFIX}"
     return f"{question}\n\n{VQA_SUFFIX.strip()}"
 
@@ -497,7 +226,7 @@ def _mmmu_build(row: dict):
     prompt = _mmmu_prompt(row)
     # The images the text refers to ("<image 2>" -> image_2), in numeric order, as lmms-eval's doc_to_visual.
     names = sorted({t.strip("<>").replace(" ", "_") for t in re.findall(r"<image \d+>", prompt)})
-    images = _field_images(row, names) if names else _field_images(row, [f"image_{i}" for i in range(1, 8)])
+    images = field_images(row, names) if names else field_images(row, [f"image_{i}" for i in range(1, 8)])
     if not images:
         images = _main_image(row)
     return prompt, images
@@ -507,7 +236,7 @@ def _mmmu_record(row: dict) -> dict:
     item_id = str(row.get("id", ""))
     subject = _mmmu_subject(item_id) if item_id else None
     return {"target": row.get("answer"), "question_type": row.get("question_type", "multiple-choice"),
-            "options": _options(row.get("options")), "subject": subject, "domain": _SUBJECT_DOMAIN.get(subject)}
+            "options": parse_options(row.get("options")), "subject": subject, "domain": _SUBJECT_DOMAIN.get(subject)}
 
 
 def _mmmu_score(records: list[dict], seed: int = 0) -> dict:
@@ -528,8 +257,8 @@ def _mmmu_score(records: list[dict], seed: int = 0) -> dict:
         else:
             parsed = M.parse_open_response(r["prediction"])
             item[r["id"]] = float(M.eval_open(gold, parsed))
-    return {"metrics": {"accuracy": _mean(list(item.values()))},
-            "breakdown": _breakdown(records, item, ("domain", "subject"), "accuracy"), "item_scores": item}
+    return {"metrics": {"accuracy": mean(list(item.values()))},
+            "breakdown": breakdown(records, item, ("domain", "subject"), "accuracy"), "item_scores": item}
 
 
 def _mmmu() -> Task:
@@ -576,9 +305,9 @@ def _mmbench_score(records: list[dict], seed: int = 0) -> dict:
             main[q] = r
     questions = [dict(main[q], id=f"q{q}") for q in hits]
     q_scores = {f"q{q}": float(h) for q, h in hits.items()}
-    metrics = {"circular_accuracy": accuracy, "vanilla_accuracy": _mean([float(row["correct"]) for row in rows])}
+    metrics = {"circular_accuracy": accuracy, "vanilla_accuracy": mean([float(row["correct"]) for row in rows])}
     return {"metrics": metrics, "counts": {"questions": len(hits)},
-            "breakdown": _breakdown(questions, q_scores, ("category", "l2-category"), "circular_accuracy"),
+            "breakdown": breakdown(questions, q_scores, ("category", "l2-category"), "circular_accuracy"),
             "item_scores": {row["id"]: float(row["correct"]) for row in rows}}
 
 
@@ -622,7 +351,7 @@ def _synthetic_build(row: dict):
 
 
 def _synthetic_score(records: list[dict], seed: int = 0) -> dict:
-    out = _item_scorer("exact_match", M.exact_match, ("category", "kind"))(records, seed)
+    out = item_scorer("exact_match", M.exact_match, ("category", "kind"))(records, seed)
     captions = [r for r in records if r.get("category") == "caption"]
     if captions:
         preds, refs = [r["prediction"] for r in captions], [[r["target"]] for r in captions]
@@ -650,130 +379,3 @@ TASKS: dict[str, Callable[[], Task]] = {
 
 def task_names() -> list[str]:
     return list(TASKS)
-
-
-# ============================================================================================ task specs
-
-class _Fields(dict):
-    def __missing__(self, key):
-        raise KeyError(key)
-
-
-def _format(template: str, row: dict, extra: dict) -> str:
-    values = _Fields({k: ("" if v is None else v) for k, v in row.items() if isinstance(k, str)})
-    values.update(extra)
-    try:
-        return template.format_map(values)
-    except KeyError as e:
-        raise ValueError(f"the prompt template uses {{{e.args[0]}}} but the row has no such field "
-                         f"(fields: {', '.join(sorted(k for k in row if isinstance(k, str)))})") from None
-    except (IndexError, ValueError) as e:
-        raise ValueError(f"bad prompt template {template!r}: {e}") from None
-
-
-def load_task_spec(spec: Union[str, os.PathLike, dict]) -> Task:
-    """A Task from a YAML / JSON spec file (or an already-parsed dict); see the module docstring."""
-    base, default_name = Path("."), "custom"
-    if not isinstance(spec, dict):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"task spec {str(path)!r} does not exist")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:  # pragma: no cover
-                raise ImportError("YAML task specs need PyYAML: pip install 'vlmkit[eval]' (or write the spec as JSON)"
-                                  ) from None
-            spec = yaml.safe_load(text)
-        else:
-            spec = json.loads(text)
-        base, default_name = path.parent, path.stem
-        if not isinstance(spec, dict):
-            raise ValueError(f"{path}: a task spec is a mapping of settings")
-    spec = dict(spec)
-    known = {"name", "data", "split", "prompt", "image_field", "answer_field", "metric", "options_field", "id_field",
-             "category_field", "max_new_tokens", "description"}
-    unknown = set(spec) - known
-    if unknown:
-        raise ValueError(f"unknown task spec keys {sorted(unknown)}; known: {sorted(known)}")
-    for key in ("prompt", "answer_field", "metric"):
-        if not spec.get(key):
-            raise ValueError(f"the task spec needs '{key}'")
-    metric = str(spec["metric"])
-    if metric not in M.METRIC_NAMES:
-        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(M.METRIC_NAMES)}")
-    template, answer_field = str(spec["prompt"]), str(spec["answer_field"])
-    images = spec.get("image_field", "image")
-    image_fields = [] if images is None else [images] if isinstance(images, str) else list(images)
-    options_field = spec.get("options_field")
-    if metric == "multiple_choice" and not options_field:
-        raise ValueError("the multiple_choice metric needs 'options_field' (a list of option texts per row)")
-    category = spec.get("category_field")
-    groups = (category,) if category else ()
-
-    def build(row):
-        extra = {}
-        if options_field:
-            opts = _options(row.get(options_field))
-            extra["choices"] = "\n".join(f"{c}. {o}" for c, o in zip(M.choice_letters(len(opts)), opts))
-        return _format(template, row, extra), _field_images(row, image_fields)
-
-    def record(row):
-        if answer_field not in row:
-            raise ValueError(f"the row has no answer field {answer_field!r}")
-        target = row[answer_field]
-        if isinstance(target, (list, tuple)):
-            target = [str(t["answer"]) if isinstance(t, dict) else str(t) for t in target]
-        elif target is not None:
-            target = str(target)
-        out = {"target": target}
-        if options_field:
-            out["options"] = _options(row.get(options_field))
-        if category:
-            out[category] = row.get(category)
-        return out
-
-    if metric in M.CORPUS_METRICS:
-        fn = M.CORPUS_METRICS[metric]
-
-        def score(records, seed=0):
-            refs = [r["target"] if isinstance(r["target"], list) else [r["target"] or ""] for r in records]
-            value = fn([r["prediction"] for r in records], refs) if records else 0.0
-            return {"metrics": {metric: value}, "breakdown": {}, "item_scores": {}}
-    elif metric == "multiple_choice":
-        def choice(prediction, target, options, rid, seed):
-            index2ans, letters = M.get_multi_choice_info(options)
-            picked = M.parse_multi_choice_response(prediction, letters, index2ans, random.Random(f"{seed}:{rid}"))
-            gold = target
-            if isinstance(target, str) and target not in letters and target in options:  # gold given as text
-                gold = letters[options.index(target)]
-            return float(M.eval_multi_choice(gold, picked))
-
-        def score(records, seed=0):
-            item = {r["id"]: choice(r["prediction"], r["target"], r["options"], r["id"], seed) for r in records}
-            return {"metrics": {"accuracy": _mean(list(item.values()))},
-                    "breakdown": _breakdown(records, item, groups, "accuracy"), "item_scores": item}
-    else:
-        score = _item_scorer(metric, M.ITEM_METRICS[metric], groups)
-
-    data = spec.get("data")
-    if data and not Path(str(data)).expanduser().is_absolute():
-        data = str(base / str(data))
-    return Task(str(spec.get("name") or default_name), build, record, score,
-                str(spec.get("description", f"user task ({metric})")), spec.get("id_field"),
-                int(spec.get("max_new_tokens", 32)), data=data, spec=spec)
-
-
-def get_task(task: Union[str, os.PathLike, Task, dict]) -> Task:
-    """A built-in task by name, a Task as is, or a task spec (a .yaml / .yml / .json path, or a dict)."""
-    if isinstance(task, Task):
-        return task
-    if isinstance(task, dict):
-        return load_task_spec(task)
-    name = str(task)
-    if name in TASKS:
-        return TASKS[name]()
-    if name.lower().endswith((".yaml", ".yml", ".json")) or os.path.sep in name:
-        return load_task_spec(name)
-    raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}; or give a .yaml/.json task spec")

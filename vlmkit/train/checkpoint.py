@@ -1,6 +1,11 @@
-"""Checkpoint files, for both training loops: written atomically (temp file, fsync, rename) with a sha256 of their
-content stored inside them, verified when read back (safetensors itself has no checksum, so flipped bytes would
-otherwise load as silently wrong weights); temp files a crash left behind are removed when a run starts.
+"""The training checkpoint: one format, one writer, for every run of the training loop.
+
+One safetensors file holds the trainable weights (`param/NAME`), the AdamW moments (`exp_avg/NAME`,
+`exp_avg_sq/NAME`, `opt_step/NAME`), the torch RNG state (`rng/torch`) and, in its metadata, the step and a JSON
+`extra` (what the run needs to check and resume: its data's fingerprint, counters). It is written atomically (temp
+file, fsync, rename) with a sha256 of its content stored inside it, verified when read back (safetensors itself has
+no checksum, so flipped bytes would otherwise load as silently wrong weights); temp files a crash left behind are
+removed when a run starts. Under FSDP every process takes part in gathering the weights; the first one writes.
 
 The checksum covers every tensor (name, dtype, shape, bytes) and the other metadata entries; it lives in the file's
 own metadata under "sha256", so a checkpoint and its checksum can never be out of step.
@@ -18,8 +23,10 @@ from typing import Callable, Optional
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..checkpoints.io import atomic_write, temp_files
+from . import distributed as D
 
 CHECKSUM = "sha256"
 
@@ -79,6 +86,70 @@ def remove_stale_temps(path: Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+# ------------------------------------------------------------------------------------------- training state
+
+def train_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    """Trainable weights and AdamW moments as whole CPU tensors (collective under FSDP: every process calls it)."""
+    tensors = {}
+    for name, p in D.unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        tensors[f"param/{name}"] = D.full_tensor(p)
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"{key}/{name}"] = D.full_tensor(state[key])
+        if "step" in state:
+            tensors[f"opt_step/{name}"] = torch.as_tensor(D.full_tensor(torch.as_tensor(state["step"])),
+                                                          dtype=torch.float32).reshape(1)
+    return tensors
+
+
+def load_train_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], tensors: dict,
+                     where: str = "the checkpoint") -> None:
+    """`train_state`'s tensors back into the model (this process's shard under FSDP) and, given one, the optimizer."""
+    params = {n: p for n, p in D.unwrap(model).named_parameters() if p.requires_grad}
+    missing = [n for n in params if f"param/{n}" not in tensors]
+    if missing:
+        raise ValueError(f"{where} lacks trainable parameters {missing[:5]} (a different stage or recipe?)")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(D.like(tensors[f"param/{name}"], p))
+            if optimizer is not None and f"exp_avg/{name}" in tensors:
+                optimizer.state[p] = {
+                    "step": tensors[f"opt_step/{name}"].reshape(()).clone(),
+                    "exp_avg": D.like(tensors[f"exp_avg/{name}"], p),
+                    "exp_avg_sq": D.like(tensors[f"exp_avg_sq/{name}"], p),
+                }
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict,
+                    ctx: Optional[D.DistContext] = None) -> None:
+    """The run's state at `step` (see the module docstring); `extra` must be JSON. Collective under FSDP."""
+    ctx = ctx or D.DistContext()
+    tensors = train_state(model, optimizer)
+    if ctx.is_main:
+        tensors["rng/torch"] = torch.get_rng_state()
+        atomic_save(Path(path), tensors, {"step": str(step), "extra": json.dumps(extra)})
+    ctx.barrier()
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    check: Optional[Callable[[dict], None]] = None, restore_rng: bool = False,
+                    log: Optional[Callable[[str], None]] = None) -> tuple[int, dict]:
+    """(step, extra) of a checkpoint, its checksum verified (CheckpointError names a corrupt file), after loading
+    its weights into `model` and, given one, its moments into `optimizer`. `check(extra)` may refuse the file
+    before anything is loaded; `restore_rng` (resuming a run) puts back the torch RNG state it was saved with."""
+    tensors, meta = read_checkpoint(Path(path), log=log)
+    extra = json.loads(meta.get("extra", "{}"))
+    if check is not None:
+        check(extra)
+    load_train_state(model, optimizer, tensors, where=str(path))
+    if restore_rng and "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"])
+    return int(meta["step"]), extra
 
 
 # ------------------------------------------------------------------------------------------- training data

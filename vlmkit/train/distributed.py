@@ -1,5 +1,5 @@
 """Data-parallel training with torch.distributed: torchrun environment, DDP or FSDP2 wrapping, and the collectives
-the fine-tuning loop needs (token counts, full weights for checkpoints).
+the training loop needs (token counts, whole tensors for checkpoints and the merged model).
 
     torchrun --nproc_per_node 2 -m vlmkit train --model M --data d.json --strategy ddp     # or fsdp
     ctx = init_distributed("auto")        # reads RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on GPUs
@@ -141,41 +141,3 @@ def like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
         return distribute_tensor(full, ref.device_mesh, ref.placements, src_data_rank=None)
     return full
-
-
-def train_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Trainable weights and AdamW moments as whole CPU tensors, named as loop.save_checkpoint names them."""
-    tensors = {}
-    for name, p in unwrap(model).named_parameters():
-        if not p.requires_grad:
-            continue
-        tensors[f"param/{name}"] = full_tensor(p)
-        state = optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                tensors[f"{key}/{name}"] = full_tensor(state[key])
-        if "step" in state:
-            tensors[f"opt_step/{name}"] = torch.as_tensor(full_tensor(torch.as_tensor(state["step"])),
-                                                          dtype=torch.float32).reshape(1)
-    return tensors
-
-
-def load_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict) -> None:
-    params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
-    missing = [n for n in params if f"param/{n}" not in tensors]
-    if missing:
-        raise ValueError(f"the checkpoint lacks trainable parameters {missing[:5]} (a different stage?)")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(like(tensors[f"param/{name}"], p))
-            if f"exp_avg/{name}" in tensors:
-                optimizer.state[p] = {
-                    "step": tensors[f"opt_step/{name}"].reshape(()).clone(),
-                    "exp_avg": like(tensors[f"exp_avg/{name}"], p),
-                    "exp_avg_sq": like(tensors[f"exp_avg_sq/{name}"], p),
-                }
-
-
-def full_state_dict(model: nn.Module) -> dict:
-    """Every weight, whole, on the CPU (collective under FSDP2: all processes call it)."""
-    return {k: full_tensor(v) for k, v in unwrap(model).state_dict().items()}

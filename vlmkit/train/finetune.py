@@ -8,7 +8,8 @@
 One step = one global batch of `batch_size` examples (BatchPlan: a seeded, optionally length-grouped order), split
 over the processes (torchrun) and then into micro-batches of `micro_batch_size` (gradient accumulation). The loss is
 the sum of token losses over the whole global batch divided by its label-token count, so 1 process, N processes
-and any accumulation give the same update. Files in `out`:
+and any accumulation give the same update. The steps run in the one training loop (loop.Loop); this module turns
+the data into batches, applies the stage, evaluates on the way and saves the merged model. Files in `out`:
     checkpoint.safetensors   trainable weights + AdamW moments + step + RNG, written atomically every `ckpt_every`
                              steps with a sha256 of its content (verified on resume); rerunning the same command
                              resumes from it and reads the same batches; a resume on other data (by content) or
@@ -29,7 +30,6 @@ import math
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from ..data.collate import BatchPlan, Collator
 from ..data.readers import DataError, read_dataset
 from . import distributed as D
-from .checkpoint import atomic_save, data_fingerprint, read_checkpoint, remove_stale_temps
-from .loop import Progress, TrainConfig, autocast, check_finite, enable_gradient_checkpointing, lr_at
-from .metrics_log import MetricsLog, read_losses  # noqa: F401 -- read_losses: part of this module's API
+from .checkpoint import data_fingerprint
+from .loop import Loop, StepBatch, TrainConfig, enable_gradient_checkpointing
+from .metrics_log import MetricsLog
 from .stages import apply_stage, get_stage, part_of, stage_dict
 
 CHECKPOINT, METRICS, FINAL = "checkpoint.safetensors", "metrics.jsonl", "final"
@@ -96,13 +96,6 @@ def _say(ctx, log):
     return say
 
 
-def _precision(cfg: FinetuneConfig, device: torch.device):
-    """(autocast context factory, GradScaler or None). Weights and AdamW state stay float32 in every mode."""
-    autocast(device, cfg.precision)  # validates the mode before any work
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    return (lambda: autocast(device, cfg.precision)), scaler
-
-
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropy over the label tokens: averaging happens over the global batch."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -148,7 +141,6 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
             by_part.setdefault(part_of(name), []).append(p)
     groups = [{"params": by_part[g["name"]], "lr_scale": g["lr_scale"], "weight_decay": g["weight_decay"]}
               for g in plan.groups]
-    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=(0.9, 0.999), eps=1e-8)
     collator = Collator(processor, template=stage.template, max_length=cfg.max_length,
                         pack_length=cfg.pack_length)
     lengths = [collator.approx_length(ex) for ex in data] if cfg.group_by_length else None
@@ -159,20 +151,15 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
         raise ValueError(f"batch_size {cfg.batch_size} must split into {ctx.world} processes x micro-batches of "
                          f"{micro}")
     total = cfg.steps or max(1, math.ceil(cfg.epochs * batches.steps_per_epoch))
-    schedule = TrainConfig(steps=total, batch_size=cfg.batch_size, lr=stage.lr, warmup=stage.warmup,
-                           min_lr_ratio=stage.min_lr_ratio)
-    autocast, scaler = _precision(cfg, ctx.device)
-
-    start, skipped, nonfinite = 0, 0, 0
+    train_cfg = TrainConfig(steps=total, batch_size=cfg.batch_size, lr=stage.lr, warmup=stage.warmup,
+                            min_lr_ratio=stage.min_lr_ratio, grad_clip=cfg.grad_clip, log_every=cfg.log_every,
+                            ckpt_every=cfg.ckpt_every, seed=cfg.seed, precision=cfg.precision,
+                            skip_nonfinite=cfg.skip_nonfinite, betas=(0.9, 0.999))
     fingerprint = {"examples": len(data), "content": data_fingerprint(data), "batch_size": cfg.batch_size,
                    "seed": cfg.seed, "stage": stage.name}
-    if ctx.is_main:
-        for stale in remove_stale_temps(out / CHECKPOINT):
-            say(f"removed {stale}, the temp file of a checkpoint write that was cut short")
-    ctx.barrier()
-    if (out / CHECKPOINT).is_file():
-        start, skipped, nonfinite = _resume(out / CHECKPOINT, wrapped, optimizer, fingerprint, say)
-        say(f"resumed from {out / CHECKPOINT} at step {start}")
+    loop = Loop(wrapped, groups, train_cfg, ctx, out / CHECKPOINT, label=stage.name, log=say,
+                fingerprint=fingerprint, counters=("skipped",))
+    start = loop.resume()
     metrics = MetricsLog(out / METRICS, start, ctx.is_main)
     if ctx.is_main:
         (out / "config.json").write_text(json.dumps({"finetune": asdict(cfg), "stage": stage_dict(stage),
@@ -183,82 +170,31 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
     # FSDP gathers each layer's weights in every process at once: a process whose micro-batch has no image would
     # skip the vision tower's gathers while the others wait in them (IDEFICS batches always carry pixel values).
     need_images = ctx.strategy == "fsdp" and collator.family != "idefics" and any(ex.images for ex in data)
-    progress = Progress(total, cfg.batch_size, start, label=stage.name)
-    params = [p for g in groups for p in g["params"]]
-    losses, t0, done = {}, time.time(), 0
-    wrapped.train()
-    for step in range(start, total):
-        lr = lr_at(step, schedule)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
+
+    def make_batch(step: int) -> StepBatch:
         mine = ctx.shard(batches.indices(step))
         micro_batches, bad = _encode(collator, data, [mine[i:i + micro] for i in range(0, len(mine), micro)],
                                      cfg.on_bad_record, need_images)
-        skipped += int(ctx.sum(len(bad)))
+        skipped = int(ctx.sum(len(bad)))
         tokens = ctx.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches))
-        loss, norm, applied = _optimizer_step(wrapped, optimizer, params, micro_batches, tokens, ctx, autocast,
-                                              scaler, cfg.grad_clip, step + 1, cfg.skip_nonfinite)
-        done += 1
-        elapsed = time.time() - t0
-        if applied:
-            losses[step + 1] = loss
-        else:
-            nonfinite += 1
-            say(f"step {step + 1}: the loss ({loss}) or gradient norm ({norm}) is not finite; batch skipped "
-                f"({nonfinite} so far)")
-        metrics.write({"step": step + 1, "loss": loss, "lr": lr, "tokens": int(tokens), "samples": cfg.batch_size,
-                       "epoch": round(batches.epoch_of(step + 1), 4), "grad_norm": norm,
-                       "samples_per_s": round(done * cfg.batch_size / max(elapsed, 1e-9), 3),
-                       "elapsed_s": round(elapsed, 3), "skipped": skipped, "skipped_nonfinite": nonfinite})
-        if applied and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
-            say(progress.update(step, loss, lr))
-        elif applied:
-            progress.losses.append(loss)
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
-            _save(out / CHECKPOINT, wrapped, optimizer, step + 1, fingerprint, skipped, nonfinite, ctx)
-        if cfg.eval_every and cfg.eval_task and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
-            metrics.write({"step": step + 1, "eval": _evaluate(cfg, wrapped, processor, step + 1, ctx, say)})
+        return StepBatch(micro_batches, divisor=tokens, counts={"skipped": skipped},
+                         record={"tokens": int(tokens), "epoch": round(batches.epoch_of(step + 1), 4)})
+
+    def after_step(step: int, loss: float) -> None:
+        if cfg.eval_every and cfg.eval_task and (step % cfg.eval_every == 0 or step == total):
+            metrics.write({"step": step, "eval": _evaluate(cfg, wrapped, processor, step, ctx, say)})
         if on_step is not None:
-            on_step(step + 1, loss)
-    rate = done * cfg.batch_size / max(time.time() - t0, 1e-9)
+            on_step(step, loss)
+
+    losses = loop.run(make_batch, token_loss_sum, metrics, after_step)
     final = None
     if cfg.save_final:
         final = save_merged(wrapped, cfg, stage, out / FINAL, ctx, source=m.folder)
         say(f"saved the merged model (Hugging Face format) to {final}")
     D.shutdown(ctx)
     return {"losses": losses, "trainable": plan.trainable, "trainable_by_part": plan.trainable_by_part,
-            "samples_per_s": rate, "final": final, "skipped": skipped, "skipped_nonfinite": nonfinite,
-            "examples": len(data)}
-
-
-def _optimizer_step(wrapped, optimizer, params, micro_batches, tokens: float, ctx, autocast, scaler,
-                    grad_clip: float, step: int, skip_nonfinite: bool) -> tuple[float, float, bool]:
-    """Forward/backward every micro-batch (gradients add up), clip, step. Returns (mean token loss of the global
-    batch, gradient norm before clipping, whether the update was applied). A non-finite loss (or, without a
-    GradScaler, which skips those itself, gradient norm) raises NonFiniteLossError, or with `skip_nonfinite`
-    leaves the weights as they are; both numbers are sums over all processes, so every process decides alike."""
-    loss_sum = 0.0
-    for k, batch in enumerate(micro_batches):
-        batch = {key: v.to(ctx.device) for key, v in batch.items()}
-        with D.accumulation_context(wrapped, k == len(micro_batches) - 1), autocast():
-            part = token_loss_sum(wrapped, batch)
-        scaled = part * (ctx.world / max(tokens, 1.0))  # DDP / FSDP average over processes: undo it
-        (scaler.scale(scaled) if scaler else scaled).backward()
-        loss_sum += float(part.detach())
-    if scaler:
-        scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
-    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
-    loss = ctx.sum(loss_sum) / max(tokens, 1.0)
-    applied = check_finite(step, loss, None if scaler else norm, skip=skip_nonfinite)
-    if applied and scaler:
-        scaler.step(optimizer)
-    elif applied:
-        optimizer.step()
-    if scaler:
-        scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, norm, applied
+            "samples_per_s": loop.samples_per_s, "final": final, "skipped": loop.counters["skipped"],
+            "skipped_nonfinite": loop.nonfinite, "examples": len(data)}
 
 
 def _encode(collator: Collator, data, chunks: list, on_error: str, need_images: bool) -> tuple[list, list]:
@@ -294,36 +230,6 @@ def _stand_in(collator: Collator, data, with_image: bool):
         row.labels = [-100] * len(row.labels)
         return row
     raise DataError("no example of the data set can be encoded")
-
-
-def _save(path: Path, wrapped, optimizer, step: int, fingerprint: dict, skipped: int, nonfinite: int, ctx) -> None:
-    tensors = D.train_state(wrapped, optimizer)  # collective under FSDP
-    if ctx.is_main:
-        tensors["rng/torch"] = torch.get_rng_state()
-        meta = {"step": str(step),
-                "extra": json.dumps({"data": fingerprint, "skipped": skipped, "skipped_nonfinite": nonfinite})}
-        atomic_save(path, tensors, meta)
-    ctx.barrier()
-
-
-def _resume(path: Path, wrapped, optimizer, fingerprint: dict, say) -> tuple[int, int, int]:
-    """Load a checkpoint (its checksum verified) into the model and optimizer; (step, examples skipped, batches
-    skipped as non-finite). Refused when it belongs to other data or settings."""
-    tensors, meta = read_checkpoint(path, log=say)
-    extra = json.loads(meta.get("extra", "{}"))
-    stored = extra.get("data", {})
-    differs = [f"{k} {stored[k]} (now {fingerprint.get(k)})" if k != "content" else
-               "the data's content (other text or images)"
-               for k in stored if stored[k] != fingerprint.get(k)]
-    if differs:
-        raise ValueError(f"{path} was written by a run with different data or settings: {'; '.join(differs)}; use "
-                         f"another --out, or delete the checkpoint to start over")
-    if "content" not in stored:
-        say(f"warning: {path} does not record its data's content (written by an older vlmkit); not verified")
-    D.load_train_state(wrapped, optimizer, tensors)
-    if "rng/torch" in tensors:
-        torch.set_rng_state(tensors["rng/torch"])
-    return int(meta["step"]), int(extra.get("skipped", 0)), int(extra.get("skipped_nonfinite", 0))
 
 
 def _evaluate(cfg: FinetuneConfig, wrapped, processor, step: int, ctx, say) -> dict:

@@ -10,22 +10,22 @@
     metrics.exact_match("Red.", "red")                       # 1.0
     metrics.cider_d(preds, refs)[0], metrics.bleu4(preds, refs)   # COCO caption CIDEr-D, BLEU-4
 
-The definitions live in `vqa_metrics` (open answers), `choice_metrics` (multiple choice) and `caption_metrics`
-(captioning); their docstrings name the reference each one follows. `ITEM_METRICS` / `CORPUS_METRICS` map the
-names a task spec may use to the functions.
+The definitions live in `vqa` (open answers), `choice` (multiple choice) and `caption` (captioning); their
+docstrings name the reference each one follows. `ITEM_METRICS` / `CORPUS_METRICS` map the names a task spec may
+use to the functions.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .caption_metrics import bleu, bleu4, cider_d, tokenize
-from .choice_metrics import (
+from .caption import bleu, bleu4, cider_d, tokenize
+from .choice import (
     CIRCULAR_OFFSET, check_is_number, choice_letters, circular_accuracy, eval_multi_choice, eval_open,
     extract_numbers, get_multi_choice_info, is_missing, mmbench_can_infer_option, mmbench_can_infer_text,
     mmbench_extract_choice, normalize_str, parse_multi_choice_response, parse_open_response,
 )
-from .vqa_metrics import (
+from .vqa import (
     ARTICLES, CONTRACTIONS, NUMBER_MAP, PUNCTUATIONS, anls, evalai_normalize, exact_match, levenshtein,
     process_digit_article, process_punctuation, relaxed_correctness, textvqa_accuracy, vqa_leave_one_out,
     vqa_normalize, vqav2_accuracy,
