@@ -1,6 +1,6 @@
 """`vlmkit train` as users run it: a fine-tuning run on local data writes metrics, a checkpoint, periodic eval
 results and the merged model; bad examples are counted (or fatal); a NaN loss fails the run (or is skipped on
-request); a corrupt checkpoint or changed data is refused on resume; `--recipe default` is unchanged."""
+request); a corrupt checkpoint or changed data is refused on resume."""
 
 from __future__ import annotations
 

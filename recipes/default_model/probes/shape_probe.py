@@ -57,7 +57,8 @@ def main() -> None:
             y = test["patch_shape"]
             on_object = y != len(SHAPES)
             acc = (pred[on_object] == y[on_object]).float().mean() * 100
-            print(f"| {step * args.batch_size} | {time.time() - start:.0f} | {loss.item():.3f} | {acc:.1f} |", flush=True)
+            row = f"| {step * args.batch_size} | {time.time() - start:.0f} | {loss.item():.3f} | {acc:.1f} |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,14 @@ def test_flags_set_their_fields_and_main_trains_with_them(monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "train_default", calls.append)
     argv = ["--out", "x", "--shape-steps", "5", "--vision-steps", "3", "--language-steps", "4",
-            "--language-batch-size", "2", "--ship", "s", "--word-steps", "6", "--init-vision", "v4", "--init-from", "v6",
+            "--language-batch-size", "2", "--ship", "s", "--word-steps", "6", "--init-vision", "old",
+            "--init-from", "older",
             "--word-position-scale", "0.25", "--language-lr", "5e-4", "--word-extreme-scale", "0",
             "--language-lora", "false", "--language-lora-targets", "q_proj,v_proj",
             "--language-weights", '{"color": 2.0}', "--language-lr-scales-word-tokens", "0.5,0.5,1"]
     assert cli.main(argv) == 0
     (cfg,) = calls
-    assert (cfg.out, cfg.ship, cfg.init_vision, cfg.init_from) == (Path("x"), Path("s"), Path("v4"), Path("v6"))
+    assert (cfg.out, cfg.ship, cfg.init_vision, cfg.init_from) == (Path("x"), Path("s"), Path("old"), Path("older"))
     assert (cfg.shape.steps, cfg.vision.steps, cfg.word.steps, cfg.language.steps) == (5, 3, 6, 4)
     assert (cfg.language.batch_size, cfg.language.lr, cfg.language.lora) == (2, 5e-4, False)
     assert cfg.language.lora_targets == ("q_proj", "v_proj") and cfg.language.weights == {"color": 2.0}

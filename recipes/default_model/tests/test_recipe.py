@@ -293,8 +293,8 @@ def test_init_from_an_adapter_folder_continues_its_vit_connector_and_lora(tmp_pa
     seen = []
     monkeypatch.setattr(language, "run", lambda m, *a, **kw: seen.append(lora_state_dict(m)) or [])
     lora = {k: v for k, v in adapter_weights(tmp_path / "old").items() if ".lora_" in k}
-    train_language(new, processor, tmp_path / "new", RecipeConfig(language=LanguageStage(steps=1, batch_size=2)), words=True,
-                   init_lora=lora)
+    short = RecipeConfig(language=LanguageStage(steps=1, batch_size=2))
+    train_language(new, processor, tmp_path / "new", short, words=True, init_lora=lora)
     assert seen[0].keys() == lora.keys()
     assert all(torch.allclose(seen[0][k], lora[k].float()) for k in lora)
     with pytest.raises(ValueError, match=r"no weights for the LoRA: \['text.layers.0"):
