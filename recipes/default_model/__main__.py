@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 import typing
-from dataclasses import MISSING, fields, is_dataclass, replace
+from dataclasses import fields, is_dataclass, replace
 
 from .config import RecipeConfig
 from .train import train_default
@@ -27,17 +27,15 @@ def _parser_type(hint, default):
     return base
 
 
-def _default(f):
-    return f.default_factory() if f.default is MISSING else f.default
-
-
-def _add_fields(parser, cls, prefix: str, dest: str) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        default = _default(f)
+def _add_fields(parser, config, prefix: str, dest: str) -> None:
+    """One flag per field of the dataclass instance `config`, its value the default; nested ones get a group."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        default = getattr(config, f.name)
         if is_dataclass(default):
-            group = parser.add_argument_group(f"--{prefix}{f.name}-*: {(type(default).__doc__ or '').strip()}")
-            _add_fields(group, type(default), f"{f.name}-", f"{dest}{f.name}.")
+            doc = " ".join((type(default).__doc__ or "").split())
+            group = parser.add_argument_group(f"--{prefix}{f.name}-*: {doc[0].lower() + doc[1:]}")
+            _add_fields(group, default, f"{f.name}-", f"{dest}{f.name}.")
             continue
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else (
             json.dumps(default) if isinstance(default, dict) else default)
@@ -50,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m recipes.default_model", usage="%(prog)s [--FLAG VALUE ...]",
                                 description="Train vlmkit's default model (see recipes/default_model/README.md). "
                                             "Every flag is a field of RecipeConfig.")
-    _add_fields(p, RecipeConfig, "", "")
+    _add_fields(p, RecipeConfig(), "", "")
     return p
 
 

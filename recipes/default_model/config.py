@@ -62,7 +62,8 @@ class Architecture:
 
 @dataclass
 class Stage:
-    """one stage's schedule (AdamW, warmup then cosine, as vlmkit.train.loop.run does)"""
+    """One stage's schedule (AdamW, warmup then cosine, as vlmkit.train.loop.run does). The recipe's values of each
+    stage are set in RecipeConfig; a stage built alone has only these shared defaults."""
 
     steps: int = opt(0, "optimizer steps")
     batch_size: int = opt(32, "samples per step")
@@ -83,10 +84,6 @@ class Stage:
 class ShapeStage(Stage):
     """stage 0a: the ViT alone learns the shape under each patch (0 steps skips it)"""
 
-    steps: int = opt(600, "optimizer steps (0 skips the stage)")
-    lr: float = opt(6e-4, "peak learning rate")
-    warmup: float = opt(0.02, "warmup fraction of the steps")
-    seed: int = opt(2, "the synthetic generator's seed")
     background_weight: float = opt(0.1, "loss weight of background patches (most patches)")
 
 
@@ -94,18 +91,12 @@ class ShapeStage(Stage):
 class VisionStage(Stage):
     """stage 0b: the ViT alone learns the generator's labels through small heads"""
 
-    steps: int = opt(400, "optimizer steps")
-    lr: float = opt(5e-4, "peak learning rate: low enough to keep what stage 0a learnt (2e-3 learns shapes slower)")
-
 
 @dataclass
 class WordStage(Stage):
-    """stage 0c: ViT + connector write word embeddings in each image token (also stage 1's auxiliary loss)"""
+    """stage 0c: ViT + connector write word embeddings in each image token (0 steps skips it; stage 1 uses these
+    targets too)"""
 
-    steps: int = opt(300, "optimizer steps (0 skips the stage)")
-    warmup: float = opt(0.03, "warmup fraction of the steps")
-    weight_decay: float = opt(0.01, "AdamW weight decay")
-    seed: int = opt(3, "the synthetic generator's seed")
     class_weight: float = opt(1.0, "the closest-word classification term, in stage 0c and stage 1's auxiliary loss")
     position_scale: float = opt(0.5, "how much of an object's position words ('left', 'top', ...) its token carries")
     extreme_scale: float = opt(0.5, "how much of 'biggest' / 'smallest' the token of the object so named carries")
@@ -119,13 +110,6 @@ class WordStage(Stage):
 class LanguageStage(Stage):
     """stage 1: ViT + connector + LoRA learn to answer through the frozen SmolLM2"""
 
-    steps: int = opt(800, "optimizer steps")
-    batch_size: int = opt(16, "samples per step")
-    lr: float = opt(1e-3, "peak learning rate")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    seed: int = opt(1, "the synthetic generator's seed")
-    log_every: int = opt(5, "log every N steps")
-    ckpt_every: int = opt(20, "checkpoint every N steps")
     lora: bool = opt(True, "a LoRA on the decoder; false keeps it entirely frozen (and skips distillation)")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: float = opt(32.0, "LoRA alpha")
@@ -159,7 +143,10 @@ class RecipeConfig:
                                             "instead of training it in stages 0a and 0b")
     seed: int = opt(0, "the fresh model's initialisation")
     arch: Architecture = opt(None, "", factory=Architecture)
-    shape: ShapeStage = opt(None, "", factory=ShapeStage)
-    vision: VisionStage = opt(None, "", factory=VisionStage)
-    word: WordStage = opt(None, "", factory=WordStage)
-    language: LanguageStage = opt(None, "", factory=LanguageStage)
+    # Each stage's schedule. 0b's lr is low enough to keep what 0a learnt (2e-3 learns shapes slower, measured).
+    shape: ShapeStage = opt(None, "", factory=lambda: ShapeStage(steps=600, lr=6e-4, warmup=0.02, seed=2))
+    vision: VisionStage = opt(None, "", factory=lambda: VisionStage(steps=400, lr=5e-4, seed=0))
+    word: WordStage = opt(None, "", factory=lambda: WordStage(steps=300, lr=5e-4, warmup=0.03, weight_decay=0.01,
+                                                               seed=3))
+    language: LanguageStage = opt(None, "", factory=lambda: LanguageStage(
+        steps=800, batch_size=16, lr=1e-3, weight_decay=0.0, seed=1, log_every=5, ckpt_every=20))

@@ -6,7 +6,9 @@ object under each patch, where objects' centres are), meant to make every token 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ from vlmkit.models.connectors import pixel_shuffle
 from vlmkit.models.vlm import VLMModel
 from vlmkit.train.loop import run
 
-from .config import Architecture, RecipeConfig
+from .config import Architecture, RecipeConfig, Stage
 from .model_folder import pixels, precision
 
 SHAPE_CATEGORIES = ("shape", "counting", "color")  # the categories whose scenes are shapes
@@ -128,30 +130,27 @@ def shape_loss(m: nn.ModuleDict, batch: dict, background_weight: float) -> torch
     return F.cross_entropy(logits.flatten(0, 1), batch["patch_shape"].flatten(), weight=weight)
 
 
-def train_shapes(model: VLMModel, processor, out: Path, cfg: RecipeConfig) -> list:
-    """Stage 0a: the per-patch shape target alone, on shape scenes."""
-    stage = cfg.shape
-    gen = SyntheticGenerator(stage.seed, categories=SHAPE_CATEGORIES, stage=2)
+def train_head_stage(module: nn.Module, processor, out: Path, stage: Stage, arch: Architecture, categories: tuple,
+                     make: Callable, loss_fn: Callable, name: str) -> list:
+    """Train `module` (the ViT and its heads) on batches `make(processor, samples, arch)` of `categories`; its
+    checkpoint is `out/stage0-{name}.ckpt`."""
+    gen = SyntheticGenerator(stage.seed, categories=categories, stage=2)
 
     def make_batch(step):
-        return shape_batch(processor, [gen.qa_sample(step * stage.batch_size + j) for j in range(stage.batch_size)],
-                           cfg.arch)
+        return make(processor, [gen.qa_sample(step * stage.batch_size + j) for j in range(stage.batch_size)], arch)
 
-    def loss_fn(m, batch):
-        return shape_loss(m, batch, stage.background_weight)
+    return run(module, make_batch, loss_fn, stage.train_config(precision()), ckpt_path=out / f"stage0-{name}.ckpt",
+               label=name)
 
-    return run(shape_stage(model, cfg.arch), make_batch, loss_fn, stage.train_config(precision()),
-               ckpt_path=out / "stage0-shapes.ckpt", label="shapes")
+
+def train_shapes(model: VLMModel, processor, out: Path, cfg: RecipeConfig) -> list:
+    """Stage 0a: the per-patch shape target alone, on shape scenes."""
+    loss_fn = partial(shape_loss, background_weight=cfg.shape.background_weight)
+    return train_head_stage(shape_stage(model, cfg.arch), processor, out, cfg.shape, cfg.arch, SHAPE_CATEGORIES,
+                            shape_batch, loss_fn, "shapes")
 
 
 def train_vision(model: VLMModel, processor, out: Path, cfg: RecipeConfig) -> list:
     """Stage 0b: the scene-level and per-patch heads, on the single-image categories."""
-    stage = cfg.vision
-    gen = SyntheticGenerator(stage.seed, categories=SINGLE_IMAGE_CATEGORIES, stage=2)
-
-    def make_batch(step):
-        return vision_batch(processor, [gen.qa_sample(step * stage.batch_size + j) for j in range(stage.batch_size)],
-                            cfg.arch)
-
-    return run(vision_stage(model, cfg.arch), make_batch, vision_loss, stage.train_config(precision()),
-               ckpt_path=out / "stage0-vision.ckpt", label="vision")
+    return train_head_stage(vision_stage(model, cfg.arch), processor, out, cfg.vision, cfg.arch,
+                            SINGLE_IMAGE_CATEGORIES, vision_batch, vision_loss, "vision")

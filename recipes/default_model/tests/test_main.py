@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -43,7 +43,7 @@ def test_flags_set_their_fields_and_main_trains_with_them(monkeypatch):
     assert cfg.language.lora_targets == ("q_proj", "v_proj") and cfg.language.weights == {"color": 2.0}
     assert cfg.language.lr_scales_word_tokens == (0.5, 0.5, 1.0)
     assert (cfg.word.position_scale, cfg.word.extreme_scale, cfg.word.class_weight) == (0.25, 0.0, 1.0)
-    assert cfg.vision == RecipeConfig().vision.__class__(steps=3)  # nothing else moved
+    assert cfg.vision == replace(RecipeConfig().vision, steps=3)  # nothing else moved
 
 
 def test_every_field_has_a_flag_with_help():

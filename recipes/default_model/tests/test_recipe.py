@@ -16,7 +16,7 @@ from vlmkit.train.lora import add_lora, lora_state_dict
 from vlmkit.train.loop import TrainConfig, run
 
 from .. import language
-from ..config import LanguageStage, RecipeConfig, ShapeStage, VisionStage, WordStage
+from ..config import RecipeConfig
 from ..language import answer_batch, answer_loss, train_language
 from ..model_folder import adapter_weights, export_adapter, load_vision, load_weights, prepare_folder
 from ..text_prompts import general_questions
@@ -34,20 +34,28 @@ def fresh(tmp_path_factory):
     return folder, model, processor
 
 
-FROZEN = LanguageStage(lora=False)
-NO_WORD_EXTRAS = WordStage(position_scale=0.0, extreme_scale=0.0)  # colour and shape words only
+RECIPE = RecipeConfig()
+
+
+def stages(**changes) -> RecipeConfig:
+    """The recipe with some fields of its stages changed: stages(word={"steps": 3}) -> word.steps = 3."""
+    return replace(RECIPE, **{k: replace(getattr(RECIPE, k), **v) for k, v in changes.items()})
+
+
+FROZEN = stages(language={"lora": False})
+NO_WORD_EXTRAS = replace(RECIPE.word, position_scale=0.0, extreme_scale=0.0)  # colour and shape words only
 
 
 def test_vision_stage_lowers_the_loss(fresh, tmp_path):
     folder, model, processor = fresh
-    losses = train_vision(model, processor, tmp_path, RecipeConfig(vision=VisionStage(steps=12, batch_size=8)))
+    losses = train_vision(model, processor, tmp_path, stages(vision={"steps": 12, "batch_size": 8}))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
 def test_shape_stage_lowers_the_loss_and_trains_the_models_vit(fresh, tmp_path):
     folder, model, processor = fresh
     before = model.vision.patch_embed.weight.clone()
-    losses = train_shapes(model, processor, tmp_path, RecipeConfig(shape=ShapeStage(steps=12, batch_size=8)))
+    losses = train_shapes(model, processor, tmp_path, stages(shape={"steps": 12, "batch_size": 8}))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert not torch.equal(model.vision.patch_embed.weight, before)
     assert (tmp_path / "stage0-shapes.ckpt").is_file()
@@ -74,11 +82,11 @@ def test_patch_labels_mark_each_object_and_text_where_it_is():
 
 
 def test_frozen_decoder_language_stage_trains_only_vision_and_connector(tmp_path):
-    model, processor = prepare_folder(tmp_path, RecipeConfig(language=FROZEN))
+    model, processor = prepare_folder(tmp_path, FROZEN)
     before = {k: v.clone() for k, v in model.text.state_dict().items()}
     vision_before = model.vision.patch_embed.weight.clone()
     connector_before = model.connector.proj.weight.clone()
-    cfg = RecipeConfig(language=LanguageStage(steps=2, batch_size=2, lora=False))
+    cfg = stages(language={"steps": 2, "batch_size": 2, "lora": False})
     losses = train_language(model, processor, tmp_path, cfg)
     assert len(losses) == 2 and not (tmp_path / "distill.json").exists()
     assert not any(".lora_" in n for n, _ in model.named_parameters())
@@ -194,8 +202,8 @@ def test_word_targets_put_each_objects_words_in_its_cell(fresh):
 
 
 def test_word_stage_lowers_the_loss_and_checkpoints(tmp_path):
-    cfg = RecipeConfig(language=LanguageStage(steps=2, batch_size=2, lora=False),
-                word=WordStage(steps=12, batch_size=8, class_weight=1.0, position_scale=0.0, extreme_scale=0.0))
+    cfg = stages(language={"steps": 2, "batch_size": 2, "lora": False},
+                 word={"steps": 12, "batch_size": 8, "class_weight": 1.0, "position_scale": 0.0, "extreme_scale": 0.0})
     model, processor = prepare_folder(tmp_path, cfg)
     losses = train_words(model, processor, tmp_path, cfg)
     assert torch.count_nonzero(model.connector.proj.weight) > 0  # it starts from zero tokens
@@ -250,7 +258,7 @@ def test_extreme_words_mark_the_clearly_biggest_and_smallest_object(fresh):
     def obj(x, r, color="red"):
         return {"x": x, "y": 50, "r": r, "color": color, "shape": "circle"}
 
-    margin = WordStage().size_margin
+    margin = RECIPE.word.size_margin
     assert extremes([obj(10, 9)], margin) == {}  # one object is neither
     assert extremes([obj(10, 9), obj(50, 6), obj(90, 5)], margin) == {"biggest": 0}  # 6 vs 5: not clearly smallest
     assert extremes([obj(10, 9), obj(50, 6), obj(90, 3)], margin) == {"biggest": 0, "smallest": 2}
@@ -293,7 +301,7 @@ def test_init_from_an_adapter_folder_continues_its_vit_connector_and_lora(tmp_pa
     seen = []
     monkeypatch.setattr(language, "run", lambda m, *a, **kw: seen.append(lora_state_dict(m)) or [])
     lora = {k: v for k, v in adapter_weights(tmp_path / "old").items() if ".lora_" in k}
-    short = RecipeConfig(language=LanguageStage(steps=1, batch_size=2))
+    short = stages(language={"steps": 1, "batch_size": 2})
     train_language(new, processor, tmp_path / "new", short, words=True, init_lora=lora)
     assert seen[0].keys() == lora.keys()
     assert all(torch.allclose(seen[0][k], lora[k].float()) for k in lora)

@@ -10,14 +10,19 @@ from .scenes import COLORS, SHAPES, SHAPE_PLURALS, ZONES, Canvas, base_radius, c
 
 # ---------------------------------------------------------------------------------------------- colour
 
-def color_unique_shape(rng, size_range):
-    cv = Canvas(rng, size_range)
-    n_other = int(rng.integers(0, 5))
+def unique_shape_scene(rng, cv, n_other: int) -> tuple[str, dict]:
+    """A shape (the first object, of any colour) and `n_other` objects of other shapes: (its shape, the scene)."""
     r = base_radius(cv, n_other + 1)
     target = one_of(rng, SHAPES)
     specs = [spec(target, one_of(rng, cv.allowed), r * rng.uniform(0.7, 1.0))]
     specs += other_specs(rng, cv, n_other, r, avoid_shapes=(target,))
-    scene = shapes_scene(rng, cv, specs)
+    return target, shapes_scene(rng, cv, specs)
+
+
+def color_unique_shape(rng, size_range):
+    cv = Canvas(rng, size_range)
+    n_other = int(rng.integers(0, 5))
+    target, scene = unique_shape_scene(rng, cv, n_other)
     cw = color_word(rng)
     if n_other == 0 and rng.random() < 0.4:
         q = one_of(rng, [f"What {cw} is the shape?", f"What {cw} is this shape?",
@@ -184,11 +189,7 @@ def yesno_attribute(rng, size_range):
     cv = Canvas(rng, size_range)
     yes = coin(rng)
     n_other = int(rng.integers(0, 4))
-    r = base_radius(cv, n_other + 1)
-    s = one_of(rng, SHAPES)
-    specs = [spec(s, one_of(rng, cv.allowed), r * rng.uniform(0.7, 1.0))]
-    specs += other_specs(rng, cv, n_other, r, avoid_shapes=(s,))
-    scene = shapes_scene(rng, cv, specs)
+    s, scene = unique_shape_scene(rng, cv, n_other)
     true_c = scene["objects"][0]["color"]
     asked = true_c if yes else one_of(rng, [x for x in COLORS if x != true_c])
     q = one_of(rng, [f"Is the {s} {asked}?", f"Is the {s} {asked} in color?", f"Is the color of the {s} {asked}?"])
