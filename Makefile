@@ -32,7 +32,7 @@ run: install
 	$(BIN)/vlmkit run --image examples/shapes.png "What color is the circle?"
 
 test: install-dev
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests recipes
 
 clean:
 	rm -rf $(VENV) build *.egg-info

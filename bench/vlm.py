@@ -5,6 +5,7 @@ from it (Idefics3ForConditionalGeneration) -- the same weights."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from common import quantize_arg, test_image, timed
 
 QUESTION = "What colour is the big circle?"
 FOLLOW_UP = "And how many shapes are there?"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: the default model's recipe is in recipes/ there
 
 
 def model_folders(work: Path, model: str | None, log=print) -> dict:
@@ -27,11 +29,14 @@ def model_folders(work: Path, model: str | None, log=print) -> dict:
                    (is_adapter_folder(c) or (c / "model.safetensors").is_file())), None)
     trained = source is not None
     if source is None:  # not trained yet: the same architecture with random vision weights (timing only)
-        from vlmkit.train import default_recipe as recipe
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from recipes.default_model.config import RecipeConfig
+        from recipes.default_model.model_folder import export_adapter, prepare_folder
 
         log("no trained default model found: timing the default architecture with random vision weights")
-        net, _ = recipe.prepare_folder(work / "prepared")
-        recipe.export_adapter(net, work / "prepared", work / "adapter")
+        net, _ = prepare_folder(work / "prepared", RecipeConfig())
+        export_adapter(net, work / "prepared", work / "adapter")
         source = work / "adapter"
     full = work / "full"
     if not (full / "config.json").is_file():

@@ -169,12 +169,14 @@ def test_adapter_folder_int4_takes_the_gguf_blocks_as_they_are(tmp_path):
     detour); LoRA-merged projections are requantized; the answer matches the float model's first tokens."""
     from vlmkit.checkpoints.adapter import resolve_gguf
     from vlmkit.checkpoints.gguf import load_gguf_text
-    from vlmkit.train import default_recipe as recipe
+    from recipes.default_model.config import RecipeConfig
+    from recipes.default_model.model_folder import export_adapter, prepare_folder
 
-    model, _ = recipe.prepare_folder(tmp_path / "work")
-    recipe.export_adapter(model, tmp_path / "work", tmp_path / "adapter")
+    recipe = RecipeConfig()
+    model, _ = prepare_folder(tmp_path / "work", recipe)
+    export_adapter(model, tmp_path / "work", tmp_path / "adapter")
     m = vlmkit.load(tmp_path / "adapter", quantize="int4", caches=False)
-    _, state, _ = load_gguf_text(resolve_gguf(recipe.BASE_GGUF))
+    _, state, _ = load_gguf_text(resolve_gguf(recipe.arch.base_gguf))
     for name in ("layers.0.attn.q_proj", "layers.3.attn.k_proj", "layers.29.mlp.down_proj"):
         assert rel_err(m.model.get_submodule("text." + name).dequantize(), state[name + ".weight"]) < 5e-3
     emb = m.model.text.embed_tokens

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmkit.data import render
-from vlmkit.data.scenes import ZONES, contrasting_colors, zone_of
+from vlmkit.data.synthetic import render
+from vlmkit.data.synthetic.scenes import ZONES, contrasting_colors, zone_of
 from vlmkit.data.synthetic import (
     ANSWERS, BENCHMARK_CATEGORIES, CATEGORIES, CHART_LABELS, COLORS, LABEL_CLASSES, SHAPE_PLURALS, SHAPES,
     TRAIN_SEED_LIMIT, WORDS, Sample, SyntheticGenerator, benchmark_set, scene_labels,
@@ -226,8 +226,8 @@ def test_pie_chart_on_a_small_palette_still_colours_every_slice():
     # a background that leaves only 5 contrasting colours, white and black excluded for pies: fewer than 5 slices
     import numpy as np
 
-    from vlmkit.data.render import render_scene
-    from vlmkit.data.scenes import Canvas, chart_scene
+    from vlmkit.data.synthetic.render import render_scene
+    from vlmkit.data.synthetic.scenes import Canvas, chart_scene
 
     rng = np.random.default_rng(0)
     cv = Canvas(rng, (256, 320), "chart")

@@ -1,6 +1,6 @@
 """`vlmkit train` as users run it: a fine-tuning run on local data writes metrics, a checkpoint, periodic eval
 results and the merged model; bad examples are counted (or fatal); a NaN loss fails the run (or is skipped on
-request); a corrupt checkpoint or changed data is refused on resume; `--recipe default` is unchanged."""
+request); a corrupt checkpoint or changed data is refused on resume."""
 
 from __future__ import annotations
 
@@ -64,26 +64,6 @@ def test_train_needs_model_and_data(capsys, tmp_path):
     assert cli.main(["train", "--data", str(DATA / "llava.json")]) == 2
     assert "give --model FOLDER and --data FILE" in capsys.readouterr().err
     assert cli.main(["train", "--model", str(tmp_path), "--data", "nope.json"]) == 2
-
-
-def test_recipe_default_runs_as_before(monkeypatch):
-    import vlmkit.train.default_recipe as recipe
-
-    calls = []
-    monkeypatch.setattr(recipe, "train_default", lambda *a, **kw: calls.append((a, kw)))
-    assert cli.main(["train", "--recipe", "default"]) == 0
-    assert cli.main(["train", "--recipe", "default", "--out", "x", "--shape-steps", "5", "--vision-steps", "3",
-                     "--language-steps", "4", "--batch-size", "2", "--ship", "s", "--word-steps", "6",
-                     "--init-vision", "v4", "--init-from", "v6", "--word-position-scale", "0.25", "--lr", "5e-4",
-                     "--word-extreme-scale", "0"]) == 0
-    assert calls == [((Path("runs/default"), 400, 800, 16, None),
-                      {"shape_steps": 600, "word_steps": 300, "init_vision": None, "word_class_weight": 1.0,
-                       "init_from": None, "position_scale": 0.5, "language_lr": 1e-3,
-                       "extreme_scale": 0.5}),
-                     ((Path("x"), 3, 4, 2, Path("s")), {"shape_steps": 5, "word_steps": 6, "init_vision": Path("v4"),
-                                                       "word_class_weight": 1.0, "init_from": Path("v6"),
-                                                       "position_scale": 0.25, "language_lr": 5e-4,
-                                                       "extreme_scale": 0.0})]
 
 
 def _strict_lines(path: Path) -> list:

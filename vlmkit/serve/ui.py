@@ -31,7 +31,8 @@ ERROR_TITLE = "Error"  # the metadata title that marks a reply as an error (kept
 EMPTY_MESSAGE = "Type a question or attach an image."
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # a source checkout's examples/ (not in wheels)
 # (image, question) rows of examples/README.md's table. The default model answers the first four right
-# (bench/default_examples.py); it misses the position, word and chart questions, so other models get the rest too.
+# (recipes/default_model/probes/examples.py); it misses the position, word and chart questions, so other models
+# get the rest too.
 EXAMPLES = [("shapes.png", "What color is the circle?"), ("shapes.png", "What shape is yellow?"),
             ("count.png", "How many stars are there?"), ("count.png", "What color is the hexagon?"),
             ("text.png", "What word is written in the image?"), ("chart.png", "Which bar is the tallest?"),

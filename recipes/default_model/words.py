@@ -1,15 +1,12 @@
-"""Stage 0c of the default recipe: teach the ViT + connector to write image tokens the frozen SmolLM2 can already
-read -- the sum of the token embeddings of the words naming what lies in each token's cell.
+"""Stage 0c: teach the ViT + connector to write image tokens the frozen SmolLM2 can already read -- the sum of the
+token embeddings of the words naming what lies in each token's cell ("red" + "circle" in the cell of the red
+circle, "." in empty cells).
 
-Why: learning to *find* "the circle" among 16 arbitrary vectors is what the language stage failed to learn in
-32k question/answer pairs (v4: the vision heads saw every object, the answers did not). With tokens that look like
-text ("red" + "circle" in the cell of the red circle, "." in empty cells) the LoRA learns the binding an order of
-magnitude faster: given such tokens built from the ground truth, 2.4k pairs reached 55 % on colour questions and
-52 % on shape questions (v4 needed 32k for about the same; `bench/default_oracle_tokens.py`). And the regression
-itself needs no language model in the loop, so it runs at the ViT's speed. The squared error alone gets shapes
-wrong (the shape word right in ~40 % of object cells, the colour in ~82 %: `bench/default_word_tokens.py`; v5);
-with the closest-word classification term (`WordTargets.class_loss`, v6) 94 % and 99 %, and colour and shape
-answers went from 61-65 % to 82 % (see the model card).
+Why: learning to *find* "the circle" among 16 arbitrary vectors is what the language stage alone failed to learn
+in 32k question/answer pairs. With tokens that look like text the LoRA learns the binding an order of magnitude
+faster (`probes/oracle_tokens.py`), and the regression itself needs no language model in the loop, so it runs at
+the ViT's speed. The squared error alone gets shapes wrong (the shape word right in ~40 % of object cells); the
+closest-word classification term (`WordTargets.class_loss`) takes that to ~94 % (`probes/word_tokens.py`).
 """
 
 from __future__ import annotations
@@ -21,14 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loop import TrainConfig, run
+from vlmkit.data.synthetic import CATEGORIES, COLORS, SHAPES, SyntheticGenerator
+from vlmkit.train.loop import run
 
-EMPTY_WORD, EMPTY_SCALE = ".", 0.5  # an empty cell: half the embedding of "." (a word the LM reads as nothing)
+from .config import RecipeConfig, WordStage
+from .model_folder import pixels, precision
+
+EMPTY_WORD = "."  # an empty cell: a fraction of the embedding of "." (a word the LM reads as nothing)
 TEXT_WORD = "text"  # a cell covered by rendered text: its colour + "text" ("What colour is the text?")
-OBJECT_WEIGHT, EMPTY_WEIGHT = 1.0, 0.25  # most cells are empty; errors on objects matter more
 POSITIONS = ("left", "right", "top", "bottom", "center")  # the answers of "Where is the star?"
 EXTREMES = ("biggest", "smallest")  # "What colour is the biggest shape?"
-SIZE_MARGIN = 1.3  # how much bigger (radius) the biggest object must be than every other one to be named so
 
 
 def position_words(fx: float, fy: float) -> tuple[str, ...]:
@@ -40,15 +39,14 @@ def position_words(fx: float, fy: float) -> tuple[str, ...]:
     return words or ("center",)
 
 
-def extremes(objects: list) -> dict:
+def extremes(objects: list, size_margin: float) -> dict:
     """{word of EXTREMES: index of the object it names} for the objects clearly the biggest or the smallest of
-    their image (a radius over `SIZE_MARGIN` times every other's, or under every other's divided by it; none with
+    their image (a radius over `size_margin` times every other's, or under every other's divided by it; none with
     fewer than two objects): what the colour and shape questions about "the biggest object" ask for, which the LM
-    did not learn to tell by comparing tokens (v7's most common colour and shape misses). Not "leftmost" and the
-    like: the position words already tell those apart."""
+    did not learn to tell by comparing tokens. Not "leftmost" and the like: the position words tell those apart."""
     if len(objects) < 2:
         return {}
-    found, margin = {}, math.log(SIZE_MARGIN)
+    found, margin = {}, math.log(size_margin)
     for word, sign in zip(EXTREMES, (1, -1)):
         values = [sign * math.log(o["r"]) for o in objects]
         best = max(range(len(values)), key=values.__getitem__)
@@ -58,25 +56,22 @@ def extremes(objects: list) -> dict:
 
 
 class WordTargets:
-    """Per-cell target vectors for the image tokens of a `grid` x `grid` token layout (raster order).
-    `position_scale` > 0 adds, in each object's cell, that much of the embeddings of its `position_words` (v7):
-    a token then says where its object is, which the LM cannot easily tell from the token's place in the sequence
-    (v6 answered "left" to 99 of 222 position questions). `extreme_scale` > 0 (v8) likewise adds the words of
-    `extremes` ("biggest", "smallest") to the cells of the objects they name."""
+    """Per-cell target vectors for the image tokens of a `grid` x `grid` token layout (raster order), with the
+    parameters of `params`. Its `position_scale` > 0 adds, in each object's cell, that much of the embeddings of
+    its `position_words`: a token then says where its object is, which the LM cannot easily tell from the token's
+    place in the sequence. Its `extreme_scale` > 0 likewise adds the words of `extremes` ("biggest", "smallest")
+    to the cells of the objects they name."""
 
-    def __init__(self, embed: torch.Tensor, tokenizer, grid: int, position_scale: float = 0.0,
-                 extreme_scale: float = 0.0):
+    def __init__(self, embed: torch.Tensor, tokenizer, grid: int, params: WordStage):
         self.embed, self.tok, self.grid = embed.detach().float(), tokenizer, grid
-        self.position_scale, self.extreme_scale = position_scale, extreme_scale
+        self.params = params
+        self.position_scale, self.extreme_scale = params.position_scale, params.extreme_scale
         self.cache: dict = {}
 
     @classmethod
-    def of(cls, model, processor, position_scale: float = 0.0, extreme_scale: float = 0.0) -> "WordTargets":
-        """The targets of the default model's layout (its 16 tokens: a 4x4 grid) in its LM's embedding space."""
-        from .default_recipe import PATCH_GRID, SHUFFLE
-
-        return cls(model.text.embed_tokens.weight, processor.tokenizer, PATCH_GRID // SHUFFLE, position_scale,
-                   extreme_scale)
+    def of(cls, model, processor, cfg: RecipeConfig) -> "WordTargets":
+        """The targets of the recipe's token layout in its LM's embedding space."""
+        return cls(model.text.embed_tokens.weight, processor.tokenizer, cfg.arch.token_grid, cfg.word)
 
     def word(self, word: str) -> torch.Tensor:
         if word not in self.cache:
@@ -90,6 +85,10 @@ class WordTargets:
             self.cache[words] = torch.stack([self.word(w) for w in words])
         return self.cache[words]
 
+    def empty(self) -> torch.Tensor:
+        """The target of an empty cell."""
+        return self.word(EMPTY_WORD).mul(self.params.empty_scale)
+
     def cell(self, x: float, y: float, scene: dict) -> int:
         g = self.grid
         return min(g - 1, int(y / scene["height"] * g)) * g + min(g - 1, int(x / scene["width"] * g))
@@ -101,7 +100,7 @@ class WordTargets:
     def __call__(self, scene: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(targets [grid^2, dim], weights [grid^2]) of one scene (the ground truth of one image)."""
         n = self.grid**2
-        targets = self.word(EMPTY_WORD).mul(EMPTY_SCALE).repeat(n, 1)
+        targets = self.empty().repeat(n, 1)
         filled = torch.zeros(n, dtype=torch.bool)
         for o in scene.get("objects") or []:
             i = self.cell(o["x"], o["y"], scene)
@@ -117,22 +116,20 @@ class WordTargets:
             i = self.cell(t["x"], t["y"], scene)
             targets[i] = self.word(t["color"]) + self.word(TEXT_WORD)
             filled[i] = True
-        weights = torch.where(filled, OBJECT_WEIGHT, EMPTY_WEIGHT)
+        weights = torch.where(filled, self.params.object_weight, self.params.empty_weight)
         return targets, weights
 
     def extreme_cells(self, scene: dict) -> torch.Tensor:
         """[len(EXTREMES)] the cell of the object each extreme word names (-1: none, or no `extreme_scale`)."""
         cells = torch.full((len(EXTREMES),), -1, dtype=torch.long)
         objects = scene.get("objects") or []
-        for w, k in (extremes(objects) if self.extreme_scale else {}).items():
+        for w, k in (extremes(objects, self.params.size_margin) if self.extreme_scale else {}).items():
             cells[EXTREMES.index(w)] = self.cell(objects[k]["x"], objects[k]["y"], scene)
         return cells
 
     def classes(self, scene: dict) -> torch.Tensor:
         """[3, grid^2] colour, shape and position ids of the object in each cell that holds exactly one (-1
         elsewhere; position ids only with `position_scale` and for objects with one position word)."""
-        from ..data.synthetic import COLORS, SHAPES
-
         labels = torch.full((3, self.grid**2), -1, dtype=torch.long)
         objects = scene.get("objects") or []
         cells = [self.cell(o["x"], o["y"], scene) for o in objects]
@@ -159,8 +156,6 @@ class WordTargets:
         the summed target); with this term, 92 %. With `extreme_cells` (from `extreme_cells`), also, per image and
         extreme word, a cross-entropy over its cells: the word's embedding should pick the named object's token
         out of the 16, as the LM's attention has to when asked about "the biggest shape"."""
-        from ..data.synthetic import COLORS, SHAPES
-
         feats = features.float().flatten(0, 1)
         terms = []
         for k, vocab in enumerate((COLORS, SHAPES, POSITIONS)):
@@ -193,39 +188,31 @@ def word_terms(features: torch.Tensor, batch: dict, targets: WordTargets | None 
 
 
 def word_batch(processor, targets: WordTargets, samples: list) -> dict:
-    from .default_recipe import pixels
-
     images = [im for s in samples for im in s.images]
     scenes = [scene for s in samples for scene in s.meta["scenes"]]
     return {"pixel_values": pixels(processor, images), **targets.batch(scenes)}
 
 
-def train_words(model, processor, out: Path, steps: int, batch_size: int, seed: int = 3, lr: float = 5e-4,
-                class_weight: float = 0.0, position_scale: float = 0.0, from_zero: bool = True,
-                extreme_scale: float = 0.0) -> list:
+def train_words(model, processor, out: Path, cfg: RecipeConfig, from_zero: bool = True) -> list:
     """Stage 0c: ViT + connector regress the word targets of every image, on the single-image and two-image
-    categories (charts and text included: their cells are mostly empty, text cells say the text's colour).
-    `class_weight` > 0 adds `WordTargets.class_loss` (v5 shipped without it; v6: weight 1, 600 steps from v5's ViT
-    took the shape word from 40 % to 94 % of object cells, the colour word from 83 % to 99 %). `position_scale`
-    and `extreme_scale`: see `WordTargets`. `from_zero=False` keeps the connector as it is (continuing an earlier
-    default model)."""
-    from ..data.synthetic import CATEGORIES, SyntheticGenerator
-    from .default_recipe import precision
-
-    targets = WordTargets.of(model, processor, position_scale, extreme_scale)
-    gen = SyntheticGenerator(seed, categories=tuple(c for c in CATEGORIES if c != "caption"), stage=2)
-    stage = nn.ModuleDict({"vision": model.vision, "connector": model.connector})
+    categories (charts and text included: their cells are mostly empty, text cells say the text's colour), with
+    the classification term at `cfg.word.class_weight`. `from_zero=False` keeps the connector as it is
+    (continuing an earlier default model)."""
+    stage = cfg.word
+    targets = WordTargets.of(model, processor, cfg)
+    gen = SyntheticGenerator(stage.seed, categories=tuple(c for c in CATEGORIES if c != "caption"), stage=2)
+    trained = nn.ModuleDict({"vision": model.vision, "connector": model.connector})
     if from_zero:  # zero tokens to start with, not a random projection's ~10x larger ones (a resume
         with torch.no_grad():  # overwrites this with the checkpoint's weights)
             model.connector.proj.weight.zero_()
 
     def make_batch(step):
-        return word_batch(processor, targets, [gen.qa_sample(step * batch_size + j) for j in range(batch_size)])
+        samples = [gen.qa_sample(step * stage.batch_size + j) for j in range(stage.batch_size)]
+        return word_batch(processor, targets, samples)
 
     def loss_fn(m, batch):
         feats = model.encode_images(batch["pixel_values"])  # m's modules, through the model's own path
-        return word_terms(feats, batch, targets, class_weight)
+        return word_terms(feats, batch, targets, stage.class_weight)
 
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0.03, weight_decay=0.01, log_every=10,
-                      ckpt_every=50, seed=seed, precision=precision())
-    return run(stage, make_batch, loss_fn, cfg, ckpt_path=out / "stage0-words.ckpt", label="words")
+    return run(trained, make_batch, loss_fn, stage.train_config(precision()), ckpt_path=out / "stage0-words.ckpt",
+               label="words")

@@ -2,7 +2,7 @@
 with image tokens built from the ground truth (stage 0c's word targets: "red" + "circle" in the cell of the red
 circle), then scores greedy answers on held-out items of the shape categories. This is what motivated stage 0c.
 
-    python bench/default_oracle_tokens.py [--steps 150] [--targets q_proj,v_proj] [--r 8] [--lr 1e-3]
+    python -m recipes.default_model.probes.oracle_tokens [--steps 150] [--targets q_proj,v_proj] [--r 8] [--lr 1e-3]
 
 Measured on 2 CPU cores (150 steps of 16, 5 min; text cells were still empty then): colour 55 %, shape 52 %,
 position 35 %, yes/no 60 %, counting 18 % on 200 items.
@@ -18,11 +18,14 @@ import torch
 
 from vlmkit.data.synthetic import SyntheticGenerator, benchmark_set
 from vlmkit.eval.metrics import exact_match
-from vlmkit.generation.loop import GenerationConfig, generate
-from vlmkit.train import default_recipe as recipe
+from vlmkit.generation import GenerationConfig, generate
 from vlmkit.train.lora import add_lora
 from vlmkit.train.loop import TrainConfig, run
-from vlmkit.train.word_targets import WordTargets
+
+from ..config import LanguageStage, RecipeConfig, WordStage
+from ..language import answer_batch, answer_loss
+from ..model_folder import precision, prepare_folder
+from ..words import WordTargets
 
 CATEGORIES = ("color", "shape", "counting", "position", "yesno")
 
@@ -35,9 +38,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--items", type=int, default=200)
     args = ap.parse_args()
-    model, processor = recipe.prepare_folder(Path(tempfile.mkdtemp()), lora=None)
+    # the word targets as first measured: colour and shape words only
+    recipe = RecipeConfig(language=LanguageStage(lora=False), word=WordStage(position_scale=0.0, extreme_scale=0.0))
+    model, processor = prepare_folder(Path(tempfile.mkdtemp()), recipe)
     tok = processor.tokenizer
-    words = WordTargets.of(model, processor)
+    words = WordTargets.of(model, processor, recipe)
 
     def oracle(batch, samples):  # ground-truth tokens in place of the ViT's
         batch.pop("pixel_values"), batch.pop("pixel_attention_mask", None)
@@ -50,11 +55,11 @@ def main() -> None:
 
     def make_batch(step):
         samples = [gen.qa_sample(step * 16 + j) for j in range(16)]
-        return oracle(recipe.answer_batch(processor, samples), samples)
+        return oracle(answer_batch(processor, samples), samples)
 
     cfg = TrainConfig(steps=args.steps, batch_size=16, lr=args.lr, warmup=0.05, log_every=25, ckpt_every=10**9,
-                      precision=recipe.precision())
-    run(model, make_batch, recipe.answer_loss, cfg)
+                      precision=precision())
+    run(model, make_batch, answer_loss, cfg)
     model.eval()
     items = [s for s in benchmark_set(args.items * 2) if s.category in CATEGORIES][:args.items]
     right: dict = {}

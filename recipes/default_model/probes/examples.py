@@ -1,7 +1,7 @@
 """Ask a model the example questions of `examples/README.md` (its table: image, question, expected answer) and
 print what it answers, scored by the benchmark's exact match (`vlmkit.eval.metrics.exact_match`).
 
-    python bench/default_examples.py [MODEL]   # default: the shipped default model
+    python -m recipes.default_model.probes.examples [MODEL]   # default: the shipped default model
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image
 import vlmkit
 from vlmkit.eval.metrics import exact_match
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
 def example_questions(readme: Path = EXAMPLES / "README.md") -> list[tuple[str, str, str]]:

@@ -2,8 +2,8 @@
 and per-patch heads on the patches that lie on an object), from a run folder's `stage0-vision.ckpt`, and of stage
 0a's shape head from `stage0-shapes.ckpt` (whichever exist).
 
-    python bench/default_vision_heads.py runs/default [--images 512]
-    python bench/default_vision_heads.py runs/default --image examples/shapes.png   # what stage 0b sees, per patch
+    python -m recipes.default_model.probes.vision_heads runs/default [--images 512]
+    python -m recipes.default_model.probes.vision_heads runs/default --image examples/shapes.png  # 0b's view, per patch
 """
 
 from __future__ import annotations
@@ -16,20 +16,23 @@ import torch
 from PIL import Image
 
 from vlmkit.data.synthetic import BENCHMARK_SEED, COLORS, SHAPES, SINGLE_IMAGE_CATEGORIES, SyntheticGenerator
-from vlmkit.train import default_recipe as recipe
-from vlmkit.train import vision_stages as stages0
-from vlmkit.train.checkpoint import load_checkpoint
+from vlmkit.train.loop import load_checkpoint
+
+from ..config import RecipeConfig
+from ..model_folder import pixels, prepare_folder
+from ..vision import SHAPE_CATEGORIES, shape_batch, shape_stage, vision_batch, vision_stage
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path, help="a `vlmkit train --recipe default --out` folder")
+    ap.add_argument("run", type=Path, help="a `python -m recipes.default_model --out` folder")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--image", type=Path, help="instead: print the per-patch shape / colour heads' map of this image")
     args = ap.parse_args()
-    model, processor = recipe.prepare_folder(Path(tempfile.mkdtemp()))
+    recipe = RecipeConfig()
+    model, processor = prepare_folder(Path(tempfile.mkdtemp()), recipe)
     if args.image:
-        return patch_map(model, processor, args.run, args.image)
+        return patch_map(model, processor, args.run, args.image, recipe)
     right, total = {}, {}
 
     def count(key, hits, n):
@@ -38,23 +41,24 @@ def main() -> None:
     def batches(categories, make):
         gen = SyntheticGenerator(BENCHMARK_SEED, categories=categories, stage=2)
         for start in range(0, args.images, 32):
-            yield make(processor, [gen.qa_sample(start + j) for j in range(min(32, args.images - start))])
+            samples = [gen.qa_sample(start + j) for j in range(min(32, args.images - start))]
+            yield make(processor, samples, recipe.arch)
 
     with torch.no_grad():
         if (args.run / "stage0-shapes.ckpt").is_file():
-            shapes = stages0.shape_stage(model)
+            shapes = shape_stage(model, recipe.arch)
             load_checkpoint(args.run / "stage0-shapes.ckpt", shapes)
             shapes.eval()
-            for batch in batches(recipe.SHAPE_CATEGORIES, stages0.shape_batch):
+            for batch in batches(SHAPE_CATEGORIES, shape_batch):
                 pred = shapes["shape_head"](shapes["vision"](batch["pixel_values"])).argmax(-1)
                 y = batch["patch_shape"]
                 on_object = y != len(SHAPES)
                 count("stage 0a patch_shape (object patches)", (pred[on_object] == y[on_object]).sum(), on_object.sum())
         if (args.run / "stage0-vision.ckpt").is_file():
-            stage0 = stages0.vision_stage(model)
+            stage0 = vision_stage(model, recipe.arch)
             load_checkpoint(args.run / "stage0-vision.ckpt", stage0)
             stage0.eval()
-            for batch in batches(SINGLE_IMAGE_CATEGORIES, stages0.vision_batch):
+            for batch in batches(SINGLE_IMAGE_CATEGORIES, vision_batch):
                 scene, patch = stage0["heads"](stage0["vision"](batch["pixel_values"]))
                 for key, logits in scene.items():
                     y = batch["labels"][key]
@@ -72,12 +76,12 @@ def main() -> None:
 
 
 @torch.no_grad()
-def patch_map(model, processor, run: Path, image: Path) -> None:
-    stage0 = stages0.vision_stage(model)
+def patch_map(model, processor, run: Path, image: Path, recipe: RecipeConfig) -> None:
+    stage0 = vision_stage(model, recipe.arch)
     load_checkpoint(run / "stage0-vision.ckpt", stage0)
     stage0.eval()
-    _, patch = stage0["heads"](stage0["vision"](recipe.pixels(processor, [Image.open(image).convert("RGB")])))
-    grid = recipe.PATCH_GRID
+    _, patch = stage0["heads"](stage0["vision"](pixels(processor, [Image.open(image).convert("RGB")])))
+    grid = recipe.arch.patch_grid
     shapes, colors = (patch[k][0].argmax(-1).view(grid, grid) for k in ("patch_shape", "patch_color"))
     for row in range(grid):
         cells = [f"{(SHAPES + ('',))[shapes[row, col]][:4]}/{(COLORS + ('',))[colors[row, col]][:3]}"

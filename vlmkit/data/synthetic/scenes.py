@@ -2,7 +2,7 @@
 
 A *scene* is a plain dict (JSON-friendly: str, int, float, lists) describing one image completely: its size,
 background, objects (shape, colour, centre, radius in pixels), texts, chart and augmentations.
-:func:`vlmkit.data.render.render_scene` draws it. Scenes are the ground truth stored in ``Sample.meta``.
+:func:`.render.render_scene` draws it. Scenes are the ground truth stored in ``Sample.meta``.
 """
 
 from __future__ import annotations

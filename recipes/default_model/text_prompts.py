@@ -1,6 +1,6 @@
 """Plain text questions (no image) for distillation: the default model's language stage also trains on the base
 SmolLM2's own answers to these, so the LoRA learns the image questions without changing how text questions are
-answered. Templated, deterministic, and disjoint from the held-out questions of `bench/default_text_answers.py`.
+answered. Templated, deterministic, and disjoint from the held-out questions of `probes/text_answers.py`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Rendering for the synthetic generator: fonts, shapes, backgrounds, text, charts and augmentations.
 
-Everything here is a pure function of a *scene* dict (see :mod:`vlmkit.data.scenes`): the scene carries
+Everything here is a pure function of a *scene* dict (see :mod:`.scenes`): the scene carries
 every random choice (including the seeds of the background texture and of the pixel noise), so
 ``render_scene(scene)`` always draws the same pixels on the same machine. Only Pillow and numpy are used.
 

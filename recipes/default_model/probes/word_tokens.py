@@ -1,12 +1,12 @@
 """Do the default model's image tokens say the right words? For held-out images, the colour word and the shape word
 whose embeddings are closest to each image token, scored on the cells that hold exactly one object, the closest
-position word (left, right, top, bottom, center; v7) on those whose object has one, whether the token most like
-"biggest" / "smallest" is that of the object clearly so (v8; images with one), and whether empty cells stay empty
+position word (left, right, top, bottom, center) on those whose object has one, whether the token most like
+"biggest" / "smallest" is that of the object clearly so (images with one), and whether empty cells stay empty
 (closer to stage 0c's empty target than to any object's words).
 
-    python bench/default_word_tokens.py runs/default/stage0-words.ckpt   # right after stage 0c
-    python bench/default_word_tokens.py vlmkit/weights/default           # an adapter folder (after stage 1)
-    python bench/default_word_tokens.py default --image examples/shapes.png   # the words of each cell of one image
+    python -m recipes.default_model.probes.word_tokens runs/default/stage0-words.ckpt  # right after stage 0c
+    python -m recipes.default_model.probes.word_tokens vlmkit/weights/default  # an adapter folder (after stage 1)
+    python -m recipes.default_model.probes.word_tokens default --image examples/shapes.png  # each cell's words
 """
 
 from __future__ import annotations
@@ -19,16 +19,18 @@ import torch
 from PIL import Image
 
 from vlmkit.data.synthetic import BENCHMARK_SEED, COLORS, SHAPES, SyntheticGenerator
-from vlmkit.train import default_recipe as recipe
-from vlmkit.train.checkpoint import load_checkpoint
-from vlmkit.train.word_targets import EMPTY_SCALE, EMPTY_WORD, EXTREMES, POSITIONS, WordTargets
+from vlmkit.train.loop import load_checkpoint
+
+from ..config import LanguageStage, RecipeConfig
+from ..model_folder import pixels, prepare_folder
+from ..words import EXTREMES, POSITIONS, WordTargets
 
 CATEGORIES = ("color", "shape", "position", "yesno", "counting")
 
 
 def load(source: str):
     if source.endswith(".ckpt"):
-        model, processor = recipe.prepare_folder(Path(tempfile.mkdtemp()), lora=None)
+        model, processor = prepare_folder(Path(tempfile.mkdtemp()), RecipeConfig(language=LanguageStage(lora=False)))
         load_checkpoint(Path(source), torch.nn.ModuleDict({"vision": model.vision, "connector": model.connector}))
         return model, processor
     import vlmkit
@@ -46,16 +48,16 @@ def main() -> None:
     args = ap.parse_args()
     model, processor = load(args.source)
     model.eval()
-    words = WordTargets.of(model, processor, recipe.POSITION_SCALE, recipe.EXTREME_SCALE)
+    words = WordTargets.of(model, processor, RecipeConfig())
     grid, colors, shapes, places = words.grid, words.vocab(COLORS), words.vocab(SHAPES), words.vocab(POSITIONS)
-    empty = EMPTY_SCALE * words.word(EMPTY_WORD)
+    empty = words.empty()
 
     def describe(tokens):  # closest colour, shape and position word of each token, and its distance to empty
         return ((tokens @ colors.T).argmax(-1), (tokens @ shapes.T).argmax(-1), (tokens @ places.T).argmax(-1),
                 (tokens - empty).norm(dim=-1))
 
     if args.image:
-        feats = model.encode_images(recipe.pixels(processor, [Image.open(args.image).convert("RGB")]))[0]
+        feats = model.encode_images(pixels(processor, [Image.open(args.image).convert("RGB")]))[0]
         c, s, p, d = describe(feats)
         for r in range(grid):
             cells = range(r * grid, (r + 1) * grid)
@@ -67,7 +69,7 @@ def main() -> None:
             "object not empty": [0, 0], **{w: [0, 0] for w in EXTREMES}}
     for start in range(0, args.images, 32):
         samples = [gen.qa_sample(start + j) for j in range(min(32, args.images - start))]
-        feats = model.encode_images(recipe.pixels(processor, [s.images[0] for s in samples]))
+        feats = model.encode_images(pixels(processor, [s.images[0] for s in samples]))
         for sample, tokens in zip(samples, feats):
             scene = sample.meta["scenes"][0]
             c, s, p, d = describe(tokens)
