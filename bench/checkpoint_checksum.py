@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import timed
-
+from vlmkit.benchmark import timed
 from vlmkit.data.readers import Example
 from vlmkit.train.checkpoint import atomic_save, data_fingerprint, read_checkpoint
 

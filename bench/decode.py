@@ -11,6 +11,7 @@ import time
 import torch
 
 from common import gguf_path, quantize_arg
+from vlmkit.benchmark import best, time_tokens
 
 QUESTIONS = [
     "What is the capital of France?", "Write a short poem about the sea.", "Explain photosynthesis simply.",
@@ -53,18 +54,7 @@ def vlmkit_decoder(mode: str, compile_: bool = False):
 
 def run_vlmkit(decoder, rows, new_tokens: int) -> tuple[float, float]:
     """(time to first token, decode tokens/s) for one batch."""
-    from vlmkit.generation.loop import GenerationConfig, generate_tokens
-
-    batch = left_pad(rows)
-    cfg = GenerationConfig(max_new_tokens=new_tokens)  # no eos: always new_tokens tokens
-    t0 = time.perf_counter()
-    steps = generate_tokens(decoder, batch, cfg)
-    next(steps)
-    t1 = time.perf_counter()
-    n = 1 + sum(1 for _ in steps)
-    t2 = time.perf_counter()
-    assert n == new_tokens
-    return t1 - t0, len(rows) * (n - 1) / (t2 - t1)
+    return time_tokens(decoder, left_pad(rows), new_tokens)
 
 
 def transformers_decoder():
@@ -108,14 +98,6 @@ def run_transformers(model, rows, new_tokens: int) -> tuple[float, float]:
     assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
     first, last = clock.times[1], clock.times[-1]  # times[0]: the prompt itself
     return first - t0, len(rows) * (new_tokens - 1) / (last - first)
-
-
-def best(fn, repeat: int) -> tuple[float, float]:
-    """Best decode rate over `repeat` runs (after one warm-up), with the median time to first token."""
-    fn()
-    results = [fn() for _ in range(repeat)]
-    ttfts = sorted(r[0] for r in results)
-    return ttfts[len(ttfts) // 2], max(r[1] for r in results)
 
 
 def measure(new_tokens: int = 128, repeat: int = 3, threads: int = 2, log=print) -> dict:

@@ -12,8 +12,9 @@ import sys
 
 import torch  # noqa: F401  (imported before the baseline is read)
 
-from common import peak_rss_bytes, quantize_arg, rss_bytes, test_image
+from common import quantize_arg
 from vlm import QUESTION, first_turn
+from vlmkit.benchmark import peak_rss_bytes, rss_bytes, test_image
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ import pstats
 
 import torch
 
-from common import quantize_arg, test_image
+from common import quantize_arg
+from vlmkit.benchmark import test_image
 
 
 def _torch_profile(fn, rows: int = 14) -> str:

@@ -1,5 +1,6 @@
-"""`vlmkit bench` (or `python bench/run.py`): vlmkit against transformers and llama.cpp in ONE run, on the same
-checkpoints and prompts, written to bench/results.md with every target of issue 6 and its measured ratio.
+"""`python -m bench` (or `python bench/run.py`), from a source checkout: vlmkit against transformers and llama.cpp in
+ONE run, on the same checkpoints and prompts, written to bench/results.md with every target of issue 6 and its
+measured ratio. (`vlmkit bench` times one model alone, from an installed package: vlmkit/benchmark.py.)
 
 Needs the dev extra (transformers) for the transformers rows and, for the llama.cpp row, llama-cpp-python (no wheel
 for this platform: `pip install llama-cpp-python` compiles llama.cpp). Rows whose peer is missing say so."""
@@ -37,7 +38,7 @@ def carry_over(results: dict, old: dict, skipped: list) -> None:
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--model", default="default", help="the VLM to time (default: the embedded model, else "
                    "runs/default, else the default architecture with random vision weights)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="only float32 and this mode")
@@ -53,8 +54,8 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None, args=None) -> int:
-    args = args or parse(argv)
+def main(argv=None) -> int:
+    args = parse(argv)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     modes = MODES if args.quantize is None else ("float32", args.quantize)
@@ -64,7 +65,7 @@ def main(argv=None, args=None) -> int:
         sys.exit(f"--keep: no earlier results to keep sections from ({out.with_suffix('.json')} does not exist)")
     earlier = json.loads(out.with_suffix(".json").read_text()) if args.keep else None  # before the minutes of work
     results = {"machine": machine(), "modes": list(modes), "threads": threads,
-               "command": "vlmkit bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+               "command": " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]),
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
     def log(msg):

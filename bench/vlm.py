@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from common import quantize_arg, test_image, timed
+from common import quantize_arg
+from vlmkit.benchmark import test_image, timed
 
 QUESTION = "What colour is the big circle?"
 FOLLOW_UP = "And how many shapes are there?"

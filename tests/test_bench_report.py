@@ -1,6 +1,8 @@
 """bench/run.py --keep: sections not measured again come from the earlier results, and the report says so."""
 
 import importlib.util as iu
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,3 +48,11 @@ def test_nothing_skipped_carries_nothing():
     new = {"date": "d"}
     run.carry_over(new, {"date": "old", "command": "c", "machine": MACHINE, "decode": {}}, [])
     assert new == {"date": "d"}
+
+
+def test_the_suite_runs_as_python_m_bench():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=BENCH.parent, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m bench") and "--keep" in done.stdout

@@ -1,4 +1,4 @@
-"""The `vlmkit` command line: `main([...])` in-process (capsys), and once as a real process (`python -m vlmkit.cli`),
+"""The `vlmkit` command line: `main([...])` in-process (capsys), and once as a real process (`python -m vlmkit`),
 against a tiny checkpoint written by `vlmkit.save`. Bad input must give exit code 2 and ONE line naming the problem."""
 
 import io
@@ -12,6 +12,7 @@ import pytest
 import vlmkit
 from hf_fixtures import sample_images
 from vlmkit import api, cli
+from vlmkit.cli import chat_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--max-new-tokens", "3"]
@@ -57,7 +58,7 @@ def test_run_with_placeholders_and_sampling_flags(files, capsys):
 
 def test_run_as_a_process(files):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "vlmkit.cli", "run", "--model", files["model"], "--image", files["a"],
+    cmd = [sys.executable, "-m", "vlmkit", "run", "--model", files["model"], "--image", files["a"],
            "--image", files["b"], *FAST, "What is shown?"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -159,7 +160,7 @@ def test_run_checks_every_image_before_loading_the_model(files, capsys, monkeypa
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(cli, "_load_model", must_not_load)
+    monkeypatch.setattr(chat_command, "load_model", must_not_load)
     monkeypatch.setattr(api, "load", must_not_load)
     (files["root"] / "notes.txt").write_text("not an image")
     a, b = files["a"], files["b"]
@@ -191,3 +192,24 @@ def test_parser_lists_only_real_commands(capsys):
     assert "run" in capsys.readouterr().out
     assert cli.main([]) == 2
     one_error_line(capsys.readouterr().err)
+
+
+def test_bench_times_the_model(files, capsys):
+    argv = ["bench", "--model", files["model"], "--new-tokens", "4", "--repeat", "1"]
+    assert cli.main(argv + ["--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["model"] == files["model"] and r["family"] == "llava" and r["new_tokens"] == 4
+    assert r["prompt_tokens"] > 9  # the image's 9 tokens and the question
+    for key in ("load_s", "preprocess_s", "prefill_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+                "peak_memory_bytes"):
+        assert r[key] > 0, key
+    assert r["ttft_s"] == r["preprocess_s"] + r["prefill_s"]
+    assert cli.main(argv + ["--image", files["a"], "--prompt", "What colour?"]) == 0
+    out, err = capsys.readouterr()
+    assert "| decode (4 tokens) |" in out and "tokens/s" in out and "| peak memory |" in out
+    assert "loaded in" in err
+
+
+def test_bench_refuses_a_bad_image_before_loading(files, capsys):
+    assert cli.main(["bench", "--model", files["model"], "--image", files["corrupt"]]) == 2
+    assert "cannot read image" in one_error_line(capsys.readouterr().err)

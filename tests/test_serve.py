@@ -509,7 +509,7 @@ def test_cli_serve_subprocess(hf_checkpoint_dir):
         port = s.getsockname()[1]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vlmkit.cli", "serve", "--model", folder, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "vlmkit", "serve", "--model", folder, "--port", str(port),
                              "--name", "cli-model", "--no-ui", "--allow-remote-images", "--max-batch", "4"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

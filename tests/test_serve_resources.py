@@ -155,10 +155,11 @@ def test_huge_images_neither_hold_memory_nor_delay_small_ones(vlm):
 
 def test_serve_flag_sets_the_request_pixel_budget(monkeypatch):
     from vlmkit import cli, serve
+    from vlmkit.cli import serve_command
     from vlmkit.serve import app as app_module
 
     seen = {}
-    monkeypatch.setattr(cli, "_load_model", lambda args: object())
+    monkeypatch.setattr(serve_command, "load_model", lambda args: object())
     monkeypatch.setattr(serve, "create_app", lambda vlm, **kw: seen.update(kw) or "app")
     monkeypatch.setattr(app_module, "run", lambda app, **kw: None)
     assert cli.main(["serve", "--no-ui", "--max-request-pixels", "1234"]) == 0

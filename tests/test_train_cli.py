@@ -118,3 +118,11 @@ def test_resume_refuses_a_corrupt_checkpoint_and_changed_data(hf_checkpoint_dir,
     assert cli.main(argv + ["--steps", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"checkpoint {ck} is corrupt" in err and f"delete {ck}" in err and "another --out" in err
+
+
+def test_train_help_describes_fine_tuning_only(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "python -m recipes.default_model" in out
+    assert "--recipe" not in out and "--ship" not in out and "--word-steps" not in out
+    assert cli.main(["train", "--recipe", "default"]) == 2  # the recipe has its own command now

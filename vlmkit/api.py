@@ -326,22 +326,39 @@ class VLM:
         return (logp * tail_mask).sum(dim=1).tolist()
 
     def info(self) -> dict:
-        cfg = self.model.cfg
-        quantized = [m for m in self.model.modules() if hasattr(m, "dequantize")]
-        params = sum(p.numel() for p in self.model.parameters()) + sum(
-            getattr(m, "out_features", getattr(m, "num_embeddings", 0)) * getattr(m, "in_features",
-            getattr(m, "embedding_dim", 0)) for m in quantized)  # quantized weights live in buffers
-        bytes_ = memory_bytes(self.model)
+        """What the model is and what it costs: family, parameters (all, and split into vision / connector /
+        cross-attention / text, which add up to all), image tokens, context, dtype, bytes of the weights and of the
+        KV cache per token."""
+        cfg, model = self.model.cfg, self.model
+        text = getattr(model, "text", None)
+        cross = parameter_count(text, lambda name: name.startswith("cross_blocks"))
+        t = cfg.text
+        itemsize = next(model.parameters()).element_size()
         return {
-            "family": cfg.family, "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],
-            "parameters": params, "vision_parameters": sum(p.numel() for p in self.model.vision.parameters()),
-            "text_parameters": sum(p.numel() for p in self.model.text.parameters()),
+            "family": cfg.extra.get("hf_architecture", cfg.family),
+            "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],
+            "parameters": parameter_count(model),
+            "vision_parameters": parameter_count(getattr(model, "vision", None)),
+            "connector_parameters": parameter_count(getattr(model, "connector", None)),
+            "cross_attention_parameters": cross, "text_parameters": parameter_count(text) - cross,
             "connector": cfg.connector.kind, "merge": cfg.merge, "tokens_per_image": cfg.tokens_per_image,
             "image_size": cfg.vision.image_size, "context_length": self.context_length,
-            "dtype": str(self.model.dtype).removeprefix("torch."), "memory_bytes": bytes_,
+            "dtype": str(model.dtype).removeprefix("torch."), "memory_bytes": memory_bytes(model),
+            "kv_cache_bytes_per_token": 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize,
             "folder": str(self.folder) if self.folder else None,
             "quantization": (self.quantization or {}).get("mode"),
         }
+
+
+def parameter_count(module: Optional[torch.nn.Module], keep=lambda name: True) -> int:
+    """Parameters of `module` whose names pass `keep`. A quantized layer's weight lives in buffers: it counts as the
+    out x in elements it stands for."""
+    if module is None:
+        return 0
+    n = sum(p.numel() for name, p in module.named_parameters() if keep(name))
+    return n + sum(getattr(m, "out_features", getattr(m, "num_embeddings", 0))
+                   * getattr(m, "in_features", getattr(m, "embedding_dim", 0))
+                   for name, m in module.named_modules() if hasattr(m, "dequantize") and keep(name))
 
 
 __all__ = ["load", "save", "VLM", "config_from_folder"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -129,16 +128,3 @@ class VLMConfig:
     @property
     def merge(self) -> str:
         return "cross_attention" if self.cross_attn is not None else "splice"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VLMConfig":
-        d = dict(d)
-        d["vision"] = VisionConfig(**d.get("vision", {}))
-        d["connector"] = ConnectorConfig(**d.get("connector", {}))
-        d["text"] = TextConfig(**d.get("text", {}))
-        if d.get("cross_attn") is not None:
-            d["cross_attn"] = CrossAttnConfig(**d["cross_attn"])
-        return cls(**d)

@@ -38,7 +38,8 @@ EXAMPLES = [("shapes.png", "What color is the circle?"), ("shapes.png", "What sh
             ("text.png", "What word is written in the image?"), ("chart.png", "Which bar is the tallest?"),
             ("pie.png", "Which slice is the largest?")]
 DEFAULT_MODEL_EXAMPLES = 4
-FAMILY_NAMES = {"llava": "LLaVA", "idefics": "IDEFICS", "idefics2": "Idefics2", "idefics3": "Idefics3 / SmolVLM"}
+FAMILY_NAMES = {"llava": "LLaVA", "idefics": "IDEFICS", "idefics2": "Idefics2", "idefics3": "Idefics3 / SmolVLM",
+                "smolvlm": "Idefics3 / SmolVLM"}
 
 
 # --------------------------------------------------------------------------------------------- what is served

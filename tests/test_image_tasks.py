@@ -1,4 +1,4 @@
-"""vlmkit.tasks on the tiny random checkpoints of every family.
+"""vlmkit.image_tasks on the tiny random checkpoints of every family.
 
 Random models write gibberish, so these tests check behaviour: the prompt each task builds (its messages, the
 guide's instruction text, how many images reach the model), that `classify(method="score")` ranks by `m.score`,
@@ -11,7 +11,7 @@ import pytest
 
 import vlmkit
 from hf_fixtures import FAMILIES, sample_images
-from vlmkit import tasks
+from vlmkit import image_tasks
 from vlmkit.processing.prompts import PromptError
 
 FAST = dict(max_new_tokens=3)
@@ -65,46 +65,47 @@ def prompt_text(m, prompt) -> str:
 # ---------------------------------------------------------------------------------------------- no model
 
 def test_message_builders():
-    msgs = tasks.caption_messages(A)
+    msgs = image_tasks.caption_messages(A)
     assert msgs == [{"role": "user", "content": [{"type": "image", "image": A},
                                                  {"type": "text", "text": "Describe this image."}]}]
-    assert tasks.caption_messages(A, prompt="")[0]["content"] == [{"type": "image", "image": A}]
+    assert image_tasks.caption_messages(A, prompt="")[0]["content"] == [{"type": "image", "image": A}]
 
-    vqa = tasks.vqa_messages(A, "Where are these people?")
+    vqa = image_tasks.vqa_messages(A, "Where are these people?")
     assert [p["type"] for p in vqa[0]["content"]] == ["text", "image", "text"]
     assert vqa[0]["content"][0]["text"] == "Instruction: Provide an answer to the question. Use the image to answer.\n"
     assert vqa[0]["content"][2]["text"] == "Question: Where are these people? Answer:"
-    assert [p["type"] for p in tasks.vqa_messages(A, "Why?", instruction=None)[0]["content"]] == ["image", "text"]
+    assert [p["type"] for p in image_tasks.vqa_messages(A, "Why?", instruction=None)[0]["content"]] == ["image", "text"]
 
-    shots = tasks.few_shot_messages([(A, "An image of a red circle."), (B, "What is it?", "A green triangle.")], A)
+    shots = image_tasks.few_shot_messages(
+        [(A, "An image of a red circle."), (B, "What is it?", "A green triangle.")], A)
     assert [m["role"] for m in shots] == ["user", "assistant", "user", "assistant", "user"]
-    assert tasks.count_images(shots) == 3
+    assert image_tasks.count_images(shots) == 3
     assert shots[1]["content"] == [{"type": "text", "text": "An image of a red circle."}]
     assert shots[2]["content"][1]["text"] == "What is it?" and shots[4]["content"][1]["text"] == "Describe this image."
 
-    cls = tasks.classify_messages(A, ["animals", "vegetables"])
+    cls = image_tasks.classify_messages(A, ["animals", "vegetables"])
     assert cls[0]["content"][0]["text"] == ("Instruction: Classify the following image into a single category from "
                                             "the following list: ['animals', 'vegetables'].\n")
-    assert cls[0]["content"][2]["text"] == "Category:" and tasks.count_images(cls) == 1
+    assert cls[0]["content"][2]["text"] == "Category:" and image_tasks.count_images(cls) == 1
 
-    story = tasks.story_messages(A)
+    story = image_tasks.story_messages(A)
     assert story[0]["content"][0]["text"] == "Instruction: Use the image to write a story.\n"
-    assert tasks.count_images(story) == 1
+    assert image_tasks.count_images(story) == 1
 
     for bad in ([], "animals", ["a", "a"], ["a", ""]):
         with pytest.raises(ValueError):
-            tasks.classify_messages(A, bad)
+            image_tasks.classify_messages(A, bad)
     with pytest.raises(PromptError):
-        tasks.few_shot_messages([(A,)], B)
+        image_tasks.few_shot_messages([(A,)], B)
 
 
 def test_user_content_places_images_at_placeholders():
-    assert [p["type"] for p in tasks.user_content("Compare", [A, B])] == ["image", "image", "text"]
-    parts = tasks.user_content("First <image> then <image> which?", [A, B])
+    assert [p["type"] for p in image_tasks.user_content("Compare", [A, B])] == ["image", "image", "text"]
+    parts = image_tasks.user_content("First <image> then <image> which?", [A, B])
     assert [p.get("text", p["type"]) for p in parts] == ["First ", "image", " then ", "image", " which?"]
     assert parts[1]["image"] is A and parts[3]["image"] is B
     with pytest.raises(PromptError, match="2 <image> placeholder"):
-        tasks.user_content("<image><image>", [A])
+        image_tasks.user_content("<image><image>", [A])
 
 
 @pytest.mark.parametrize("answer, expected", [
@@ -114,7 +115,7 @@ def test_user_content_places_images_at_placeholders():
 ])
 def test_match_label(answer, expected):
     labels = ["animals", "vegetables", "city landscape", "cars", "office"]
-    assert tasks.match_label(answer, labels) == expected
+    assert image_tasks.match_label(answer, labels) == expected
 
 
 def test_join_prefix_restores_the_space_sentencepiece_drops():
@@ -125,9 +126,9 @@ def test_join_prefix_restores_the_space_sentencepiece_drops():
         def decode(self, ids):
             return "a"  # the leading "▁" of a word is dropped when the new tokens are decoded alone
 
-    assert tasks.join_prefix("This is an image of ", "a dog", SentencePieceLike()) == "This is an image of a dog"
-    assert tasks.join_prefix("Once upon a time", ", a fox", SentencePieceLike()) == "Once upon a time, a fox"
-    assert tasks.join_prefix("Once upon a time", " a fox", None) == "Once upon a time a fox"
+    assert image_tasks.join_prefix("This is an image of ", "a dog", SentencePieceLike()) == "This is an image of a dog"
+    assert image_tasks.join_prefix("Once upon a time", ", a fox", SentencePieceLike()) == "Once upon a time, a fox"
+    assert image_tasks.join_prefix("Once upon a time", " a fox", None) == "Once upon a time a fox"
 
 
 # ---------------------------------------------------------------------------------------------- on the models
@@ -136,12 +137,13 @@ def test_join_prefix_restores_the_space_sentencepiece_drops():
 def test_rendered_prompt_equals_the_messages_path(load, family):
     """render_prompt (used when the answer has a prefix) gives exactly the ids the processor makes from messages."""
     m = load(family)
-    for msgs in (tasks.caption_messages(A), tasks.few_shot_messages([(A, "A red circle."), (B, "A triangle.")], B)):
-        text, images = tasks.render_prompt(m, msgs)
-        assert text.count("<image>") == len(images) == tasks.count_images(msgs)
+    shots = image_tasks.few_shot_messages([(A, "A red circle."), (B, "A triangle.")], B)
+    for msgs in (image_tasks.caption_messages(A), shots):
+        text, images = image_tasks.render_prompt(m, msgs)
+        assert text.count("<image>") == len(images) == image_tasks.count_images(msgs)
         assert m.processor(text, images)["input_ids"].tolist() == m.processor(msgs)["input_ids"].tolist()
         assert images_seen(m, text, images) == len(images)
-    text, _ = tasks.render_prompt(m, tasks.story_messages(A), prefix="Once upon a time")
+    text, _ = image_tasks.render_prompt(m, image_tasks.story_messages(A), prefix="Once upon a time")
     assert text.endswith(":" + " Once upon a time") and "Use the image to write a story." in text
 
 
@@ -155,14 +157,14 @@ def test_single_image_tasks_build_the_guide_prompts(load, family, monkeypatch):
         "classify": ("from the following list: ['circle', 'triangle']", 1),
     }
     answers = {
-        "caption": tasks.caption(m, A, **FAST),
-        "vqa": tasks.vqa(m, A, "What colour is the circle?", **FAST),
-        "few_shot": tasks.few_shot(m, [(A, "An image of a red circle.")], B, **FAST),
-        "story": tasks.story(m, A, **FAST),
+        "caption": image_tasks.caption(m, A, **FAST),
+        "vqa": image_tasks.vqa(m, A, "What colour is the circle?", **FAST),
+        "few_shot": image_tasks.few_shot(m, [(A, "An image of a red circle.")], B, **FAST),
+        "story": image_tasks.story(m, A, **FAST),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gibberish names no label
-        label = tasks.classify(m, A, ["circle", "triangle"], **FAST)
+        label = image_tasks.classify(m, A, ["circle", "triangle"], **FAST)
     assert label in (None, "circle", "triangle")
     assert len(gen.calls) == 5
     for (task, (needle, n_images)), (args, kwargs) in zip(expected.items(), gen.calls):
@@ -179,8 +181,8 @@ def test_single_image_tasks_build_the_guide_prompts(load, family, monkeypatch):
 def test_prompted_caption_continues_the_prefix(load, monkeypatch):
     m = load("idefics2")
     Spy(monkeypatch, m, "generate", result=lambda *a, **k: " a red circle")
-    assert tasks.caption(m, A, prefix="This is an image of ") == "This is an image of a red circle"
-    assert tasks.caption(m, A) == "a red circle"
+    assert image_tasks.caption(m, A, prefix="This is an image of ") == "This is an image of a red circle"
+    assert image_tasks.caption(m, A) == "a red circle"
 
 
 @pytest.mark.parametrize("family", ["llava", "idefics", "idefics2"])
@@ -188,7 +190,7 @@ def test_classify_score_ranks_labels_by_m_score(load, family, monkeypatch):
     m = load(family)
     labels = ["circle", "red circle", "triangle", "blue square"]
     score = Spy(monkeypatch, m, "score")
-    ranked = tasks.classify(m, A, labels, method="score")
+    ranked = image_tasks.classify(m, A, labels, method="score")
     (prompt, candidates), kwargs = score.calls[0][0], score.calls[0][1]
     real = m.score.real(prompt, candidates, images=kwargs["images"], raw=True)
     assert [c.strip() for c in candidates] == labels and images_seen(m, prompt, kwargs["images"]) == 1
@@ -198,33 +200,33 @@ def test_classify_score_ranks_labels_by_m_score(load, family, monkeypatch):
     assert dict(ranked) == pytest.approx(dict(zip(labels, real)))
 
     Spy(monkeypatch, m, "score", result=lambda *a, **k: [-3.0, -1.0, -2.0])
-    assert tasks.classify(m, A, ["a", "b", "c"], method="score") == [("b", -1.0), ("c", -2.0), ("a", -3.0)]
+    assert image_tasks.classify(m, A, ["a", "b", "c"], method="score") == [("b", -1.0), ("c", -2.0), ("a", -3.0)]
     with pytest.raises(ValueError, match="method"):
-        tasks.classify(m, A, labels, method="vote")
+        image_tasks.classify(m, A, labels, method="vote")
 
 
 def test_classify_generate_maps_the_answer_to_a_label(load, monkeypatch):
     m = load("llava")
     labels = ["animals", "vegetables", "city landscape"]
     Spy(monkeypatch, m, "generate", result=lambda *a, **k: " Vegetables.")
-    assert tasks.classify(m, A, labels) == "vegetables"
+    assert image_tasks.classify(m, A, labels) == "vegetables"
     Spy(monkeypatch, m, "generate", result=lambda *a, **k: "a boat")
     with pytest.warns(UserWarning, match="names none of the labels"):
-        assert tasks.classify(m, A, labels) is None
+        assert image_tasks.classify(m, A, labels) is None
 
 
 @pytest.mark.parametrize("family", ["llava", "idefics", "idefics2", "smolvlm"])
 def test_chat_keeps_history_and_reset_clears_it(load, family, monkeypatch):
     m = load(family)
     gen = Spy(monkeypatch, m, "generate")
-    chat = tasks.Chat(m, system="Answer briefly.")
+    chat = image_tasks.Chat(m, system="Answer briefly.")
     first = chat.ask("What is in this image?", images=[A], **FAST)
     second = chat.ask("And in this one?", images=[B], **FAST)
     third = "".join(chat.stream("Which is bigger?", **FAST))
     assert [msg["role"] for msg in chat.history] == ["system"] + ["user", "assistant"] * 3
     assert chat.turns == 3 and chat.history[-1]["content"][0]["text"] == third.strip()
     # images stay with the turn they were given in; every turn sends the whole history
-    assert [tasks.count_images([msg]) for msg in chat.history] == [0, 1, 0, 1, 0, 0, 0]
+    assert [image_tasks.count_images([msg]) for msg in chat.history] == [0, 1, 0, 1, 0, 0, 0]
     prompts = [args[0] for args, _ in gen.calls]
     assert [images_seen(m, p) for p in prompts] == [1, 2, 2]
     assert [sum(msg["role"] == "user" for msg in p) for p in prompts] == [1, 2, 3]
@@ -235,12 +237,12 @@ def test_chat_keeps_history_and_reset_clears_it(load, family, monkeypatch):
     assert chat.history == [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]}]
     chat.ask("Hello", **FAST)
     assert images_seen(m, gen.calls[-1][0][0]) == 0 and chat.turns == 1
-    assert tasks.Chat(m).history == []
+    assert image_tasks.Chat(m).history == []
 
 
 def test_chat_failed_turn_leaves_history_unchanged(load):
     m = load("idefics2")
-    chat = tasks.Chat(m)
+    chat = image_tasks.Chat(m)
     chat.ask("Hi", images=[A], **FAST)
     before = list(chat.history)
     with pytest.raises(PromptError, match="placeholder"):
@@ -255,7 +257,7 @@ def test_batch_returns_one_answer_per_item(load, family, monkeypatch):
     m = load(family)
     spy = Spy(monkeypatch, m, "generate_batch")
     items = [(A, "What colour is the circle?"), (B, "What shape is green?"), A]
-    answers = tasks.batch(m, items, **FAST)
+    answers = image_tasks.batch(m, items, **FAST)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     assert len(spy.calls) == 1
     prompts = spy.calls[0][0][0]
@@ -263,13 +265,13 @@ def test_batch_returns_one_answer_per_item(load, family, monkeypatch):
     assert "Question: What shape is green? Answer:" in prompt_text(m, prompts[1])
     assert "Describe this image." in prompt_text(m, prompts[2])  # an image alone is captioned
     with pytest.raises(ValueError):
-        tasks.batch(m, [])
+        image_tasks.batch(m, [])
 
 
 def test_idefics_few_shot_each_text_sees_its_latest_image(load):
     """The cross-attention family: the final question attends to the query image, not to the examples."""
     m = load("idefics")
-    msgs = tasks.few_shot_messages([(A, "A red circle."), (B, "A green triangle.")], A)
+    msgs = image_tasks.few_shot_messages([(A, "A red circle."), (B, "A green triangle.")], A)
     batch = m.processor(msgs)
     mask = batch["image_attention_mask"][0]  # [T, images]
     assert mask.shape[-1] == 3
@@ -281,4 +283,4 @@ def test_idefics_few_shot_each_text_sees_its_latest_image(load):
 
 def test_tasks_refuse_stream(load):
     with pytest.raises(ValueError, match="Chat.stream"):
-        tasks.caption(load("llava"), A, stream=True)
+        image_tasks.caption(load("llava"), A, stream=True)

@@ -1,15 +1,15 @@
 """Image tasks on a loaded `VLM`, as in the transformers guide "Image tasks with IDEFICS".
 
-    from vlmkit import load, tasks
+    from vlmkit import image_tasks, load
     m = load("path/to/hf-folder")
-    tasks.caption(m, "cat.png")                                   # "A cat sitting on a sofa."
-    tasks.caption(m, "cat.png", prefix="This is an image of")     # prompted captioning: the answer continues it
-    tasks.vqa(m, "soda.png", "What is the flavour?")
-    tasks.few_shot(m, [("eiffel.png", "An image of the Eiffel Tower at night. Fun fact: ...")], "statue.png")
-    tasks.classify(m, "stand.png", ["animals", "vegetables", "cars"], method="score")  # [(label, logp), ...]
-    tasks.story(m, "door.png")                                    # "Once upon a time, ..."
-    tasks.batch(m, [("a.png", "What is this?"), ("b.png", None)])  # one answer per item (None: a caption)
-    chat = tasks.Chat(m); chat.ask("What is this?", images=["a.png"]); chat.ask("And the colour?")
+    image_tasks.caption(m, "cat.png")                                   # "A cat sitting on a sofa."
+    image_tasks.caption(m, "cat.png", prefix="This is an image of")     # prompted captioning: the answer continues it
+    image_tasks.vqa(m, "soda.png", "What is the flavour?")
+    image_tasks.few_shot(m, [("eiffel.png", "An image of the Eiffel Tower at night. Fun fact: ...")], "statue.png")
+    image_tasks.classify(m, "stand.png", ["animals", "vegetables", "cars"], method="score")  # [(label, logp), ...]
+    image_tasks.story(m, "door.png")                                    # "Once upon a time, ..."
+    image_tasks.batch(m, [("a.png", "What is this?"), ("b.png", None)])  # one answer per item (None: a caption)
+    chat = image_tasks.Chat(m); chat.ask("What is this?", images=["a.png"]); chat.ask("And the colour?")
 
 Every prompt is built as chat messages (`*_messages` functions, testable without a model) whose image parts carry
 their image inline; the processor renders them with the checkpoint's chat template (or its family's default), so one

@@ -1,0 +1,92 @@
+"""`vlmkit run` (one prompt, the answer streamed) and `vlmkit chat` (turns read from stdin)."""
+
+from __future__ import annotations
+
+import sys
+
+from .common import (GENERATION, MODEL, PROG, USAGE_ERROR, CLIError, arg, check_image_files, command,
+                     generation_options, load_images, load_model, one_line, status, write_stream)
+
+
+@command("run", "answer one prompt about images, streaming the answer",
+         *MODEL, *GENERATION,
+         arg("--image", "-i", action="append", default=[], metavar="PATH",
+             help="an image (repeat for several); placed where the prompt's <image> placeholders are, else first"),
+         arg("--system", default=None, metavar="TEXT", help="a system message"),
+         arg("prompt", help="the question or instruction"))
+def cmd_run(args) -> int:
+    from ..image_tasks import Chat, user_content
+
+    if not args.prompt.strip() and not args.image:
+        raise CLIError("the prompt is empty")
+    # Everything about the input is checked before the model loads (seconds): paths and headers, the count of
+    # <image> placeholders against the images, then every image decoded.
+    check_image_files(args.image)
+    user_content(args.prompt, args.image)
+    images = load_images(args.image)
+    m = load_model(args)
+    chat = Chat(m, system=args.system)
+    write_stream(chat.stream(args.prompt, images, **generation_options(args)))
+    return 0
+
+
+CHAT_HELP = "commands: /image PATH (attach to the next turn), /reset (forget the conversation), /help, /exit"
+
+
+@command("chat", "multi-turn chat in the terminal (reads lines from stdin)",
+         *MODEL, *GENERATION,
+         arg("--image", "-i", action="append", default=[], metavar="PATH", help="an image for the first turn"),
+         arg("--system", default=None, metavar="TEXT", help="a system message"))
+def cmd_chat(args) -> int:
+    from ..image_tasks import Chat
+    from ..processing.images import ImageError
+
+    pending = load_images(args.image)
+    m = load_model(args)
+    chat = Chat(m, system=args.system)
+    options = generation_options(args)
+    interactive = sys.stdin.isatty()
+    failed = False  # a bad turn or /image: reported, the chat goes on, the exit code is 2
+    if interactive:
+        status(f"{PROG} chat with {m.info()['family']} model {args.model}; {CHAT_HELP}")
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            name, _, rest = line.partition(" ")
+            rest = rest.strip()
+            if name in ("/exit", "/quit", "/bye"):
+                break
+            if name == "/reset":
+                chat.reset()
+                pending = []
+                status("(conversation cleared)")
+            elif name == "/help":
+                status(CHAT_HELP)
+            elif name == "/image":
+                try:
+                    pending += load_images([rest]) if rest else []
+                    status(f"(image attached: {rest}; {len(pending)} for the next turn)" if rest
+                           else "usage: /image PATH")
+                except CLIError as e:
+                    failed = True
+                    status(f"{PROG}: error: {one_line(e)}")
+            else:
+                status(f"unknown command {name}; {CHAT_HELP}")
+            continue
+        try:
+            pieces = chat.stream(line, pending, **options)
+        except (ImageError, ValueError) as e:  # bad turn: say so, keep the conversation as it was
+            failed = True
+            status(f"{PROG}: error: {one_line(e)}")
+            continue
+        pending = []
+        write_stream(pieces)
+    return USAGE_ERROR if failed else 0

@@ -1,0 +1,177 @@
+"""What every subcommand shares: the `@command` registry, flag types and flag groups, model and image loading
+(checked before torch is imported, so bad input fails in a fraction of a second), and the output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Callable, Optional
+
+PROG = "vlmkit"
+USAGE_ERROR, FAILURE = 2, 1
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line."""
+
+    def __init__(self, message: str, code: int = USAGE_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "unknown error"
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+def arg(*flags, **kwargs) -> tuple:
+    """One `add_argument` call, kept for later: arg("--json", action="store_true", help=...)."""
+    return flags, kwargs
+
+
+# name -> (help, arg specs, func, description); in registration order, the order of `vlmkit --help`
+COMMANDS: dict[str, tuple[str, tuple, Callable[[argparse.Namespace], int], str]] = {}
+
+
+def command(name: str, help: str, *arguments: tuple, description: Optional[str] = None):
+    """Register `func(args) -> exit code` as `vlmkit NAME` with the given `arg(...)` specs; `help` is its line in
+    `vlmkit --help` and, unless `description` is given, the description of `vlmkit NAME --help`."""
+    def register(func):
+        COMMANDS[name] = (help, arguments, func, description or help)
+        return func
+    return register
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}], got {text}")
+        return value
+    return parse
+
+
+# The spellings vlmkit.api.load accepts; written out so that parsing a command line does not import torch.
+DTYPES = ["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
+
+MODEL = (
+    arg("--model", "-m", default="default", metavar="M",
+        help="model folder in Hugging Face format, or 'default' (the embedded model)"),
+    arg("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as stored)"),
+    arg("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)"),
+    arg("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization"),
+)
+GENERATION = (
+    arg("--max-new-tokens", type=positive_int, default=256, metavar="N", help="answer length cap (default 256)"),
+    arg("--temperature", type=float_in(0, 100), default=0.0, metavar="T",
+        help="sampling temperature; 0 (the default) decodes greedily"),
+    arg("--top-p", type=float_in(0, 1, low_open=True), default=1.0, metavar="P", help="nucleus sampling mass"),
+    arg("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens (0 = off)"),
+    arg("--repetition-penalty", type=float_in(0, 100, low_open=True), default=1.0, metavar="R"),
+    arg("--seed", type=int, default=None, metavar="S", help="random seed for sampling"),
+)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def load_model(args):
+    """The model named by --model, with its dtype / device / quantize options."""
+    name = args.model
+    if name != "default" and not os.path.isdir(os.path.expanduser(name)):  # before importing torch (seconds)
+        what = "is a file, not a model folder" if os.path.exists(name) else "does not exist"
+        raise CLIError(f"model folder {name!r} {what}")
+    if name != "default" and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
+        raise CLIError(f"{name!r} is not a model folder: it has no config.json")
+    from .. import api
+
+    if name == "default" and not (api.default_model_path() / "config.json").is_file():
+        raise CLIError("no model given and the embedded default model is not installed; pass --model FOLDER "
+                       "(a local Hugging Face folder)")
+    try:
+        return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    except NotImplementedError as e:
+        raise CLIError(f"--quantize {args.quantize}: {e}") from None
+
+
+def check_image_files(paths) -> None:
+    """Cheap checks of every image path, before any is decoded: not a URL (the CLI reads local files only, so
+    nothing is fetched on a command line's behalf), an existing, readable file whose header is an image's."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths or []:
+        if re.match(r"[a-z][a-z0-9+.-]*://", path, re.IGNORECASE):
+            raise CLIError(f"image {path[:100]!r} is a URL: vlmkit run and chat do not fetch URLs; download the "
+                           "image and pass the file's path")
+        if not os.path.exists(path):
+            raise CLIError(f"image file {path!r} does not exist")
+        if not os.path.isfile(path):
+            raise CLIError(f"image {path!r} is not a file" + (" (a folder)" if os.path.isdir(path) else ""))
+        try:
+            with Image.open(path):  # reads the header only
+                pass
+        except UnidentifiedImageError:
+            raise CLIError(f"cannot read image {path!r}: not a recognised image file") from None
+        except OSError as e:
+            raise CLIError(f"cannot read image {path!r}: {e.strerror or e}") from None
+
+
+def load_images(paths) -> list:
+    """Open every image up front (before the model loads) so a bad file fails fast, naming the file."""
+    from ..processing.images import ImageError, load_image
+
+    check_image_files(paths)
+    images = []
+    for path in paths or []:
+        try:
+            images.append(load_image(path))
+        except ImageError as e:
+            raise CLIError(f"cannot read image {path!r}: {e.reason}") from None
+    return images
+
+
+def generation_options(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
+                top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+def write_stream(pieces) -> str:
+    out = []
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        out.append(piece)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(out)
+
+
+def status(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

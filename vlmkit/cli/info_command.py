@@ -1,0 +1,37 @@
+"""`vlmkit info M`: `VLM.info()` as an aligned table, or as JSON."""
+
+from __future__ import annotations
+
+import json
+
+from .common import DTYPES, arg, command, human_bytes, load_model
+
+
+@command("info", "describe a model: family, parameters, image tokens, context, memory",
+         arg("model", help="model folder in Hugging Face format, or 'default'"),
+         arg("--json", action="store_true", help="print JSON"),
+         arg("--dtype", choices=DTYPES, default=None, help="report as loaded in this dtype"))
+def cmd_info(args) -> int:
+    args.device, args.quantize = None, None
+    info = load_model(args).info()
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    n = info["parameters"]
+    split = f"vision {info['vision_parameters']:,}, connector {info['connector_parameters']:,}"
+    if info["cross_attention_parameters"]:
+        split += f", cross-attention {info['cross_attention_parameters']:,}"
+    split += f", text {info['text_parameters']:,}"
+    rows = [
+        ("family", info["family"]), ("architecture", info["architecture"]),
+        ("parameters", f"{n:,} ({split})"), ("connector", f"{info['connector']} ({info['merge']} merge)"),
+        ("tokens per image", info["tokens_per_image"]), ("image size", f"{info['image_size']} px"),
+        ("context length", f"{info['context_length']} tokens"), ("dtype", info["dtype"]),
+        ("memory", f"{human_bytes(info['memory_bytes'])} of weights, "
+                   f"{human_bytes(info['kv_cache_bytes_per_token'])} of KV cache per token"),
+        ("folder", info["folder"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
