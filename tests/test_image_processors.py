@@ -14,8 +14,9 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
+from vlmkit.processing.image_ops import nest_images, normalization_table  # noqa: E402
 from vlmkit.processing.image_processors import (  # noqa: E402
-    ClipImageSettings, IdeficsImageSettings, image_processor_for, nest_images, normalization_table,
+    ClipImageSettings, IdeficsImageSettings, image_processor_for,
 )
 from vlmkit.processing.image_tiling import (  # noqa: E402
     Idefics2ImageSettings, Idefics3ImageSettings, idefics3_tile_grid,

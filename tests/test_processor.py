@@ -16,7 +16,7 @@ from hf_fixtures import QUESTION, build_processor, hf_inputs, load_hf, sample_im
 
 from vlmkit.processing.images import ImageError
 from vlmkit.processing.processor import Processor, PromptError
-from vlmkit.processing.prompts import idefics_image_attention_mask
+from vlmkit.processing.formats import idefics_image_attention_mask
 
 TOL = 1e-5
 

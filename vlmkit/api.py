@@ -15,7 +15,7 @@ from .generation.caches import ImageFeatureCache, PrefixCache, PrefixEntry, crop
 from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
 from .models.kv_cache import StaticKVCache
-from .models.vlm import VLMModel
+from .models.vlm import VLMModel, flat_images
 from .processing.chat_text import as_user_message
 from .processing.prompts import is_messages
 from .quantize import check_mode, load_quantized, memory_bytes, quantization_of, save_quantized, saved_quantization
@@ -239,13 +239,7 @@ class VLM:
 
     def _image_features(self, pixel_values, pixel_mask) -> tuple[tuple, torch.Tensor]:
         """(crop digests, features [crops, tokens, width]) as VLMModel.image_features computes them."""
-        if pixel_values.dim() == 5:  # [B, slots, 3, H, W]: drop the all-zero padding slots, as the model does
-            flat = pixel_values.reshape(-1, *pixel_values.shape[2:])
-            real = flat.flatten(1).ne(0).any(dim=1)
-            flat = flat[real]
-            mask = None if pixel_mask is None else pixel_mask.reshape(-1, *flat.shape[-2:])[real]
-        else:
-            flat, mask = pixel_values, None
+        flat, mask = flat_images(pixel_values, pixel_mask)  # the real images, as the model takes them
         digests = tuple(crop_digest(flat[i], None if mask is None else mask[i]) for i in range(flat.shape[0]))
         found = {d: f for d in set(digests) if (f := self.image_cache.get(d)) is not None}
         missing = [i for i, d in enumerate(digests) if d not in found]

@@ -14,38 +14,24 @@ text), the markers are taken out, and a token carries its id as label when its c
                 caption and the "\\n" carry the loss.
   interleaved   open_flamingo's rule: the text that follows an image, through an end-of-chunk token (EOS) written
                 before the next image and at the end; text before the first image and image tokens: -100.
-Rows are left-padded like the processor's batches. `pack_length` packs several examples into one row (positions
-restart at each example; IDEFICS image masks stay per example; attention itself still spans the whole row).
+Rows are left-padded in the family's layout by the processor's own collate (processing/formats.py). `pack_length`
+packs several examples into one row (positions restart at each example; IDEFICS image masks stay per example;
+attention itself still spans the whole row).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from ..processing.prompts import (
-    Slot, expand_idefics2, expand_idefics3, expand_llava, idefics_image_attention_mask, idefics_text, segments_text,
-)
+from ..processing.batching import IGNORE, EncodedRow
+from ..processing.images import ImageError
+from ..processing.prompts import Slot
 from .readers import IMAGE, DataError, Example
 
 OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters: no template or tokenizer writes them
-IGNORE = -100
-
-
-@dataclass
-class EncodedRow:
-    """One row before padding: ids, labels, positions, and the family's image tensors for this row."""
-
-    input_ids: list
-    labels: list
-    positions: list
-    pixels: Optional[torch.Tensor] = None  # [M, 3, H, W]: images (crops for Idefics2/3)
-    pixel_mask: Optional[torch.Tensor] = None  # [M, H, W] (Idefics2/3)
-    image_mask: Optional[torch.Tensor] = None  # [T, M] (IDEFICS image_attention_mask)
-    indices: list = field(default_factory=list)  # the examples in this row
 
 
 def _lead_space(text: str) -> int:
@@ -83,6 +69,7 @@ class Collator:
         self.chunk_end = chunk_end if chunk_end is not None else (self.eos or "\n")
         self.stop_texts = [t for t in (self.tok.id_to_token(i) for i in processor.eos_token_ids) if t]
         self.family = processor.rules.family
+        self.format = processor.format
 
     # ------------------------------------------------------------------------------------------ marked text
     def marked_text(self, ex: Example) -> tuple[str, bool]:
@@ -158,46 +145,28 @@ class Collator:
         return "".join(out)
 
     # ------------------------------------------------------------------------------------------ encoding
-    def _expand(self, segments: list, n_images: int, image_batch: dict) -> str:
-        """The processor's placeholder expansion for one prompt (Processor._expand, text side)."""
-        rules = self.processor.rules
-        if self.family == "idefics":
-            special = self.tok.special_tokens
-            return idefics_text(segments, rules, special.get("bos_token"), special.get("eos_token"))
-        text = segments_text(segments, rules.image_token)
-        if self.family == "llava":
-            hw = [tuple(image_batch["pixel_values"].shape[-2:])] * n_images if n_images else []
-            return expand_llava(text, rules, hw)
-        if self.family == "idefics2":
-            return expand_idefics2(text, rules)
-        grids = list(zip(image_batch["image_rows"][0], image_batch["image_cols"][0])) if n_images else []
-        return expand_idefics3(text, rules, grids)
-
     def encode(self, ex: Example) -> EncodedRow:
         """One example -> one row (ids, labels, images). DataError when it cannot be used."""
-        from ..processing.images import ImageError
-
+        proc = self.processor
         marked, from_chat = self.marked_text(ex)
-        bos = self.tok.special_tokens.get("bos_token")
-        if self.family == "idefics" and from_chat and bos and marked.startswith(bos):
-            marked = marked[len(bos):]  # IdeficsProcessor writes the BOS itself
-        segments = self.processor._split(marked)
+        if from_chat:
+            marked = self.format.chat_text(marked, self.tok.special_tokens.get("bos_token"))
+        segments = proc.split(marked)
         if sum(isinstance(s, Slot) for s in segments) != len(ex.images):
             raise DataError(f"the text has {sum(isinstance(s, Slot) for s in segments)} image placeholders but "
                             f"the example has {len(ex.images)} images")
         try:
-            loaded = self.processor._load([list(ex.images)])[0]
+            loaded = proc.load_images([list(ex.images)])
         except ImageError as e:
             raise DataError(f"bad image: {e}") from None
-        image_batch = self.processor.image_processor([loaded]) if (loaded or self.family == "idefics") else {}
-        expanded = self._expand(segments, len(loaded), image_batch)
-        plain = self._expand([s.replace(OPEN, "").replace(CLOSE, "") if isinstance(s, str) else s
-                              for s in segments], len(loaded), image_batch)
+        image_batch = proc.process_images(loaded)
+        expanded = proc.expand(segments, image_batch, 0)
+        plain = proc.expand([s.replace(OPEN, "").replace(CLOSE, "") if isinstance(s, str) else s
+                             for s in segments], image_batch, 0)
         text, spans = _take_spans(expanded)
         if text != plain:
             raise DataError("placeholder expansion moved the label markers (an answer directly after an image?)")
-        add_special = self.family != "idefics" and not (from_chat and bos is not None and text.startswith(bos))
-        enc = self.tok.backend.encode(text, add_special_tokens=add_special)
+        enc = self.tok.backend.encode(text, add_special_tokens=proc.add_special_tokens(text, from_chat))
         ids = list(enc.ids)
         if self.max_length and len(ids) > self.max_length:
             raise DataError(f"{len(ids)} tokens (image tokens included) > max_length={self.max_length}")
@@ -205,17 +174,8 @@ class Collator:
                   for i, (s, e) in zip(ids, enc.offsets)]
         if not any(x != IGNORE for x in labels):
             raise DataError("no token carries a label (empty answer or caption?)")
-        row = EncodedRow(ids, labels, list(range(len(ids))), indices=[ex.index])
-        if "pixel_values" in image_batch:
-            row.pixels = image_batch["pixel_values"] if self.family == "llava" else image_batch["pixel_values"][0]
-            if self.family == "idefics" and not loaded:
-                row.pixels = row.pixels[:0]  # text only: no image slot (padding adds one back if the batch needs it)
-        if "pixel_attention_mask" in image_batch:
-            row.pixel_mask = image_batch["pixel_attention_mask"][0]
-        if self.family == "idefics":
-            row.image_mask = idefics_image_attention_mask(torch.tensor([ids]), self.processor.image_token_id,
-                                                          self.tok.eos_token_id, max(1, len(loaded)))[0]
-            row.image_mask = row.image_mask[:, :len(loaded)]
+        row = proc.row(ids, image_batch, 0)
+        row.labels, row.positions, row.indices = labels, list(range(len(ids))), [ex.index]
         return row
 
     def approx_length(self, ex: Example) -> int:
@@ -229,11 +189,7 @@ class Collator:
         return len(self.tok.encode(text, add_special_tokens=False)) + len(ex.images) * self._image_cost()
 
     def _image_cost(self) -> int:
-        rules, settings = self.processor.rules, self.processor.image_processor.settings
-        if self.family == "llava":
-            crop = getattr(settings, "crop_size", None) or {"height": 336, "width": 336}
-            return rules.llava_tokens(crop["height"], crop["width"])
-        return 3 if self.family == "idefics" else rules.image_seq_len + 2
+        return self.format.image_cost(self.processor.rules, self.processor.image_processor.settings)
 
     # ------------------------------------------------------------------------------------------ batches
     def __call__(self, examples: list) -> dict:
@@ -242,7 +198,7 @@ class Collator:
     def collate(self, rows: list) -> dict:
         if self.pack_length:
             rows = pack_rows(rows, self.pack_length)
-        return pad_rows(rows, self.processor.pad_token_id, self.family, packed=bool(self.pack_length))
+        return self.processor.collate(rows, positions=bool(self.pack_length))
 
 
 def _take_spans(text: str) -> tuple[str, list]:
@@ -276,7 +232,7 @@ def pack_rows(rows: list, max_tokens: int) -> list:
 def _join(rows: list) -> EncodedRow:
     if len(rows) == 1:
         return rows[0]
-    out = EncodedRow([], [], [])
+    out = EncodedRow([], labels=[], positions=[])
     for r in rows:
         out.input_ids += r.input_ids
         out.labels += r.labels
@@ -301,48 +257,6 @@ def _join(rows: list) -> EncodedRow:
 
 def _pad_hw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))
-
-
-def pad_rows(rows: list, pad_id: int, family: str, packed: bool = False) -> dict:
-    """Rows -> the batch the model takes (left padding, as the processor) + labels (+ position_ids when packed)."""
-    b, t = len(rows), max(len(r.input_ids) for r in rows)
-    batch = {"input_ids": torch.full((b, t), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros(b, t, dtype=torch.long),
-             "labels": torch.full((b, t), IGNORE, dtype=torch.long)}
-    if packed:
-        batch["position_ids"] = torch.zeros(b, t, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        batch["input_ids"][i, t - n:] = torch.tensor(r.input_ids)
-        batch["attention_mask"][i, t - n:] = 1
-        batch["labels"][i, t - n:] = torch.tensor(r.labels)
-        if packed:
-            batch["position_ids"][i, t - n:] = torch.tensor(r.positions)
-    with_px = [r for r in rows if r.pixels is not None and len(r.pixels)]
-    if family == "llava":
-        if with_px:
-            batch["pixel_values"] = torch.cat([r.pixels for r in with_px])
-        return batch
-    if not with_px and family != "idefics":
-        return batch
-    ref = with_px[0].pixels if with_px else rows[0].pixels
-    m = max(1, max(len(r.pixels) if r.pixels is not None else 0 for r in rows))
-    h = max((r.pixels.shape[-2] for r in with_px), default=ref.shape[-2])
-    w = max((r.pixels.shape[-1] for r in with_px), default=ref.shape[-1])
-    batch["pixel_values"] = torch.zeros(b, m, 3, h, w, dtype=ref.dtype)
-    if family != "idefics":
-        batch["pixel_attention_mask"] = torch.zeros(b, m, h, w, dtype=torch.long)
-    else:
-        batch["image_attention_mask"] = torch.zeros(b, t, m, dtype=torch.long)
-    for i, r in enumerate(rows):
-        k = len(r.pixels) if r.pixels is not None else 0
-        if k:
-            batch["pixel_values"][i, :k, :, :r.pixels.shape[-2], :r.pixels.shape[-1]] = r.pixels
-        if r.pixel_mask is not None and k:
-            batch["pixel_attention_mask"][i, :k, :r.pixel_mask.shape[-2], :r.pixel_mask.shape[-1]] = r.pixel_mask
-        if r.image_mask is not None:
-            batch["image_attention_mask"][i, t - len(r.input_ids):, :r.image_mask.shape[1]] = r.image_mask
-    return batch
 
 
 class BatchPlan:

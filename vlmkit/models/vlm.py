@@ -20,6 +20,21 @@ class ImageTokenMismatch(ValueError):
     pass
 
 
+def flat_images(pixel_values: torch.Tensor, pixel_mask: Optional[torch.Tensor] = None, keep_padding: bool = False):
+    """A batch's images as one list in prompt order -> (images [N, C, H, W], pixel masks [N, H, W] or None).
+
+    LLaVA's pixel_values are already that list (no mask). The slot layout [B, M, C, H, W] (IDEFICS families) is
+    flattened and, unless keep_padding, its padding slots dropped: the processors pad with all-zero images."""
+    if pixel_values.dim() == 4:
+        return pixel_values, None
+    flat = pixel_values.reshape(-1, *pixel_values.shape[2:])
+    mask = None if pixel_mask is None else pixel_mask.reshape(-1, *flat.shape[-2:])
+    if keep_padding:
+        return flat, mask
+    real = flat.flatten(1).ne(0).any(dim=1)
+    return flat[real], None if mask is None else mask[real]
+
+
 class VLMModel(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -60,16 +75,11 @@ class VLMModel(nn.Module):
         return self.connector(features, patch_mask)
 
     def image_features(self, pixel_values, pixel_attention_mask=None) -> torch.Tensor:
-        """Batch layout of the family's processor -> features [num_real_images, tokens, width], in prompt order."""
-        if pixel_values.dim() == 4:  # LLaVA: already a flat list of images
-            return self.encode_images(pixel_values)
-        b, n = pixel_values.shape[:2]
-        flat = pixel_values.reshape(b * n, *pixel_values.shape[2:])
-        mask = None if pixel_attention_mask is None else pixel_attention_mask.reshape(b * n, *flat.shape[-2:])
-        if self.cfg.merge == "cross_attention":
-            return self.encode_images(flat, mask)  # every slot: the image-attention mask hides padding images
-        real = flat.flatten(1).ne(0).any(dim=1)  # padding images are all zeros
-        return self.encode_images(flat[real], None if mask is None else mask[real])
+        """Batch layout of the family's processor -> features [num_real_images, tokens, width], in prompt order
+        (cross-attention: every slot, [B * M, ...]; the image-attention mask hides the padding images)."""
+        flat, mask = flat_images(pixel_values, pixel_attention_mask,
+                                 keep_padding=self.cfg.merge == "cross_attention")
+        return self.encode_images(flat, mask)
 
     # ---- merge ----------------------------------------------------------------------------------------------
     def splice(self, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
-from .image_processors import ClipImageSettings, IdeficsImageSettings, generic_output_size
+from .image_ops import generic_output_size
+from .image_processors import ClipImageSettings, IdeficsImageSettings
 from .image_tiling import Idefics2ImageSettings, Idefics3ImageSettings, idefics2_output_size, idefics3_first_resize
 
 __all__ = ["MARGIN", "shrink_hint_for"]

@@ -2,7 +2,7 @@
 
 Mirrors transformers' Idefics2ImageProcessorPil / Idefics3ImageProcessorPil / SmolVLMImageProcessorPil
 (SmolVLM's is a verbatim copy of Idefics3's). Geometry (resizes, crops, tiles) is done on PIL / uint8 arrays
-exactly as the reference does; values go through the shared lookup table (see image_processors.py).
+exactly as the reference does; values go through the shared lookup table (see image_ops.py).
 
 Output of both: pixel_values [B, max_slots, 3, H, W] float32 and pixel_attention_mask [B, max_slots, H, W]
 int64 (1 = real pixel), H, W = the largest slot in the batch; unused slots and padding are 0 in both.
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .image_processors import (
+from .image_ops import (
     ImageSettings, convert_to_rgb, nest_images, normalization_table, parallel_map, resize, write_normalized,
 )
 

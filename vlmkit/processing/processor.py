@@ -19,15 +19,15 @@ import json
 import os
 from typing import Optional
 
-import torch
 
+from .batching import EncodedRow
 from .chat_text import LiteralText, escape_messages, render_messages
+from .formats import format_for
 from .image_processors import image_processor_for
 from .images import ImageError, ImageLimits, load_images
 from .prompts import (
-    PromptError, PromptRules, Slot, default_chat_template, expand_idefics2, expand_idefics3, expand_llava,
-    idefics_image_attention_mask, idefics_text, interleaved_segments, is_image_object, is_image_reference,
-    is_messages, normalize_messages, rules_for, segments_text, split_placeholders,
+    PromptError, PromptRules, Slot, interleaved_segments, is_image_object, is_image_reference, is_messages,
+    normalize_messages,
 )
 from .tokenizer import Tokenizer
 
@@ -51,7 +51,8 @@ class Processor:
     """Callable: `processor(prompts, images=None, *, add_generation_prompt=True, max_length=None, plain_text=False)
     -> dict`.
 
-    family: llava | idefics | idefics2 | idefics3 | smolvlm (smolvlm = idefics3 prompt rules, its own images).
+    family: llava | idefics | idefics2 | idefics3 | smolvlm (smolvlm = idefics3 prompt rules, its own images);
+    `format` holds the family's rules (formats.py).
     plain_text: the text parts of chat messages are plain text (what the server's chat APIs use): an `<image>` or
     a control token written in them is encoded as its characters; images come only from image parts and special
     tokens only from the chat template. Otherwise, as transformers, `<image>` in message text is a placeholder.
@@ -64,10 +65,10 @@ class Processor:
         self.image_processor = image_processor
         self.rules = rules
         self.family = family or rules.family
+        self.format = format_for(self.family)
         self.max_length = max_length
         self.limits = limits or ImageLimits()
-        for name in ("image_token",) + (("fake_token",) if rules.family != "llava" else ()):
-            token = getattr(rules, name)
+        for token in self.format.required_tokens(rules):
             if tokenizer.token_to_id(token) is None:
                 raise ValueError(f"the tokenizer has no {token!r} token, which {self.family} prompts need")
         self.image_token_id = tokenizer.token_to_id(rules.image_token)
@@ -76,7 +77,7 @@ class Processor:
         if pad_token_id is None:
             pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_token_id = int(pad_token_id)
-        self._expected_tokens: Optional[int] = None  # LLaVA: features per image the model will produce
+        self._expected_tokens: Optional[int] = None  # features per image the model makes, when images vary (LLaVA)
         added = [t.content for t in tokenizer.backend.get_added_tokens_decoder().values()]
         self._literal_text = LiteralText(added + [rules.image_token, rules.fake_token])
 
@@ -103,7 +104,7 @@ class Processor:
         image_processor = image_processor_for(family, image_cfg)
         tokenizer = Tokenizer.from_folder(folder)
         splitting = bool(getattr(image_processor.settings, "do_image_splitting", False))
-        rules = rules_for(family, proc_cfg, tokenizer.special_tokens, splitting, cfg)
+        rules = format_for(family).read_rules(proc_cfg, tokenizer.special_tokens, splitting, cfg)
         if max_length is None and cfg is not None:
             max_length = cfg.text.max_position_embeddings
         pad = tokenizer.pad_token_id
@@ -120,12 +121,7 @@ class Processor:
         if cfg.image_token_id is not None and cfg.image_token_id != self.image_token_id:
             raise ValueError(f"the model's image_token_id is {cfg.image_token_id} but the tokenizer's "
                              f"{self.rules.image_token!r} is {self.image_token_id}")
-        if self.rules.family in ("idefics2", "idefics3") and cfg.tokens_per_image and \
-                self.rules.image_seq_len != cfg.tokens_per_image:
-            raise ValueError(f"processor image_seq_len={self.rules.image_seq_len} but the model makes "
-                             f"{cfg.tokens_per_image} features per image")
-        if self.rules.family == "llava":
-            self._expected_tokens = cfg.tokens_per_image or None
+        self._expected_tokens = self.format.expected_tokens(self.rules, cfg)
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -135,25 +131,20 @@ class Processor:
     @property
     def chat_template(self) -> str:
         t = self.tokenizer.chat_template
-        return t if t is not None else default_chat_template(self.family)
+        return t if t is not None else self.format.template
 
     @property
     def eos_token_ids(self) -> list[int]:
         """Stop ids: the tokenizer's (eos + generation_config) plus `<end_of_utterance>` for the IDEFICS families."""
         ids = list(self.tokenizer.eos_token_ids)
-        if self.rules.family != "llava":
-            eou = self.tokenizer.token_to_id(self.rules.end_of_utterance)
-            if eou is not None:
-                ids.append(eou)
+        ids += [i for i in map(self.tokenizer.token_to_id, self.format.stop_tokens(self.rules)) if i is not None]
         return list(dict.fromkeys(ids))
 
     @property
     def bad_words_ids(self) -> list[list[int]]:
         """Tokens generation should never produce: `<image>` and `<fake_token_around_image>` (IDEFICS families,
         as their model cards pass to generate); none for LLaVA."""
-        if self.rules.family == "llava":
-            return []
-        ids = [self.tokenizer.token_to_id(t) for t in (self.rules.image_token, self.rules.fake_token)]
+        ids = [self.tokenizer.token_to_id(t) for t in self.format.banned_tokens(self.rules)]
         return [[i] for i in ids if i is not None]
 
     # ------------------------------------------------------------------------------------------------ chat
@@ -164,8 +155,8 @@ class Processor:
         return self._render(rendered, add_generation_prompt)
 
     def _render(self, rendered: list[dict], add_generation_prompt: bool) -> str:
-        template = None if self.tokenizer.chat_template is not None else default_chat_template(self.family)
-        image_text = self.image_token + ("\n" if self.rules.family == "llava" else "")
+        template = None if self.tokenizer.chat_template is not None else self.format.template
+        image_text = self.image_token + self.format.image_suffix
         return render_messages(lambda messages: self.tokenizer.render_chat(
             messages, add_generation_prompt=add_generation_prompt, chat_template=template), rendered, image_text)
 
@@ -174,50 +165,60 @@ class Processor:
                  max_length: Optional[int] = None, plain_text: bool = False) -> dict:
         prompts, images = self._batch(prompts, images)
         parsed = [self._segments(p, i, add_generation_prompt, plain_text) for i, p in enumerate(prompts)]
-        sources = self._assign_images(parsed, images)
-        loaded = self._load(sources)
-        texts, image_batch = self._expand(parsed, loaded)
-        ids = []
+        loaded = self.load_images(self._assign_images(parsed, images))
+        image_batch = self.process_images(loaded)
         limit = max_length if max_length is not None else self.max_length
-        for i, (text, (_, from_chat, literals)) in enumerate(zip(texts, parsed)):
-            if self.rules.family == "idefics":
-                add_special = False  # IdeficsProcessor writes the BOS text itself
-            else:
-                bos = self.tokenizer.special_tokens.get("bos_token")
-                # as apply_chat_template(tokenize=True): no second BOS when the template already wrote one
-                add_special = not (from_chat and bos is not None and text.startswith(bos))
+        rows = []
+        for i, (segments, from_chat, literals) in enumerate(parsed):
+            text = self.expand(segments, image_batch, i)
+            add_special = self.add_special_tokens(text, from_chat)
             if literals:
-                row = self.tokenizer.encode_runs(LiteralText.split(text, literals), add_special_tokens=add_special)
+                ids = self.tokenizer.encode_runs(LiteralText.split(text, literals), add_special_tokens=add_special)
             else:
-                row = self.tokenizer.encode(text, add_special_tokens=add_special)
-            if limit is not None and len(row) > limit:
+                ids = self.tokenizer.encode(text, add_special_tokens=add_special)
+            if limit is not None and len(ids) > limit:
                 context = " (the model's context)" if limit == self.max_length else ""
-                raise PromptError(f"prompt {i} is {len(row)} tokens (image tokens included), longer than "
+                raise PromptError(f"prompt {i} is {len(ids)} tokens (image tokens included), longer than "
                                   f"max_length={limit}{context}; shorten it or use fewer/smaller images")
-            ids.append(row)
-        batch = self._pad(ids)
-        if self.rules.family == "idefics":
-            counts = [len(x) for x in loaded]
-            if sum(counts):
-                n = max(1, max(counts))
-                batch["image_attention_mask"] = idefics_image_attention_mask(
-                    batch["input_ids"], self.image_token_id, self.tokenizer.eos_token_id, n)
-            else:  # text only, as IdeficsProcessor: all zeros, one image slot
-                batch["image_attention_mask"] = torch.zeros(*batch["input_ids"].shape, 1, dtype=torch.bool)
-        for key in ("pixel_values", "pixel_attention_mask"):
-            if key in image_batch:
-                batch[key] = image_batch[key]
-        return batch
+            rows.append(self.row(ids, image_batch, i))
+        return self.collate(rows)
 
-    def _pad(self, rows: list[list[int]]) -> dict:
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            if row:
-                input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-                attention_mask[i, width - len(row):] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    # ------------------------------------------------------------------------------------------------ public steps
+    # The training collator builds its rows with these, so its ids and images equal the processor's.
+    def split(self, text: str) -> list:
+        """Prompt text -> segments (strings and image Slots)."""
+        return self.format.split(text, self.image_token)
+
+    def load_images(self, sources: list[list]) -> list[list]:
+        """Image sources per prompt -> PIL images, within the limits (per image and per request)."""
+        loaded = []
+        for i, prompt_sources in enumerate(sources):
+            if len(prompt_sources) > self.limits.max_images:
+                raise ImageError(f"prompt {i} has {len(prompt_sources)} images > max_images={self.limits.max_images}")
+            prompt_sources = [self.format.prepare_image(x, self.limits) for x in prompt_sources]
+            loaded.append(load_images(prompt_sources, self.limits))
+        return loaded
+
+    def process_images(self, loaded: list[list]) -> dict:
+        """PIL images per prompt -> the image processor's output for the batch."""
+        return self.format.process_images(self.image_processor, loaded)
+
+    def expand(self, segments: list, image_batch: dict, index: int) -> str:
+        """Prompt `index`'s segments -> its text, each placeholder expanded to the image's tokens."""
+        return self.format.expand(segments, self.rules, image_batch, index, self.tokenizer.special_tokens,
+                                  self._expected_tokens)
+
+    def add_special_tokens(self, text: str, from_chat: bool) -> bool:
+        """Whether encoding `text` adds the tokenizer's BOS (the family's rule)."""
+        return self.format.add_special_tokens(text, from_chat, self.tokenizer.special_tokens.get("bos_token"))
+
+    def row(self, ids: list, image_batch: dict, index: int) -> EncodedRow:
+        """Prompt `index`'s ids and its slice of the image tensors, ready to collate."""
+        return self.format.row(ids, image_batch, index, self.image_token_id, self.tokenizer.eos_token_id)
+
+    def collate(self, rows: list, positions: bool = False) -> dict:
+        """Rows -> a left-padded batch in the family's layout."""
+        return self.format.collate(rows, self.pad_token_id, positions)
 
     # ------------------------------------------------------------------------------------------------ steps
     def _batch(self, prompts, images) -> tuple[list, Optional[tuple]]:
@@ -262,17 +263,14 @@ class Processor:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PromptError(f"prompt {index} is empty")
-            return self._split(prompt), False, literals
+            return self.split(prompt), False, literals
         if is_messages(prompt):
             rendered, message_images = normalize_messages(prompt, self.image_token, text_placeholders=not plain_text)
             if plain_text:
                 rendered = escape_messages(rendered, self._literal_text, literals)
-            text = self._render(rendered, add_generation_prompt)
-            if self.rules.family == "idefics":
-                bos = self.tokenizer.special_tokens.get("bos_token")
-                if bos and text.startswith(bos):
-                    text = text[len(bos):]
-            segments = self._split(text)
+            text = self.format.chat_text(self._render(rendered, add_generation_prompt),
+                                         self.tokenizer.special_tokens.get("bos_token"))
+            segments = self.split(text)
             slots = [s for s in segments if isinstance(s, Slot)]
             if len(slots) != len(message_images):
                 raise PromptError(f"prompt {index}: the chat template wrote {len(slots)} {self.image_token} "
@@ -289,14 +287,6 @@ class Processor:
             return segments, False, literals
         raise PromptError(f"prompt {index}: a prompt is a string, an interleaved list or chat messages, "
                           f"not {type(prompt).__name__}")
-
-    def _split(self, text: str) -> list:
-        segments = split_placeholders(text, self.image_token)
-        if self.rules.family == "idefics":
-            # IDEFICS strips spaces around each text item; a blank piece between two placeholders would still
-            # count as a text item and stop the two images sharing a fake token, so it is dropped.
-            segments = [s for s in segments if not isinstance(s, str) or s.strip(" ")]
-        return segments
 
     def _assign_images(self, parsed, images) -> list[list]:
         """Fill each prompt's open slots from `images`, in order; counts must match exactly."""
@@ -330,56 +320,3 @@ class Processor:
             it = iter(given)
             out.append([s.image if s.image is not None else next(it) for s in segments if isinstance(s, Slot)])
         return out
-
-    def _load(self, sources: list[list]) -> list[list]:
-        loaded = []
-        for i, prompt_sources in enumerate(sources):
-            if len(prompt_sources) > self.limits.max_images:
-                raise ImageError(f"prompt {i} has {len(prompt_sources)} images > max_images={self.limits.max_images}")
-            if self.rules.family == "idefics2":
-                prompt_sources = [_drop_alpha(x, self.limits) for x in prompt_sources]
-            loaded.append(load_images(prompt_sources, self.limits))  # the per-request pixel budget too
-        return loaded
-
-    def _expand(self, parsed, loaded) -> tuple[list[str], dict]:
-        """Run the image processor, then write each prompt's text with its image tokens expanded."""
-        family, rules = self.rules.family, self.rules
-        any_image = any(loaded)
-        image_batch = self.image_processor(loaded) if (any_image or family == "idefics") else {}
-        texts = []
-        for i, (segments, _, _) in enumerate(parsed):
-            if family == "idefics":
-                texts.append(idefics_text(segments, rules, self.tokenizer.special_tokens.get("bos_token"),
-                                          self.tokenizer.special_tokens.get("eos_token")))
-                continue
-            text = segments_text(segments, rules.image_token)
-            n = len(loaded[i])
-            if family == "llava":
-                hw = [tuple(image_batch["pixel_values"].shape[-2:])] * n if n else []
-                for h, w in hw[:1]:
-                    got = rules.llava_tokens(h, w)
-                    if self._expected_tokens and got != self._expected_tokens:
-                        raise PromptError(f"images of {h}x{w} give {got} image tokens but the model makes "
-                                          f"{self._expected_tokens} features per image")
-                texts.append(expand_llava(text, rules, hw))
-            elif family == "idefics2":
-                texts.append(expand_idefics2(text, rules))
-            else:
-                grids = list(zip(image_batch["image_rows"][i], image_batch["image_cols"][i])) if n else []
-                texts.append(expand_idefics3(text, rules, grids))
-        return texts, image_batch
-
-
-def _drop_alpha(image, limits: ImageLimits):
-    """Idefics2Processor passes every image through transformers' load_image, which applies the EXIF orientation and
-    `convert("RGB")`: transparency is DROPPED (the colour under transparent pixels shows), not composited on white
-    as every other family does. Done here for PIL inputs so pixel values equal transformers'; encoded inputs (bytes,
-    paths, URLs) are composited on white by load_image."""
-    if not (hasattr(image, "getbands") and hasattr(image, "convert")):
-        return image
-    has_alpha = "A" in image.getbands() or "a" in image.getbands() or image.info.get("transparency") is not None
-    if not has_alpha or image.width * image.height > limits.max_pixels:
-        return image  # (too large: load_image refuses it before any conversion)
-    from PIL import ImageOps
-
-    return ImageOps.exif_transpose(image).convert("RGB")

@@ -1,8 +1,8 @@
-"""Prompt side of the processor: prompt forms -> segments, chat messages -> text, placeholder expansion per family.
+"""Prompt side of the processor: prompt forms -> segments, chat messages -> text, the prompt settings' data.
 
-Ground truth: transformers 5.x `LlavaProcessor`, `IdeficsProcessor`, `Idefics2Processor`, `Idefics3Processor` and
-`SmolVLMProcessor` (the same prompt rules as Idefics3). Everything here is plain text / list manipulation; the
-`Processor` (processor.py) loads the images, runs the image processor, tokenizes and batches.
+Ground truth: transformers 5.x's VLM processors. Everything here is plain text / list manipulation and the same for
+every family; each family's rules (expansion, BOS, batch layout) are in formats.py, and the `Processor`
+(processor.py) loads the images, runs the image processor, tokenizes and batches.
 
 Prompt forms (one prompt):
   * a string with `<image>` placeholders, filled in order from `images=`;
@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -32,10 +31,9 @@ FAKE_TOKEN = "<fake_token_around_image>"
 GLOBAL_TOKEN = "<global-img>"
 END_OF_UTTERANCE = "<end_of_utterance>"
 ROLES = ("system", "user", "assistant", "tool")
-FAMILIES = ("llava", "idefics", "idefics2", "idefics3")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".mpo")
 
-# Defaults for checkpoints without a chat template (documented in the README / DESIGN).
+# Chat templates for checkpoints without one (documented in the README / DESIGN; formats.py picks per family).
 #   llava:    the llava-hf LLaVA-1.5 template           "USER: <image>\nWhat is this? ASSISTANT:"
 #   idefics2: the HuggingFaceM4/idefics2-8b template    "User:<image>What is this?<end_of_utterance>\nAssistant:"
 #   idefics:  the same turn format (IDEFICS-instruct);  the processor writes the BOS itself
@@ -53,12 +51,6 @@ IDEFICS2_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
-DEFAULT_TEMPLATES = {
-    "llava": LLAVA_TEMPLATE,
-    "idefics": IDEFICS2_TEMPLATE,
-    "idefics2": IDEFICS2_TEMPLATE,
-    "idefics3": "{{ bos_token or '' }}" + IDEFICS2_TEMPLATE,
-}
 
 
 class PromptError(ValueError):
@@ -232,17 +224,17 @@ def normalize_messages(messages, image_token: str = IMAGE_TOKEN,
     return rendered, images
 
 
-# ------------------------------------------------------------------------------------------------ expansion rules
+# ------------------------------------------------------------------------------------------------ prompt settings
 
 @dataclass
 class PromptRules:
-    """A family's placeholder rules, read from processor_config.json (see Processor.from_folder).
+    """A checkpoint's placeholder settings, read from processor_config.json by its format (formats.py).
 
     family: llava | idefics | idefics2 | idefics3 (SmolVLM uses the idefics3 rules).
     llava: tokens per image = (H // patch_size) * (W // patch_size) + num_additional_image_tokens
            - 1 when vision_feature_select_strategy == "default" (H, W of the processed image).
     idefics2: image_seq_len `<image>` between fake tokens, 5 times with do_image_splitting.
-    idefics3: image_seq_len per tile, row/col tokens; see idefics3_image_string.
+    idefics3: image_seq_len per tile, row/col tokens; see formats.Idefics3Format.image_string.
     idefics: add_end_of_utterance_token / add_eos_token as IdeficsProcessor's call options (default False, which
              is what transformers 5 uses: its tokenizer check never finds the token).
     """
@@ -263,133 +255,3 @@ class PromptRules:
     def llava_tokens(self, height: int, width: int) -> int:
         n = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
         return n - 1 if self.vision_feature_select_strategy == "default" else n
-
-
-def expand_llava(text: str, rules: PromptRules, image_hw: list[tuple[int, int]]) -> str:
-    return fill_placeholders(text, rules.image_token,
-                             [rules.image_token * rules.llava_tokens(h, w) for h, w in image_hw])
-
-
-def expand_idefics2(text: str, rules: PromptRules) -> str:
-    """Idefics2Processor: `<fake><image>*n<fake>` (x5 when splitting), adjacent fakes merged, and a space after a
-    closing fake token that is directly followed by a word."""
-    fake, image = rules.fake_token, rules.image_token
-    image_str = f"{fake}{image * rules.image_seq_len}{fake}"
-    if rules.do_image_splitting:
-        image_str = image_str * 5
-    text = text.replace(image, image_str)
-    text = text.replace(f"{fake}{fake}", fake)
-    return re.sub(rf"{re.escape(fake)}(?=[^\s<])", f"{fake} ", text)
-
-
-def idefics3_image_string(rows: int, cols: int, rules: PromptRules) -> str:
-    """transformers' get_image_prompt_string (Idefics3 / SmolVLM)."""
-    fake, image, glob, n = rules.fake_token, rules.image_token, rules.global_token, rules.image_seq_len
-    if rows == 0 and cols == 0:
-        return f"{fake}{glob}{image * n}{fake}"
-    out = ""
-    for r in range(rows):
-        for c in range(cols):
-            out += f"{fake}<row_{r + 1}_col_{c + 1}>{image * n}"
-        out += "\n"
-    return out + f"\n{fake}{glob}{image * n}{fake}"
-
-
-def expand_idefics3(text: str, rules: PromptRules, grids: list[tuple[int, int]]) -> str:
-    return fill_placeholders(text, rules.image_token, [idefics3_image_string(r, c, rules) for r, c in grids])
-
-
-def idefics_text(segments: Segments, rules: PromptRules, bos_token: Optional[str], eos_token: Optional[str]) -> str:
-    """IdeficsProcessor: BOS text, then each string item (spaces stripped at both ends) and, per image,
-    `<fake><image><fake>` (`<image><fake>` right after another image: the fake token is shared)."""
-    fake, image, eou = rules.fake_token, rules.image_token, rules.end_of_utterance
-    full = bos_token or ""
-    last_was_image = last_was_text = False
-    for i, item in enumerate(segments):
-        if i > 0:
-            last_was_text = not last_was_image
-        if isinstance(item, str):
-            if rules.add_end_of_utterance_token and last_was_text:
-                full += eou
-            full += item.strip(" ")
-            last_was_image = False
-        else:
-            full += image + fake if last_was_image else fake + image + fake
-            last_was_image = True
-    if rules.add_eos_token and eos_token:
-        full += eos_token
-    return full
-
-
-def idefics_image_attention_mask(input_ids, image_token_id: int, eos_token_id: Optional[int], num_images: int):
-    """IdeficsProcessor's image_attention_mask [B, T, num_images] (int64) for padded input_ids [B, T].
-
-    Each token sees only the latest image at or before it; tokens before any image see none (so do left-padding
-    tokens); after an EOS token no image is seen until the next image token (the EOS itself still sees its image);
-    image indices >= num_images are dropped."""
-    import torch
-
-    ids = input_ids.tolist()
-    out = torch.zeros(len(ids), len(ids[0]) if ids else 0, num_images, dtype=torch.long)
-    for b, row in enumerate(ids):
-        count, seen_eos = -1, False
-        for t, tok in enumerate(row):
-            if tok == image_token_id:
-                count += 1
-                seen_eos = False
-            index = -1 if seen_eos else count
-            if tok == eos_token_id:
-                seen_eos = True
-            if 0 <= index < num_images:
-                out[b, t, index] = 1
-    return out
-
-
-def rules_for(family: str, proc_cfg: dict, special: dict, do_image_splitting: bool = False, cfg=None) -> PromptRules:
-    """Prompt settings as transformers' processors read them: processor_config.json, then the tokenizer's named
-    tokens (`special`: {"image_token": ...}); the model config (a VLMConfig) is the fallback for folders without
-    processor files. do_image_splitting: the image processor's (Idefics2)."""
-    has = bool(proc_cfg)
-    if family == "llava":
-        strategy_default = "default" if cfg is None or cfg.vision.drop_class_token else "full"
-        extra_default = 1 if cfg is None or cfg.vision.class_token else 0
-        return PromptRules(
-            "llava",
-            image_token=proc_cfg.get("image_token") or special.get("image_token") or IMAGE_TOKEN,
-            patch_size=proc_cfg.get("patch_size") or (cfg.vision.patch_size if cfg is not None else 14),
-            num_additional_image_tokens=proc_cfg.get("num_additional_image_tokens", 0 if has else extra_default),
-            vision_feature_select_strategy=proc_cfg.get("vision_feature_select_strategy",
-                                                        None if has else strategy_default),
-        )
-    if family == "idefics":
-        return PromptRules(
-            "idefics",
-            add_end_of_utterance_token=bool(proc_cfg.get("add_end_of_utterance_token") or False),
-            add_eos_token=bool(proc_cfg.get("add_eos_token") or False),
-        )
-    fallback = cfg.tokens_per_image if cfg is not None and cfg.tokens_per_image else None
-    if family == "idefics2":
-        return PromptRules(
-            "idefics2",
-            image_token=special.get("image_token") or IMAGE_TOKEN,
-            fake_token=special.get("image_boundary_token") or FAKE_TOKEN,
-            end_of_utterance=END_OF_UTTERANCE,
-            image_seq_len=int(proc_cfg.get("image_seq_len") or fallback or 64),
-            do_image_splitting=do_image_splitting,
-        )
-    if family in ("idefics3", "smolvlm"):
-        named = family == "smolvlm"  # SmolVLMProcessor reads its tokens from the tokenizer's named tokens
-        return PromptRules(
-            "idefics3",
-            image_token=(special.get("image_token") if named else None) or IMAGE_TOKEN,
-            fake_token=(special.get("fake_image_token") if named else None) or FAKE_TOKEN,
-            global_token=(special.get("global_image_token") if named else None) or GLOBAL_TOKEN,
-            end_of_utterance=(special.get("end_of_utterance_token") if named else None) or END_OF_UTTERANCE,
-            image_seq_len=int(proc_cfg.get("image_seq_len") or fallback or 169),
-        )
-    raise ValueError(f"unknown family {family!r}")
-
-
-def default_chat_template(family: str) -> str:
-    return DEFAULT_TEMPLATES["idefics3" if family == "smolvlm" else family]
-

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..generation.fast_path import FastSteps, fast_decoder
 from ..generation.loop import LogitsProcessor, check_request, choose_tokens, sampling_generator
 from ..models.kv_cache import StaticKVCache
-from .collate import collate
+from ..processing.formats import format_for
 from .jobs import Job, JobText
 
 __all__ = ["Sequence", "DecodeBatch", "prefill_together"]
@@ -126,7 +126,8 @@ class Sequence:
 def prefill_together(seqs: list, model, pad_token_id: int) -> tuple[StaticKVCache, torch.Tensor]:
     """Prefill fresh sequences whole in one left-padded forward (as a processor batch runs) and choose each one's
     first token. -> the rows' cache and attention mask. CollateError when their inputs cannot share a batch."""
-    batch = collate([{"input_ids": s.ids, "attention_mask": s.mask, **s.images} for s in seqs], pad_token_id)
+    batch = format_for(model.cfg).merge([{"input_ids": s.ids, "attention_mask": s.mask, **s.images} for s in seqs],
+                                        pad_token_id)
     now = time.monotonic()
     for s in seqs:
         s.job.t_start = s.job.t_start or now
