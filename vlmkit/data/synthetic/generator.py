@@ -9,12 +9,13 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from .captions import long_caption
 from .qa import QA
 from .questions import derived_questions, pick_builder
 from .render import FONT_STYLES, render_scene
 from .scenes import (
     CHART_KINDS, CHART_LABELS, COLORS, GRID_POSITIONS, POSITIONS, RELATIONS, SCENE_TYPES, SHAPE_PLURALS, SHAPES,
-    WORDS, grid_position, long_caption, sample_aug,
+    WORDS, grid_position, sample_aug,
 )
 
 TRAIN_SEED_LIMIT = 10_000_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .captions import short_caption
 from .qa import QA, coin, color_word, one_of, shapes_scene, spec, text_colors, yes_no
 from .questions_reading import READ_NUMBER, READ_WORD, chart_question, text_single, text_two
 from .questions_shapes import (
@@ -13,9 +14,7 @@ from .questions_shapes import (
     yesno_chart, yesno_count, yesno_exists, yesno_relation, yesno_text,
 )
 from .questions_two_images import two_more, two_same, two_yesno
-from .scenes import (
-    COLORS, SHAPES, SHAPE_PLURALS, Canvas, base_radius, chart_scene, random_text, short_caption, text_item, zone_of,
-)
+from .scenes import COLORS, SHAPES, SHAPE_PLURALS, Canvas, base_radius, chart_scene, random_text, text_item, zone_of
 
 
 # --------------------------------------------------------------------------------------------- caption
