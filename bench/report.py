@@ -214,7 +214,8 @@ def render(r: dict) -> str:
              if "same_as_float32" in acc[mode] else "-") for mode in r["modes"] if mode in acc])
     if not r["machine"].get("gpu"):
         lines += ["## GPU", "", "No GPU on the machine of this run, so no LLaVA-1.5-7B-shaped bf16 row (decode tokens/s "
-                  "against transformers, share of the memory-bandwidth limit): run `python -m bench` on a CUDA machine.", ""]
+                  "against transformers, share of the memory-bandwidth limit): run `python -m bench` on a CUDA "
+                  "machine.", ""]
     for title, text in (r.get("profiles") or {}).items():
         lines += [f"## Profile: {title}", "", "```", text.rstrip(), "```", ""]
     return "\n".join(lines) + "\n"
