@@ -9,7 +9,7 @@ the families once a prompt is segments (prompts.py) and its images are loaded:
       LLaVA       pixel_values [N, 3, H, W], the images of all rows in order
       IDEFICS     pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
       Idefics2/3  pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
-    where missing slots are all-zero images (the model skips them: models/vlm.real_images) and smaller images are
+    where missing slots are all-zero images (the model skips them: models/vlm.flat_images) and smaller images are
     padded with zeros bottom/right.
 The processor, the training collator and the server's batching all build batches here.
 """
@@ -107,19 +107,15 @@ class Format:
         """Prompt `index` of a processed batch as a row: its ids and its slice of the image tensors."""
         out = EncodedRow(ids)
         if "pixel_values" in images:
-            start, count = self._slots(images, index)
-            if self.flat_pixels:
-                out.pixels = images["pixel_values"][start:start + count]
-            else:
-                out.pixels = images["pixel_values"][index, :count]
-                if "pixel_attention_mask" in images:
-                    out.pixel_mask = images["pixel_attention_mask"][index, :count]
+            count = self._slots(images, index)
+            out.pixels = images["pixel_values"][index, :count]
+            if "pixel_attention_mask" in images:
+                out.pixel_mask = images["pixel_attention_mask"][index, :count]
         return out
 
-    def _slots(self, images: dict, index: int) -> tuple[int, int]:
-        """(first, count) of prompt `index`'s image slots (crops or tiles count as slots)."""
-        crops = images["crops_per_image"]
-        return sum(sum(c) for c in crops[:index]), sum(crops[index])
+    def _slots(self, images: dict, index: int) -> int:
+        """How many image slots prompt `index` fills (crops and tiles are slots)."""
+        return sum(images["crops_per_image"][index])
 
     def collate(self, rows: list, pad_token_id: int, positions: bool = False) -> dict:
         """Rows -> the batch the model takes, padded on the left (+ labels when the rows have them, + position_ids
@@ -207,9 +203,13 @@ class LlavaFormat(Format):
         crop = getattr(settings, "crop_size", None) or {"height": 336, "width": 336}
         return rules.llava_tokens(crop["height"], crop["width"])
 
-    def _slots(self, images, index):
-        counts = images["num_images"]
-        return sum(counts[:index]), counts[index]
+    def row(self, ids, images, index, image_token_id, eos_token_id):
+        out = EncodedRow(ids)
+        if "pixel_values" in images:
+            counts = images["num_images"]
+            start = sum(counts[:index])
+            out.pixels = images["pixel_values"][start:start + counts[index]]
+        return out
 
 
 class IdeficsFormat(Format):
@@ -265,8 +265,7 @@ class IdeficsFormat(Format):
         return 3
 
     def _slots(self, images, index):
-        counts = images["num_images"]
-        return sum(counts[:index]), counts[index]
+        return images["num_images"][index]
 
     def row(self, ids, images, index, image_token_id, eos_token_id):
         out = super().row(ids, images, index, image_token_id, eos_token_id)
@@ -337,7 +336,8 @@ class Idefics2Format(Format):
         return ImageOps.exif_transpose(source).convert("RGB")
 
     def expand(self, segments, rules, images, index, special, expected=None):
-        """Idefics2Processor: and a space after a closing fake token that is directly followed by a word."""
+        """Idefics2Processor: the image string replaces each placeholder, adjacent fake tokens merge, and a space
+        follows a closing fake token directly followed by a word."""
         fake, image = rules.fake_token, rules.image_token
         image_str = f"{fake}{image * rules.image_seq_len}{fake}"
         if rules.do_image_splitting:

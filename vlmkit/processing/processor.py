@@ -4,7 +4,7 @@
     batch = proc("USER: <image>\\nWhat is this? ASSISTANT:", [image])
     batch = proc([messages_a, messages_b], images=[[img1], [img2, img3]])      # left-padded batch
 
-Output keys per family (what VLMModel.forward and the transformers models take):
+Output keys per family (laid out by formats.py; what VLMModel.forward and the transformers models take):
     llava     input_ids, attention_mask, pixel_values [N, 3, H, W]              (N = all images, prompt order)
     idefics   input_ids, attention_mask, pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
     idefics2/3 input_ids, attention_mask, pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
