@@ -13,12 +13,19 @@ from .config import RecipeConfig
 from .train import train_default
 
 
+def boolean(text: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if text.lower() not in words:
+        raise ValueError(text)
+    return words[text.lower()]
+
+
 def _parser_type(hint, default):
     """An argparse type for a field: its type hint, resolved; tuples are comma lists, dicts JSON."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
     if base is bool:
-        return lambda s: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[s.lower()]
+        return boolean
     if base is tuple:
         kind = type(default[0]) if default else str
         return lambda s: tuple(kind(x) for x in s.split(",") if x)
@@ -55,10 +62,10 @@ def parser() -> argparse.ArgumentParser:
 def config_from(args: argparse.Namespace, cfg: RecipeConfig | None = None) -> RecipeConfig:
     """RecipeConfig with the flags that were given."""
     cfg = cfg or RecipeConfig()
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    for key in sorted(given, key=lambda k: k.count(".")):
+    for key, value in vars(args).items():
+        if value is None:
+            continue
         *path, name = key.split(".")
-        value = given[key]
         if path:
             section = getattr(cfg, path[0])
             cfg = replace(cfg, **{path[0]: replace(section, **{name: value})})

@@ -56,7 +56,10 @@ def test_every_field_has_a_flag_with_help():
             assert name in flags and flags[name].help, name
 
 
-def test_an_unknown_flag_is_refused(capsys):
+def test_an_unknown_flag_or_a_bad_value_is_refused(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--lr", "1e-3"])
     assert "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--language-lora", "maybe"])
+    assert "invalid boolean value" in capsys.readouterr().err
