@@ -16,6 +16,7 @@ from vlmkit.checkpoints.adapter import resolve_gguf
 from vlmkit.checkpoints.gguf import load_gguf_text
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.models.text import TextDecoder
+from vlmkit.processing.gguf_tokenizer import tokenizer_from_gguf
 from vlmkit.train.default_recipe import BASE_GGUF
 
 QUESTIONS = [
@@ -37,7 +38,8 @@ def main() -> None:
     args = ap.parse_args()
 
     m = vlmkit.load(args.model)
-    text_cfg, state, tok = load_gguf_text(resolve_gguf(BASE_GGUF))
+    text_cfg, state = load_gguf_text(resolve_gguf(BASE_GGUF))
+    tok = tokenizer_from_gguf(resolve_gguf(BASE_GGUF))
     base = TextDecoder(text_cfg)
     base.load_state_dict(state)
     base.eval()

@@ -13,7 +13,7 @@ import torch
 import vlmkit
 from hf_fixtures import sample_images
 from vlmkit import cli
-from vlmkit.quantize import (
+from vlmkit.models.quant import (
     Int4Linear, Int8Embedding, Int8Linear, from_q4_1, quantize_int4, quantize_model, target_kinds,
 )
 
@@ -174,7 +174,7 @@ def test_adapter_folder_int4_takes_the_gguf_blocks_as_they_are(tmp_path):
     model, _ = recipe.prepare_folder(tmp_path / "work")
     recipe.export_adapter(model, tmp_path / "work", tmp_path / "adapter")
     m = vlmkit.load(tmp_path / "adapter", quantize="int4", caches=False)
-    _, state, _ = load_gguf_text(resolve_gguf(recipe.BASE_GGUF))
+    _, state = load_gguf_text(resolve_gguf(recipe.BASE_GGUF))
     for name in ("layers.0.attn.q_proj", "layers.3.attn.k_proj", "layers.29.mlp.down_proj"):
         assert rel_err(m.model.get_submodule("text." + name).dequantize(), state[name + ".weight"]) < 5e-3
     emb = m.model.text.embed_tokens

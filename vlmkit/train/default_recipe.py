@@ -44,6 +44,7 @@ from ..checkpoints.families import idefics3_to_hf
 from ..checkpoints.gguf import load_gguf_text
 from ..config import ConnectorConfig, TextConfig, VisionConfig, VLMConfig
 from ..models.vlm import VLMModel
+from ..processing.gguf_tokenizer import tokenizer_from_gguf
 from .lora import add_lora, lora_state_dict
 from .loop import TrainConfig, cpu_has_native_bf16, run
 
@@ -125,7 +126,8 @@ def prepare_folder(out: Path, seed: int = 0, lora: dict | None = LORA) -> tuple[
     from ..processing.processor import Processor
 
     out.mkdir(parents=True, exist_ok=True)
-    text, text_state, tok = load_gguf_text(resolve_gguf(BASE_GGUF))
+    text, text_state = load_gguf_text(resolve_gguf(BASE_GGUF))
+    tok = tokenizer_from_gguf(resolve_gguf(BASE_GGUF))
     vocab = write_processor_files(out, tok)
     cfg = default_config(text, vocab, tok.token_to_id("<image>"))
     hf = idefics3_to_hf(cfg)
