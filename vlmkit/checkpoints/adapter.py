@@ -18,7 +18,7 @@ from ..models.lora import merge_weight
 from ..models.quant import QuantSpec
 from ..models.vlm import VLMModel
 from .builder import CheckpointError, TensorSource, build_model
-from .gguf import GGUFSource, open_gguf
+from .gguf import GGUFSource, grow_rows, open_gguf
 from .hf import config_from_folder
 
 ADAPTER = "adapter.safetensors"
@@ -43,13 +43,9 @@ def resolve_gguf(spec: str) -> str:
 
 
 def grow_vocab(text_state: dict, vocab_size: int) -> dict:
-    """GGUF text weights under our names (prefix `text.`), embeddings grown to the checkpoint's vocabulary with
-    zero rows for the tokens added here (as GGUFSource grows them)."""
+    """GGUF text weights under our names (prefix `text.`), the token table grown to the checkpoint's vocabulary."""
     state = {f"text.{k}": v for k, v in text_state.items()}
-    emb = state["text.embed_tokens.weight"]
-    if vocab_size > emb.shape[0]:
-        extra = torch.zeros(vocab_size - emb.shape[0], emb.shape[1], dtype=emb.dtype)
-        state["text.embed_tokens.weight"] = torch.cat([emb, extra])
+    state["text.embed_tokens.weight"] = grow_rows(state["text.embed_tokens.weight"], vocab_size)
     return state
 
 

@@ -135,11 +135,17 @@ def state_dict_name(gguf_name: str) -> str:
     raise ValueError(f"GGUF tensor {gguf_name!r} has no place in TextDecoder")
 
 
+def grow_rows(table: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+    """A token table grown to `vocab_size` rows with zeros: tokens added after the file (image placeholders,
+    replaced by features; with a zero row in the tied head they never win a greedy step)."""
+    if not vocab_size or vocab_size <= table.shape[0]:
+        return table
+    return torch.cat([table, table.new_zeros(vocab_size - table.shape[0], table.shape[1])])
+
+
 class GGUFSource(TensorSource):
     """A GGUF text model's tensors under the decoder's names (after `prefix`, "text." inside a VLM), dequantized one
-    at a time, q/k rows back in rotate-half order; the token table grown to `vocab_size` rows with zeros (tokens
-    added after the file: image placeholders, replaced by features, with a zero row in the tied head they never
-    win a greedy step)."""
+    at a time, q/k rows back in rotate-half order; the token table grown to `vocab_size` rows (`grow_rows`)."""
 
     what = "GGUF"
 
@@ -158,9 +164,6 @@ class GGUFSource(TensorSource):
             return self.cfg.num_kv_heads
         return None
 
-    def _grows(self, name: str, rows: int) -> bool:
-        return self.tensors[name].name == "token_embd.weight" and (self.vocab_size or 0) > rows
-
     def read(self, name: str) -> torch.Tensor:
         t = self.tensors[name]
         # numpy shape is GGUF's dims reversed, i.e. already torch's [out_features, in_features].
@@ -171,9 +174,7 @@ class GGUFSource(TensorSource):
         heads = self._heads(name)
         if heads:
             w = unpermute_rope_rows(w, heads)
-        if self._grows(name, w.shape[0]):
-            w = torch.cat([w, w.new_zeros(self.vocab_size - w.shape[0], w.shape[1])])
-        return w
+        return grow_rows(w, self.vocab_size) if self.tensors[name].name == "token_embd.weight" else w
 
     def read_quantized(self, name: str, kind: str, dtype: torch.dtype):
         t = self.tensors[name]
