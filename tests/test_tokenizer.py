@@ -7,6 +7,7 @@ import os
 import pytest
 
 from hf_fixtures import find_gguf
+from vlmkit.processing.gguf_tokenizer import tokenizer_from_gguf, tokenizer_from_metadata
 from vlmkit.processing.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -33,7 +34,7 @@ STRINGS = [
 
 @pytest.fixture(scope="module")
 def ours():
-    return Tokenizer.from_gguf(GGUF)
+    return tokenizer_from_gguf(GGUF)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,8 @@ def test_special_tokens(ours, theirs):
 def test_llama_cpp_pretokenizer_isolates_digits():
     """SmolLM2's own tokenizer.json (and llama.cpp's "smollm" pre-tokenizer) split every digit out before the GPT-2
     regex; transformers' GGUF converter does not. They disagree on a whitespace run before a digit."""
-    faithful = Tokenizer.from_gguf(GGUF, pretokenizer="llama.cpp")
-    default = Tokenizer.from_gguf(GGUF)
+    faithful = tokenizer_from_gguf(GGUF, pretokenizer="llama.cpp")
+    default = tokenizer_from_gguf(GGUF)
     double_space = faithful.token_to_id("ĠĠ")
     assert faithful.encode("Hello  12") == [19556, double_space, 33, 34]
     assert default.encode("Hello  12") == [19556, 216, 216, 33, 34]
@@ -134,7 +135,7 @@ def test_chat_template_sandbox_and_globals(ours):
 
 
 def test_add_special_tokens():
-    tok = Tokenizer.from_gguf(GGUF)
+    tok = tokenizer_from_gguf(GGUF)
     assert tok.add_special_tokens(["<image>", "<|im_end|>"]) == 1
     image = tok.token_to_id("<image>")
     assert image == 49152 and image in tok.special_ids and tok.vocab_size == 49153
@@ -245,7 +246,7 @@ def _write_sentencepiece_gguf(path):
 def test_sentencepiece_gguf_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     _write_sentencepiece_gguf(tmp_path / "tiny.gguf")
-    ours = Tokenizer.from_gguf(str(tmp_path / "tiny.gguf"))
+    ours = tokenizer_from_gguf(str(tmp_path / "tiny.gguf"))
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
     texts = ["hello world", " hello  world", "the wor ld", "héllo 日本 ✓ byte fallback", "Hi<|user|>yo</s>x", ""]
     for text in texts:
@@ -258,8 +259,6 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
 
 
 def test_unsupported_gguf_tokenizer_is_named():
-    from vlmkit.checkpoints.gguf import tokenizer_from_metadata
-
     with pytest.raises(ValueError, match="'bert'"):
         tokenizer_from_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(NotImplementedError, match="'gemma2'"):
@@ -273,7 +272,7 @@ def test_incremental_decoder_on_arbitrary_ids(ours, tmp_path):
 
     _write_sentencepiece_gguf(tmp_path / "tiny.gguf")
     rng = random.Random(0)
-    for tokenizer in (ours, Tokenizer.from_gguf(str(tmp_path / "tiny.gguf"))):
+    for tokenizer in (ours, tokenizer_from_gguf(str(tmp_path / "tiny.gguf"))):
         vocab = tokenizer.get_vocab()
         partial = [i for t, i in vocab.items() if (len(t) == 1 and ord(t) >= 0x80) or t.startswith("<0x")]
         special = sorted(tokenizer.special_ids)

@@ -13,8 +13,9 @@ import vlmkit
 from hf_fixtures import load_hf
 from vlmkit.data.collate import Collator
 from vlmkit.data.readers import read_dataset
+from vlmkit.models.lora import LoRALinear
 from vlmkit.train.finetune import FinetuneConfig, finetune
-from vlmkit.train.lora import LoRALinear, merge_lora
+from vlmkit.train.lora import merge_lora
 from vlmkit.train.stages import LoRASpec, Stage, apply_stage, get_stage
 
 DATA = Path(__file__).parent / "data" / "train"

@@ -11,14 +11,15 @@ import torch.nn.functional as F
 
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.hf import config_from_folder, load_model, save_model
+from .checkpoints.quantized import load_quantized, save_quantized, saved_quantization
 from .generation.caches import ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts
 from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
 from .models.kv_cache import StaticKVCache
+from .models.quant import check_mode, memory_bytes, quantization_of
 from .models.vlm import VLMModel, flat_images
 from .processing.chat_text import as_user_message
 from .processing.prompts import is_messages
-from .quantize import check_mode, load_quantized, memory_bytes, quantization_of, save_quantized, saved_quantization
 
 # Files of a Hugging Face folder that describe the processor (copied by `save`).
 PROCESSOR_FILES = (
@@ -75,7 +76,7 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family.
 
     quantize: None, "int8" (per-channel) or "int4" (group-wise, CPU) weight-only quantization of the decoder,
-    built tensor by tensor (see vlmkit.quantize); a folder saved quantized loads quantized whatever is passed.
+    built tensor by tensor (see vlmkit.models.quant); a folder saved quantized loads quantized whatever is passed.
     compile: torch.compile the decode step (first answers pay the compilation). caches: keep image features and
     the keys/values of recent prompts, so a follow-up turn re-reads neither (`VLM.clear_caches()` empties them).
     """
@@ -87,9 +88,7 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
         if (mode or saved["mode"]) == "int4" and device is not None and torch.device(device).type != "cpu":
             raise ValueError("int4 runs on torch's CPU kernels: load it with device=None or 'cpu' (int8 runs "
                              "anywhere)")
-        model = load_quantized(folder, mode, dtype=_dtype(dtype), vision=QUANTIZE_VISION)
-        if device is not None:
-            model.to(device)
+        model = load_quantized(folder, mode, dtype=_dtype(dtype), device=device, vision=QUANTIZE_VISION)
     elif is_adapter_folder(folder):  # the embedded default model: GGUF language model + trained adapter
         model = load_adapter_model(folder, dtype=_dtype(dtype), device=device)
     else:

@@ -16,6 +16,7 @@ from vlmkit.checkpoints.families import idefics3_to_hf
 from vlmkit.checkpoints.gguf import load_gguf_text
 from vlmkit.config import ConnectorConfig, TextConfig, VLMConfig
 from vlmkit.models.vlm import VLMModel
+from vlmkit.processing.gguf_tokenizer import tokenizer_from_gguf
 from vlmkit.processing.processor import Processor
 from vlmkit.train.lora import lora_state_dict
 from vlmkit.train.loop import cpu_has_native_bf16
@@ -81,7 +82,9 @@ def model_config(arch: Architecture, text: TextConfig, vocab_size: int, image_to
 def prepare_folder(out: Path, cfg: RecipeConfig) -> tuple[VLMModel, Processor]:
     """A fresh model (random vision + connector, SmolLM2 text) and its processor, written as an adapter folder."""
     out.mkdir(parents=True, exist_ok=True)
-    text, text_state, tok = load_gguf_text(resolve_gguf(cfg.arch.base_gguf))
+    gguf = resolve_gguf(cfg.arch.base_gguf)
+    text, text_state = load_gguf_text(gguf)
+    tok = tokenizer_from_gguf(gguf)
     vocab = write_processor_files(out, tok, cfg.arch)
     vlm = model_config(cfg.arch, text, vocab, tok.token_to_id("<image>"))
     hf = idefics3_to_hf(vlm)

@@ -1,69 +1,25 @@
-"""GGUF import of a Llama-architecture text model: config, dequantized weights and tokenizer.
+"""GGUF import of a Llama-architecture text model: its config and its weights, as a tensor source.
 
-    cfg, state_dict, tokenizer = load_gguf_text("SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg, state_dict = load_gguf_text("SmolLM2-135M-Instruct.Q4_1.gguf")
     decoder = TextDecoder(cfg); decoder.load_state_dict(state_dict, strict=True)
 
 Weights come out as float32 torch tensors named as in notes/INTERNALS.md ("layers.0.attn.q_proj.weight", ...),
-with q_proj/k_proj rows back in transformers' rotate-half order. The tokenizer is built the way transformers 5.x
-builds it from the same file (integrations/gguf/gguf_tokenizer_mapping.py), so ids match transformers."""
+with q_proj/k_proj rows back in transformers' rotate-half order; quantized loads take Q4_1 blocks over as int4
+modules as they are. The file's tokenizer: vlmkit.processing.gguf_tokenizer."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
-from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers.models import BPE
 
 from ..config import TextConfig
-from ..processing.tokenizer import Tokenizer
-
-# llama.cpp token types (tokenizer.ggml.token_type).
-CONTROL, USER_DEFINED = 3, 4
-
-# tokenizer.ggml.pre -> the split regex its merges were learned with; copied from transformers 5.x, which uses
-# GPT-2's ByteLevel regex for any name not listed (SmolLM2's "smollm" included).
-_LLAMA3 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN35 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-PRETOKENIZER_SPLITS = {
-    **dict.fromkeys(
-        ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
-         "dbrx", "smaug-bpe"],
-        _LLAMA3,
-    ),  # fmt: skip
-    "tekken": _TEKKEN,
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"], _QWEN2),
-    "qwen35": _QWEN35,
-    **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], _GPT4O),
-}
-# llama.cpp (and these models' own tokenizer.json) isolate every digit before the GPT-2 regex; transformers does
-# not. Only reachable with pretokenizer="llama.cpp".
-DIGIT_SPLITTING_PRETOKENIZERS = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+from ..models.quant import from_q4_1, int8_embedding_by_rows
+from .builder import TensorSource
 
 
 class _FastGGUFReader(GGUFReader):
@@ -103,134 +59,6 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
         else:
             meta[key] = field.parts[field.data[0]].tolist()[0]
     return meta
-
-
-# ------------------------------------------------------------------------------------------------- tokenizer
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level vocabularies are spelled in it)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _byte_level_backend(meta: dict, pretokenizer: str) -> BackendTokenizer:
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    tokens = meta["tokenizer.ggml.tokens"]
-    # A token written in plain text (not the byte alphabet) is respelled, as transformers does.
-    vocab = {
-        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
-    }
-    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
-    backend = BackendTokenizer(
-        BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
-            fuse_unk=False)
-    )  # fmt: skip
-    pre = meta.get("tokenizer.ggml.pre")
-    split = PRETOKENIZER_SPLITS.get(pre)
-    if split is not None:
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )  # fmt: skip
-    elif pretokenizer == "llama.cpp" and pre in DIGIT_SPLITTING_PRETOKENIZERS:
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
-    else:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def _generate_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """A sentencepiece GGUF has no merges; recover them from the vocabulary, best score first
-    (transformers' `generate_merges`, same tie-breaking)."""
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = []
-    for piece, score in dict(zip(tokens, scores)).items():
-        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece))]
-        local = [(left, right, score) for left, right in splits if left in vocab and right in vocab]
-        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(a, b) for a, b, _ in merges]
-
-
-def _sentencepiece_backend(meta: dict) -> BackendTokenizer:
-    """transformers' LlamaTokenizer (legacy=False, add_prefix_space=True): byte-fallback BPE, "▁" for spaces."""
-    tokens = meta["tokenizer.ggml.tokens"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    if "tokenizer.ggml.merges" in meta:
-        merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
-    else:
-        merges = _generate_merges(tokens, meta["tokenizer.ggml.scores"])
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
-    )
-    return backend
-
-
-def tokenizer_from_metadata(meta: dict, pretokenizer: str = "transformers") -> Tokenizer:
-    """pretokenizer: "transformers" (default) reproduces transformers' ids; "llama.cpp" additionally isolates
-    digits for the vocabularies llama.cpp does that for (e.g. "smollm"), which is also what those models'
-    original tokenizer.json does."""
-    if pretokenizer not in ("transformers", "llama.cpp"):
-        raise ValueError(f"pretokenizer must be 'transformers' or 'llama.cpp', got {pretokenizer!r}")
-    model = meta.get("tokenizer.ggml.model")
-    arch = meta.get("general.architecture")
-    if model == "llama" and arch in ("gemma", "gemma2", "gemma3", "phi3"):
-        # transformers reshapes these vocabularies (space tokens, merge order, normalizer); not reproduced here.
-        raise NotImplementedError(f"GGUF sentencepiece tokenizers of {arch!r} models are not supported")
-    if model == "gpt2":
-        backend = _byte_level_backend(meta, pretokenizer)
-    elif model == "llama":
-        backend = _sentencepiece_backend(meta)
-    else:
-        raise ValueError(
-            f"GGUF tokenizer model {model!r} is not supported (supported: 'gpt2' byte-level BPE, 'llama' sentencepiece)"
-        )
-    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
-    # Control tokens become special added tokens, user-defined ones plain added tokens, so both stay whole.
-    # In a byte-level vocabulary a "control" token outside the byte alphabet is a llama.cpp mislabel: skipped.
-    alphabet = set(_bytes_to_unicode().values()) if model == "gpt2" else None
-    control = [t for t, k in zip(tokens, types) if k == CONTROL and (alphabet is None or set(t) <= alphabet)]
-    if control:
-        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    known = backend.get_vocab(with_added_tokens=True)
-    user = [t for t, k in zip(tokens, types) if k == USER_DEFINED and t in known]
-    if user:
-        backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-
-    def token(key):
-        token_id = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
-
-    special = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
-               "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id")}  # fmt: skip
-    # llama.cpp adds BOS to a sentencepiece vocabulary unless told otherwise; transformers follows.
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", True if model == "llama" else False)
-    # End-of-turn / end-of-message ids are stop tokens for llama.cpp; transformers ignores them.
-    extra_eos = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
-    return Tokenizer(
-        backend,
-        special_tokens=special,
-        chat_template=meta.get("tokenizer.chat_template"),
-        extra_eos_ids=extra_eos,
-        add_bos_token=bool(add_bos),
-        add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-    )
-
-
-def tokenizer_from_gguf(path: str, pretokenizer: str = "transformers") -> Tokenizer:
-    return tokenizer_from_metadata(read_metadata(open_gguf(path)), pretokenizer=pretokenizer)
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -307,29 +135,73 @@ def state_dict_name(gguf_name: str) -> str:
     raise ValueError(f"GGUF tensor {gguf_name!r} has no place in TextDecoder")
 
 
-def load_gguf_text(
-    path: str, dtype: torch.dtype = torch.float32, pretokenizer: str = "transformers"
-) -> tuple[TextConfig, dict[str, torch.Tensor], Tokenizer]:
-    """(TextConfig, state dict for TextDecoder, Tokenizer) from a GGUF file. Every tensor is dequantized
-    (gguf.quants handles Q4_0/Q4_1/Q5_x/Q8_0/K-quants/F16/BF16/F32) and cast to `dtype` one at a time, so peak
-    memory is the output plus one float32 tensor."""
-    reader = open_gguf(path)
-    meta = read_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    cfg = text_config_from_metadata(meta, names)
-    state_dict = {}
-    for tensor in reader.tensors:
+def grow_rows(table: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+    """A token table grown to `vocab_size` rows with zeros: tokens added after the file (image placeholders,
+    replaced by features; with a zero row in the tied head they never win a greedy step)."""
+    if not vocab_size or vocab_size <= table.shape[0]:
+        return table
+    return torch.cat([table, table.new_zeros(vocab_size - table.shape[0], table.shape[1])])
+
+
+class GGUFSource(TensorSource):
+    """A GGUF text model's tensors under the decoder's names (after `prefix`, "text." inside a VLM), dequantized one
+    at a time, q/k rows back in rotate-half order; the token table grown to `vocab_size` rows (`grow_rows`)."""
+
+    what = "GGUF"
+
+    def __init__(self, reader: GGUFReader, cfg: TextConfig, prefix: str = "", vocab_size: Optional[int] = None):
+        self.origin, self.cfg, self.vocab_size = getattr(reader.data, "filename", "GGUF"), cfg, vocab_size
+        self.tensors = {prefix + state_dict_name(t.name): t for t in reader.tensors}
+
+    def keys(self, expected: Optional[dict] = None) -> list[str]:
+        return list(self.tensors)
+
+    def _heads(self, name: str) -> Optional[int]:
+        t = self.tensors[name]
+        if t.name.startswith("blk.") and ".attn_q." in t.name:
+            return self.cfg.num_heads
+        if t.name.startswith("blk.") and ".attn_k." in t.name:
+            return self.cfg.num_kv_heads
+        return None
+
+    def read(self, name: str) -> torch.Tensor:
+        t = self.tensors[name]
         # numpy shape is GGUF's dims reversed, i.e. already torch's [out_features, in_features].
-        array = dequantize(tensor.data, tensor.tensor_type)
+        array = dequantize(t.data, t.tensor_type)
         if array.dtype != np.float32 or not array.flags.writeable or not array.flags.c_contiguous:
             array = np.array(array, dtype=np.float32)  # F32 tensors come back as read-only views of the mmap
-        weight = torch.from_numpy(array)
-        if tensor.name.startswith("blk.") and ".attn_q." in tensor.name:
-            weight = unpermute_rope_rows(weight, cfg.num_heads)
-        elif tensor.name.startswith("blk.") and ".attn_k." in tensor.name:
-            weight = unpermute_rope_rows(weight, cfg.num_kv_heads)
-        state_dict[state_dict_name(tensor.name)] = weight.to(dtype).contiguous()
+        w = torch.from_numpy(array)
+        heads = self._heads(name)
+        if heads:
+            w = unpermute_rope_rows(w, heads)
+        return grow_rows(w, self.vocab_size) if self.tensors[name].name == "token_embd.weight" else w
+
+    def read_quantized(self, name: str, kind: str, dtype: torch.dtype):
+        t = self.tensors[name]
+        if len(t.shape) != 2:
+            return None
+        cols, rows = (int(x) for x in t.shape)
+        if kind == "int4" and t.tensor_type == GGMLQuantizationType.Q4_1:
+            heads = self._heads(name)
+            order = unpermute_rope_rows(torch.arange(rows), heads) if heads else None
+            return from_q4_1(t.data, rows, cols, dtype, order)
+        if kind == "embed8":  # row chunks: never the float table (nor its grown copy) at once
+            def read_rows(start, stop):
+                return torch.from_numpy(np.asarray(dequantize(t.data[start:stop], t.tensor_type), dtype=np.float32))
+
+            return int8_embedding_by_rows(read_rows, rows, cols, self.vocab_size or rows, dtype)
+        return None
+
+
+def load_gguf_text(path: str, dtype: torch.dtype = torch.float32) -> tuple[TextConfig, dict[str, torch.Tensor]]:
+    """(TextConfig, state dict for TextDecoder) from a GGUF file. Every tensor is dequantized (gguf.quants handles
+    Q4_0/Q4_1/Q5_x/Q8_0/K-quants/F16/BF16/F32) and cast to `dtype` one at a time, so peak memory is the output plus
+    one float32 tensor. The tokenizer: vlmkit.processing.gguf_tokenizer.tokenizer_from_gguf."""
+    reader = open_gguf(path)
+    cfg = text_config_from_metadata(read_metadata(reader), {t.name for t in reader.tensors})
+    source = GGUFSource(reader, cfg)
+    state_dict = {name: source.read(name).to(dtype).contiguous() for name in source.keys()}
     embed = state_dict["embed_tokens.weight"]
     if cfg.vocab_size != embed.shape[0]:
         cfg.vocab_size = embed.shape[0]  # the tensor is the truth when metadata disagrees
-    return cfg, state_dict, tokenizer_from_metadata(meta, pretokenizer=pretokenizer)
+    return cfg, state_dict

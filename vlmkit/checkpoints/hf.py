@@ -13,7 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import VLMConfig
+from ..models.quant import BUILDERS, QuantSpec
 from ..models.vlm import VLMModel
+from .builder import CheckpointError, TensorSource, build_model
 from .families import FAMILIES, Family, family_for_architecture
 from .io import atomic_write
 from .keymaps import build_key_map, normalize_names
@@ -22,10 +24,6 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Tensors some writers include that carry no weights of ours (recomputed buffers).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def read_config(folder: Path) -> dict:
@@ -64,53 +62,74 @@ def config_from_folder(folder) -> tuple[VLMConfig, Family, dict]:
     return cfg, family, hf
 
 
-def load_model(folder, dtype: Optional[torch.dtype] = None, device=None) -> VLMModel:
-    folder = Path(folder)
-    files = weight_files(folder)
-    cfg, family, _ = config_from_folder(folder)
-    with torch.device("meta"):
-        model = VLMModel(cfg)
-    ours = model.state_dict()
-    key_map = build_key_map(ours, cfg.connector.kind, family.prefixes)
-    canonical = normalize_names(files, family.aliases)  # file name -> canonical HF name
-    by_canonical = {c: n for n, c in canonical.items()}
-    wanted = {hf: ours_key for ours_key, hf in key_map.items()}
+class SafetensorsSource(TensorSource):
+    """A Hugging Face folder's safetensors (one file or a sharded index), memory-mapped, through the family's key
+    map. `packed`: modules stored quantized by vlmkit (name -> kind), read as `<name>.qweight/.scales(/.mins)`."""
 
-    missing = [hf for hf in wanted if hf not in by_canonical]
-    unexpected = [
-        n for n, c in canonical.items() if c not in wanted and not n.endswith(IGNORED_SUFFIXES)
-        and not (cfg.text.tie_word_embeddings and c.startswith(family.prefixes["H"]))
-    ]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{folder}: checkpoint does not match the {family.name} layout: "
-            f"missing {sorted(missing)[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)}), "
-            f"unexpected {sorted(unexpected)[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})"
-        )
-    state, bad_shapes, handles = {}, [], {}
-    try:
-        for hf_name, our_name in wanted.items():
-            file_name = by_canonical[hf_name]
-            path = files[file_name]
-            if path not in handles:
-                handles[path] = safe_open(path, "pt", device="cpu")  # memory-mapped
-            t = handles[path].get_tensor(file_name)
-            if tuple(t.shape) != tuple(ours[our_name].shape):
-                bad_shapes.append(f"{file_name}: {tuple(t.shape)} != expected {tuple(ours[our_name].shape)}")
-                continue
-            target = dtype if dtype is not None else t.dtype
-            state[our_name] = t.to(dtype=target) if t.is_floating_point() else t
-    finally:
-        handles.clear()
-    if bad_shapes:
-        raise CheckpointError(f"{folder}: mis-shaped tensors: " + "; ".join(bad_shapes[:20]))
-    model.load_state_dict(state, strict=True, assign=True)
-    model.text.reset_buffers()
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    def __init__(self, folder, packed: Optional[dict] = None, group_size: Optional[int] = None):
+        self.origin = folder = Path(folder)
+        self.files = weight_files(folder)  # first: a folder of pickles is refused before its config is read
+        self.cfg, self.family, self.hf = config_from_folder(folder)
+        self.packed, self.group_size = packed or {}, group_size
+        self.handles, self.where = {}, {}
+
+    def keys(self, expected: dict) -> list[str]:
+        family, cfg = self.family, self.cfg
+        key_map = build_key_map(expected, cfg.connector.kind, family.prefixes)
+        canonical = normalize_names(self.files, family.aliases)  # file name -> canonical HF name
+        by_canonical = {c: n for n, c in canonical.items()}
+        wanted = {}  # canonical HF name -> our name
+        for ours, hf_name in key_map.items():
+            module = ours.rpartition(".")[0]
+            if module in self.packed and ours.endswith(".weight"):
+                base = hf_name[: -len("weight")]
+                wanted.update({base + part: ours for part in BUILDERS[self.packed[module]].parts})
+            else:
+                wanted[hf_name] = ours
+        missing = [hf for hf in wanted if hf not in by_canonical]
+        unexpected = [
+            n for n, c in canonical.items() if c not in wanted and not n.endswith(IGNORED_SUFFIXES)
+            and not (cfg.text.tie_word_embeddings and c.startswith(family.prefixes["H"]))
+        ]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{self.origin}: checkpoint does not match the {family.name} layout: "
+                f"missing {sorted(missing)[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)}), "
+                f"unexpected {sorted(unexpected)[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})"
+            )
+        for hf_name, ours in wanted.items():
+            self.where.setdefault(ours, {})[hf_name.rpartition(".")[2]] = by_canonical[hf_name]
+        return list(key_map)
+
+    def _get(self, file_name: str) -> torch.Tensor:
+        path = self.files[file_name]
+        if path not in self.handles:
+            self.handles[path] = safe_open(path, "pt", device="cpu")  # memory-mapped
+        return self.handles[path].get_tensor(file_name)
+
+    def read(self, name: str) -> torch.Tensor:
+        (file_name,) = self.where[name].values()
+        return self._get(file_name)
+
+    def read_quantized(self, name: str, kind: str, dtype: torch.dtype):
+        module = name.rpartition(".")[0]
+        if module not in self.packed:
+            return None
+        parts = {part: self._get(file_name) for part, file_name in self.where[name].items()}
+        return BUILDERS[kind].from_export(parts, None, dtype, self.group_size)
+
+    def label(self, name: str) -> str:
+        return ", ".join(self.where[name].values())
+
+    def close(self) -> None:
+        self.handles.clear()
 
 
+def load_model(folder, dtype: Optional[torch.dtype] = None, device=None,
+               quantize: Optional[QuantSpec] = None) -> VLMModel:
+    """A Hugging Face folder as a VLMModel (floats as stored unless `dtype`; quantized as it loads with `quantize`)."""
+    source = SafetensorsSource(folder)
+    return build_model(source.cfg, source, dtype, device, quantize)
 
 
 def hf_config_for(cfg: VLMConfig) -> dict:

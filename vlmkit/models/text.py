@@ -130,7 +130,7 @@ class TextDecoder(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         table = self.embed_tokens if self.lm_head is None else self.lm_head
-        # quantized tables (vlmkit.quantize) project themselves: their weight is not a float matrix
+        # quantized tables (vlmkit.models.quant) project themselves: their weight is not a float matrix
         logits = table.project(h) if hasattr(table, "project") else F.linear(h, table.weight)
         if self.cfg.additional_vocab_size:
             w = self.embed_tokens_extra.weight if self.lm_head_extra is None else self.lm_head_extra.weight

@@ -1,5 +1,6 @@
 """The text tokenizer: a `tokenizers.Tokenizer` plus what transformers keeps beside it (special tokens, BOS/EOS
-rules, chat template, stop ids), read from a Hugging Face folder or a GGUF file. No transformers at runtime.
+rules, chat template, stop ids), read from a Hugging Face folder (a GGUF file's: gguf_tokenizer.py). No
+transformers at runtime.
 
 Behaviour follows transformers 5.x `TokenizersBackend` so prompts encode to the same ids and generations decode to
 the same text as transformers would produce for the same checkpoint."""
@@ -118,13 +119,6 @@ class Tokenizer:
             extra_special_tokens=extras,
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
         )
-
-    @classmethod
-    def from_gguf(cls, path: str, pretokenizer: str = "transformers") -> "Tokenizer":
-        """The tokenizer a GGUF file's metadata describes (see vlmkit.checkpoints.gguf.tokenizer_from_gguf)."""
-        from ..checkpoints.gguf import tokenizer_from_gguf
-
-        return tokenizer_from_gguf(path, pretokenizer=pretokenizer)
 
     # ----------------------------------------------------------------------------------------------- basics
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -204,14 +204,14 @@ def never_used(model: nn.Module) -> tuple:
 
 
 def _quantize_base(model: nn.Module, mode: str) -> None:
-    """Weight-only quantization of the frozen decoder (vlmkit.quantize: projections int4/int8, token table and
+    """Weight-only quantization of the frozen decoder (vlmkit.models.quant: projections int4/int8, token table and
     head int8), unless the model was loaded quantized already; gradients then flow through it to the LoRA layers."""
-    from .. import quantize
+    from ..models import quant
     from .lora import train_through_all_quantized
 
-    done = quantize.quantization_of(model)
+    done = quant.quantization_of(model)
     if done is None:
-        quantize.quantize_model(model, mode)
+        quant.quantize_model(model, mode)
     elif done["mode"] != mode:
         raise ValueError(f"the model is {done['mode']}-quantized but the stage asks for {mode}")
     train_through_all_quantized(model)

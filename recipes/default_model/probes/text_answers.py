@@ -16,6 +16,8 @@ from vlmkit.checkpoints.adapter import resolve_gguf
 from vlmkit.checkpoints.gguf import load_gguf_text
 from vlmkit.generation.loop import GenerationConfig, generate
 from vlmkit.models.text import TextDecoder
+from vlmkit.processing.gguf_tokenizer import tokenizer_from_gguf
+
 from ..config import Architecture
 
 QUESTIONS = [
@@ -37,7 +39,8 @@ def main() -> None:
     args = ap.parse_args()
 
     m = vlmkit.load(args.model)
-    text_cfg, state, tok = load_gguf_text(resolve_gguf(Architecture().base_gguf))
+    text_cfg, state = load_gguf_text(resolve_gguf(Architecture().base_gguf))
+    tok = tokenizer_from_gguf(resolve_gguf(Architecture().base_gguf))
     base = TextDecoder(text_cfg)
     base.load_state_dict(state)
     base.eval()

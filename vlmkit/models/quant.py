@@ -10,12 +10,13 @@
 
 What gets quantized: the decoder's projections (and cross-attention blocks), the token table and head; the vision
 tower and connector with `vision=True`. Norms, the patch convolution and position tables stay float.
-`load_quantized` builds a quantized model tensor by tensor (never the whole float model at once) from a Hugging
-Face folder, an adapter folder (GGUF text model) or a folder written by `save_quantized`.
+No file I/O here: checkpoints/builder.py quantizes layer by layer as a checkpoint's weights arrive, and
+checkpoints/quantized.py saves and reads quantized folders.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -80,6 +81,7 @@ class Int8Linear(_Quantized):
     """y = (x @ q.T) * scale (+ bias). On CPU the packed kernel; elsewhere a dequantized F.linear."""
 
     kind = "int8"
+    parts = ("qweight", "scales")  # what export() returns: the tensors a saved folder holds
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias=None, dtype=torch.float32):
         super().__init__(dtype)
@@ -180,6 +182,7 @@ class Int4Linear(_Quantized):
     plain values by running the kernel on an identity matrix, so saving needs no knowledge of the layout)."""
 
     kind = "int4"
+    parts = ("qweight", "scales", "mins")
 
     def __init__(self, q: torch.Tensor, scales, mins, group_size: int, bias=None, dtype=torch.float32):
         super().__init__(dtype)
@@ -281,6 +284,35 @@ def make_module(kind: str, weight: torch.Tensor, bias=None, dtype=None, group_si
     return Int8Linear.from_float(weight, bias, dtype)
 
 
+@dataclass
+class QuantSpec:
+    """What a model load quantizes: the mode, the group size and which module becomes which kind."""
+
+    mode: str
+    group_size: int = DEFAULT_GROUP
+    vision: bool = False
+    modules: Optional[dict] = None  # name -> kind as a saved folder states it; None: target_kinds of the model
+    int8: frozenset = frozenset()  # modules kept at 8 bits where the mode would give them 4
+
+    def kinds(self, model: nn.Module) -> dict:
+        if self.modules is not None:
+            return dict(self.modules)
+        kinds = target_kinds(model, check_mode(self.mode), self.vision, self.group_size)
+        kinds.update({name: "int8" for name in self.int8 if kinds.get(name) == "int4"})
+        return kinds
+
+
+def int8_embedding_by_rows(read_rows, rows: int, cols: int, num_embeddings: int, dtype=torch.float32,
+                           chunk: int = 4096) -> Int8Embedding:
+    """An int8 token table quantized `chunk` rows at a time from `read_rows(start, stop)` (float rows), never the
+    float table at once; rows past `rows` (tokens added after the checkpoint) stay zero."""
+    q = torch.zeros(max(rows, num_embeddings), cols, dtype=torch.int8)
+    scales = torch.full((q.shape[0],), 1e-12)
+    for i in range(0, rows, chunk):
+        q[i : i + chunk], scales[i : i + chunk] = quantize_int8(read_rows(i, min(i + chunk, rows)))
+    return Int8Embedding(q, scales, dtype)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, vision: bool = False, group_size: int = DEFAULT_GROUP) -> nn.Module:
     """Replace the target modules of a float model in place (module by module, so the float copy of each goes
@@ -312,215 +344,47 @@ def memory_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-# ------------------------------------------------------------------------------------------------ files
+# ------------------------------------------------------------------------------------------------ training
+# The packed CPU kernels have no backward. LoRA over a frozen quantized base needs the gradient to the layer's input
+# (every adapter below the layer does), so it is computed here: dx = dy @ W with W dequantized for that backward
+# only; the quantized weights themselves never get a gradient.
 
-def saved_quantization(folder) -> Optional[dict]:
-    """The `quantization_config` of a folder written by `save_quantized`, else None."""
-    from .checkpoints.hf import read_config
-
-    qc = read_config(folder).get("quantization_config")
-    return qc if isinstance(qc, dict) and qc.get("quant_method") == "vlmkit" else None
-
-
-def _key_map(model, kinds: dict) -> dict:
-    """our name -> HF name for the float layout of `model` (quantized modules as their `.weight`)."""
-    from .checkpoints.families import FAMILIES
-    from .checkpoints.keymaps import build_key_map
-
-    cfg = model.cfg
-    family = FAMILIES[cfg.extra.get("hf_architecture", cfg.family)]
-    names = [n for n in model.state_dict() if n.rpartition(".")[0] not in kinds or n.endswith(".bias")]
-    names += [f"{name}.weight" for name in kinds]
-    return build_key_map(names, cfg.connector.kind, family.prefixes)
+def is_quantized(module: nn.Module) -> bool:
+    return hasattr(module, "dequantize") and hasattr(module, "export")
 
 
-def save_quantized(model, folder) -> None:
-    """A Hugging Face-style folder: config.json with `quantization_config`, model.safetensors with float tensors
-    under their usual names and each quantized weight as `<name>.qweight/.scales(/.mins)` (vlmkit reads it back;
-    transformers does not)."""
-    import json
-    from pathlib import Path
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module, fn):
+        ctx.module = module
+        with torch.no_grad():
+            return fn(module, x)
 
-    from safetensors.torch import save_file
-
-    from .checkpoints.hf import WEIGHTS, hf_config_for
-    from .checkpoints.io import atomic_write
-
-    info = quantization_of(model)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    kinds = info["modules"]
-    key_map = _key_map(model, kinds)
-    tensors = {}
-    for name, t in model.state_dict().items():
-        module, _, leaf = name.rpartition(".")
-        if module not in kinds or leaf == "bias":
-            tensors[key_map[name]] = t.detach().contiguous().cpu()
-    for name in kinds:
-        base = key_map[f"{name}.weight"][: -len("weight")]
-        for suffix, t in model.get_submodule(name).export().items():
-            tensors[base + suffix] = t.detach().contiguous().cpu()
-    hf = dict(hf_config_for(model.cfg))
-    hf["dtype"] = str(model.dtype).removeprefix("torch.")
-    hf["quantization_config"] = info
-    atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2)))
-    atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    @staticmethod
+    def backward(ctx, dy):
+        w = _backward_weight(ctx.module).to(dy.dtype)
+        return dy @ w, None, None
 
 
-class _Builder:
-    """Fills a meta-device model: quantized modules as they come, float tensors assigned at the end."""
-
-    def __init__(self, model, kinds: dict, dtype, group_size: int):
-        self.model, self.kinds, self.dtype, self.group_size = model, kinds, dtype, group_size
-        self.floats, self.biases, self.done = {}, {}, set()
-
-    def tensor(self, name: str, t: torch.Tensor) -> None:
-        module, _, leaf = name.rpartition(".")
-        if t.is_floating_point():
-            t = t.to(self.dtype)
-        if module not in self.kinds:
-            self.floats[name] = t
-        elif leaf == "bias":
-            self.biases[module] = t
-        else:
-            self.module(module, make_module(self.kinds[module], t, dtype=self.dtype, group_size=self.group_size))
-
-    def module(self, name: str, module: nn.Module) -> None:
-        self.model.set_submodule(name, module)
-        self.done.add(name)
-
-    def finish(self):
-        model = self.model
-        if set(self.kinds) - self.done:
-            raise ValueError(f"no weights for {sorted(set(self.kinds) - self.done)[:10]}")
-        for name, bias in self.biases.items():
-            model.get_submodule(name).bias = nn.Parameter(bias, requires_grad=False)
-        missing, unexpected = model.load_state_dict(self.floats, strict=False, assign=True)
-        missing = [k for k in missing if k.rpartition(".")[0] not in self.kinds]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
-        model.text.reset_buffers()
-        return model.eval()
+def _backward_weight(module: nn.Module) -> torch.Tensor:
+    """The dequantized [out, in] weight. int8 dequantizes elementwise; int4's packed layout is only readable through
+    its kernel, so its plain 4-bit values (half a byte per weight) are kept after the first backward."""
+    if not hasattr(module, "group_size"):
+        return module.dequantize()
+    if not hasattr(module, "_nibbles"):
+        q = module.export()  # qweight: the 4-bit values already packed two per byte
+        module._nibbles, module._scales, module._mins = q["qweight"], q["scales"], q["mins"]
+    q = unpack_nibbles(module._nibbles).float().reshape(module.out_features, -1, module.group_size)
+    return (q * module._scales[..., None] + module._mins[..., None]).reshape(module.out_features, -1)
 
 
-def _hf_tensors(folder, model, kinds: dict, saved: bool):
-    """(name, tensor) in our names from a Hugging Face folder; for a saved quantized one, (name, module)."""
-    from safetensors import safe_open
-
-    from .checkpoints.hf import CheckpointError, weight_files
-
-    files = weight_files(folder)
-    key_map = _key_map(model, kinds if saved else {})
-    handles = {}
-
-    def read(hf_name):
-        if hf_name not in files:
-            raise CheckpointError(f"{folder}: tensor {hf_name} is missing")
-        if files[hf_name] not in handles:
-            handles[files[hf_name]] = safe_open(files[hf_name], "pt", device="cpu")
-        return handles[files[hf_name]].get_tensor(hf_name)
-
-    for ours, hf_name in key_map.items():
-        module = ours[: -len(".weight")]
-        if saved and ours.endswith(".weight") and module in kinds:
-            parts = ("qweight", "scales", "mins") if kinds[module] == "int4" else ("qweight", "scales")
-            yield module, {p: read(hf_name[: -len("weight")] + p) for p in parts}
-        else:
-            yield ours, read(hf_name)
-
-
-def _adapter_tensors(folder, hf: dict, kinds: dict, dtype, text_cfg):
-    """An adapter folder: vision/connector from adapter.safetensors, the text model straight from its GGUF -- Q4_1
-    tensors become int4 modules as they are (LoRA-merged ones are requantized), the token table int8 row by row."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-    from safetensors.torch import load_file
-
-    from .checkpoints.adapter import ADAPTER, resolve_gguf
-    from .checkpoints.gguf import open_gguf, state_dict_name, unpermute_rope_rows
-
-    meta = hf["vlmkit_adapter"]
-    adapter = load_file(folder / ADAPTER)
-    lora = {k: v.float() for k, v in adapter.items() if ".lora_" in k}
-    scale = meta["lora"]["alpha"] / meta["lora"]["r"] if lora else 0.0
-    for k, v in adapter.items():
-        if ".lora_" not in k:
-            yield k, v.float()
-    reader = open_gguf(resolve_gguf(meta["base_gguf"]))
-    # head counts from the folder's own config: read_metadata would turn the whole vocabulary into Python strings
-    # (~100 MB held at the load's peak) for two numbers
-    gcfg = text_cfg
-    vocab = text_cfg.vocab_size
-    for t in reader.tensors:
-        name = "text." + state_dict_name(t.name)
-        module = name.rpartition(".")[0]
-        cols, rows = (int(x) for x in t.shape) if len(t.shape) == 2 else (int(t.shape[0]), 1)
-        heads = gcfg.num_heads if ".attn_q." in t.name else gcfg.num_kv_heads if ".attn_k." in t.name else None
-        order = unpermute_rope_rows(torch.arange(rows), heads) if heads else None
-        if kinds.get(module) == "int4" and t.tensor_type == GGMLQuantizationType.Q4_1 and module + ".lora_A" not in lora:
-            yield module, from_q4_1(t.data, rows, cols, dtype, order)
-        elif kinds.get(module) == "embed8":  # row chunks: never the float table (nor its grown copy) at once
-            q = torch.zeros(max(rows, vocab or rows), cols, dtype=torch.int8)
-            scales = torch.full((q.shape[0],), 1e-12)
-            for i in range(0, rows, 4096):
-                q[i : i + 4096], scales[i : i + 4096] = quantize_int8(torch.from_numpy(
-                    np.asarray(dequantize(t.data[i : i + 4096], t.tensor_type), dtype=np.float32)))
-            yield module, Int8Embedding(q, scales, dtype)
-        else:
-            w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
-            w = w if order is None else w[order]
-            if module + ".lora_A" in lora:
-                w = w + lora[module + ".lora_B"] @ lora[module + ".lora_A"] * scale
-            yield name, w
-
-
-def load_quantized(folder, mode: Optional[str] = None, dtype=None, vision: bool = False,
-                   group_size: int = DEFAULT_GROUP):
-    """A quantized VLMModel from a Hugging Face folder, an adapter folder, or a folder saved quantized (whose own
-    settings then apply; `mode` must be None or the same)."""
-    from pathlib import Path
-
-    from .checkpoints.adapter import is_adapter_folder
-    from .checkpoints.hf import config_from_folder
-    from .models.vlm import VLMModel
-
-    folder = Path(folder)
-    saved = saved_quantization(folder)
-    if saved and mode not in (None, saved["mode"]):
-        raise ValueError(f"{folder} is saved {saved['mode']}-quantized; load it with quantize=None or "
-                         f"{saved['mode']!r}, or quantize the float model it came from")
-    cfg, _, hf = config_from_folder(folder)
-    with torch.device("meta"):
-        model = VLMModel(cfg)
-    if saved:
-        mode, group_size, kinds = saved["mode"], saved["group_size"], dict(saved["modules"])
-    else:
-        kinds = target_kinds(model, check_mode(mode), vision, group_size)
-        if is_adapter_folder(folder) and mode == "int4":
-            # LoRA-merged projections stay 8-bit: the trained delta is far below a 4-bit step, and requantizing the
-            # merged weight to 4 bits lost it (measured on the default model: "Paris" became "L'Etoile ...").
-            from safetensors import safe_open
-
-            from .checkpoints.adapter import ADAPTER
-            with safe_open(folder / ADAPTER, "pt") as f:
-                merged = {k[: -len(".lora_A")] for k in f.keys() if k.endswith(".lora_A")}
-            kinds.update({name: "int8" for name in merged if kinds.get(name) == "int4"})
-    if dtype is None and not is_adapter_folder(folder):  # as stored, like the float loader
-        stored = hf.get("dtype") or hf.get("torch_dtype") or hf.get("text_config", {}).get("dtype")
-        dtype = getattr(torch, stored) if isinstance(stored, str) and hasattr(torch, stored) else None
-    builder = _Builder(model, kinds, dtype or torch.float32, group_size)
-    if is_adapter_folder(folder) and not saved:
-        source = _adapter_tensors(folder, hf, kinds, builder.dtype, cfg.text)
-    else:
-        source = _hf_tensors(folder, model, kinds, bool(saved))
-    for name, item in source:
-        if isinstance(item, nn.Module):
-            builder.module(name, item)
-        elif isinstance(item, dict):
-            builder.module(name, BUILDERS[kinds[name]].from_export(item, None, builder.dtype, group_size))
-        else:
-            builder.tensor(name, item)
-    model = builder.finish()
-    describe(model, mode, group_size, kinds)
-    return model
+def train_through_quantized(module: nn.Module) -> None:
+    """Let gradients flow to the input of a quantized layer (per instance: forward and its `project` alias)."""
+    if getattr(module, "_grad_through", False):
+        return
+    cls = type(module)
+    if not hasattr(module, "num_embeddings"):  # an embedding table's forward is a lookup: only its head projects
+        module.forward = lambda x, _m=module: _FrozenQuantizedMatmul.apply(x, _m, cls.forward)
+    if hasattr(cls, "project"):
+        module.project = lambda h, _m=module: _FrozenQuantizedMatmul.apply(h, _m, cls.project)
+    module._grad_through = True

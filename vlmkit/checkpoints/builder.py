@@ -1,0 +1,95 @@
+"""One way from stored tensors to a model. A `TensorSource` hands out a checkpoint's tensors under our names, one at
+a time (safetensors shards through a family's key map, a GGUF file, an adapter folder); `build_model` fills a
+meta-device VLMModel from it, quantizing layer by layer as the weights arrive when asked, so the float model never
+exists whole. Every loader goes through it: names missing, unexpected or mis-shaped are errors that name them."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import VLMConfig
+from ..models.quant import QuantSpec, describe, make_module
+from ..models.vlm import VLMModel
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+class TensorSource:
+    """A checkpoint's tensors under our names. `keys` may raise CheckpointError naming the file's own names."""
+
+    origin = ""  # the file or folder, for messages
+    what = "checkpoint"
+
+    def keys(self, expected: dict) -> list[str]:
+        """Our names of the tensors held, given the model's (`expected`: name -> meta tensor)."""
+        raise NotImplementedError
+
+    def read(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_quantized(self, name: str, kind: str, dtype: torch.dtype) -> Optional[nn.Module]:
+        """The module for weight `name` straight from a quantized form the source holds, or None (the builder then
+        quantizes `read(name)`)."""
+        return None
+
+    def label(self, name: str) -> str:
+        """How the checkpoint spells `name` (for messages)."""
+        return name
+
+    def close(self) -> None:
+        pass
+
+
+def build_model(cfg: VLMConfig, source: TensorSource, dtype: Optional[torch.dtype] = None, device=None,
+                quantize: Optional[QuantSpec] = None) -> VLMModel:
+    """A VLMModel of `cfg` holding the source's tensors. dtype: floats cast to it (None: as stored); quantize: the
+    modules it names become int8/int4 as their weights arrive (`model.quantization` then says what was done)."""
+    with torch.device("meta"):
+        model = VLMModel(cfg)
+    expected = model.state_dict()
+    kinds = quantize.kinds(model) if quantize else {}
+    floats, biases, bad = {}, {}, []
+    try:
+        names = source.keys(expected)
+        missing, unexpected = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(f"{source.origin}: {source.what} does not fit the model: missing {missing[:10]}, "
+                                  f"unexpected {unexpected[:10]}")
+        for name in names:
+            module, _, leaf = name.rpartition(".")
+            kind, shape = kinds.get(module), tuple(expected[name].shape)
+            built = source.read_quantized(name, kind, dtype or torch.float32) if kind and leaf == "weight" else None
+            if built is not None:
+                if (built.out_features, built.in_features) != shape:
+                    bad.append(f"{source.label(name)}: {(built.out_features, built.in_features)} != expected {shape}")
+                model.set_submodule(module, built)
+                continue
+            t = source.read(name)
+            if tuple(t.shape) != shape:
+                bad.append(f"{source.label(name)}: {tuple(t.shape)} != expected {shape}")
+                continue
+            t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            if kind and leaf == "weight":
+                model.set_submodule(module, make_module(kind, t, dtype=dtype, group_size=quantize.group_size))
+            elif kind:
+                biases[module] = t
+            else:
+                floats[name] = t
+    finally:
+        source.close()
+    if bad:
+        raise CheckpointError(f"{source.origin}: mis-shaped tensors: " + "; ".join(bad[:20]))
+    for module, bias in biases.items():
+        model.get_submodule(module).bias = nn.Parameter(bias, requires_grad=False)
+    model.load_state_dict(floats, strict=False, assign=True)  # every name was checked above
+    model.text.reset_buffers()
+    if quantize:
+        describe(model, quantize.mode, quantize.group_size, kinds)
+    if device is not None:
+        model.to(device)
+    return model.eval()
