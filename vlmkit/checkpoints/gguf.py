@@ -3,7 +3,7 @@
     cfg, state_dict = load_gguf_text("SmolLM2-135M-Instruct.Q4_1.gguf")
     decoder = TextDecoder(cfg); decoder.load_state_dict(state_dict, strict=True)
 
-Weights come out as float32 torch tensors named as in notes/INTERNALS.md ("layers.0.attn.q_proj.weight", ...),
+Weights come out as float32 torch tensors named as in docs/INTERNALS.md ("layers.0.attn.q_proj.weight", ...),
 with q_proj/k_proj rows back in transformers' rotate-half order; quantized loads take Q4_1 blocks over as int4
 modules as they are. The file's tokenizer: vlmkit.processing.gguf_tokenizer."""
 

@@ -100,7 +100,7 @@ class Tokenizer:
         extras: list[str] = []
         for key in ("additional_special_tokens", "extra_special_tokens"):
             value = settings.get(key) or []
-            if isinstance(value, dict):  # v5 named extras, e.g. {"image_token": "<image>"}
+            if isinstance(value, dict):  # transformers 5 names extras, e.g. {"image_token": "<image>"}
                 special.update({k: _token_text(v) for k, v in value.items()})
             else:
                 extras += [_token_text(v) for v in value]

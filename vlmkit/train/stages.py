@@ -4,7 +4,7 @@
     plan = apply_stage(model, stage)                  # freezes, adds LoRA, returns optimizer groups and counts
     print(plan.describe())                            # "trainable parameters: 4,160 of 1,234,567 (0.34%): ..."
 
-Parts (by parameter name; every family has the same module tree, see notes/INTERNALS.md):
+Parts (by parameter name; every family has the same module tree, see docs/INTERNALS.md):
     vision           the ViT                               vision.*
     connector        projector / perceiver / pixel shuffle connector.*
     cross_attention  IDEFICS gated cross-attention blocks  text.cross_blocks.*
