@@ -167,7 +167,7 @@ def render_prompt(m, messages: Sequence[dict], prefix: str = "") -> tuple[str, l
     tok = proc.tokenizer
     bos = tok.special_tokens.get("bos_token")
     if bos and text.startswith(bos):
-        adds_bos = proc.rules.family == "idefics" or tok.encode("", add_special_tokens=True)[:1] == [tok.bos_token_id]
+        adds_bos = proc.format.writes_bos or tok.encode("", add_special_tokens=True)[:1] == [tok.bos_token_id]
         if adds_bos:
             text = text[len(bos):]
     prefix = (prefix or "").rstrip()

@@ -68,7 +68,6 @@ class Collator:
         self.eos = self.tok.special_tokens.get("eos_token")
         self.chunk_end = chunk_end if chunk_end is not None else (self.eos or "\n")
         self.stop_texts = [t for t in (self.tok.id_to_token(i) for i in processor.eos_token_ids) if t]
-        self.family = processor.rules.family
         self.format = processor.format
 
     # ------------------------------------------------------------------------------------------ marked text

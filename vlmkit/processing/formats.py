@@ -41,6 +41,7 @@ class Format:
     image_suffix = ""  # what a rendered chat writes after each image placeholder
     flat_pixels = False  # pixel_values [N, 3, H, W] instead of [B, M, 3, H, W]
     cross_attention = False  # the batch carries image_attention_mask
+    writes_bos = False  # the processor writes the BOS text itself (the tokenizer adds none)
 
     def __repr__(self) -> str:
         return f"format_for({self.name!r})"
@@ -218,6 +219,7 @@ class IdeficsFormat(Format):
 
     name = "idefics"
     cross_attention = True
+    writes_bos = True
 
     def read_rules(self, proc_cfg, special, do_image_splitting=False, cfg=None) -> PromptRules:
         return PromptRules("idefics", add_end_of_utterance_token=bool(proc_cfg.get("add_end_of_utterance_token")),

@@ -168,8 +168,8 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
         f"{per_process // micro} micro-batch(es) of {micro}), strategy {ctx.strategy}, device {ctx.device}")
 
     # FSDP gathers each layer's weights in every process at once: a process whose micro-batch has no image would
-    # skip the vision tower's gathers while the others wait in them (IDEFICS batches always carry pixel values).
-    need_images = ctx.strategy == "fsdp" and collator.family != "idefics" and any(ex.images for ex in data)
+    # skip the vision tower's gathers while the others wait in them (cross-attention batches always carry pixels).
+    need_images = ctx.strategy == "fsdp" and not collator.format.cross_attention and any(ex.images for ex in data)
 
     def make_batch(step: int) -> StepBatch:
         mine = ctx.shard(batches.indices(step))
