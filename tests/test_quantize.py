@@ -152,8 +152,8 @@ def test_vision_tower_quantizes_when_asked_and_odd_shapes_fall_back_to_int8(floa
 def test_unknown_mode_and_int4_off_cpu_are_refused(folder):
     with pytest.raises(ValueError, match="quantize must be one of"):
         vlmkit.load(folder, quantize="int3")
-    with pytest.raises(ValueError, match="CPU kernels"):
-        vlmkit.load(folder, quantize="int4", device="meta")
+    with pytest.raises(ValueError, match="CPU kernels|not available here"):
+        vlmkit.load(folder, quantize="int4", device="meta")  # refused: not a device vlmkit runs on
 
 
 def test_cli_run_with_quantize(folder, tmp_path, capsys):

@@ -15,6 +15,7 @@ from .checkpoints.quantized import load_quantized, save_quantized, saved_quantiz
 from .generation.caches import ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts
 from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
+from .hardware import compute_dtype, parse_dtype, resolve_device
 from .models.kv_cache import StaticKVCache
 from .models.quant import check_mode, memory_bytes, quantization_of
 from .models.vlm import VLMModel, flat_images
@@ -27,17 +28,6 @@ PROCESSOR_FILES = (
     "preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def _dtype(dtype) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[str(dtype)]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
 
 
 def default_model_path() -> Path:
@@ -75,24 +65,30 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
          caches: bool = True) -> "VLM":
     """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family.
 
+    device: None or "auto" = CUDA, then Apple MPS, then the CPU; an unavailable device fails before any weight is
+    read. dtype: what the float parts compute in; None = what is fast on the device (vlmkit.hardware.compute_dtype:
+    bf16 on GPUs and on CPUs with bf16 units, fp16 on MPS, float32 on other CPUs), whatever the checkpoint stores.
     quantize: None, "int8" (per-channel) or "int4" (group-wise, CPU) weight-only quantization of the decoder,
-    built tensor by tensor (see vlmkit.models.quant); a folder saved quantized loads quantized whatever is passed.
+    built tensor by tensor (see vlmkit.models.quant); a folder saved quantized loads quantized whatever is passed;
+    the vision tower, connector and norms stay float in `dtype`.
     compile: torch.compile the decode step (first answers pay the compilation). caches: keep image features and
     the keys/values of recent prompts, so a follow-up turn re-reads neither (`VLM.clear_caches()` empties them).
     """
     from .processing.processor import Processor
 
+    dev = resolve_device(device)  # first: a wrong device or dtype fails before anything is read
+    dtype = compute_dtype(dev, parse_dtype(dtype))
     folder = resolve(path_or_name)
     mode, saved = check_mode(quantize), saved_quantization(folder)
     if mode or saved:
-        if (mode or saved["mode"]) == "int4" and device is not None and torch.device(device).type != "cpu":
-            raise ValueError("int4 runs on torch's CPU kernels: load it with device=None or 'cpu' (int8 runs "
-                             "anywhere)")
-        model = load_quantized(folder, mode, dtype=_dtype(dtype), device=device, vision=QUANTIZE_VISION)
+        if (mode or saved["mode"]) == "int4" and dev.type != "cpu":
+            raise ValueError(f"int4 runs on torch's CPU kernels only, and the device is {dev}: load it with "
+                             "device='cpu', or use quantize='int8' (runs anywhere)")
+        model = load_quantized(folder, mode, dtype=dtype, device=dev, vision=QUANTIZE_VISION)
     elif is_adapter_folder(folder):  # the embedded default model: GGUF language model + trained adapter
-        model = load_adapter_model(folder, dtype=_dtype(dtype), device=device)
+        model = load_adapter_model(folder, dtype=dtype, device=dev)
     else:
-        model = load_model(folder, dtype=_dtype(dtype), device=device)
+        model = load_model(folder, dtype=dtype, device=dev)
     processor = Processor.from_folder(folder, model.cfg)
     m = VLM(model, processor, folder, caches=caches)
     if compile:
@@ -320,7 +316,7 @@ class VLM:
 
     def info(self) -> dict:
         """What the model is and what it costs: family, parameters (all, and split into vision / connector /
-        cross-attention / text, which add up to all), image tokens, context, dtype, bytes of the weights and of the
+        cross-attention / text, which add up to all), image tokens, context, compute dtype and device, bytes of the weights and of the
         KV cache per token."""
         cfg, model = self.model.cfg, self.model
         text = getattr(model, "text", None)
@@ -336,7 +332,8 @@ class VLM:
             "cross_attention_parameters": cross, "text_parameters": parameter_count(text) - cross,
             "connector": cfg.connector.kind, "merge": cfg.merge, "tokens_per_image": cfg.tokens_per_image,
             "image_size": cfg.vision.image_size, "context_length": self.context_length,
-            "dtype": str(model.dtype).removeprefix("torch."), "memory_bytes": memory_bytes(model),
+            "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
+            "memory_bytes": memory_bytes(model),
             "kv_cache_bytes_per_token": 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize,
             "folder": str(self.folder) if self.folder else None,
             "quantization": (self.quantization or {}).get("mode"),

@@ -19,7 +19,7 @@ from vlmkit.models.vlm import VLMModel
 from vlmkit.processing.gguf_tokenizer import tokenizer_from_gguf
 from vlmkit.processing.processor import Processor
 from vlmkit.train.lora import lora_state_dict
-from vlmkit.train.loop import cpu_has_native_bf16
+from vlmkit.hardware import cpu_has_native_bf16
 
 from .config import Architecture, RecipeConfig
 

@@ -73,8 +73,11 @@ DTYPES = ["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
 MODEL = (
     arg("--model", "-m", default="default", metavar="M",
         help="model folder in Hugging Face format, or 'default' (the embedded model)"),
-    arg("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as stored)"),
-    arg("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)"),
+    arg("--dtype", choices=DTYPES, default=None,
+        help="compute dtype of the float parts (default: what is fast on the device: bf16 on GPUs and on CPUs with "
+             "bf16 units, fp16 on MPS, fp32 on other CPUs)"),
+    arg("--device", default="auto",
+        help="auto (the default: CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps"),
     arg("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization"),
 )
 GENERATION = (

@@ -10,9 +10,12 @@ from .common import DTYPES, arg, command, human_bytes, load_model
 @command("info", "describe a model: family, parameters, image tokens, context, memory",
          arg("model", help="model folder in Hugging Face format, or 'default'"),
          arg("--json", action="store_true", help="print JSON"),
-         arg("--dtype", choices=DTYPES, default=None, help="report as loaded in this dtype"))
+         arg("--dtype", choices=DTYPES, default=None,
+             help="report as loaded in this dtype (default: the one chosen for the device)"),
+         arg("--device", default="auto", help="report as loaded on this device (default: auto: CUDA, then Apple "
+             "MPS, then CPU)"))
 def cmd_info(args) -> int:
-    args.device, args.quantize = None, None
+    args.quantize = None
     info = load_model(args).info()
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -26,7 +29,8 @@ def cmd_info(args) -> int:
         ("family", info["family"]), ("architecture", info["architecture"]),
         ("parameters", f"{n:,} ({split})"), ("connector", f"{info['connector']} ({info['merge']} merge)"),
         ("tokens per image", info["tokens_per_image"]), ("image size", f"{info['image_size']} px"),
-        ("context length", f"{info['context_length']} tokens"), ("dtype", info["dtype"]),
+        ("context length", f"{info['context_length']} tokens"),
+        ("device", info["device"]), ("compute dtype", info["dtype"]),
         ("memory", f"{human_bytes(info['memory_bytes'])} of weights, "
                    f"{human_bytes(info['kv_cache_bytes_per_token'])} of KV cache per token"),
         ("folder", info["folder"]),

@@ -44,7 +44,8 @@ from .common import PROG, CLIError, arg, command, float_in, positive_int, status
          arg("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass"),
          arg("--strategy", choices=["auto", "none", "ddp", "fsdp"], default="auto",
              help="data parallelism under torchrun (default: DDP when several processes)"),
-         arg("--device", default=None, help="cpu or cuda (default: cuda when available)"),
+         arg("--device", default="auto", help="auto (the default: CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N "
+             "or mps"),
          arg("--seed", type=int, default=0),
          arg("--log-every", type=positive_int, default=10, metavar="N"),
          arg("--ckpt-every", type=positive_int, default=100, metavar="N", help="checkpoint every N steps"),

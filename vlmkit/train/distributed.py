@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..hardware import resolve_device
+
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
 
@@ -67,8 +69,10 @@ def init_distributed(strategy: str = "auto", device: Optional[str] = None) -> Di
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device(device or "cpu")
+    dev = resolve_device(device)  # "auto"/None: CUDA, then MPS, then CPU; an unavailable device fails here
+    use_cuda = dev.type == "cuda"
+    if use_cuda and (device is None or str(device) in ("auto", "cuda")):
+        dev = torch.device(f"cuda:{local}")  # under torchrun each process takes its own GPU
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

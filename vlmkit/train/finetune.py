@@ -72,7 +72,7 @@ class FinetuneConfig:
     precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     strategy: str = "auto"  # auto | none | ddp | fsdp
-    device: Optional[str] = None
+    device: Optional[str] = None  # None/"auto": CUDA, then MPS, then CPU (vlmkit.hardware.resolve_device)
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 100
@@ -120,9 +120,11 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
     if stage.lora is not None and (cfg.lora_r or cfg.lora_alpha):
         stage.lora = replace(stage.lora, r=cfg.lora_r or stage.lora.r, alpha=cfg.lora_alpha or stage.lora.alpha)
     if stage.quantize == "int4" and ctx.device.type != "cpu":
-        raise ValueError("int4 runs on torch's CPU kernels only: use --quantize int8 on GPUs")
-    # Loaded quantized tensor by tensor when asked, so the float model never sits in memory whole.
-    m = load(cfg.model, dtype=torch.float32, quantize=stage.quantize)
+        raise ValueError(f"int4 runs on torch's CPU kernels only and the device is {ctx.device}: pass --device "
+                         "cpu, or use --quantize int8 on GPUs")
+    # Loaded quantized tensor by tensor when asked, so the float model never sits in memory whole; on the CPU
+    # (weights train in float32 under autocast; moved to the training device below).
+    m = load(cfg.model, dtype=torch.float32, device="cpu", quantize=stage.quantize)
     model, processor = m.model, m.processor
     plan = apply_stage(model, stage, seed=cfg.seed)
     say(plan.describe())

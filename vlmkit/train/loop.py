@@ -73,16 +73,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where bf16 autocast roughly doubles
-    training speed; elsewhere bf16 on the CPU is emulated and slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def autocast(device: torch.device, precision: str):
     """The autocast context of a precision mode: "auto" = bf16 on a GPU, float32 on the CPU; "bf16"; "fp32";
     "fp16" (GPUs only; the caller adds a GradScaler)."""
