@@ -13,6 +13,17 @@ from hf_fixtures import FAMILIES, build_checkpoint
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def float32_compute():
+    """The suite compares numbers computed in float32 (parity with transformers, exact reloads): the default
+    compute dtype is float32 on any CPU here, as on one without bf16 units; tests/test_hardware.py covers the
+    choice itself by patching the flags again."""
+    from vlmkit import hardware
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hardware, "cpu_flags", lambda: frozenset())
+        yield
+
+
 class HFCheckpoint(NamedTuple):
     family: str
     path: str

@@ -213,3 +213,10 @@ def test_bench_times_the_model(files, capsys):
 def test_bench_refuses_a_bad_image_before_loading(files, capsys):
     assert cli.main(["bench", "--model", files["model"], "--image", files["corrupt"]]) == 2
     assert "cannot read image" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("name", ["run", "chat", "serve", "eval", "bench", "train", "info"])
+def test_device_defaults_to_auto(name, capsys):
+    assert cli.main([name, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--device" in text and "auto (the default: CUDA, then Apple MPS, then CPU)" in text

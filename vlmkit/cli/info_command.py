@@ -12,8 +12,8 @@ from .common import DTYPES, arg, command, human_bytes, load_model
          arg("--json", action="store_true", help="print JSON"),
          arg("--dtype", choices=DTYPES, default=None,
              help="report as loaded in this dtype (default: the one chosen for the device)"),
-         arg("--device", default="auto", help="report as loaded on this device (default: auto: CUDA, then Apple "
-             "MPS, then CPU)"))
+         arg("--device", default="auto", help="report as loaded on this device: auto (the default: CUDA, then "
+             "Apple MPS, then CPU), cpu, cuda, cuda:N or mps"))
 def cmd_info(args) -> int:
     args.quantize = None
     info = load_model(args).info()
