@@ -316,8 +316,8 @@ class VLM:
 
     def info(self) -> dict:
         """What the model is and what it costs: family, parameters (all, and split into vision / connector /
-        cross-attention / text, which add up to all), image tokens, context, compute dtype and device, bytes of the weights and of the
-        KV cache per token."""
+        cross-attention / text, which add up to all), image tokens, context, compute dtype and device, bytes of the
+        weights and of the KV cache per token."""
         cfg, model = self.model.cfg, self.model
         text = getattr(model, "text", None)
         cross = parameter_count(text, lambda name: name.startswith("cross_blocks"))
