@@ -88,8 +88,41 @@ def bench_shape(n: int, k: int, rows: list, reps: int) -> list:
             cols[f"dyn {engine}"] = try_(dyn)
         xq = torch.randint(-127, 127, (max(m, 17), k), dtype=torch.int8)
         cols["_int_mm"] = try_(lambda: torch._int_mm(xq, i8.qweight.t()))
+        if m > 8:  # fp32 activations and torch._int_mm are 20-60x off from M = 8 on (measured): not worth minutes
+            cols.update({c: None for c in ("i8 k fp32", "i4 k fp32", "_int_mm")})
         out.append((m, {name: None if fn is None else timed(fn, reps) for name, fn in cols.items()}))
     return out
+
+
+def e2e(folder: str, prompt_tokens: int, new_tokens: int) -> None:
+    """TTFT and decode tok/s of one checkpoint in fp32 / int8 / int4, the quantized ones with the prefill path
+    (after) and with every row forced through the kernels (before), side by side in this one process."""
+    import gc
+
+    from PIL import Image
+
+    import vlmkit
+
+    image = Image.new("RGB", (336, 336), (120, 60, 200))
+    prompt = "<image>" + " hello" * max(prompt_tokens - 577, 1)
+    print(f"\n{folder}, prompt ~{prompt_tokens} tokens (576 image tokens), {new_tokens} new tokens")
+    print("| model | path | TTFT s | decode tok/s b=1 | decode tok/s b=8 | text |\n|---|---|---:|---:|---:|---|")
+    for mode in (None, "int8", "int4"):
+        m = vlmkit.load(folder, dtype="float32", quantize=mode, caches=False)
+        for path, rows in ([("float", None)] if mode is None else [("kernels", 10**9), ("prefill", None)]):
+            quant_kernels.PREFILL_ROWS = rows or 32
+            # batch 8 decodes after a short text prompt: 8 image prompts would spend minutes in prefill here
+            gen = lambda n, b=1: (m.generate(prompt, images=[image], max_new_tokens=n) if b == 1 else
+                                  m.generate_batch(["Tell me a story"] * b, max_new_tokens=n))
+            t0 = time.perf_counter(); gen(1); ttft = time.perf_counter() - t0
+            t0 = time.perf_counter(); text = gen(new_tokens); t1 = time.perf_counter() - t0
+            t0 = time.perf_counter(); gen(1, 8); t8a = time.perf_counter() - t0
+            t0 = time.perf_counter(); gen(new_tokens, 8); t8 = time.perf_counter() - t0
+            print(f"| {mode or 'fp32'} | {path} | {ttft:.2f} | {(new_tokens - 1) / max(t1 - ttft, 1e-9):.2f} | "
+                  f"{8 * (new_tokens - 1) / max(t8 - t8a, 1e-9):.2f} | {text[:30]!r} |", flush=True)
+        quant_kernels.PREFILL_ROWS = 32
+        del m
+        gc.collect()
 
 
 def main(argv=None):
@@ -97,7 +130,12 @@ def main(argv=None):
     ap.add_argument("--shapes", default="2048x2048,5632x2048,2048x5632,4096x4096,11008x4096")
     ap.add_argument("--rows", default="1,8,64,600")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--e2e", metavar="FOLDER", help="instead: TTFT / decode of a checkpoint, fp32 vs int8 vs int4")
+    ap.add_argument("--prompt-tokens", type=int, default=600)
+    ap.add_argument("--new-tokens", type=int, default=16)
     a = ap.parse_args(argv)
+    if a.e2e:
+        return e2e(a.e2e, a.prompt_tokens, a.new_tokens)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, flags: {cpu_flags()}, quantized engines: "

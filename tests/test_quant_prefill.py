@@ -67,8 +67,8 @@ def test_an_unknown_int4_layout_keeps_the_kernel(monkeypatch):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_greedy_text_is_unchanged_by_the_prefill_path(hf_checkpoint_dir, mode, monkeypatch):
     m = vlmkit.load(hf_checkpoint_dir("idefics3"), quantize=mode, caches=False)
-    batch = m.processor([PROMPT], [[A]])
-    assert batch["input_ids"].shape[1] >= quant_kernels.PREFILL_ROWS  # the prompt really takes the prefill path
+    rows = m.processor([PROMPT], [[A]])["input_ids"].shape[1]
+    monkeypatch.setattr(quant_kernels, "PREFILL_ROWS", rows // 2)  # the tiny prompt (and image) take the prefill path
     text = m.generate(PROMPT, images=[A], max_new_tokens=8)
-    monkeypatch.setattr(quant_kernels, "PREFILL_ROWS", 10**9)
+    monkeypatch.setattr(quant_kernels, "PREFILL_ROWS", 10**9)  # before: every row through the kernels
     assert m.generate(PROMPT, images=[A], max_new_tokens=8) == text
