@@ -76,8 +76,8 @@ def bench_shape(n: int, k: int, rows: list, reps: int) -> list:
             "i4 k bf16": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
                 xb, i4.packed, i4.group_size, i4.scales_and_zeros),
             "i8 deq+fp32": lambda: F.linear(x, quant_kernels.int8_dequantize(i8.qweight, i8.scales, torch.float32)),
-            "i4 deq+fp32": lambda: F.linear(x, quant_kernels.int4_dequantize(
-                i4.packed, i4.scales_and_zeros, i4.group_size, n, k, torch.float32)),
+            "i4 deq+fp32": lambda: x @ quant_kernels.int4_dequantize_t(
+                i4.packed, i4.scales_and_zeros, i4.group_size, n, k, torch.float32),
             "i8 layer": lambda: i8(x),
             "i4 layer": lambda: i4(x),
         }
