@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 
 # Rows from which a float GEMM on the dequantized layer beats the packed kernels (bench/quant_kernels.md: on this
-# AVX2 box the kernels win at 8 rows, lose from 64 on).
-PREFILL_ROWS = 32
+# AVX2 box the bf16 kernels still win at 128 rows and lose by 1.4-1.8x at 600; the crossover is near 300).
+PREFILL_ROWS = 256
 
 _LAYOUT: dict = {}
 
