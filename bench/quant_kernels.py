@@ -107,10 +107,11 @@ def e2e(folder: str, prompt_tokens: int, new_tokens: int) -> None:
     prompt = "<image>" + " hello" * max(prompt_tokens - 577, 1)
     print(f"\n{folder}, prompt ~{prompt_tokens} tokens (576 image tokens), {new_tokens} new tokens")
     print("| model | path | TTFT s | decode tok/s b=1 | decode tok/s b=8 | text |\n|---|---|---:|---:|---:|---|")
+    threshold = quant_kernels.PREFILL_ROWS
     for mode in (None, "int8", "int4"):
         m = vlmkit.load(folder, dtype="float32", quantize=mode, caches=False)
         for path, rows in ([("float", None)] if mode is None else [("kernels", 10**9), ("prefill", None)]):
-            quant_kernels.PREFILL_ROWS = rows or 32
+            quant_kernels.PREFILL_ROWS = rows or threshold
             # batch 8 decodes after a short text prompt: 8 image prompts would spend minutes in prefill here
             gen = lambda n, b=1: (m.generate(prompt, images=[image], max_new_tokens=n) if b == 1 else
                                   m.generate_batch(["Tell me a story"] * b, max_new_tokens=n))
@@ -120,7 +121,7 @@ def e2e(folder: str, prompt_tokens: int, new_tokens: int) -> None:
             t0 = time.perf_counter(); gen(new_tokens, 8); t8 = time.perf_counter() - t0
             print(f"| {mode or 'fp32'} | {path} | {ttft:.2f} | {(new_tokens - 1) / max(t1 - ttft, 1e-9):.2f} | "
                   f"{8 * (new_tokens - 1) / max(t8 - t8a, 1e-9):.2f} | {text[:30]!r} |", flush=True)
-        quant_kernels.PREFILL_ROWS = 32
+        quant_kernels.PREFILL_ROWS = threshold
         del m
         gc.collect()
 
