@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmkit.models import quant_kernels
+
 MODES = ("int8", "int4")
 DEFAULT_GROUP = 32
 
@@ -97,6 +99,8 @@ class Int8Linear(_Quantized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        if (x2 := quant_kernels.prefill_rows(x, self.in_features)) is not None:
+            return self._out(quant_kernels.int8_prefill(x2, self.qweight, self.scales), x, self.out_features)
         y = torch.ops.aten._weight_int8pack_mm(_rows(x, self.in_features), self.qweight, self.scales)
         return self._out(y, x, self.out_features)
 
@@ -200,6 +204,11 @@ class Int4Linear(_Quantized):
         return cls(*quantize_int4(weight, group_size), group_size, bias, dtype or weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x2 := quant_kernels.prefill_rows(x, self.in_features)) is not None:
+            y = quant_kernels.int4_prefill(x2, self.packed, self.scales_and_zeros, self.group_size,
+                                           self.out_features, self.in_features)
+            if y is not None:  # None: a packed layout this torch has changed (the kernel still reads it)
+                return self._out(y, x, self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x, self.in_features), self.packed, self.group_size,
                                                         self.scales_and_zeros)
         return self._out(y, x, self.out_features)
