@@ -5,6 +5,7 @@ exists whole. Every loader goes through it: names missing, unexpected or mis-sha
 
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -73,13 +74,15 @@ def build_model(cfg: VLMConfig, source: TensorSource, dtype: Optional[torch.dtyp
             if tuple(t.shape) != shape:
                 bad.append(f"{source.label(name)}: {tuple(t.shape)} != expected {shape}")
                 continue
-            t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-            if kind and leaf == "weight":
+            if kind and leaf == "weight":  # cast block by block inside: no whole float copy of the weight
                 model.set_submodule(module, make_module(kind, t, dtype=dtype, group_size=quantize.group_size))
-            elif kind:
-                biases[module] = t
             else:
-                floats[name] = t
+                t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                if kind:
+                    biases[module] = t
+                else:
+                    floats[name] = t
+            del t  # the read copy of a quantized weight goes now, not at the next tensor
     finally:
         source.close()
     if bad:
@@ -90,6 +93,22 @@ def build_model(cfg: VLMConfig, source: TensorSource, dtype: Optional[torch.dtyp
     model.text.reset_buffers()
     if quantize:
         describe(model, quantize.mode, quantize.group_size, kinds)
+        release_freed_memory()  # the read copies of the quantized weights: hundreds of MB the allocator would keep
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def release_freed_memory() -> None:
+    """Give the C allocator's free memory back to the OS (glibc `malloc_trim`; a no-op where there is none)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None

@@ -1,0 +1,190 @@
+"""Real-size checks (issue 21): a LLaVA-1.5-shaped checkpoint built by transformers (random weights, no download),
+peak anonymous memory of loading it with vlmkit (each row a fresh child process), and the per-part memory
+accounting of LLaVA-1.5-7B computed from its config.
+
+    python -m bench.scale --size small --workdir /tmp/scale          # reduced shape (~0.5B decoder): quick check
+    python -m bench.scale --size full --workdir /tmp/scale --repeat 3  # the issue's 1.07B decoder (~9 GB peak fp32)
+    python -m bench.scale --accounting                               # LLaVA-1.5-7B by parts, nothing built
+
+Rows: vlmkit int8 / int4 quantized at load, int4 from a folder saved int4 (written once by `vlmkit quantize`),
+bf16 as stored. Peak = VmHWM and peak RssAnon-ish (RssAnon at the end, VmHWM for the whole) from /proc/self/status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# CLIP ViT-L/14 at 336 px: 576 image tokens, as LLaVA-1.5.
+VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+              image_size=336, patch_size=14, projection_dim=768)
+SHAPES = {
+    # the issue's checkpoint: a 1.07B Llama decoder (1.48B parameters with the vision tower)
+    "full": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32064),
+    # ~0.5B decoder: what a shared 2-core box measures without holding over ~5 GB
+    "small": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=4, vocab_size=32064),
+}
+# LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf config.json): Vicuna-7B decoder
+LLAVA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32064)
+
+
+def build_checkpoint(folder: Path, size: str) -> Path:
+    """The LLaVA-1.5-shaped checkpoint (bf16 safetensors), built once and reused."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    import transformers as tf
+
+    text = tf.LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2, **SHAPES[size])
+    cfg = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**VISION), text_config=text, image_token_index=32000,
+                         image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    model = tf.LlavaForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="20GB")
+    tmp.rename(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+def status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def probe_load(folder: str, mode: str) -> dict:
+    """In this (fresh) process: load, then report peak RSS, anonymous RSS after the load and the model's bytes."""
+    import torch  # noqa: F401  (imports before the baseline)
+
+    from vlmkit.api import QUANTIZE_VISION
+    from vlmkit.checkpoints.hf import load_model
+    from vlmkit.checkpoints.quantized import load_quantized
+    from vlmkit.models.quant import memory_bytes
+
+    import threading
+
+    base_anon, base_hwm = status_kb("RssAnon"), status_kb("VmHWM")
+    peak_anon, done = [base_anon], threading.Event()
+
+    def sample():  # /proc has no peak of anonymous memory alone: poll it (torch's kernels release the GIL)
+        while not done.wait(0.005):
+            peak_anon[0] = max(peak_anon[0], status_kb("RssAnon"))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t = time.perf_counter()
+    if mode in ("int8", "int4", "saved"):
+        model = load_quantized(folder, None if mode == "saved" else mode, vision=QUANTIZE_VISION)
+    else:
+        model = load_model(folder)
+    seconds = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    return {"load_s": seconds, "peak_gb": status_kb("VmHWM") / 2**20, "base_gb": base_hwm / 2**20,
+            "peak_anon_gb": (max(peak_anon[0], status_kb("RssAnon")) - base_anon) / 2**20,
+            "anon_after_gb": (status_kb("RssAnon") - base_anon) / 2**20, "model_gb": memory_bytes(model) / 2**30}
+
+
+def run_child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.scale", *args], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    if out.returncode:
+        raise RuntimeError(f"child {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_table(folder: Path, saved: Path, repeat: int) -> list[dict]:
+    rows = []
+    for label, path, mode in (("vlmkit bf16 (as stored)", folder, "float"), ("vlmkit int8 at load", folder, "int8"),
+                              ("vlmkit int4 at load", folder, "int4"), ("vlmkit int4 from saved folder", saved, "saved")):
+        runs = [run_child(["--probe", str(path), mode]) for _ in range(repeat)]
+        row = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        row["label"] = label
+        rows.append(row)
+    print("| | load s | peak RSS GB | peak - imports GB | model GB | (peak - imports) / model |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        over = r["peak_gb"] - r["base_gb"]
+        print(f"| {r['label']} | {r['load_s']:.1f} | {r['peak_gb']:.2f} | {over:.2f} | {r['model_gb']:.2f} | "
+              f"{over / r['model_gb']:.2f}x |")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ accounting
+
+def accounting(ratio_at_load: float, ratio_saved: float, group: int = 32) -> None:
+    """LLaVA-1.5-7B by parts, from its config: what an int4 load holds, and its peak by the measured ratios."""
+    v, t = VISION, LLAVA7B
+    gb = 2**30
+    vis = v["num_hidden_layers"] * (4 * v["hidden_size"] ** 2 + 2 * v["hidden_size"] * v["intermediate_size"]) \
+        + (v["image_size"] // v["patch_size"]) ** 2 * v["hidden_size"] + 3 * 14 * 14 * v["hidden_size"]
+    proj = v["hidden_size"] * t["hidden_size"] + t["hidden_size"] ** 2
+    h, kv = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
+    dec = t["num_hidden_layers"] * (2 * h * h + 2 * h * kv + 3 * h * t["intermediate_size"])
+    emb = t["vocab_size"] * h
+    parts = {
+        "vision tower (bf16)": vis * 2,
+        "projector (bf16)": proj * 2,
+        "decoder int4 (+ bf16 scale and zero per 32)": dec * (0.5 + 4 / group),
+        "embeddings int8 (+ row scales)": emb + t["vocab_size"] * 2,
+        "lm head int8 (+ row scales)": emb + t["vocab_size"] * 2,
+    }
+    model = sum(parts.values())
+    print(f"\nLLaVA-1.5-7B int4, by parts (computed from its config; vision tower and projector kept bf16):")
+    print("| part | GB |\n|---|---:|")
+    for name, b in parts.items():
+        print(f"| {name} | {b / gb:.2f} |")
+    print(f"| **model** | **{model / gb:.2f}** |")
+    for tokens in (2048, 4096):
+        cache = 2 * t["num_hidden_layers"] * kv * tokens * 4  # fp32 keys and values
+        print(f"| KV cache fp32, {tokens} tokens | {cache / gb:.2f} |")
+    cache = 2 * t["num_hidden_layers"] * kv * 4096 * 4
+    for how, ratio in (("quantized at load", ratio_at_load), ("from a saved int4 folder", ratio_saved)):
+        peak = model * ratio
+        print(f"load peak {how}: {ratio:.2f}x model = {peak / gb:.2f} GB; running with a 4k cache: "
+              f"{max(peak, model + cache) / gb:.2f} GB -> {'fits' if max(peak, model + cache) < 8 * gb else 'over'} "
+              f"8 GB")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SHAPES), default="small")
+    p.add_argument("--workdir", default="/tmp/vlmkit-scale")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--accounting", action="store_true", help="only the LLaVA-1.5-7B accounting (default ratios)")
+    p.add_argument("--probe", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.probe:
+        print(json.dumps(probe_load(*a.probe)))
+        return
+    if a.accounting:
+        accounting(1.3, 1.2)
+        return
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    folder = build_checkpoint(work / f"llava-{a.size}", a.size)
+    saved = work / f"llava-{a.size}-int4"
+    if not (saved / "config.json").is_file():
+        from vlmkit.checkpoints.quantized import load_quantized, save_quantized
+        save_quantized(load_quantized(folder, "int4"), saved)
+    rows = memory_table(folder, saved, a.repeat)
+    ratio = {r["label"]: (r["peak_gb"] - r["base_gb"]) / r["model_gb"] for r in rows}
+    accounting(ratio["vlmkit int4 at load"], ratio["vlmkit int4 from saved folder"])
+
+
+if __name__ == "__main__":
+    main()
