@@ -71,8 +71,8 @@ class _Quantized(nn.Module):
 # ------------------------------------------------------------------------------------------------ int8
 
 # Quantizing works on row blocks of about this many elements: the float32 temporaries of a whole token table or
-# head (~0.5 GB each at 32k x 4k) would set the load's peak; blocks keep them at a few MB.
-CHUNK_ELEMENTS = 1 << 22
+# head (~0.5 GB each at 32k x 4k) would set the load's peak; blocks keep them at ~4 MB each.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _row_blocks(n: int, k: int):
