@@ -50,6 +50,8 @@ def build_model(cfg: VLMConfig, source: TensorSource, dtype: Optional[torch.dtyp
                 quantize: Optional[QuantSpec] = None) -> VLMModel:
     """A VLMModel of `cfg` holding the source's tensors. dtype: floats cast to it (None: as stored); quantize: the
     modules it names become int8/int4 as their weights arrive (`model.quantization` then says what was done)."""
+    if quantize:
+        map_large_allocations()
     with torch.device("meta"):
         model = VLMModel(cfg)
     expected = model.state_dict()
@@ -99,16 +101,32 @@ def build_model(cfg: VLMConfig, source: TensorSource, dtype: Optional[torch.dtyp
     return model.eval()
 
 
+def _glibc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018  (both there: glibc)
+        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+            _LIBC = False
+    return _LIBC
+
+
+_LIBC = None
+M_MMAP_THRESHOLD = -3
+
+
 def release_freed_memory() -> None:
     """Give the C allocator's free memory back to the OS (glibc `malloc_trim`; a no-op where there is none)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    if _glibc():
+        _LIBC.malloc_trim(0)
 
 
-_TRIM = None
+def map_large_allocations() -> None:
+    """Blocks over 1 MB straight from mmap, so each one freed goes back to the OS at once. glibc's default raises
+    this threshold to the largest block freed so far (up to 32 MB): a quantizing load's temporaries then come from
+    the heap, and freed ones interleaved with kept weights stay with the process (measured: +0.4-0.9 GB of peak
+    at ~0.9 GB of int4 model, varying run to run). Set once, for the process: a fixed threshold is glibc's
+    own advice for long-running programs with large allocations."""
+    if _glibc():
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 1 << 20)
