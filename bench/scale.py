@@ -127,6 +127,139 @@ def memory_table(folder: Path, saved: Path, repeat: int) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ speed
+
+PROMPT_TEXT = 22  # text tokens around the 576 image tokens: a 598-token prompt, as the issue's table
+NEW_TOKENS = 16
+ROWS = (("transformers fp32", "transformers", "float32"), ("transformers bf16", "transformers", "bfloat16"),
+        ("vlmkit fp32", "vlmkit", "float32"), ("vlmkit bf16", "vlmkit", "bfloat16"), ("vlmkit int8", "vlmkit", "int8"),
+        ("vlmkit int4", "vlmkit", "int4"), ("vlmkit int4 from saved folder", "vlmkit", "saved"))
+
+
+def _inputs(cfg_vocab: int, image_token: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(3, min(cfg_vocab, 32000), (PROMPT_TEXT,), generator=g)
+    ids = torch.cat([torch.tensor([1]), torch.full((576,), image_token), text])[None]
+    pixels = torch.randn(1, 3, 336, 336, generator=g)
+    return ids, torch.ones_like(ids), pixels
+
+
+def probe_speed(folder: str, impl: str, mode: str) -> dict:
+    """In this (fresh) process: load, time to first token (image + 598-token prompt), decode tok/s."""
+    import torch
+
+    base = status_kb("VmHWM")
+    t0 = time.perf_counter()
+    if impl == "transformers":
+        import transformers as tf
+
+        model = tf.LlavaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, mode)).eval()
+        load_s, peak = time.perf_counter() - t0, status_kb("VmHWM")
+        ids, mask, pixels = _inputs(model.config.text_config.vocab_size, model.config.image_token_index)
+
+        def run(n):
+            t = time.perf_counter()
+            with torch.no_grad():
+                model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(model.dtype),
+                               max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return time.perf_counter() - t
+
+        ttft, total = run(1), run(NEW_TOKENS + 1)
+        return {"load_s": load_s, "peak_gb": (peak - base) / 2**20, "ttft_s": ttft,
+                "tok_s": NEW_TOKENS / max(total - ttft, 1e-9)}
+    from vlmkit.api import QUANTIZE_VISION
+    from vlmkit.checkpoints.hf import load_model
+    from vlmkit.checkpoints.quantized import load_quantized
+    from vlmkit.generation.loop import GenerationConfig, generate_tokens
+
+    if mode in ("int8", "int4", "saved"):
+        model = load_quantized(folder, None if mode == "saved" else mode, vision=QUANTIZE_VISION)
+    else:
+        model = load_model(folder, dtype=getattr(torch, mode))
+    load_s, peak = time.perf_counter() - t0, status_kb("VmHWM")
+    ids, mask, pixels = _inputs(model.cfg.text.vocab_size, model.cfg.image_token_id)
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels.to(model.dtype)}
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS + 1, min_new_tokens=NEW_TOKENS + 1)
+    with torch.no_grad():
+        t = time.perf_counter()
+        steps = generate_tokens(model, batch, cfg)
+        next(steps)
+        ttft = time.perf_counter() - t
+        t = time.perf_counter()
+        n = sum(1 for _ in steps)
+        decode = time.perf_counter() - t
+    return {"load_s": load_s, "peak_gb": (peak - base) / 2**20, "ttft_s": ttft, "tok_s": n / max(decode, 1e-9),
+            "model_gb": memory_bytes_of(model) / 2**30, "decode_gb": decode_bytes(model) / 2**30}
+
+
+def memory_bytes_of(model) -> int:
+    from vlmkit.models.quant import memory_bytes
+
+    return memory_bytes(model)
+
+
+def decode_bytes(model) -> int:
+    """Weights read per decoded token: the decoder and head (the vision tower runs once, at prefill)."""
+    from vlmkit.models.quant import memory_bytes
+
+    return memory_bytes(model.text) if hasattr(model, "text") else memory_bytes(model)
+
+
+def machine() -> dict:
+    """Measured here: read bandwidth (a 1 GB fp32 tensor summed) and fp32 GEMM peak (2048^3); the CPU's flags."""
+    import torch
+
+    x = torch.ones(2**28)
+    x.sum()
+    t = time.perf_counter()
+    for _ in range(3):
+        x.sum()
+    bandwidth = 3 * x.numel() * 4 / (time.perf_counter() - t)
+    del x
+    a = torch.randn(2048, 2048)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    flops = 3 * 2 * 2048**3 / (time.perf_counter() - t)
+    flags = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            flags = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
+                                         "amx_int8", "avx_vnni") if f in have)
+            break
+    return {"read_gbs": bandwidth / 1e9, "gemm_gflops": flops / 1e9, "flags": flags, "threads": torch.get_num_threads()}
+
+
+def prefill_flops(size: str) -> float:
+    """2 x parameters x tokens: the decoder over the prompt, the vision tower over 577 patches (+ projector)."""
+    t, v = SHAPES[size], VISION
+    h, kv = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
+    dec = t["num_hidden_layers"] * (2 * h * h + 2 * h * kv + 3 * h * t["intermediate_size"]) + t["vocab_size"] * h
+    vis = v["num_hidden_layers"] * (4 * v["hidden_size"] ** 2 + 2 * v["hidden_size"] * v["intermediate_size"])
+    return 2 * (dec * (577 + PROMPT_TEXT) + vis * 577 + (v["hidden_size"] * h + h * h) * 576)
+
+
+def speed_table(folder: Path, saved: Path, size: str, repeat: int) -> None:
+    m = run_child(["--machine"])
+    print(f"CPU flags: {m['flags']}; {m['threads']} threads; measured read bandwidth {m['read_gbs']:.1f} GB/s, "
+          f"fp32 GEMM {m['gemm_gflops']:.0f} GFLOP/s")
+    floor = prefill_flops(size) / (m["gemm_gflops"] * 1e9)
+    print(f"\n| | load s | peak load RSS GB | time to first token s | decode tok/s | roofline: prefill floor s "
+          f"(FLOPs / GEMM peak), decode limit tok/s (bandwidth / bytes per token) |")
+    print("|---|---:|---:|---:|---:|---|")
+    for label, impl, mode in ROWS:
+        path = saved if mode == "saved" else folder
+        runs = [run_child(["--speed", str(path), impl, mode]) for _ in range(repeat)]
+        r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+        limit = f", {m['read_gbs'] / r['decode_gb']:.1f} ({r['decode_gb']:.2f} GB/token)" if "decode_gb" in r else ""
+        print(f"| {label} | {r['load_s']:.1f} | {r['peak_gb']:.2f} | {r['ttft_s']:.1f} | {r['tok_s']:.2f} | "
+              f"{floor:.1f}{limit} |", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------ accounting
 
 def accounting(ratio_at_load: float, ratio_saved: float, group: int = 32) -> None:
@@ -172,10 +305,21 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default="/tmp/vlmkit-scale")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--accounting", action="store_true", help="only the LLaVA-1.5-7B accounting (default ratios)")
+    p.add_argument("--memory-only", action="store_true", help="only the load-memory table and the accounting")
     p.add_argument("--probe", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--speed", nargs=3, metavar=("FOLDER", "IMPL", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--machine", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.repeat < 1:
+        p.error("--repeat must be >= 1")
     if a.probe:
         print(json.dumps(probe_load(*a.probe)))
+        return
+    if a.speed:
+        print(json.dumps(probe_speed(*a.speed)))
+        return
+    if a.machine:
+        print(json.dumps(machine()))
         return
     if a.accounting:
         accounting(1.3, 1.2)
@@ -187,6 +331,9 @@ def main(argv=None) -> None:
     if not (saved / "config.json").is_file():
         from vlmkit.checkpoints.quantized import load_quantized, save_quantized
         save_quantized(load_quantized(folder, "int4"), saved)
+    if not a.memory_only:
+        speed_table(folder, saved, a.size, a.repeat)
+        print()
     rows = memory_table(folder, saved, a.repeat)
     # anonymous memory is what must fit: the checkpoint's mapped pages are clean page cache the kernel can drop
     ratio = {r["label"]: r["peak_anon_gb"] / r["model_gb"] for r in rows}

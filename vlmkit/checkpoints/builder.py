@@ -50,8 +50,17 @@ def build_model(cfg: VLMConfig, source: TensorSource, dtype: Optional[torch.dtyp
                 quantize: Optional[QuantSpec] = None) -> VLMModel:
     """A VLMModel of `cfg` holding the source's tensors. dtype: floats cast to it (None: as stored); quantize: the
     modules it names become int8/int4 as their weights arrive (`model.quantization` then says what was done)."""
-    if quantize:
-        map_large_allocations()
+    if not quantize:
+        return _build(cfg, source, dtype, device, quantize)
+    map_large_allocations()
+    try:
+        return _build(cfg, source, dtype, device, quantize)
+    finally:
+        unmap_large_allocations()
+        release_freed_memory()  # what the allocator still holds of the read copies and temporaries
+
+
+def _build(cfg, source, dtype, device, quantize) -> VLMModel:
     with torch.device("meta"):
         model = VLMModel(cfg)
     expected = model.state_dict()
@@ -95,7 +104,6 @@ def build_model(cfg: VLMConfig, source: TensorSource, dtype: Optional[torch.dtyp
     model.text.reset_buffers()
     if quantize:
         describe(model, quantize.mode, quantize.group_size, kinds)
-        release_freed_memory()  # the read copies of the quantized weights: hundreds of MB the allocator would keep
     if device is not None:
         model.to(device)
     return model.eval()
@@ -126,7 +134,13 @@ def map_large_allocations() -> None:
     """Blocks over 1 MB straight from mmap, so each one freed goes back to the OS at once. glibc's default raises
     this threshold to the largest block freed so far (up to 32 MB): a quantizing load's temporaries then come from
     the heap, and freed ones interleaved with kept weights stay with the process (measured: +0.4-0.9 GB of peak
-    at ~0.9 GB of int4 model, varying run to run). Set once, for the process: a fixed threshold is glibc's
-    own advice for long-running programs with large allocations."""
+    at ~0.9 GB of int4 model, varying run to run). For the load only: see `unmap_large_allocations`."""
     if _glibc():
         _LIBC.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def unmap_large_allocations() -> None:
+    """After the load: the threshold glibc's own adjustment settles at (32 MB on 64-bit), so inference's
+    activations are reused from the heap rather than mapped and faulted in at every step."""
+    if _glibc():
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20)
