@@ -159,16 +159,22 @@ def probe_speed(folder: str, impl: str, mode: str) -> dict:
         load_s, peak = time.perf_counter() - t0, status_kb("VmHWM")
         ids, mask, pixels = _inputs(model.config.text_config.vocab_size, model.config.image_token_index)
 
-        def run(n):
-            t = time.perf_counter()
-            with torch.no_grad():
-                model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(model.dtype),
-                               max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return time.perf_counter() - t
+        class Clock:  # one generate call: put() gets the prompt, then each new token as it is chosen
+            stamps = []
 
-        ttft, total = run(1), run(NEW_TOKENS + 1)
-        return {"load_s": load_s, "peak_gb": (peak - base) / 2**20, "ttft_s": ttft,
-                "tok_s": NEW_TOKENS / max(total - ttft, 1e-9)}
+            def put(self, value):
+                self.stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        clock, t = Clock(), time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(model.dtype), streamer=clock,
+                           max_new_tokens=NEW_TOKENS + 1, min_new_tokens=NEW_TOKENS + 1, do_sample=False)
+        first, last = clock.stamps[1], clock.stamps[-1]
+        return {"load_s": load_s, "peak_gb": (peak - base) / 2**20, "ttft_s": first - t,
+                "tok_s": (len(clock.stamps) - 2) / (last - first)}
     from vlmkit.api import QUANTIZE_VISION
     from vlmkit.checkpoints.hf import load_model
     from vlmkit.checkpoints.quantized import load_quantized
