@@ -5,6 +5,7 @@ exists whole. Every loader goes through it: names missing, unexpected or mis-sha
 
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -49,6 +50,17 @@ def build_model(cfg: VLMConfig, source: TensorSource, dtype: Optional[torch.dtyp
                 quantize: Optional[QuantSpec] = None) -> VLMModel:
     """A VLMModel of `cfg` holding the source's tensors. dtype: floats cast to it (None: as stored); quantize: the
     modules it names become int8/int4 as their weights arrive (`model.quantization` then says what was done)."""
+    if not quantize:
+        return _build(cfg, source, dtype, device, quantize)
+    map_large_allocations()
+    try:
+        return _build(cfg, source, dtype, device, quantize)
+    finally:
+        unmap_large_allocations()
+        release_freed_memory()  # what the allocator still holds of the read copies and temporaries
+
+
+def _build(cfg, source, dtype, device, quantize) -> VLMModel:
     with torch.device("meta"):
         model = VLMModel(cfg)
     expected = model.state_dict()
@@ -73,13 +85,15 @@ def build_model(cfg: VLMConfig, source: TensorSource, dtype: Optional[torch.dtyp
             if tuple(t.shape) != shape:
                 bad.append(f"{source.label(name)}: {tuple(t.shape)} != expected {shape}")
                 continue
-            t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-            if kind and leaf == "weight":
+            if kind and leaf == "weight":  # cast block by block inside: no whole float copy of the weight
                 model.set_submodule(module, make_module(kind, t, dtype=dtype, group_size=quantize.group_size))
-            elif kind:
-                biases[module] = t
             else:
-                floats[name] = t
+                t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                if kind:
+                    biases[module] = t
+                else:
+                    floats[name] = t
+            del t  # the read copy of a quantized weight goes now, not at the next tensor
     finally:
         source.close()
     if bad:
@@ -93,3 +107,40 @@ def build_model(cfg: VLMConfig, source: TensorSource, dtype: Optional[torch.dtyp
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _glibc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018  (both there: glibc)
+        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+            _LIBC = False
+    return _LIBC
+
+
+_LIBC = None
+M_MMAP_THRESHOLD = -3
+
+
+def release_freed_memory() -> None:
+    """Give the C allocator's free memory back to the OS (glibc `malloc_trim`; a no-op where there is none)."""
+    if _glibc():
+        _LIBC.malloc_trim(0)
+
+
+def map_large_allocations() -> None:
+    """Blocks over 1 MB straight from mmap, so each one freed goes back to the OS at once. glibc's default raises
+    this threshold to the largest block freed so far (up to 32 MB): a quantizing load's temporaries then come from
+    the heap, and freed ones interleaved with kept weights stay with the process (measured: +0.4-0.9 GB of peak
+    at ~0.9 GB of int4 model, varying run to run). For the load only: see `unmap_large_allocations`."""
+    if _glibc():
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def unmap_large_allocations() -> None:
+    """After the load: the threshold glibc's own adjustment settles at (32 MB on 64-bit), so inference's
+    activations are reused from the heap rather than mapped and faulted in at every step."""
+    if _glibc():
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20)

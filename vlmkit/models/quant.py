@@ -72,11 +72,32 @@ class _Quantized(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ int8
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (int8 [N, K], scales [N]), symmetric per row; scales bf16-exact (the kernel's dtype)."""
-    w = w.float()
-    scales = (w.abs().amax(1).clamp(min=1e-12) / 127).to(KERNEL_DTYPE).float()
-    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+# Quantizing works on row blocks of about this many elements: the float32 temporaries of a whole token table or
+# head (~0.5 GB each at 32k x 4k) would set the load's peak; blocks keep them at ~4 MB each.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(n: int, k: int):
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    return ((i, min(i + step, n)) for i in range(0, n, step))
+
+
+def _block(w: torch.Tensor, i: int, j: int, cast) -> torch.Tensor:
+    """Rows i:j as float32, rounded through `cast` first (the load's dtype) when given."""
+    b = w[i:j]
+    return (b.to(cast) if cast is not None and b.dtype != cast else b).float()
+
+
+def quantize_int8(w: torch.Tensor, cast=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (int8 [N, K], scales [N]), symmetric per row; scales bf16-exact (the kernel's dtype).
+    Row blocks at a time (no float32 copy of `w`); cast: a dtype each block is rounded to first."""
+    n, k = w.shape
+    q, scales = torch.empty(n, k, dtype=torch.int8, device=w.device), torch.empty(n, device=w.device)
+    for i, j in _row_blocks(n, k):
+        b = _block(w, i, j, cast)
+        s = (b.abs().amax(1).clamp(min=1e-12) / 127).to(KERNEL_DTYPE).float()
+        q[i:j], scales[i:j] = torch.round(b / s[:, None]).clamp(-127, 127), s
+    return q, scales
 
 
 class Int8Linear(_Quantized):
@@ -150,16 +171,20 @@ class Int8Embedding(Int8Linear):
 
 # ------------------------------------------------------------------------------------------------ int4
 
-def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP):
+def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP, cast=None):
     """[N, K] float -> (q uint8 [N, K] in 0..15, scales [N, K/g], mins [N, K/g]); w ~ q * scale + min, with scale
     and the kernel's zero (min + 8 scale) bf16-exact, as the module keeps them."""
     n, k = w.shape
-    wg = w.float().reshape(n, k // group_size, group_size)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    scales = ((hi - lo) / 15).clamp(min=2**-20).to(KERNEL_DTYPE).float()
-    mins = _bf16_mins(lo, scales)
-    q = torch.round((wg - mins[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
-    return q.reshape(n, k), scales, mins
+    q = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    scales, mins = (torch.empty(n, k // group_size, device=w.device) for _ in range(2))
+    for i, j in _row_blocks(n, k):  # row blocks: no float32 copy of the whole weight
+        wg = _block(w, i, j, cast).reshape(j - i, k // group_size, group_size)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        s = ((hi - lo) / 15).clamp(min=2**-20).to(KERNEL_DTYPE).float()
+        m = _bf16_mins(lo, s)
+        q[i:j] = torch.round((wg - m[..., None]) / s[..., None]).clamp(0, 15).reshape(j - i, k)
+        scales[i:j], mins[i:j] = s, m
+    return q, scales, mins
 
 
 def _bf16_mins(mins: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -285,12 +310,15 @@ def target_kinds(model: nn.Module, mode: str, vision: bool = False, group_size: 
 
 
 def make_module(kind: str, weight: torch.Tensor, bias=None, dtype=None, group_size: int = DEFAULT_GROUP):
+    """The `kind` module of `weight`, quantized by row blocks; dtype: the model's float dtype (the weight is
+    rounded to it first, as if cast whole, without the whole cast copy)."""
+    cast = dtype if dtype is not None and weight.is_floating_point() else None
     dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
     if kind == "embed8":
-        return Int8Embedding.from_float(weight, dtype)
+        return Int8Embedding(*quantize_int8(weight, cast), dtype)
     if kind == "int4":
-        return Int4Linear.from_float(weight, bias, dtype, group_size)
-    return Int8Linear.from_float(weight, bias, dtype)
+        return Int4Linear(*quantize_int4(weight, group_size, cast), group_size, bias, dtype)
+    return Int8Linear(*quantize_int8(weight, cast), bias, dtype)
 
 
 @dataclass
