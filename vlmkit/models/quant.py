@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.models import quant_kernels
+from . import quant_kernels
 
 MODES = ("int8", "int4")
 DEFAULT_GROUP = 32

@@ -22,17 +22,19 @@ PREFILL_ROWS = 256
 _LAYOUT: dict = {}
 
 
-def _unpack(packed: torch.Tensor, n: int, k: int, bn: int) -> torch.Tensor:
-    flat = packed.reshape(-1)
-    full = n // bn * bn
-    out = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+def _values_t(packed: torch.Tensor, n: int, k: int, bn: int) -> torch.Tensor:
+    """The 4-bit values of a packed [n, k] weight, TRANSPOSED: uint8 [k, n]. Transposed because the packed blocks
+    are stored [K, rows]: writing them that way moves runs of bn/2 values instead of transposing element by element
+    (measured 5x faster)."""
+    flat, full = packed.reshape(-1), n // bn * bn
+    q = torch.empty(k, n, dtype=torch.uint8, device=packed.device)
     if full:
-        b = flat[: full * k // 2].reshape(full // bn, k, bn // 2)
-        out[:full] = torch.cat([b & 15, b >> 4], -1).transpose(1, 2).reshape(full, k)
+        b = flat[: full * k // 2].reshape(full // bn, k, bn // 2).transpose(0, 1)  # [k, blocks, bn/2]
+        torch.stack([b & 15, b >> 4], 2, out=q[:, :full].view(k, full // bn, 2, bn // 2))
     if n > full:
         b = flat[full * k // 2:].reshape(k, (n - full) // 2)
-        out[full:] = torch.stack([b & 15, b >> 4], -1).reshape(k, n - full).t()
-    return out
+        q[:, full:] = torch.stack([b & 15, b >> 4], -1).reshape(k, n - full)
+    return q
 
 
 def _block_rows() -> Optional[int]:
@@ -43,7 +45,7 @@ def _block_rows() -> Optional[int]:
         q = torch.randint(0, 16, (80, 64), dtype=torch.int32, generator=g)  # 80: full blocks and a tail
         p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
         for bn in (64, 32, 16):
-            if p.numel() == q.numel() // 2 and torch.equal(_unpack(p, 80, 64, bn).int(), q):
+            if p.numel() == q.numel() // 2 and torch.equal(_values_t(p, 80, 64, bn).t().int(), q):
                 _LAYOUT["bn"] = bn
                 break
     return _LAYOUT["bn"]
@@ -52,24 +54,16 @@ def _block_rows() -> Optional[int]:
 def int4_values(packed: torch.Tensor, n: int, k: int) -> Optional[torch.Tensor]:
     """uint8 [n, k] 4-bit values of a packed int4 weight, or None when the layout is unknown."""
     bn = _block_rows()
-    return None if bn is None else _unpack(packed, n, k, bn)
+    return None if bn is None else _values_t(packed, n, k, bn).t()
 
 
 def int4_dequantize_t(packed, scales_and_zeros, group_size: int, n: int, k: int, dtype) -> Optional[torch.Tensor]:
     """The TRANSPOSED weights [k, n] in `dtype` (w = (q - 8) * scale + zero per group, as the kernel computes them),
-    or None when the layout is unknown. Transposed because the packed blocks are stored [K, rows]: writing them
-    that way moves runs of bn/2 values instead of transposing element by element (measured 5x faster)."""
+    or None when the layout is unknown."""
     bn = _block_rows()
     if bn is None:
         return None
-    flat, full = packed.reshape(-1), n // bn * bn
-    q = torch.empty(k, n, dtype=torch.uint8, device=packed.device)  # the 4-bit values, transposed
-    if full:
-        b = flat[: full * k // 2].reshape(full // bn, k, bn // 2).transpose(0, 1)  # [k, blocks, bn/2]
-        torch.stack([b & 15, b >> 4], 2, out=q[:, :full].view(k, full // bn, 2, bn // 2))
-    if n > full:
-        b = flat[full * k // 2:].reshape(k, (n - full) // 2)
-        q[:, full:] = torch.stack([b & 15, b >> 4], -1).reshape(k, n - full)
+    q = _values_t(packed, n, k, bn)
     sz = scales_and_zeros.to(dtype)  # [k/g, n, 2]
     scale, zero = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]  # (q - 8) * s + z = q * s + (z - 8 s)
     wt = q.to(dtype)
