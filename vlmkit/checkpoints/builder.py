@@ -5,12 +5,12 @@ exists whole. Every loader goes through it: names missing, unexpected or mis-sha
 
 from __future__ import annotations
 
-import ctypes
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ..allocator import map_large_allocations, release_freed_memory, unmap_large_allocations
 from ..config import VLMConfig
 from ..models.quant import QuantSpec, describe, make_module
 from ..models.vlm import VLMModel
@@ -108,39 +108,3 @@ def _build(cfg, source, dtype, device, quantize) -> VLMModel:
         model.to(device)
     return model.eval()
 
-
-def _glibc():
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018  (both there: glibc)
-        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
-            _LIBC = False
-    return _LIBC
-
-
-_LIBC = None
-M_MMAP_THRESHOLD = -3
-
-
-def release_freed_memory() -> None:
-    """Give the C allocator's free memory back to the OS (glibc `malloc_trim`; a no-op where there is none)."""
-    if _glibc():
-        _LIBC.malloc_trim(0)
-
-
-def map_large_allocations() -> None:
-    """Blocks over 1 MB straight from mmap, so each one freed goes back to the OS at once. glibc's default raises
-    this threshold to the largest block freed so far (up to 32 MB): a quantizing load's temporaries then come from
-    the heap, and freed ones interleaved with kept weights stay with the process (measured: +0.4-0.9 GB of peak
-    at ~0.9 GB of int4 model, varying run to run). For the load only: see `unmap_large_allocations`."""
-    if _glibc():
-        _LIBC.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-
-
-def unmap_large_allocations() -> None:
-    """After the load: the threshold glibc's own adjustment settles at (32 MB on 64-bit), so inference's
-    activations are reused from the heap rather than mapped and faulted in at every step."""
-    if _glibc():
-        _LIBC.mallopt(M_MMAP_THRESHOLD, 32 << 20)

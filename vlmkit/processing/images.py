@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import ctypes
 import io
 import os
 import urllib.parse
@@ -23,11 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
+from ..allocator import release_freed_memory
 from .image_fetch import fetch_url, forbidden_address_reason, redact_url, shorten
 
 __all__ = [
     "FetchedImage", "ImageError", "ImageLimits", "load_image", "load_images", "describe_source", "fetch_image",
-    "flatten_to_rgb", "forbidden_address_reason", "is_remote", "release_freed_memory",
+    "flatten_to_rgb", "forbidden_address_reason", "is_remote",
 ]
 
 # Formats whose decoders are plain and well exercised. Notably absent: EPS (runs Ghostscript), and
@@ -312,22 +312,6 @@ def _reduce(image: Image.Image, target: tuple[int, int]) -> Image.Image:
     for key in ("exif", "xmp", "XML:com.adobe.xmp"):  # orientation is applied below, not again by _finish
         image.info.pop(key, None)
     return image.transpose(transpose) if transpose is not None else image
-
-
-_MALLOC_TRIM = None
-
-
-def release_freed_memory() -> None:
-    """Give memory freed after large decodes back to the OS. glibc keeps large freed blocks in its heaps (its
-    mmap threshold rises after the first large free), so without this a server's RSS stays at its peak."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
 
 
 def _finish(image: Image.Image, fail) -> Image.Image:

@@ -16,9 +16,10 @@ from typing import Any, Optional
 
 import anyio
 
+from ..allocator import release_freed_memory
 from ..api import is_default_model
 from ..processing.early_resize import shrink_hint_for
-from ..processing.images import TRIM_AFTER_PIXELS, ImageError, ImageLimits, load_images, release_freed_memory
+from ..processing.images import TRIM_AFTER_PIXELS, ImageError, ImageLimits, load_images
 from ..processing.prompts import PromptError
 from .batcher import Batcher, Job, QueueFull, Sampling
 from .checks import APIError, bad, show_value, type_name
