@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import time
 
 import torch
 from PIL import Image
 
 import vlmkit
-from vlmkit.hardware import compute_dtype, cpu_flags, cpu_has_native_bf16
+from vlmkit.benchmark import timed
+from vlmkit.hardware import compute_dtype, cpu_has_native_bf16, kernel_flags
 
 ROWS = [  # (label, quantize, dtype)
     ("fp32 (no quantization)", None, None),
@@ -29,13 +29,8 @@ ROWS = [  # (label, quantize, dtype)
 
 def ttft(m, image, repeats: int) -> tuple[float, str]:
     prompt = "<image>\nDescribe the picture in detail."
-    m.generate(prompt, images=[image], max_new_tokens=1)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        m.generate(prompt, images=[image], max_new_tokens=1)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), m.generate(prompt, images=[image], max_new_tokens=8)
+    seconds = timed(lambda: m.generate(prompt, images=[image], max_new_tokens=1), repeats)
+    return seconds, m.generate(prompt, images=[image], max_new_tokens=8)
 
 
 def main() -> None:
@@ -47,7 +42,7 @@ def main() -> None:
     default = compute_dtype("cpu")
     bf16 = "yes" if cpu_has_native_bf16() else "no"
     print(f"threads {torch.get_num_threads()}; CPU bf16 units: {bf16}; default compute dtype: {default}; "
-          f"flags: {' '.join(sorted(f for f in cpu_flags() if f.startswith(('avx', 'amx', 'fma'))))}\n")
+          f"flags: {kernel_flags()}\n")
     print("| load | compute dtype | load s | time to first token s | vs fp32 | first 8 tokens |")
     print("|---|---|---:|---:|---:|---|")
     base = None

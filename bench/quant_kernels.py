@@ -11,37 +11,19 @@ Also prints the CPU flags that matter and the measured read bandwidth (the decod
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from vlmkit import benchmark
+from vlmkit.hardware import kernel_flags
 from vlmkit.models import quant, quant_kernels
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return " ".join(f for f in keep if f in flags) or "none of " + " ".join(keep)
-
-
 def timed(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
-
-
-def read_bandwidth(reps: int) -> float:
-    x = torch.ones(256 * 2**20 // 4)  # 256 MiB, far past the caches
-    return x.numel() * 4 / timed(lambda: x.sum(), reps) / 1e6  # GB/s
+    """Median milliseconds of fn() after one warm-up."""
+    return benchmark.timed(fn, reps) * 1e3
 
 
 def try_(fn):
@@ -122,7 +104,7 @@ def e2e(folder: str, prompt_tokens: int, new_tokens: int) -> None:
             print(f"| {mode or 'fp32'} | {path} | {ttft:.2f} | {(new_tokens - 1) / max(t1 - ttft, 1e-9):.2f} | "
                   f"{8 * (new_tokens - 1) / max(t8 - t8a, 1e-9):.2f} | {text[:30]!r} |", flush=True)
         quant_kernels.PREFILL_ROWS = threshold
-        del m
+        m = None  # free this model before the next loads
         gc.collect()
 
 
@@ -139,9 +121,9 @@ def main(argv=None):
         return e2e(a.e2e, a.prompt_tokens, a.new_tokens)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, flags: {cpu_flags()}, quantized engines: "
+          f"{torch.backends.cpu.get_cpu_capability()}, flags: {kernel_flags()}, quantized engines: "
           f"{torch.backends.quantized.supported_engines}")
-    bw = read_bandwidth(a.reps)
+    bw = benchmark.read_bandwidth(256, a.reps)
     print(f"read bandwidth (sum of 256 MiB fp32): {bw:.1f} GB/s\n")
     header = None
     for shape in a.shapes.split(","):

@@ -19,8 +19,15 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+import torch
+
+from vlmkit import benchmark
+from vlmkit.hardware import kernel_flags
+from vlmkit.models.quant import memory_bytes
 
 # CLIP ViT-L/14 at 336 px: 576 image tokens, as LLaVA-1.5.
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -42,7 +49,6 @@ def build_checkpoint(folder: Path, size: str) -> Path:
     """The LLaVA-1.5-shaped checkpoint (bf16 safetensors), built once and reused."""
     if (folder / "config.json").is_file():
         return folder
-    import torch
     import transformers as tf
 
     text = tf.LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
@@ -61,22 +67,14 @@ def build_checkpoint(folder: Path, size: str) -> Path:
 # ------------------------------------------------------------------------------------------------ memory
 
 def status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+    return benchmark.proc_status_kb(field) or 0
 
 
 def probe_load(folder: str, mode: str) -> dict:
     """In this (fresh) process: load, then report peak RSS, anonymous RSS after the load and the model's bytes."""
-    import torch  # noqa: F401  (imports before the baseline)
-
     from vlmkit.api import QUANTIZE_VISION
     from vlmkit.checkpoints.hf import load_model
     from vlmkit.checkpoints.quantized import load_quantized
-    from vlmkit.models.quant import memory_bytes
-
-    import threading
 
     base_anon, base_hwm = status_kb("RssAnon"), status_kb("VmHWM")
     peak_anon, done = [base_anon], threading.Event()
@@ -137,7 +135,6 @@ ROWS = (("transformers fp32", "transformers", "float32"), ("transformers bf16", 
 
 
 def _inputs(cfg_vocab: int, image_token: int):
-    import torch
 
     g = torch.Generator().manual_seed(0)
     text = torch.randint(3, min(cfg_vocab, 32000), (PROMPT_TEXT,), generator=g)
@@ -148,7 +145,6 @@ def _inputs(cfg_vocab: int, image_token: int):
 
 def probe_speed(folder: str, impl: str, mode: str) -> dict:
     """In this (fresh) process: load, time to first token (image + 598-token prompt), decode tok/s."""
-    import torch
 
     base = status_kb("VmHWM")
     t0 = time.perf_counter()
@@ -197,47 +193,18 @@ def probe_speed(folder: str, impl: str, mode: str) -> dict:
         n = sum(1 for _ in steps)
         decode = time.perf_counter() - t
     return {"load_s": load_s, "peak_gb": (peak - base) / 2**20, "ttft_s": ttft, "tok_s": n / max(decode, 1e-9),
-            "model_gb": memory_bytes_of(model) / 2**30, "decode_gb": decode_bytes(model) / 2**30}
-
-
-def memory_bytes_of(model) -> int:
-    from vlmkit.models.quant import memory_bytes
-
-    return memory_bytes(model)
+            "model_gb": memory_bytes(model) / 2**30, "decode_gb": decode_bytes(model) / 2**30}
 
 
 def decode_bytes(model) -> int:
     """Weights read per decoded token: the decoder and head (the vision tower runs once, at prefill)."""
-    from vlmkit.models.quant import memory_bytes
-
     return memory_bytes(model.text) if hasattr(model, "text") else memory_bytes(model)
 
 
 def machine() -> dict:
-    """Measured here: read bandwidth (a 1 GB fp32 tensor summed) and fp32 GEMM peak (2048^3); the CPU's flags."""
-    import torch
-
-    x = torch.ones(2**28)
-    x.sum()
-    t = time.perf_counter()
-    for _ in range(3):
-        x.sum()
-    bandwidth = 3 * x.numel() * 4 / (time.perf_counter() - t)
-    del x
-    a = torch.randn(2048, 2048)
-    a @ a
-    t = time.perf_counter()
-    for _ in range(3):
-        a @ a
-    flops = 3 * 2 * 2048**3 / (time.perf_counter() - t)
-    flags = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            flags = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
-                                         "amx_int8", "avx_vnni") if f in have)
-            break
-    return {"read_gbs": bandwidth / 1e9, "gemm_gflops": flops / 1e9, "flags": flags, "threads": torch.get_num_threads()}
+    """Measured here: read bandwidth and fp32 GEMM peak (the rooflines); the CPU's kernel flags."""
+    return {"read_gbs": benchmark.read_bandwidth(), "gemm_gflops": benchmark.gemm_peak(), "flags": kernel_flags(),
+            "threads": torch.get_num_threads()}
 
 
 def prefill_flops(size: str) -> float:
@@ -254,8 +221,8 @@ def speed_table(folder: Path, saved: Path, size: str, repeat: int) -> None:
     print(f"CPU flags: {m['flags']}; {m['threads']} threads; measured read bandwidth {m['read_gbs']:.1f} GB/s, "
           f"fp32 GEMM {m['gemm_gflops']:.0f} GFLOP/s")
     floor = prefill_flops(size) / (m["gemm_gflops"] * 1e9)
-    print(f"\n| | load s | peak load RSS GB | time to first token s | decode tok/s | roofline: prefill floor s "
-          f"(FLOPs / GEMM peak), decode limit tok/s (bandwidth / bytes per token) |")
+    print("\n| | load s | peak load RSS GB | time to first token s | decode tok/s | roofline: prefill floor s "
+          "(FLOPs / GEMM peak), decode limit tok/s (bandwidth / bytes per token) |")
     print("|---|---:|---:|---:|---:|---|")
     for label, impl, mode in ROWS:
         path = saved if mode == "saved" else folder

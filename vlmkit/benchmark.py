@@ -17,6 +17,7 @@ import torch
 
 from . import __version__
 from .generation import GenerationConfig, generate_tokens
+from .hardware import kernel_flags
 
 QUESTION = "Describe this image."
 
@@ -88,10 +89,34 @@ def machine() -> dict:
         pass
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory": mem, "isa": torch.backends.cpu.get_cpu_capability(),
+        "flags": kernel_flags(),
         "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "vlmkit": __version__, "os": platform.platform(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def read_bandwidth(mib: int = 1024, repeat: int = 3) -> float:
+    """Memory read bandwidth in GB/s: a float32 tensor far past the caches, summed (the decode roofline)."""
+    x = torch.ones(mib * 2**20 // 4)
+    return x.numel() * 4 / timed(x.sum, repeat) / 1e9
+
+
+def gemm_peak(n: int = 2048, repeat: int = 3) -> float:
+    """float32 matmul throughput in GFLOP/s on n x n matrices (the prefill roofline)."""
+    a = torch.randn(n, n)
+    return 2 * n**3 / timed(lambda: a @ a, repeat) / 1e9
+
+
+def proc_status_kb(field: str) -> Optional[int]:
+    """A field of /proc/self/status in KiB (VmHWM, RssAnon, ...); None where there is none (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def rss_bytes() -> Optional[int]:
@@ -106,12 +131,9 @@ def rss_bytes() -> Optional[int]:
 def peak_rss_bytes() -> int:
     """VmHWM: this process image's peak RSS. (Not ru_maxrss on Linux: it carries the parent's peak across fork +
     exec, so every child would report its parent's footprint.)"""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    kb = proc_status_kb("VmHWM")
+    if kb is not None:
+        return kb * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 

@@ -40,6 +40,16 @@ def cpu_flags() -> frozenset:
     return frozenset(flags)
 
 
+# The flags that decide which matmul kernels are fast: what benchmarks record beside their numbers.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def kernel_flags() -> str:
+    """The KERNEL_FLAGS this CPU has, space-separated ("none of them" when it has none)."""
+    have = cpu_flags()
+    return " ".join(f for f in KERNEL_FLAGS if f in have) or "none of " + " ".join(KERNEL_FLAGS)
+
+
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16). Elsewhere bf16 on the CPU is emulated and
     slower than float32 (measured on an AVX2 EPYC: a 256x1536x1536 matmul takes 127 ms in bf16, 32 ms in float32)."""
