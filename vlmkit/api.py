@@ -15,7 +15,7 @@ from .checkpoints.quantized import load_quantized, save_quantized, saved_quantiz
 from .generation.caches import ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts
 from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
-from .hardware import compute_dtype, parse_dtype, resolve_device
+from .hardware import compute_dtype, resolve_device
 from .models.kv_cache import StaticKVCache
 from .models.quant import check_mode, memory_bytes, quantization_of
 from .models.vlm import VLMModel, flat_images
@@ -77,7 +77,7 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     from .processing.processor import Processor
 
     dev = resolve_device(device)  # first: a wrong device or dtype fails before anything is read
-    dtype = compute_dtype(dev, parse_dtype(dtype))
+    dtype = compute_dtype(dev, dtype)  # dtype= overrides; an unknown name fails here
     folder = resolve(path_or_name)
     mode, saved = check_mode(quantize), saved_quantization(folder)
     if mode or saved:
@@ -99,15 +99,21 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
 def save(m: "VLM", folder) -> None:
     """Write `m` as a Hugging Face folder (config, safetensors, processor files) that `load` reads back
     (a quantized model stays quantized: vlmkit reads that folder, transformers does not)."""
+    write_model_folder(m.model, folder, m.folder)
+
+
+def write_model_folder(model: VLMModel, folder, source: Optional[Path] = None) -> None:
+    """`model`'s weights and config into `folder` (quantized ones as saved-quantized), and the processor files of
+    the folder it came from (`source`)."""
     folder = Path(folder)
-    if quantization_of(m.model):
-        save_quantized(m.model, folder)
+    if quantization_of(model):
+        save_quantized(model, folder)
     else:
-        save_model(m.model, folder)
-    if m.folder is not None and m.folder.resolve() != folder.resolve():
+        save_model(model, folder)
+    if source is not None and Path(source).resolve() != folder.resolve():
         for name in PROCESSOR_FILES:
-            if (m.folder / name).is_file():
-                shutil.copyfile(m.folder / name, folder / name)
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, folder / name)
 
 
 class VLM:

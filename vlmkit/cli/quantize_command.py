@@ -20,8 +20,8 @@ GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 packer takes
          arg("--group-size", type=int, default=32, help=f"int4 group size, one of {GROUP_SIZES} (default 32)"))
 def cmd_quantize(args) -> int:
     src, dst = _check(args)
-    from ..api import PROCESSOR_FILES, QUANTIZE_VISION, resolve
-    from ..checkpoints.quantized import load_quantized, save_quantized, saved_quantization
+    from ..api import QUANTIZE_VISION, resolve, write_model_folder
+    from ..checkpoints.quantized import load_quantized, saved_quantization
 
     folder = resolve(src)
     saved = saved_quantization(folder)
@@ -31,10 +31,7 @@ def cmd_quantize(args) -> int:
     # written beside DST and renamed at the end: an interrupted run leaves no half-written model under DST
     tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     try:
-        save_quantized(model, tmp)
-        for name in PROCESSOR_FILES:
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, tmp / name)
+        write_model_folder(model, tmp, folder)
         if dst.exists():
             dst.rmdir()  # empty (checked): rename needs it gone
         tmp.rename(dst)
