@@ -1,4 +1,4 @@
-"""processing/formats.py: one family's batch is the same whichever way it is built (processor batch, the server's
+"""processing/formats/: one family's batch is the same whichever way it is built (processor batch, the server's
 merge of single-prompt outputs), the lookup, and the model's padding-image rule."""
 
 import pytest

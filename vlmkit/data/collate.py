@@ -14,7 +14,7 @@ text), the markers are taken out, and a token carries its id as label when its c
                 caption and the "\\n" carry the loss.
   interleaved   open_flamingo's rule: the text that follows an image, through an end-of-chunk token (EOS) written
                 before the next image and at the end; text before the first image and image tokens: -100.
-Rows are left-padded in the family's layout by the processor's own collate (processing/formats.py). `pack_length`
+Rows are left-padded in the family's layout by the processor's own collate (processing/formats/). `pack_length`
 packs several examples into one row (positions restart at each example; IDEFICS image masks stay per example;
 attention itself still spans the whole row).
 """

@@ -4,7 +4,7 @@
     batch = proc("USER: <image>\\nWhat is this? ASSISTANT:", [image])
     batch = proc([messages_a, messages_b], images=[[img1], [img2, img3]])      # left-padded batch
 
-Output keys per family (laid out by formats.py; what VLMModel.forward and the transformers models take):
+Output keys per family (laid out by formats/; what VLMModel.forward and the transformers models take):
     llava     input_ids, attention_mask, pixel_values [N, 3, H, W]              (N = all images, prompt order)
     idefics   input_ids, attention_mask, pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
     idefics2/3 input_ids, attention_mask, pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
@@ -52,7 +52,7 @@ class Processor:
     -> dict`.
 
     family: llava | idefics | idefics2 | idefics3 | smolvlm (smolvlm = idefics3 prompt rules, its own images);
-    `format` holds the family's rules (formats.py).
+    `format` holds the family's rules (formats/).
     plain_text: the text parts of chat messages are plain text (what the server's chat APIs use): an `<image>` or
     a control token written in them is encoded as its characters; images come only from image parts and special
     tokens only from the chat template. Otherwise, as transformers, `<image>` in message text is a placeholder.

@@ -1,7 +1,7 @@
 """Prompt side of the processor: prompt forms -> segments, chat messages -> text, the prompt settings' data.
 
 Ground truth: transformers 5.x's VLM processors. Everything here is plain text / list manipulation and the same for
-every family; each family's rules (expansion, BOS, batch layout) are in formats.py, and the `Processor`
+every family; each family's rules (expansion, BOS, batch layout) are in formats/, and the `Processor`
 (processor.py) loads the images, runs the image processor, tokenizes and batches.
 
 Prompt forms (one prompt):
@@ -33,7 +33,7 @@ END_OF_UTTERANCE = "<end_of_utterance>"
 ROLES = ("system", "user", "assistant", "tool")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".ppm", ".mpo")
 
-# Chat templates for checkpoints without one (documented in the README / DESIGN; formats.py picks per family).
+# Chat templates for checkpoints without one (documented in the README / DESIGN; formats/ picks per family).
 #   llava:    the llava-hf LLaVA-1.5 template           "USER: <image>\nWhat is this? ASSISTANT:"
 #   idefics2: the HuggingFaceM4/idefics2-8b template    "User:<image>What is this?<end_of_utterance>\nAssistant:"
 #   idefics:  the same turn format (IDEFICS-instruct);  the processor writes the BOS itself
@@ -228,7 +228,7 @@ def normalize_messages(messages, image_token: str = IMAGE_TOKEN,
 
 @dataclass
 class PromptRules:
-    """A checkpoint's placeholder settings, read from processor_config.json by its format (formats.py).
+    """A checkpoint's placeholder settings, read from processor_config.json by its format (formats/).
 
     family: llava | idefics | idefics2 | idefics3 (SmolVLM uses the idefics3 rules).
     llava: tokens per image = (H // patch_size) * (W // patch_size) + num_additional_image_tokens
