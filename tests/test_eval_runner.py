@@ -433,3 +433,14 @@ def test_cli_eval_errors(hf_checkpoint_dir, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.strip()]
     assert code == 2 and len(lines) == 1 and message in lines[0] and lines[0].startswith("vlmkit: error:")
+
+
+def test_no_dtype_is_recorded_as_the_device_compute_dtype(tmp_path):
+    # conftest makes the CPU look bf16-less: no --dtype means float32 here, and a resume asking bf16 is refused
+    evaluate(Oracle(VQAV2), "vqav2", data("vqav2.jsonl"), output_dir=tmp_path, limit=1,
+             load_options={"dtype": None, "quantize": None, "device": "cpu"})
+    line = json.loads((tmp_path / "predictions.jsonl").read_text().splitlines()[0])
+    assert line["settings"]["dtype"] == "float32"
+    with pytest.raises(ValueError, match=r"dtype float32 \(now bfloat16\)"):
+        evaluate(Oracle(VQAV2), "vqav2", data("vqav2.jsonl"), output_dir=tmp_path,
+                 load_options={"dtype": "bf16", "device": "cpu"})

@@ -35,8 +35,16 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_keeps_weights_float32():
     with autocast(torch.device("cpu"), "bf16"):
         out = layer(torch.randn(2, 8))
     assert out.dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
-    with autocast(torch.device("cpu"), "auto"):  # auto = float32 on the CPU
+    with autocast(torch.device("cpu"), "auto"):  # auto = float32 on a CPU without bf16 units (conftest's)
         assert layer(torch.randn(2, 8)).dtype == torch.float32
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    from vlmkit import hardware
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"amx_bf16", "amx_tile"}))
+    with autocast(torch.device("cpu"), "auto"):
+        assert nn.Linear(8, 8)(torch.randn(2, 8)).dtype == torch.bfloat16
 
 
 def test_unknown_precision_is_refused():

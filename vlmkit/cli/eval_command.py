@@ -32,7 +32,7 @@ def cmd_eval(args) -> int:
     results = evaluate(lambda: load_model(args), args.task, args.data, split=args.split, limit=args.limit,
                        batch_size=args.batch_size, output_dir=args.output, max_new_tokens=args.max_new_tokens,
                        seed=args.seed, overwrite=args.overwrite, image_root=args.image_root, model_name=args.model,
-                       load_options={"dtype": args.dtype, "quantize": args.quantize})
+                       load_options={"dtype": args.dtype, "quantize": args.quantize, "device": args.device})
     sys.stdout.write(results["markdown"])
     status(f"{PROG} eval: {results['n']} items ({results['failed']} failed); "
            f"predictions and results in {os.path.dirname(results['files']['results'])}")

@@ -40,7 +40,8 @@ from .common import PROG, CLIError, arg, command, float_in, positive_int, status
          arg("--pack", type=positive_int, default=None, metavar="TOKENS",
              help="pack several examples per row, up to TOKENS tokens"),
          arg("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-             help="autocast dtype (default: bf16 on GPUs, fp32 on CPUs); weights stay float32"),
+             help="autocast dtype (default: bf16 on GPUs and on CPUs with bf16 units, else fp32); weights stay "
+                  "float32"),
          arg("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass"),
          arg("--strategy", choices=["auto", "none", "ddp", "fsdp"], default="auto",
              help="data parallelism under torchrun (default: DDP when several processes)"),

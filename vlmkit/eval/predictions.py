@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from ..checkpoints.io import atomic_write_text
+from ..hardware import compute_dtype
 
 PREDICTIONS = "predictions.jsonl"
 _HASHED_WHOLE = 1 << 20  # model files up to this size are hashed by content; bigger ones by size and mtime
@@ -108,11 +109,14 @@ _DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _load_options(model, given: Optional[dict]) -> dict:
-    """dtype and quantization: as given (the CLI's --dtype / --quantize; None = as stored), else read off a loaded
-    model."""
+    """dtype and quantization: as given (the CLI's --dtype / --quantize / --device; no dtype = the one the device
+    computes in, as `vlmkit.load` picks it, so a resume on a machine that picks another is noticed), else read off a
+    loaded model."""
     if given is not None:
         dtype = given.get("dtype")
-        dtype = "as stored" if dtype is None else _DTYPE_NAMES.get(str(dtype), str(dtype).removeprefix("torch."))
+        if dtype is None:
+            dtype = compute_dtype(given.get("device"))
+        dtype = _DTYPE_NAMES.get(str(dtype), str(dtype).removeprefix("torch."))
         return {"dtype": dtype, "quantize": given.get("quantize")}
     module = getattr(model, "model", None)
     dtype = getattr(module, "dtype", None)

@@ -177,10 +177,10 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
     a task spec (.yaml/.json path or dict). data: the benchmark file or folder (`data.files.read_rows`); split: the
     split of a DatasetDict / Hub folder. limit: only the first N rows. output_dir: default
     eval-results/<task>-<model>. seed: for MMMU's random fallback. progress: None = when stderr is a terminal.
-    load_options: {"dtype", "quantize"} the model is (to be) loaded with, when `model` is not a loaded VLM; None
-    means as stored. They are kept with each prediction, with the generation settings: resuming with other ones is
-    refused (overwrite=True starts over). Batch size and device are not among them: they change no answer beyond
-    float rounding.
+    load_options: {"dtype", "quantize", "device"} the model is (to be) loaded with, when `model` is not a loaded
+    VLM; no dtype means the device's compute dtype, as `vlmkit.load` picks it. dtype and quantize are kept with each
+    prediction, with the generation settings: resuming with other ones is refused (overwrite=True starts over).
+    Batch size and device are not among them: they change no answer beyond float rounding.
     """
     say = log or (lambda msg: (sys.stderr.write(msg + "\n"), sys.stderr.flush()))
     if batch_size < 1:

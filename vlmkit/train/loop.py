@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..hardware import cpu_has_native_bf16
 from . import distributed as D
 from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
 from .metrics_log import MetricsLog
@@ -41,7 +42,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     seed: int = 0
-    precision: str = "auto"  # see autocast(): auto (bf16 on a GPU, float32 on the CPU) | bf16 | fp32 | fp16
+    precision: str = "auto"  # see autocast(): auto (bf16 where the hardware has bf16 units) | bf16 | fp32 | fp16
     skip_nonfinite: bool = False  # a NaN / inf loss skips its batch (counted) instead of stopping the run
     betas: tuple = (0.9, 0.98)  # AdamW's
 
@@ -74,14 +75,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def autocast(device: torch.device, precision: str):
-    """The autocast context of a precision mode: "auto" = bf16 on a GPU, float32 on the CPU; "bf16"; "fp32";
-    "fp16" (GPUs only; the caller adds a GradScaler)."""
+    """The autocast context of a precision mode: "auto" = bf16 on a GPU and on a CPU with bf16 matrix units,
+    float32 on other CPUs (bf16 is emulated there, several times slower); "bf16"; "fp32"; "fp16" (GPUs only; the
+    caller adds a GradScaler)."""
     if precision not in ("auto", "bf16", "fp32", "fp16"):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 needs a GPU; use bf16 on the CPU")
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" or device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
