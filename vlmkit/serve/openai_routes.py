@@ -160,9 +160,9 @@ async def chat_completions(request: Request):
                 yield chunk({"content": piece})
             yield chunk({}, finish_reason(handle.job.finish_reason))
             if include_usage:
-                usage = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                         "choices": [], "usage": usage(handle)}
-                yield f"data: {json.dumps(usage)}\n\n"
+                last = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [], "usage": usage(handle)}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         except APIError as e:  # the response has started: the error travels as an event
             log_api_error(request.method, request.url.path, e)
