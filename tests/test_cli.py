@@ -285,3 +285,17 @@ def test_log_level_on_every_command(files, capsys, monkeypatch):
     assert root.level == logging.DEBUG
     assert cli.main(["info", files["model"], "--log-level", "loud"]) == 2
     assert "invalid choice" in one_error_line(capsys.readouterr().err)
+
+
+def test_readme_multi_task_eval_command_parses():
+    import re
+    import shlex
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    (line,) = re.findall(r"^vlmkit eval .*--tasks .*\\\n.*$", readme, flags=re.M)
+    argv = shlex.split(line.replace("\\\n", " "), comments=True)[1:]
+    args = cli.build_parser().parse_args(argv)
+    tasks = cli.eval_command.task_list(args)
+    assert tasks == ["textvqa", "chartqa", "synthetic"]
+    assert cli.eval_command.data_for(tasks, args.data) == {"textvqa": "textvqa/validation.parquet",
+                                                          "chartqa": "chartqa/test.parquet"}

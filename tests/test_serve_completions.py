@@ -5,6 +5,7 @@ offline form, sent with extra_body), streaming and not, usage counts, sampling f
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 
@@ -123,3 +124,36 @@ def test_unknown_model_and_wrong_method(server, client):
     assert e.value.body["code"] == "model_not_found"
     r = httpx.get(server.url + "/v1/completions")
     assert r.status_code == 405 and "POST" in r.json()["error"]["message"]
+
+
+def test_readme_api_key_example_answers_right(tmp_path):
+    """The README's key example as written: the curl command, with $VLMKIT_API_KEY, against the default model served
+    with that key; and without the key it is refused."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "VLMKIT_API_KEY" in b]
+    lines = block.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("curl -s http://127.0.0.1:8000/v1/completions"))
+    end = start + 1
+    while end < len(lines) and lines[end] and not lines[end].startswith(("#", "curl", "vlmkit", "export")):
+        end += 1
+    command = "\n".join(lines[start:end])
+    key = "readme-key"
+    with LiveServer(create_app(vlmkit.load("default"), model_name="vlmkit-default", ui=False, api_key=key)) as live:
+        command = command.replace("127.0.0.1:8000", f"127.0.0.1:{live.port}")
+        for env_key, ok in ((key, True), ("wrong", False)):
+            run = subprocess.run(["bash", "-c", command], cwd=root, capture_output=True, text=True, timeout=120,
+                                 env={**os.environ, "VLMKIT_API_KEY": env_key})
+            assert run.returncode == 0, run.stderr
+            reply = json.loads(run.stdout)
+            if ok:
+                assert reply["choices"][0]["text"].strip().lower() == "red", reply
+            else:
+                assert reply["error"]["code"] == "invalid_api_key", reply
