@@ -181,8 +181,8 @@ def create_app(vlm, *, model_name: str = "vlmkit", limits: Optional[ImageLimits]
         @app.get("/", include_in_schema=False)
         async def index():
             return {"name": "vlmkit serve", "model": model_name,
-                    "endpoints": ["POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "POST /api/chat",
-                                  "POST /api/generate", "GET /api/tags", "GET /health"]}
+                    "endpoints": ["POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
+                                  "POST /api/chat", "POST /api/generate", "GET /api/tags", "GET /health"]}
     return app
 
 
