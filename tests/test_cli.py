@@ -237,6 +237,8 @@ def test_eval_several_tasks_with_lmms_eval_names(files, tmp_path, capsys, monkey
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
     assert "| vqav2 | accuracy |" in out and "| textvqa | accuracy |" in out
+    summary = out[out.index("## all tasks (2)"):].splitlines()
+    assert summary[4].startswith("| vqav2 | accuracy |") and summary[5].startswith("| textvqa | accuracy |")
     assert "eval: vqav2: 2 items" in err and "eval: textvqa: 2 items" in err
     assert loads == [1]  # one model for both tasks
     for task in ("vqav2", "textvqa"):
@@ -249,7 +251,7 @@ def test_eval_several_tasks_with_lmms_eval_names(files, tmp_path, capsys, monkey
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert loads == [1] and out.index("| textvqa | accuracy |") < out.index("| vqav2 | accuracy |")
-    assert out.count("| vqav2 | accuracy |") == 1  # vqav2 and vqav2_val are one task
+    assert "## all tasks (2)" in out and out.count("## vqav2:") == 1  # vqav2 and vqav2_val are one task
     argv = ["eval", "--model", files["model"], "--tasks", f"{os.path.join(EVAL_DATA, 'custom.yaml')},vqav2",
             "--data", os.path.join(EVAL_DATA, "vqav2.jsonl"), "--limit", "1", "--max-new-tokens", "2",
             "--output", str(tmp_path / "spec")]

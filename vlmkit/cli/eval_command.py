@@ -115,6 +115,7 @@ def cmd_eval(args) -> int:
             loaded.append(load_model(args))
         return loaded[0]
 
+    summary = []
     for task in tasks:
         output = args.output if args.output is None or len(tasks) == 1 else os.path.join(
             args.output, os.path.splitext(os.path.basename(task))[0])
@@ -126,4 +127,23 @@ def cmd_eval(args) -> int:
         sys.stdout.flush()
         status(f"{PROG} eval: {task}: {results['n']} items ({results['failed']} failed); "
                f"predictions and results in {os.path.dirname(results['files']['results'])}")
+        summary += metric_rows(results["markdown"])
+    if len(tasks) > 1:  # every task's metrics in one table, as lmms-eval ends
+        sys.stdout.write("\n".join([f"## all tasks ({len(tasks)})", "", "| task | metric | value |",
+                                    "|---|---|---:|", *summary]) + "\n")
     return 0
+
+
+def metric_rows(markdown: str) -> list[str]:
+    """The rows of a task's `| task | metric | value |` table in its results.md text."""
+    lines = markdown.splitlines()
+    try:
+        start = lines.index("| task | metric | value |") + 2
+    except ValueError:
+        return []
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows
