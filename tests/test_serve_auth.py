@@ -101,6 +101,10 @@ def test_the_key_is_compared_in_constant_time(monkeypatch):
     assert calls == [(32, 32)] * 4
     with pytest.raises(ValueError):
         auth.APIKeyMiddleware(None, [""], render=None)
+    utf8 = auth.APIKeyMiddleware(None, ["clé-ü"], render=None)  # a key beyond ASCII: its UTF-8 bytes
+    assert utf8.authorized([(b"authorization", "Bearer clé-ü".encode())])
+    assert utf8.authorized([(b"authorization", b"Basic " + base64.b64encode("me:clé-ü".encode()))])
+    assert not utf8.authorized([(b"authorization", "Bearer clé-ü".encode("latin-1"))])
 
 
 def test_chat_page_and_its_api_need_the_key(vlm):

@@ -2,9 +2,9 @@
 from `api_key=`), or HTTP Basic credentials whose password is the key (what a browser sends for the chat page after
 its login prompt, and then on every request the page makes). Anything else gets 401 in the dialect's JSON.
 
-Keys are compared as SHA-256 digests with `hmac.compare_digest`, so neither the time taken nor a length mismatch
-tells a client how much of a guess was right (as vLLM does). Unlike vLLM's, which guards only /v1, this guards the
-Ollama routes, the chat page and its own API too: each of them runs the model.
+Keys are compared as SHA-256 digests of their UTF-8 bytes with `hmac.compare_digest` (as vLLM does), so neither the
+time taken nor a length mismatch tells a client how much of a guess was right. vLLM's key guards its API routes and
+leaves a list of others open; here only /health is open, as the Ollama routes and the chat page run the model too.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
 
 
 class APIKeyMiddleware:
@@ -44,27 +44,25 @@ class APIKeyMiddleware:
         if not keys or any(not isinstance(k, str) or not k for k in keys):
             raise ValueError("API keys must be non-empty strings")
         self.app, self.render = app, render  # render(path, APIError) -> the dialect's JSON response
-        self.digests = [_digest(k) for k in keys]
+        # surrogateescape: a key from the command line holding bytes that are not UTF-8 keeps those bytes
+        self.digests = [_digest(k.encode("utf-8", "surrogateescape")) for k in keys]
 
-    def presented_key(self, headers) -> str | None:
-        """The key a request presents, from `Bearer KEY` or Basic `user:KEY` (any user name), else None."""
-        value = None
-        for name, raw in headers:
-            if name == b"authorization":
-                value = raw.decode("latin-1")
-                break
+    def presented_key(self, headers) -> bytes | None:
+        """The key a request presents (its bytes), from `Bearer KEY` or Basic `user:KEY` (any user name), else
+        None."""
+        value = next((raw for name, raw in headers if name == b"authorization"), None)
         if not value:
             return None
-        scheme, _, param = value.strip().partition(" ")
+        scheme, _, param = value.strip().partition(b" ")
         param = param.strip()
-        if scheme.lower() == "bearer":
+        if scheme.lower() == b"bearer":
             return param
-        if scheme.lower() == "basic":
+        if scheme.lower() == b"basic":
             try:
-                decoded = base64.b64decode(param, validate=True).decode("utf-8")
+                decoded = base64.b64decode(param, validate=True)
             except (binascii.Error, ValueError):
                 return None
-            return decoded.partition(":")[2]
+            return decoded.partition(b":")[2]
         return None
 
     def authorized(self, headers) -> bool:
