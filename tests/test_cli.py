@@ -220,3 +220,84 @@ def test_device_defaults_to_auto(name, capsys):
     assert cli.main([name, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--device" in text and "auto (the default: CUDA, then Apple MPS, then CPU)" in text
+
+
+# ------------------------------------------------------------------------------------------ eval --tasks, --log-level
+
+EVAL_DATA = os.path.join(ROOT, "tests", "data", "eval")
+
+
+def test_eval_several_tasks_with_lmms_eval_names(files, tmp_path, capsys, monkeypatch):
+    loads = []
+    real = cli.eval_command.load_model
+    monkeypatch.setattr(cli.eval_command, "load_model", lambda args: loads.append(1) or real(args))
+    argv = ["eval", "--model", files["model"], "--tasks", "vqav2_val,textvqa_val", "--limit", "2",
+            "--data", os.path.join(EVAL_DATA, "vqav2.jsonl"), "--data", os.path.join(EVAL_DATA, "textvqa.parquet"),
+            "--max-new-tokens", "2", "--batch-size", "2", "--output", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "| vqav2 | accuracy |" in out and "| textvqa | accuracy |" in out
+    summary = out[out.index("## all tasks (2)"):].splitlines()
+    assert summary[4].startswith("| vqav2 | accuracy |") and summary[5].startswith("| textvqa | accuracy |")
+    assert "eval: vqav2: 2 items" in err and "eval: textvqa: 2 items" in err
+    assert loads == [1]  # one model for both tasks
+    for task in ("vqav2", "textvqa"):
+        assert json.loads((tmp_path / task / "results.json").read_text())["n"] == 2
+    # TASK=PATH in any order, a spec naming its own data and the old --task together; all resumed: no load
+    argv = ["eval", "--model", files["model"], "--tasks", "textvqa,vqav2", "--task", "vqav2_val", "--limit", "2",
+            "--data", "vqav2=" + os.path.join(EVAL_DATA, "vqav2.jsonl"),
+            "--data", "textvqa_val=" + os.path.join(EVAL_DATA, "textvqa.parquet"),
+            "--max-new-tokens", "2", "--output", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert loads == [1] and out.index("| textvqa | accuracy |") < out.index("| vqav2 | accuracy |")
+    assert "## all tasks (2)" in out and out.count("## vqav2:") == 1  # vqav2 and vqav2_val are one task
+    argv = ["eval", "--model", files["model"], "--tasks", f"{os.path.join(EVAL_DATA, 'custom.yaml')},vqav2",
+            "--data", os.path.join(EVAL_DATA, "vqav2.jsonl"), "--limit", "1", "--max-new-tokens", "2",
+            "--output", str(tmp_path / "spec")]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "spec" / "custom" / "results.json").is_file()
+    assert (tmp_path / "spec" / "vqav2" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tasks", "vqav2_test"], "no public answers"),
+    (["--tasks", "vqav2,,chartqa"], "empty name"),
+    (["--tasks", ""], "empty name"),
+    ([], "no task given"),
+    (["--tasks", "vqav2,textvqa", "--data", "a.jsonl"], "1 --data path(s) for 2 task(s)"),
+    (["--tasks", "vqav2,textvqa", "--data", "vqav2=a", "--data", "vqav2_val=b"], "given twice"),
+    (["--tasks", "vqav2,nope", "--data", "a", "--data", "b"], "unknown task 'nope'"),
+    (["--task", "vqav2", "--data", "a", "--data", "b"], "--data given 2 times for one task"),
+])
+def test_eval_task_list_errors(files, capsys, extra, message):
+    assert cli.main(["eval", "--model", files["model"], *extra]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_log_level_on_every_command(files, capsys, monkeypatch):
+    import logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)
+    for name in cli.COMMANDS:
+        assert cli.main([name, "--help"]) == 0
+        assert "--log-level" in capsys.readouterr().out, name
+    assert cli.main(["info", files["model"], "--log-level", "DEBUG"]) == 0
+    assert root.level == logging.DEBUG
+    assert cli.main(["info", files["model"], "--log-level", "loud"]) == 2
+    assert "invalid choice" in one_error_line(capsys.readouterr().err)
+
+
+def test_readme_multi_task_eval_command_parses():
+    import re
+    import shlex
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    (line,) = re.findall(r"^vlmkit eval .*--tasks .*\\\n.*$", readme, flags=re.M)
+    argv = shlex.split(line.replace("\\\n", " "), comments=True)[1:]
+    args = cli.build_parser().parse_args(argv)
+    tasks = cli.eval_command.task_list(args)
+    assert tasks == ["textvqa", "chartqa", "synthetic"]
+    assert cli.eval_command.data_for(tasks, args.data) == {"textvqa": "textvqa/validation.parquet",
+                                                          "chartqa": "chartqa/test.parquet"}

@@ -1,8 +1,9 @@
-"""Property-based fuzzing of the server's request parsing (hypothesis): requests for both APIs built from their
-fields, each field replaced by values of the wrong type, huge or negative numbers, NaN/inf, deep nesting, odd
-Unicode (lone surrogates included), garbage or valid tiny images, or deleted, plus extra fields. Whatever comes in,
-the answer is a 200 or a 4xx whose JSON error names the field (OpenAI: error.param or the message; Ollama: the
-message), never a 5xx. In-process (starlette's TestClient) on the tiny LLaVA with at most 3 new tokens."""
+"""Property-based fuzzing of the server's request parsing (hypothesis): requests for both APIs (OpenAI's chat and text
+completions, Ollama's chat and generate) built from their fields, each field replaced by values of the wrong type,
+huge or negative numbers, NaN/inf, deep nesting, odd Unicode (lone surrogates included), garbage or valid tiny
+images, or deleted, plus extra fields. Whatever comes in, the answer is a 200 or a 4xx whose JSON error names the
+field (OpenAI: error.param or the message; Ollama: the message), never a 5xx. In-process (starlette's TestClient) on
+the tiny LLaVA with at most 3 new tokens."""
 
 from __future__ import annotations
 
@@ -228,6 +229,25 @@ OLLAMA_GENERATE_FIELDS = {
 def test_openai_chat_completions_never_5xx(client, request):
     body, touched = request
     check(post(client, "/v1/chat/completions", body), touched, ollama=False)
+
+
+COMPLETIONS_BASE = {"model": MODEL, "max_tokens": 2, "prompt": "USER: <image>\nWhat is it? ASSISTANT:",
+                    "multi_modal_data": {"image": ["data:image/png;base64," + B64["PNG"]]}}
+COMPLETIONS_FIELDS = {
+    **{k: v for k, v in OPENAI_FIELDS.items() if not k.startswith("messages")},
+    "prompt": field(st.one_of(odd_text, st.lists(odd_text, max_size=2), st.lists(st.integers(), max_size=3))),
+    "multi_modal_data": field(st.dictionaries(st.sampled_from(["image", "video"]),
+                                              st.one_of(data_uris, st.lists(data_uris, max_size=3)), max_size=2)),
+    "multi_modal_data.image": field(st.lists(data_uris, max_size=3)),
+    "echo": field(st.booleans()), "suffix": field(odd_text), "best_of": field(numbers),
+}
+
+
+@FUZZ
+@given(request=mutate(COMPLETIONS_BASE, COMPLETIONS_FIELDS))
+def test_openai_completions_never_5xx(client, request):
+    body, touched = request
+    check(post(client, "/v1/completions", body), touched, ollama=False)
 
 
 @FUZZ

@@ -354,3 +354,33 @@ def test_examples_and_temperature(ui, page):
     page.wait_for_function("() => document.querySelectorAll('[data-testid=bot]').length >= 2", timeout=30_000)
     sampling = ui.streams[submitted + 1].job.sampling
     assert sampling.do_sample and sampling.temperature == pytest.approx(0.7)
+
+
+def test_chat_page_behind_an_api_key(ui, tmp_path):
+    """With --api-key, the browser is asked for a password (HTTP Basic, the key as password); given it, the page
+    uploads, queues and streams as without a key; without it, the page is refused."""
+    key = "ui-test-key"
+    app = create_app(ui.vlm, model_name=MODEL, ui=True, ui_max_tokens=UI_MAX_TOKENS, max_batch=2, api_key=key)
+    image_path = tmp_path / "red.png"
+    image_path.write_bytes(png_bytes((48, 48), (230, 30, 30)))
+    question = "What color is the square?"
+    turn = [{"role": "user", "content": [{"type": "image", "image": Image.open(image_path)},
+                                         {"type": "text", "text": question}]}]
+    answer = ui.vlm.chat(turn, max_new_tokens=UI_TOKENS)
+    with LiveServer(app) as live:
+        refused = ui.browser.new_context()
+        try:
+            assert refused.request.get(live.url + "/").status == 401  # (a page would wait for a password)
+        finally:
+            refused.close()
+        context = ui.browser.new_context(http_credentials={"username": "me", "password": key},
+                                         viewport={"width": 1000, "height": 1250})
+        try:
+            page = context.new_page()
+            assert page.goto(live.url + "/", wait_until="load", timeout=30_000).status == 200
+            page.locator("textarea").first.wait_for(timeout=30_000)
+            _set_number(page, "Max tokens", UI_TOKENS)
+            _ask(page, question, image_path)
+            _wait_answer(page, 1, answer)
+        finally:
+            context.close()

@@ -22,7 +22,7 @@ from typing import Optional
 
 from . import (bench_command, chat_command, eval_command, info_command, quantize_command, serve_command,
                train_command)
-from .common import COMMANDS, FAILURE, PROG, USAGE_ERROR, CLIError, one_line
+from .common import COMMANDS, FAILURE, LOG_LEVEL, PROG, USAGE_ERROR, CLIError, configure_logging, one_line
 
 # The modules whose `@command` functions are the subcommands, in the order of `vlmkit --help`.
 COMMAND_MODULES = (chat_command, info_command, train_command, eval_command, serve_command, bench_command,
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, arguments, func, description) in sorted(
             COMMANDS.items(), key=lambda item: modules.index(item[1][2].__module__)):
         p = sub.add_parser(name, help=help_text, description=description)
-        for flags, kwargs in arguments:
+        for flags, kwargs in (*arguments, LOG_LEVEL):
             p.add_argument(*flags, **kwargs)
         p.set_defaults(func=func)
     return parser
@@ -58,6 +58,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a bad flag (argparse has printed its usage line)
         return e.code if isinstance(e.code, int) else USAGE_ERROR
+    configure_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
     except CLIError as e:

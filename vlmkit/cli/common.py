@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -89,6 +90,24 @@ GENERATION = (
     arg("--repetition-penalty", type=float_in(0, 100, low_open=True), default=1.0, metavar="R"),
     arg("--seed", type=int, default=None, metavar="S", help="random seed for sampling"),
 )
+
+
+LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
+# Every subcommand takes it (cli/__init__.py adds it); absent, logging stays as Python leaves it (warnings only).
+LOG_LEVEL = arg("--log-level", type=str.lower, choices=LOG_LEVELS, default=None,
+                help="log messages of this level and above to stderr (default: warnings; `serve`: info)")
+
+
+def configure_logging(level: Optional[str]) -> None:
+    """--log-level -> the root logger (every library's messages, vlmkit's included), one line each on stderr."""
+    if level is None:
+        return
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    if not root.handlers:  # an embedding program's (or pytest's) handlers are kept
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -27,14 +27,19 @@ def default_model_name(model: str) -> str:
 def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, *, model_name: Optional[str] = None,
           allow_remote_images: bool = False, max_request_pixels: Optional[int] = None, dtype=None, device=None,
           ui: bool = True, log_level: str = "info", **app_options) -> None:
-    """Load `model` and serve it (blocking). app_options go to create_app (max_batch, queue_limit, limits, ...).
-    max_request_pixels: decoded pixels of one request's images together (default: ImageLimits')."""
+    """Load `model` and serve it (blocking). app_options go to create_app (max_batch, queue_limit, limits, api_key,
+    ...). max_request_pixels: decoded pixels of one request's images together (default: ImageLimits')."""
+    import logging
     from dataclasses import replace
 
     from .. import api
     from ..processing.images import ImageLimits
     from .app import run
+    from .auth import is_loopback
 
+    if not is_loopback(host) and not app_options.get("api_key"):
+        logging.getLogger("vlmkit.serve").warning("binding %s without an api_key: anyone who can reach this address "
+                                                  "can use the model", host)
     vlm = api.load(model, dtype=dtype, device=device)
     limits = replace(app_options.pop("limits", None) or ImageLimits(), allow_remote=allow_remote_images,
                      allow_paths=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..processing.images import ImageLimits
+from .auth import APIKeyMiddleware
 from .batcher import Batcher
 from .checks import APIError, BodyTooLarge, log_api_error, show_value
 from .engine import Engine
@@ -87,7 +88,8 @@ def create_app(vlm, *, model_name: str = "vlmkit", limits: Optional[ImageLimits]
                queue_limit: int = 64, batch_wait_ms: float = 5.0, max_body_bytes: int = DEFAULT_MAX_BODY,
                max_tokens_limit: int = 4096, default_max_tokens: int = 512, ui: bool = True,
                ui_max_tokens: int = 256, title: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
-               prefill_chunk: Optional[int] = None) -> FastAPI:
+               prefill_chunk: Optional[int] = None, api_key: Union[str, Sequence[str], None] = None,
+               max_model_len: Optional[int] = None) -> FastAPI:
     """The server app for an in-process `vlmkit.VLM`.
 
     limits: image limits (payload bytes, pixels, images per request, allow_remote); allow_paths is always off.
@@ -97,12 +99,16 @@ def create_app(vlm, *, model_name: str = "vlmkit", limits: Optional[ImageLimits]
     default_max_tokens: when it asks for none (cut to what the context leaves). max_prompt_tokens: longer prompts
     (image tokens included) get 400 (None: the context is the limit). prefill_chunk: prompt tokens prefilled per
     scheduler step, so a long prompt is prefilled in chunks between the others' decode steps (None: by device).
-    ui: mount the Gradio chat at / (ui_max_tokens per answer)."""
+    ui: mount the Gradio chat at / (ui_max_tokens per answer). api_key: a key (or several) every request but
+    GET /health must present (auth.py); None: no key. max_model_len: the context a request may fill, prompt and
+    answer together (None: the model's; never more)."""
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
     limits = replace(limits or ImageLimits(), allow_paths=False)
     batcher = Batcher(vlm, max_batch=max_batch, queue_limit=queue_limit, batch_wait_ms=batch_wait_ms,
                       prefill_chunk=prefill_chunk)
     engine = Engine(vlm, batcher, model_name=model_name, limits=limits, max_tokens_limit=max_tokens_limit,
-                    default_max_tokens=default_max_tokens, max_prompt_tokens=max_prompt_tokens)
+                    default_max_tokens=default_max_tokens, max_prompt_tokens=max_prompt_tokens,
+                    max_model_len=max_model_len)
     batcher.start()
 
     @asynccontextmanager
@@ -116,6 +122,8 @@ def create_app(vlm, *, model_name: str = "vlmkit", limits: Optional[ImageLimits]
     app.state.batcher = batcher
     app.state.ollama_name = model_name if ":" in model_name else f"{model_name}:latest"
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if keys:  # added last, so it runs first: no body is read for a request without the key
+        app.add_middleware(APIKeyMiddleware, keys=keys, render=error_response)
 
     # A refused request logs one line (log_api_error); only a fault of the server logs a traceback.
     def refuse(request: Request, e: APIError) -> JSONResponse:
@@ -147,12 +155,12 @@ def create_app(vlm, *, model_name: str = "vlmkit", limits: Optional[ImageLimits]
     async def health():
         return engine.health()
 
-    from . import ollama_routes, openai_routes
+    from . import completions_routes, ollama_routes, openai_routes
 
-    app.include_router(openai_routes.router)
-    app.include_router(ollama_routes.router)
-    known = {(r.path, m) for router in (openai_routes.router, ollama_routes.router) for r in router.routes
-             for m in getattr(r, "methods", None) or ()}
+    routers = (openai_routes.router, completions_routes.router, ollama_routes.router)
+    for router in routers:
+        app.include_router(router)
+    known = {(r.path, m) for router in routers for r in router.routes for m in getattr(r, "methods", None) or ()}
 
     # Unknown paths under /v1 and /api answer in their dialect's JSON (not the UI's HTML 404).
     @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
@@ -173,8 +181,8 @@ def create_app(vlm, *, model_name: str = "vlmkit", limits: Optional[ImageLimits]
         @app.get("/", include_in_schema=False)
         async def index():
             return {"name": "vlmkit serve", "model": model_name,
-                    "endpoints": ["POST /v1/chat/completions", "GET /v1/models", "POST /api/chat",
-                                  "POST /api/generate", "GET /api/tags", "GET /health"]}
+                    "endpoints": ["POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models",
+                                  "POST /api/chat", "POST /api/generate", "GET /api/tags", "GET /health"]}
     return app
 
 

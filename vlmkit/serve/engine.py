@@ -145,10 +145,15 @@ class Engine:
     def __init__(self, vlm, batcher: Batcher, *, model_name: str, limits: ImageLimits,
                  max_tokens_limit: int = 4096, default_max_tokens: int = 512, prepare_threads: int = 2,
                  image_threads: int = 8, max_fetches: int = 16, decode_pixels: Optional[int] = None,
-                 max_prompt_tokens: Optional[int] = None):
+                 max_prompt_tokens: Optional[int] = None, max_model_len: Optional[int] = None):
         self.vlm, self.batcher, self.model_name = vlm, batcher, model_name
         self.limits = replace(limits, allow_paths=False)  # never read server files on a client's behalf
         self.context = vlm.context_length
+        if max_model_len is not None:
+            if not 2 <= max_model_len <= self.context:
+                raise ValueError(f"max_model_len must be in [2, {self.context}] (the model's context), got "
+                                 f"{max_model_len}")
+            self.context = max_model_len
         self.max_tokens_limit = max(1, min(max_tokens_limit, self.context - 1))
         self.default_max_tokens = default_max_tokens
         if max_prompt_tokens is not None and max_prompt_tokens < 1:

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}.
+"""OpenAI-compatible routes: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id} (/v1/completions:
+completions_routes.py).
 
 Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (rendered in app.py).
 Extensions beyond OpenAI's fields (as vLLM names them): `top_k`, `repetition_penalty`, `ignore_eos`.
@@ -112,12 +113,12 @@ def parse_params(body: dict) -> tuple[GenParams, bool, bool]:
     return params, stream, include_usage
 
 
-def _usage(stream) -> dict:
+def usage(stream) -> dict:
     p, c = stream.prepared.prompt_tokens, stream.job.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _finish(reason) -> str:
+def finish_reason(reason) -> str:
     return "length" if reason == "length" else "stop"
 
 
@@ -141,8 +142,8 @@ async def chat_completions(request: Request):
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": _finish(handle.job.finish_reason)}],
-            "usage": _usage(handle),
+                         "finish_reason": finish_reason(handle.job.finish_reason)}],
+            "usage": usage(handle),
         })
 
     def chunk(delta: dict, finish=None, **extra) -> str:
@@ -157,11 +158,11 @@ async def chat_completions(request: Request):
             yield chunk({"role": "assistant", "content": ""})
             async for piece in handle:
                 yield chunk({"content": piece})
-            yield chunk({}, _finish(handle.job.finish_reason))
+            yield chunk({}, finish_reason(handle.job.finish_reason))
             if include_usage:
-                usage = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                         "choices": [], "usage": _usage(handle)}
-                yield f"data: {json.dumps(usage)}\n\n"
+                last = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [], "usage": usage(handle)}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         except APIError as e:  # the response has started: the error travels as an event
             log_api_error(request.method, request.url.path, e)
@@ -175,7 +176,8 @@ async def chat_completions(request: Request):
 
 
 def _model_card(engine) -> dict:
-    return {"id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "vlmkit"}
+    return {"id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "vlmkit",
+            "max_model_len": engine.context}
 
 
 @router.get("/v1/models")
