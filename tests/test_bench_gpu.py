@@ -1,0 +1,45 @@
+"""bench/gpu.py (`python -m bench.gpu`) in its CPU form: tiny LLaVA- and Idefics2-shaped models, the quantized-layer
+checks, the layer table and the report file. Nothing is timed here; the GPU run is the one that measures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import gpu
+
+
+def test_tiny_run_on_the_cpu_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "gpu.md"
+    assert gpu.main(["--tiny", "--device", "cpu", "--new-tokens", "3", "--batch", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "measured read bandwidth" in text and "**NO**" not in text
+    assert "| int4 moved back to the CPU == its CPU packing | yes |" in text
+    assert "| QLoRA backward through int4 on the device | yes |" in text
+    assert "## One 64x128 layer" in text
+    for model in ("LLaVA-1.5-7B (tiny)", "Idefics2-8B (tiny)"):
+        for row in ("transformers bf16", "vlmkit bf16", "vlmkit int8", "vlmkit int4"):
+            assert f"| {model} | {row} |" in text
+    assert "decode tok/s, batch 2" in text
+    assert text in capsys.readouterr().out
+
+
+def test_the_model_source_holds_the_transformers_tensors():
+    import transformers as tf
+
+    cfg = gpu.hf_config("idefics2", tiny=True)
+    hf = tf.Idefics2ForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16).eval()
+    source = gpu.HFModelSource(hf)
+    model = gpu.build_model(source.cfg, source, torch.bfloat16)
+    shared = {p.data_ptr() for p in hf.parameters()}
+    assert all(p.data_ptr() in shared for p in model.parameters())  # no copy: the bench's GPU holds one model
+    batch = gpu.inputs(cfg, "idefics2", 1, torch.device("cpu"))
+    with torch.no_grad():
+        ours, theirs = model(**batch).logits, hf(**batch).logits
+    assert (ours.float() - theirs.float()).abs().max() < 0.05 * theirs.float().abs().max()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_asking_for_cuda_without_one_says_so(capsys):
+    assert gpu.main(["--tiny"]) == 2
+    assert "no CUDA device here" in capsys.readouterr().err
