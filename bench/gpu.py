@@ -29,7 +29,8 @@ from vlmkit.checkpoints.builder import TensorSource, build_model
 from vlmkit.checkpoints.families import family_for_architecture
 from vlmkit.checkpoints.keymaps import build_key_map, normalize_names
 from vlmkit.models import quant_cuda
-from vlmkit.models.quant import Int4Linear, Int8Linear, QuantSpec, memory_bytes, train_through_quantized
+from vlmkit.models.quant import (Int4Linear, Int8Linear, QuantSpec, memory_bytes, quantize_int4,
+                                 train_through_quantized)
 
 # Idefics2-8B (HuggingFaceM4/idefics2-8b config.json): SigLIP-so400m at 980 px, perceiver 64 x 3, Mistral-7B.
 IDEFICS2_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -89,15 +90,19 @@ def checks(device: torch.device, shapes: list) -> list[tuple[str, bool, str]]:
                         quant_cuda.unpack_tinygemm(real, n, k), q), tag)
         m4 = Int4Linear.from_float(w, group_size=32)
         m8 = Int8Linear.from_float(w)
-        check("int4 layer layout for the device", True, f"{tag}: {m4.layout}")
+        expected = {"cpu": "cpu", "cuda": "cuda" if quant_cuda.cuda_int4_kernel(device) else "plain"}.get(device.type)
+        check("int4 layer packed for the device's kernel", m4.layout == (expected or "plain"), f"{tag}: {m4.layout}")
+        if device.type == "cuda":
+            check("torch has the CUDA int8 kernel", quant_cuda.has_kernel("_weight_int8pack_mm", "CUDA"))
         for rows in (1, 32, 600):
             x = torch.randn(rows, k, generator=g).to(device, torch.bfloat16)
             for kind, m in (("int4", m4), ("int8", m8)):
                 e = _err(m(x), x.float() @ m.dequantize().float().t())
                 check(f"{kind} layer == float reference, {rows} rows", e < TOL, f"{tag}: rel err {e:.1e}")
         # Moved CPU -> device -> CPU: repacked for each device, the same values, the CPU layout back bit for bit.
-        cpu = Int4Linear.from_float(w.cpu(), group_size=32)
-        packed, values = cpu.packed.clone(), cpu.values()
+        values, scales, mins = quantize_int4(w.cpu(), 32)
+        cpu = Int4Linear(values, scales, mins, 32)
+        packed = cpu.packed.clone()
         moved = cpu.to(device)
         x = torch.randn(8, k, generator=g).to(device, torch.bfloat16)
         check("int4 moved to the device keeps its values", torch.equal(moved.values().cpu(), values),
@@ -246,18 +251,23 @@ def model_rows(family: str, tiny: bool, device: torch.device, new: int, big_batc
     hf_bytes = memory_bytes(decoder) + memory_bytes(hf.lm_head)
     rows = []
 
+    with torch.inference_mode():
+        reference = hf(**one).logits[:, -1].float()
+
     def row(label, speed, model, decode_bytes):
         with torch.inference_mode():
+            err = _err(model(**one).logits[:, -1], reference)  # the same weights: equal up to bf16 (or quantization)
             ttft, tok1 = speed(model, one, new, device)
             _, tok_many = speed(model, many, new, device)
         share = tok1 * decode_bytes / (bandwidth * 1e9)
-        rows.append((label, ttft, tok1, tok_many, decode_bytes / 1e9, share))
-        print(f"  {family} {label}: ttft {ttft:.3f} s, decode {tok1:.1f} / {tok_many:.1f} tok/s", flush=True)
+        rows.append((label, ttft, tok1, tok_many, decode_bytes / 1e9, share, err))
+        print(f"  {family} {label}: ttft {ttft:.3f} s, decode {tok1:.1f} / {tok_many:.1f} tok/s, logits rel err "
+              f"{err:.1e}", flush=True)
 
     row("transformers bf16", hf_speed, hf, hf_bytes)
     for mode in (None, "int8", "int4"):
-        model = build_model(HFModelSource(hf).cfg, HFModelSource(hf), torch.bfloat16, device,
-                            QuantSpec(mode) if mode else None)
+        source = HFModelSource(hf)
+        model = build_model(source.cfg, source, torch.bfloat16, device, QuantSpec(mode) if mode else None)
         row(f"vlmkit {mode or 'bf16'}", vlmkit_speed, model, memory_bytes(model.text))
         del model
         if device.type == "cuda":
@@ -282,6 +292,7 @@ def main(argv=None) -> int:
         print("no CUDA device here: pass --device cpu (with --tiny for a quick run)", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False  # the checks compare against float32 references
+    start = time.perf_counter()
     m = benchmark.machine()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else m["cpu"]
     bandwidth = read_bandwidth(device, 0.0625 if args.tiny else 4)
@@ -298,12 +309,14 @@ def main(argv=None) -> int:
     if not args.skip_models:
         report += ["", f"## Models (random weights), {args.new_tokens} new tokens", "",
                    f"| model | row | time to first token s | decode tok/s, batch 1 | decode tok/s, batch {args.batch} "
-                   "| GB read per token | share of the bandwidth limit, batch 1 |", "|---|---|---:|---:|---:|---:|---:|"]
+                   "| GB read per token | share of the bandwidth limit, batch 1 | last logits vs transformers, rel err |",
+                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for family in args.families.split(","):
             label = {"llava": "LLaVA-1.5-7B", "idefics2": "Idefics2-8B"}[family] + (" (tiny)" if args.tiny else "")
             for r in model_rows(family, args.tiny, device, args.new_tokens, args.batch, bandwidth):
-                report.append(f"| {label} | {r[0]} | {r[1]:.3f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.2f} | "
-                              f"{r[5]:.0%} |")
+                report.append(f"| {label} | {r[0]} | {r[1]:.3f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.3g} | "
+                              f"{r[5]:.0%} | {r[6]:.1e} |")
+    report += ["", f"Whole run: {time.perf_counter() - start:.0f} s."]
     text = "\n".join(report) + "\n"
     print(text)
     if args.out:

@@ -15,6 +15,7 @@ def test_tiny_run_on_the_cpu_writes_the_report(tmp_path, capsys):
     text = out.read_text()
     assert "measured read bandwidth" in text and "**NO**" not in text
     assert "| int4 moved back to the CPU == its CPU packing | yes |" in text
+    assert "| int4 layer packed for the device's kernel | yes | 64x128: cpu |" in text
     assert "| QLoRA backward through int4 on the device | yes |" in text
     assert "## One 64x128 layer" in text
     for model in ("LLaVA-1.5-7B (tiny)", "Idefics2-8B (tiny)"):
