@@ -44,3 +44,31 @@ def test_the_model_source_holds_the_transformers_tensors():
 def test_asking_for_cuda_without_one_says_so(capsys):
     assert gpu.main(["--tiny"]) == 2
     assert "no CUDA device here" in capsys.readouterr().err
+
+
+def test_every_attention_of_the_benched_models_is_sdpa(monkeypatch):
+    """SDPA on every device: vision, perceiver and decoder all attend through F.scaled_dot_product_attention (the
+    one `attention` in models/layers.py), never a hand-written softmax."""
+    import pathlib
+
+    import torch.nn.functional as F
+
+    import vlmkit.models as models
+
+    for path in pathlib.Path(models.__file__).parent.glob("*.py"):
+        code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+        assert ".softmax(" not in code and "F.softmax" not in code, path.name
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = gpu.hf_config("idefics2", tiny=True)
+    import transformers as tf
+
+    hf = tf.Idefics2ForConditionalGeneration._from_config(cfg, dtype=torch.float32).eval()
+    source = gpu.HFModelSource(hf)
+    model = gpu.build_model(source.cfg, source, torch.float32)
+    with torch.no_grad():
+        model(**gpu.inputs(cfg, "idefics2", 1, torch.device("cpu")))
+    layers = cfg.vision_config.num_hidden_layers + cfg.perceiver_config.resampler_depth + \
+        cfg.text_config.num_hidden_layers
+    assert len(calls) == layers

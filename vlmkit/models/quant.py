@@ -210,7 +210,7 @@ class Int4Linear(_Quantized):
         super().__init__(dtype)
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.register_buffer("packed", self._pack(q))
+        self.register_buffer("packed", quant_cuda.pack_for(self, q))
         # the kernel's form: [K/g, N, 2] = (scale, zero) with w = (q - 8) * scale + zero
         sz = torch.stack([scales.float().t(), (mins.float() + 8 * scales.float()).t()], dim=-1)
         self.register_buffer("scales_and_zeros", sz.to(KERNEL_DTYPE).contiguous())
@@ -220,28 +220,9 @@ class Int4Linear(_Quantized):
     def from_float(cls, weight, bias=None, dtype=None, group_size: int = DEFAULT_GROUP) -> "Int4Linear":
         return cls(*quantize_int4(weight, group_size), group_size, bias, dtype or weight.dtype)
 
-    def _layout(self, device) -> str:
-        return quant_cuda.int4_layout(device, self.out_features, self.in_features, self.group_size)
-
-    def _pack(self, q: torch.Tensor) -> torch.Tensor:
-        self.layout = self._layout(q.device)
-        if self.layout == "cpu":
-            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
-        return quant_cuda.pack_int4(q, self.layout)
-
     def _apply(self, fn, recurse=True):
-        """.to(device) / .cuda() / .cpu(): the packed layout belongs to a device, so a move repacks the 4-bit values."""
-        if self._layout(quant_cuda.target_device(fn, self.packed.device)) == self.layout:
-            return super()._apply(fn, recurse)
-        q = quant_kernels.int4_values(self.packed, self.out_features, self.in_features) if self.layout == "cpu" \
-            else None  # the fast reader of the CPU layout (None: a layout it does not know)
-        q = self.values() if q is None else q
-        self.packed = self.packed.new_empty(0)  # not moved: replaced below
-        super()._apply(fn, recurse)
-        self.packed = self._pack(fn(q))
-        for cached in ("_nibbles", "_scales", "_mins"):  # _backward_weight's copies, on the old device
-            self.__dict__.pop(cached, None)
-        return self
+        """.to(device) / .cuda() / .cpu(): the packed layout belongs to a device, so a move repacks the module."""
+        return quant_cuda.move_int4(self, fn, super()._apply, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout != "cpu":

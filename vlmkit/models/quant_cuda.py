@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import quant_kernels
+
 # Rows of x up to which the weight-only kernels beat dequantize + GEMM on a GPU. The int8 kernel reads the weights
 # once per row (a GEMV), tinygemm once per 16 rows but on slower tensor-core paths than cuBLAS; `python -m
 # bench.gpu` measures both sides at 1, 32 and a prefill's rows on the chip it runs on.
@@ -170,8 +172,34 @@ def int8_mm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> to
     return F.linear(x2, qweight.to(x2.dtype)) * scales.to(x2.dtype)
 
 
-# ------------------------------------------------------------------------------------------------ moving
+# ------------------------------------------------------------------------------------------------ Int4Linear
+
+def pack_for(module, q: torch.Tensor) -> torch.Tensor:
+    """The packed form of an Int4Linear's values `q` for the device they are on; sets `module.layout`."""
+    module.layout = int4_layout(q.device, module.out_features, module.in_features, module.group_size)
+    if module.layout == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+    return pack_int4(q, module.layout)
+
 
 def target_device(fn, current: torch.device) -> torch.device:
     """Where Module._apply's `fn` sends an integer buffer (.to(device) / .cuda() / .cpu() move it; .half() does not)."""
     return fn(torch.empty(0, dtype=torch.uint8, device=current)).device
+
+
+def move_int4(module, fn, apply, recurse: bool):
+    """Int4Linear._apply: `apply` (nn.Module._apply) as usual, but across layouts the 4-bit values are read out on
+    the old device and packed again on the new one."""
+    target = target_device(fn, module.packed.device)
+    if int4_layout(target, module.out_features, module.in_features, module.group_size) == module.layout:
+        return apply(fn, recurse)
+    q = int4_values(module.packed, module.layout, module.out_features, module.in_features) \
+        if module.layout != "cpu" else quant_kernels.int4_values(module.packed, module.out_features,
+                                                                  module.in_features)
+    q = module.values() if q is None else q  # None: a CPU layout the fast reader does not know
+    module.packed = module.packed.new_empty(0)  # not moved: replaced below
+    apply(fn, recurse)
+    module.packed = pack_for(module, fn(q))
+    for cached in ("_nibbles", "_scales", "_mins"):  # quant._backward_weight's copies, on the old device
+        module.__dict__.pop(cached, None)
+    return module
