@@ -238,7 +238,25 @@ def vlmkit_speed(model, batch: dict, new: int, device: torch.device) -> tuple[fl
     return benchmark.time_tokens(model, batch, new)
 
 
-def model_rows(family: str, tiny: bool, device: torch.device, new: int, big_batch: int, bandwidth: float) -> list:
+def qlora_step(source: HFModelSource, batch: dict, device: torch.device) -> tuple[str, bool, str]:
+    """One QLoRA training step on the device (int4 base quantized there, LoRA over it): a finite loss and gradients
+    that reach the adapters through the int4 layers' backward."""
+    from vlmkit.train.finetune import token_loss_sum
+    from vlmkit.train.stages import apply_stage, get_stage
+
+    model = build_model(source.cfg, source, torch.bfloat16, device)
+    apply_stage(model, get_stage("qlora"))
+    loss = token_loss_sum(model, {**batch, "labels": batch["input_ids"]})
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    layouts = sorted({m.layout for m in model.modules() if isinstance(m, Int4Linear)})
+    ok = bool(torch.isfinite(loss)) and all(g is not None and bool(torch.isfinite(g).all()) for g in grads) \
+        and sum(int(bool(g.abs().sum() > 0)) for g in grads) >= len(grads) // 2  # LoRA A starts with zero grads
+    return "QLoRA step on the model (int4 base on the device)", ok, f"{source.origin}: loss {float(loss):.3g}, " \
+        f"{len(grads)} trainable tensors, int4 layouts {layouts}"
+
+
+def model_rows(family: str, tiny: bool, device: torch.device, new: int, big_batch: int, bandwidth: float):
     import transformers as tf
 
     cfg = hf_config(family, tiny)
@@ -272,7 +290,7 @@ def model_rows(family: str, tiny: bool, device: torch.device, new: int, big_batc
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return rows, qlora_step(HFModelSource(hf), one, device)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -313,9 +331,15 @@ def main(argv=None) -> int:
                    "|---|---|---:|---:|---:|---:|---:|---:|"]
         for family in args.families.split(","):
             label = {"llava": "LLaVA-1.5-7B", "idefics2": "Idefics2-8B"}[family] + (" (tiny)" if args.tiny else "")
-            for r in model_rows(family, args.tiny, device, args.new_tokens, args.batch, bandwidth):
+            rows, check = model_rows(family, args.tiny, device, args.new_tokens, args.batch, bandwidth)
+            results.append(check)
+            for r in rows:
                 report.append(f"| {label} | {r[0]} | {r[1]:.3f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.3g} | "
                               f"{r[5]:.0%} | {r[6]:.1e} |")
+    if not args.skip_models:
+        report += ["", "| check | passed | detail |", "|---|---|---|"]
+        report += [f"| {what} | {'yes' if ok else '**NO**'} | {detail} |"
+                   for what, ok, detail in results[-len(args.families.split(",")):]]
     report += ["", f"Whole run: {time.perf_counter() - start:.0f} s."]
     text = "\n".join(report) + "\n"
     print(text)

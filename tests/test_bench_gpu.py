@@ -18,6 +18,7 @@ def test_tiny_run_on_the_cpu_writes_the_report(tmp_path, capsys):
     assert "| int4 layer packed for the device's kernel | yes | 64x128: cpu |" in text
     assert "| QLoRA backward through int4 on the device | yes |" in text
     assert "## One 64x128 layer" in text
+    assert text.count("| QLoRA step on the model (int4 base on the device) | yes |") == 2
     for model in ("LLaVA-1.5-7B (tiny)", "Idefics2-8B (tiny)"):
         for row in ("transformers bf16", "vlmkit bf16", "vlmkit int8", "vlmkit int4"):
             assert f"| {model} | {row} |" in text
