@@ -248,6 +248,7 @@ def qlora_step(source: HFModelSource, batch: dict, device: torch.device) -> tupl
     apply_stage(model, get_stage("qlora"))
     loss = token_loss_sum(model, {**batch, "labels": batch["input_ids"]})
     loss.backward()
+    loss = loss.detach()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     layouts = sorted({m.layout for m in model.modules() if isinstance(m, Int4Linear)})
     ok = bool(torch.isfinite(loss)) and all(g is not None and bool(torch.isfinite(g).all()) for g in grads) \
