@@ -64,6 +64,11 @@ def read_bandwidth(device: torch.device, gib: float) -> float:
 
 # ------------------------------------------------------------------------------------------------ checks
 
+def why(e: Exception) -> str:
+    """An error as one table cell: a failed piece is reported and the run goes on (one GPU run must say it all)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}".replace("|", "/")
+
+
 def _err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
 
@@ -77,48 +82,56 @@ def checks(device: torch.device, shapes: list) -> list[tuple[str, bool, str]]:
 
     g = torch.Generator().manual_seed(0)
     for n, k in shapes:
-        tag = f"{n}x{k}"
-        w = torch.randn(n, k, generator=g).to(device)
-        q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8).to(device)
-        if device.type == "cuda" and quant_cuda.has_kernel("_convert_weight_to_int4pack", "CUDA"):
-            for t in quant_cuda.INNER_K_TILES:
-                if k % (16 * t) == 0:
-                    real = torch.ops.aten._convert_weight_to_int4pack(quant_cuda.kernel_bytes(q), t)
-                    check(f"int4 packing op == reference, inner k-tiles {t}", torch.equal(
-                        real, quant_cuda.pack_tinygemm(q, t)), tag)
-                    check(f"int4 unpack(op's packing) == values, inner k-tiles {t}", torch.equal(
-                        quant_cuda.unpack_tinygemm(real, n, k), q), tag)
-        m4 = Int4Linear.from_float(w, group_size=32)
-        m8 = Int8Linear.from_float(w)
-        expected = {"cpu": "cpu", "cuda": "cuda" if quant_cuda.cuda_int4_kernel(device) else "plain"}.get(device.type)
-        check("int4 layer packed for the device's kernel", m4.layout == (expected or "plain"), f"{tag}: {m4.layout}")
-        if device.type == "cuda":
-            check("torch has the CUDA int8 kernel", quant_cuda.has_kernel("_weight_int8pack_mm", "CUDA"))
-        for rows in (1, 32, 600):
-            x = torch.randn(rows, k, generator=g).to(device, torch.bfloat16)
-            for kind, m in (("int4", m4), ("int8", m8)):
-                e = _err(m(x), x.float() @ m.dequantize().float().t())
-                check(f"{kind} layer == float reference, {rows} rows", e < TOL, f"{tag}: rel err {e:.1e}")
-        # Moved CPU -> device -> CPU: repacked for each device, the same values, the CPU layout back bit for bit.
-        values, scales, mins = quantize_int4(w.cpu(), 32)
-        cpu = Int4Linear(values, scales, mins, 32)
-        packed = cpu.packed.clone()
-        moved = cpu.to(device)
-        x = torch.randn(8, k, generator=g).to(device, torch.bfloat16)
-        check("int4 moved to the device keeps its values", torch.equal(moved.values().cpu(), values),
-              f"{tag}: {moved.layout}")
-        e = _err(moved(x), x.float() @ moved.dequantize().float().t())
-        check("int4 moved to the device == float reference", e < TOL, f"{tag}: rel err {e:.1e}")
-        back = moved.cpu()
-        check("int4 moved back to the CPU == its CPU packing", torch.equal(back.packed, packed), tag)
-        # QLoRA: the gradient to the input through a frozen int4 layer on the device.
-        m = Int4Linear.from_float(w, group_size=32)
-        train_through_quantized(m)
-        x = torch.randn(4, k, generator=g).to(device, torch.bfloat16).requires_grad_()
-        m(x).float().sum().backward()
-        e = _err(x.grad, m.dequantize().float().sum(0).expand(4, -1))
-        check("QLoRA backward through int4 on the device", e < TOL, f"{tag}: rel err {e:.1e}")
+        try:
+            _shape_checks(check, device, g, n, k)
+        except Exception as e:  # noqa: BLE001 -- reported as a failed check
+            check(f"checks of a {n}x{k} layer ran to the end", False, why(e))
     return out
+
+
+def _shape_checks(check, device: torch.device, g: torch.Generator, n: int, k: int) -> None:
+    tag = f"{n}x{k}"
+    w = torch.randn(n, k, generator=g).to(device)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8).to(device)
+    if device.type == "cuda" and quant_cuda.has_kernel("_convert_weight_to_int4pack", "CUDA"):
+        for t in quant_cuda.INNER_K_TILES:
+            if k % (16 * t) == 0:
+                real = torch.ops.aten._convert_weight_to_int4pack(quant_cuda.kernel_bytes(q), t)
+                check(f"int4 packing op == reference, inner k-tiles {t}", torch.equal(
+                    real, quant_cuda.pack_tinygemm(q, t)), tag)
+                check(f"int4 unpack(op's packing) == values, inner k-tiles {t}", torch.equal(
+                    quant_cuda.unpack_tinygemm(real, n, k), q), tag)
+    m4 = Int4Linear.from_float(w, group_size=32)
+    m8 = Int8Linear.from_float(w)
+    ampere = device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+    expected = "cpu" if device.type == "cpu" else "cuda" if ampere else "plain"  # not cuda_int4_kernel's own answer
+    check("int4 layer packed for the device's kernel", m4.layout == expected, f"{tag}: {m4.layout}")
+    if device.type == "cuda":
+        check("torch has the CUDA int8 kernel", quant_cuda.has_kernel("_weight_int8pack_mm", "CUDA"))
+    for rows in (1, 32, 600):
+        x = torch.randn(rows, k, generator=g).to(device, torch.bfloat16)
+        for kind, m in (("int4", m4), ("int8", m8)):
+            e = _err(m(x), x.float() @ m.dequantize().float().t())
+            check(f"{kind} layer == float reference, {rows} rows", e < TOL, f"{tag}: rel err {e:.1e}")
+    # Moved CPU -> device -> CPU: repacked for each device, the same values, the CPU layout back bit for bit.
+    values, scales, mins = quantize_int4(w.cpu(), 32)
+    cpu = Int4Linear(values, scales, mins, 32)
+    packed = cpu.packed.clone()
+    moved = cpu.to(device)
+    x = torch.randn(8, k, generator=g).to(device, torch.bfloat16)
+    check("int4 moved to the device keeps its values", torch.equal(moved.values().cpu(), values),
+          f"{tag}: {moved.layout}")
+    e = _err(moved(x), x.float() @ moved.dequantize().float().t())
+    check("int4 moved to the device == float reference", e < TOL, f"{tag}: rel err {e:.1e}")
+    back = moved.cpu()
+    check("int4 moved back to the CPU == its CPU packing", torch.equal(back.packed, packed), tag)
+    # QLoRA: the gradient to the input through a frozen int4 layer on the device.
+    m = Int4Linear.from_float(w, group_size=32)
+    train_through_quantized(m)
+    x = torch.randn(4, k, generator=g).to(device, torch.bfloat16).requires_grad_()
+    m(x).float().sum().backward()
+    e = _err(x.grad, m.dequantize().float().sum(0).expand(4, -1))
+    check("QLoRA backward through int4 on the device", e < TOL, f"{tag}: rel err {e:.1e}")
 
 
 # ------------------------------------------------------------------------------------------------ one layer
@@ -143,10 +156,17 @@ def layer_table(device: torch.device, n: int, k: int) -> list[str]:
     lines = [f"| rows | {' | '.join(paths)} |", "|---:|" + "---:|" * len(paths)]
     for rows in (1, 32, 600):
         x = torch.randn(rows, k, generator=g).to(device, torch.bfloat16)
-        cells = [fmt(None) if f is None else fmt(seconds(lambda: f(x), device, repeat=10) * 1e6, " us", 0)
-                 for f in paths.values()]
+        cells = [fmt(None) if f is None else _cell(lambda: fmt(seconds(lambda: f(x), device, repeat=10) * 1e6,
+                                                                 " us", 0)) for f in paths.values()]
         lines.append(f"| {rows} | {' | '.join(cells)} |")
     return lines
+
+
+def _cell(fn) -> str:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 -- shown in the table
+        return why(e)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -274,6 +294,13 @@ def model_rows(family: str, tiny: bool, device: torch.device, new: int, big_batc
         reference = hf(**one).logits[:, -1].float()
 
     def row(label, speed, model, decode_bytes):
+        try:
+            measure(label, speed, model, decode_bytes)
+        except Exception as e:  # noqa: BLE001 -- the row says what failed, the other rows still run
+            rows.append((label, why(e)))
+            print(f"  {family} {label}: {why(e)}", flush=True)
+
+    def measure(label, speed, model, decode_bytes):
         with torch.inference_mode():
             err = _err(model(**one).logits[:, -1], reference)  # the same weights: equal up to bf16 (or quantization)
             ttft, tok1 = speed(model, one, new, device)
@@ -286,12 +313,20 @@ def model_rows(family: str, tiny: bool, device: torch.device, new: int, big_batc
     row("transformers bf16", hf_speed, hf, hf_bytes)
     for mode in (None, "int8", "int4"):
         source = HFModelSource(hf)
-        model = build_model(source.cfg, source, torch.bfloat16, device, QuantSpec(mode) if mode else None)
+        try:
+            model = build_model(source.cfg, source, torch.bfloat16, device, QuantSpec(mode) if mode else None)
+        except Exception as e:  # noqa: BLE001
+            rows.append((f"vlmkit {mode or 'bf16'}", "building it: " + why(e)))
+            continue
         row(f"vlmkit {mode or 'bf16'}", vlmkit_speed, model, memory_bytes(model.text))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows, qlora_step(HFModelSource(hf), one, device)
+    try:
+        check = qlora_step(HFModelSource(hf), one, device)
+    except Exception as e:  # noqa: BLE001
+        check = ("QLoRA step on the model (int4 base on the device)", False, why(e))
+    return rows, check
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -332,11 +367,17 @@ def main(argv=None) -> int:
                    "|---|---|---:|---:|---:|---:|---:|---:|"]
         for family in args.families.split(","):
             label = {"llava": "LLaVA-1.5-7B", "idefics2": "Idefics2-8B"}[family] + (" (tiny)" if args.tiny else "")
-            rows, check = model_rows(family, args.tiny, device, args.new_tokens, args.batch, bandwidth)
+            try:
+                rows, check = model_rows(family, args.tiny, device, args.new_tokens, args.batch, bandwidth)
+            except Exception as e:  # noqa: BLE001 -- e.g. out of memory building it: the next family still runs
+                rows, check = [("transformers bf16", why(e))], (f"{label} built and measured", False, why(e))
             results.append(check)
             for r in rows:
-                report.append(f"| {label} | {r[0]} | {r[1]:.3f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.3g} | "
+                report.append(f"| {label} | {r[0]} | {r[1]} |" if len(r) == 2 else
+                              f"| {label} | {r[0]} | {r[1]:.3f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.3g} | "
                               f"{r[5]:.0%} | {r[6]:.1e} |")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if not args.skip_models:
         report += ["", "| check | passed | detail |", "|---|---|---|"]
         report += [f"| {what} | {'yes' if ok else '**NO**'} | {detail} |"
