@@ -357,6 +357,7 @@ def main(argv=None) -> int:
               "| check | passed | detail |", "|---|---|---|"]
     results = checks(device, [(64, 128), (48, 96)] if args.tiny else [(4096, 4096), (11008, 4096), (4096, 11008)])
     report += [f"| {what} | {'yes' if ok else '**NO**'} | {detail} |" for what, ok, detail in results]
+    n_layer = len(results)
     print("\n".join(report), flush=True)
     n, k = (64, 128) if args.tiny else (11008, 4096)
     report += ["", f"## One {n}x{k} layer, bf16 activations", ""] + layer_table(device, n, k)
@@ -372,6 +373,7 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 -- e.g. out of memory building it: the next family still runs
                 rows, check = [("transformers bf16", why(e))], (f"{label} built and measured", False, why(e))
             results.append(check)
+            results += [(f"{label} {r[0]} measured", False, r[1]) for r in rows if len(r) == 2]
             for r in rows:
                 report.append(f"| {label} | {r[0]} | {r[1]} |" if len(r) == 2 else
                               f"| {label} | {r[0]} | {r[1]:.3f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.3g} | "
@@ -380,8 +382,7 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     if not args.skip_models:
         report += ["", "| check | passed | detail |", "|---|---|---|"]
-        report += [f"| {what} | {'yes' if ok else '**NO**'} | {detail} |"
-                   for what, ok, detail in results[-len(args.families.split(",")):]]
+        report += [f"| {what} | {'yes' if ok else '**NO**'} | {detail} |" for what, ok, detail in results[n_layer:]]
     report += ["", f"Whole run: {time.perf_counter() - start:.0f} s."]
     text = "\n".join(report) + "\n"
     print(text)

@@ -73,3 +73,16 @@ def test_every_attention_of_the_benched_models_is_sdpa(monkeypatch):
     layers = cfg.vision_config.num_hidden_layers + cfg.perceiver_config.resampler_depth + \
         cfg.text_config.num_hidden_layers
     assert len(calls) == layers
+
+
+def test_a_failing_row_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu, "vlmkit_speed", broken)
+    out = tmp_path / "gpu.md"
+    assert gpu.main(["--tiny", "--device", "cpu", "--new-tokens", "2", "--batch", "2", "--families", "llava",
+                     "--out", str(out)]) == 1
+    text = out.read_text()
+    assert "| LLaVA-1.5-7B (tiny) | vlmkit int4 | RuntimeError: boom |" in text
+    assert "| LLaVA-1.5-7B (tiny) | transformers bf16 | " in text and "QLoRA step on the model" in text
