@@ -5,7 +5,7 @@ int4 weights are stored in one of three layouts (`Int4Linear.layout`, chosen by 
 - "cpu": `_convert_weight_to_int4pack_for_cpu`'s, read by `_weight_int4pack_mm_for_cpu` (models/quant.py);
 - "cuda": the tinygemm layout of `_convert_weight_to_int4pack` (int32 [N/8, K/(16 t), 32, t/2], t inner k-tiles),
   read by `_weight_int4pack_mm` (bf16 activations; NVIDIA GPUs from Ampere, sm80, on);
-- "plain": two values per byte (quant.pack_nibbles), dequantized per call: MPS, older or ROCm GPUs, anything else.
+- "plain": two values per byte (`pack_nibbles`, as saved folders store them), dequantized per call: MPS, older or ROCm GPUs, anything else.
 The scales and zero points are one [K/g, N, 2] bf16 tensor in every layout: all kernels compute
 w = (q - 8) * scale + zero. The tinygemm layout is also written here in plain torch (`pack_tinygemm`,
 `unpack_tinygemm`): the unpacking is how a model on the GPU is saved, trained through (QLoRA's backward) or moved
@@ -18,6 +18,8 @@ dequantized for the call runs the rest.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm takes
 LAYOUTS = ("cpu", "cuda", "plain")
 
 
+@functools.lru_cache(maxsize=None)  # asked on every call of a layer
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether this torch build registers aten::`op` for `dispatch_key` ("CUDA", "MPS", ...)."""
     try:
