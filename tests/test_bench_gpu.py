@@ -86,3 +86,23 @@ def test_a_failing_row_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     text = out.read_text()
     assert "| LLaVA-1.5-7B (tiny) | vlmkit int4 | RuntimeError: boom |" in text
     assert "| LLaVA-1.5-7B (tiny) | transformers bf16 | " in text and "QLoRA step on the model" in text
+
+
+@pytest.mark.parametrize("family, billions", [("llava", 7.06), ("idefics2", 8.40)])
+def test_the_real_shapes_convert_on_the_meta_device(family, billions):
+    """The GPU run's real shapes (no memory: meta tensors): transformers' model, its config and every tensor map
+    onto vlmkit's model, and int4 takes every decoder projection."""
+    import transformers as tf
+
+    from vlmkit.models.quant import Int4Linear, QuantSpec
+
+    cls = tf.LlavaForConditionalGeneration if family == "llava" else tf.Idefics2ForConditionalGeneration
+    with torch.device("meta"):
+        hf = cls._from_config(gpu.hf_config(family, tiny=False), dtype=torch.bfloat16)
+    source = gpu.HFModelSource(hf)
+    model = gpu.build_model(source.cfg, source, torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == sum(p.numel() for p in hf.parameters()) and abs(n / 1e9 - billions) < 0.01
+    source = gpu.HFModelSource(hf)
+    int4 = gpu.build_model(source.cfg, source, torch.bfloat16, quantize=QuantSpec("int4"))
+    assert sum(isinstance(m, Int4Linear) for m in int4.modules()) == 7 * hf.config.text_config.num_hidden_layers
