@@ -68,7 +68,8 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     device: None or "auto" = CUDA, then Apple MPS, then the CPU; an unavailable device fails before any weight is
     read. dtype: what the float parts compute in; None = what is fast on the device (vlmkit.hardware.compute_dtype:
     bf16 on GPUs and on CPUs with bf16 units, fp16 on MPS, float32 on other CPUs), whatever the checkpoint stores.
-    quantize: None, "int8" (per-channel) or "int4" (group-wise, CPU) weight-only quantization of the decoder,
+    quantize: None, "int8" (per-channel) or "int4" (group-wise) weight-only quantization of the decoder (torch's
+    packed kernels on the CPU and on CUDA GPUs, dequantized per call elsewhere),
     built tensor by tensor (see vlmkit.models.quant); a folder saved quantized loads quantized whatever is passed;
     the vision tower, connector and norms stay float in `dtype`.
     compile: torch.compile the decode step (first answers pay the compilation). caches: keep image features and
@@ -81,9 +82,6 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     folder = resolve(path_or_name)
     mode, saved = check_mode(quantize), saved_quantization(folder)
     if mode or saved:
-        if (mode or saved["mode"]) == "int4" and dev.type != "cpu":
-            raise ValueError(f"int4 runs on torch's CPU kernels only, and the device is {dev}: load it with "
-                             "device='cpu', or use quantize='int8' (runs anywhere)")
         model = load_quantized(folder, mode, dtype=dtype, device=dev, vision=QUANTIZE_VISION)
     elif is_adapter_folder(folder):  # the embedded default model: GGUF language model + trained adapter
         model = load_adapter_model(folder, dtype=dtype, device=dev)

@@ -1,4 +1,4 @@
-"""Weight-only quantization on torch's packed CPU kernels.
+"""Weight-only quantization on torch's packed CPU kernels (CUDA's and a fallback for other devices: quant_cuda).
 
 - int8: one scale per output channel, `torch.ops.aten._weight_int8pack_mm`.
 - int4: groups of `group_size` input channels, asymmetric (w = q * scale + min, q in 0..15; scale and zero point
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import quant_kernels
+from . import quant_cuda, quant_kernels
+from .quant_cuda import pack_nibbles, unpack_nibbles
 
 MODES = ("int8", "int4")
 DEFAULT_GROUP = 32
@@ -101,7 +102,7 @@ def quantize_int8(w: torch.Tensor, cast=None) -> tuple[torch.Tensor, torch.Tenso
 
 
 class Int8Linear(_Quantized):
-    """y = (x @ q.T) * scale (+ bias). On CPU the packed kernel; elsewhere a dequantized F.linear."""
+    """y = (x @ q.T) * scale (+ bias). On CPU the packed kernel; elsewhere quant_cuda's."""
 
     kind = "int8"
     parts = ("qweight", "scales")  # what export() returns: the tensors a saved folder holds
@@ -119,7 +120,8 @@ class Int8Linear(_Quantized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
-            return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+            y = quant_cuda.int8_mm(x.reshape(-1, self.in_features), self.qweight, self.scales)
+            return self._out(y, x, self.out_features)
         if (x2 := quant_kernels.prefill_rows(x, self.in_features)) is not None:
             return self._out(quant_kernels.int8_prefill(x2, self.qweight, self.scales), x, self.out_features)
         y = torch.ops.aten._weight_int8pack_mm(_rows(x, self.in_features), self.qweight, self.scales)
@@ -196,19 +198,10 @@ def int4_supported(n: int, k: int, group_size: int) -> bool:
     return k % group_size == 0 and group_size in (32, 64, 128, 256) and n % 16 == 0  # the packer's limits
 
 
-def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """[N, K] values 0..15 -> uint8 [N, K/2]: column 2j in the low nibble, 2j + 1 in the high one."""
-    q = q.to(torch.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-
-
-def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
-    return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
-
-
 class Int4Linear(_Quantized):
-    """Group-wise int4 weights in the CPU kernel's packed layout (only that copy is kept: `export` recovers the
-    plain values by running the kernel on an identity matrix, so saving needs no knowledge of the layout)."""
+    """Group-wise int4 weights packed for the device they live on (`layout`: quant_cuda explains the three). On the
+    CPU only the kernel's packed copy is kept: `export` recovers the plain values by running the kernel on an
+    identity matrix, so saving needs no knowledge of that layout. Moving the module repacks it for the new device."""
 
     kind = "int4"
     parts = ("qweight", "scales", "mins")
@@ -217,8 +210,7 @@ class Int4Linear(_Quantized):
         super().__init__(dtype)
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q.to(torch.int32).contiguous(), 2))
+        self.register_buffer("packed", quant_cuda.pack_for(self, q))
         # the kernel's form: [K/g, N, 2] = (scale, zero) with w = (q - 8) * scale + zero
         sz = torch.stack([scales.float().t(), (mins.float() + 8 * scales.float()).t()], dim=-1)
         self.register_buffer("scales_and_zeros", sz.to(KERNEL_DTYPE).contiguous())
@@ -228,7 +220,15 @@ class Int4Linear(_Quantized):
     def from_float(cls, weight, bias=None, dtype=None, group_size: int = DEFAULT_GROUP) -> "Int4Linear":
         return cls(*quantize_int4(weight, group_size), group_size, bias, dtype or weight.dtype)
 
+    def _apply(self, fn, recurse=True):
+        """.to(device) / .cuda() / .cpu(): the packed layout belongs to a device, so a move repacks the module."""
+        return quant_cuda.move_int4(self, fn, super()._apply, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout != "cpu":
+            y = quant_cuda.int4_mm(x.reshape(-1, self.in_features), self.packed, self.layout, self.scales_and_zeros,
+                                   self.group_size, self.out_features, self.in_features)
+            return self._out(y, x, self.out_features)
         if (x2 := quant_kernels.prefill_rows(x, self.in_features)) is not None:
             y = quant_kernels.int4_prefill(x2, self.packed, self.scales_and_zeros, self.group_size,
                                            self.out_features, self.in_features)
@@ -243,6 +243,8 @@ class Int4Linear(_Quantized):
     def values(self) -> torch.Tensor:
         """The 4-bit values [N, K] (uint8), read through the kernel itself with scale 1 and zero 8 on an identity
         matrix: every number involved is a small integer, exact in bf16."""
+        if self.layout != "cpu":
+            return quant_cuda.int4_values(self.packed, self.layout, self.out_features, self.in_features)
         eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.packed.device)
         unit = torch.empty_like(self.scales_and_zeros)
         unit[..., 0], unit[..., 1] = 1, 8
@@ -354,8 +356,6 @@ def int8_embedding_by_rows(read_rows, rows: int, cols: int, num_embeddings: int,
 def quantize_model(model: nn.Module, mode: str, vision: bool = False, group_size: int = DEFAULT_GROUP) -> nn.Module:
     """Replace the target modules of a float model in place (module by module, so the float copy of each goes
     away as its quantized one arrives). Returns the model, with `model.quantization` describing what was done."""
-    if mode == "int4" and next(model.parameters()).device.type != "cpu":
-        raise ValueError("int4 runs on torch's CPU kernels: quantize on the CPU, with device='cpu'")
     kinds = target_kinds(model, mode, vision, group_size)
     for name, kind in kinds.items():
         module = model.get_submodule(name)

@@ -119,11 +119,9 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
                       train=tuple(cfg.train_parts) if cfg.train_parts else None)
     if stage.lora is not None and (cfg.lora_r or cfg.lora_alpha):
         stage.lora = replace(stage.lora, r=cfg.lora_r or stage.lora.r, alpha=cfg.lora_alpha or stage.lora.alpha)
-    if stage.quantize == "int4" and ctx.device.type != "cpu":
-        raise ValueError(f"int4 runs on torch's CPU kernels only and the device is {ctx.device}: pass --device "
-                         "cpu, or use --quantize int8 on GPUs")
     # Loaded quantized tensor by tensor when asked, so the float model never sits in memory whole; on the CPU
-    # (weights train in float32 under autocast; moved to the training device below).
+    # (weights train in float32 under autocast; moved to the training device below, where int4 layers repack
+    # themselves for that device's kernels).
     m = load(cfg.model, dtype=torch.float32, device="cpu", quantize=stage.quantize)
     model, processor = m.model, m.processor
     plan = apply_stage(model, stage, seed=cfg.seed)
