@@ -217,6 +217,9 @@ class VLM:
         that already holds the longest reusable prefix of an earlier prompt + answer. -> (batch, cache, crops)."""
         if not self.caches or self.model.cfg.merge != "splice":
             return batch, None, ()
+        if self.model.cfg.text.mrope_section is not None:
+            # Qwen2-VL: images are flat patches and positions depend on the whole prompt (not done yet)
+            return batch, None, ()
         crops, features = (), None
         if batch.get("pixel_values") is not None:
             crops, features = self._image_features(batch.pop("pixel_values"), batch.pop("pixel_attention_mask", None))

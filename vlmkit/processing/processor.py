@@ -36,7 +36,8 @@ __all__ = ["Processor", "PromptError"]
 # processor_config.json "processor_class" -> family (for folders without a model config.json)
 PROCESSOR_CLASSES = {
     "LlavaProcessor": "llava", "IdeficsProcessor": "idefics", "Idefics2Processor": "idefics2",
-    "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm",
+    "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm", "Qwen2VLProcessor": "qwen2_vl",
+    "Qwen2_5_VLProcessor": "qwen2_5_vl",
 }
 
 

