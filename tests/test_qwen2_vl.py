@@ -202,3 +202,42 @@ def test_server_answers_with_images(loaded):
     expected = m.chat([{"role": "user", "content": [{"type": "image", "image": sample_images()[0]},
                                                     {"type": "text", "text": QUESTION}]}], max_new_tokens=5)
     assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+@pytest.mark.parametrize("chunk", [7, 4096], ids=["chunked", "together"])
+def test_server_batches_rows_with_their_own_positions(loaded, chunk):
+    """The scheduler's batches (rows prefilled alone or together, joining a batch that is already decoding):
+    every greedy answer is the one the prompt gets alone, so each row keeps its own M-RoPE position offset."""
+    from test_serve_scheduler import BLUE, GREEN, RED, local, make_job, scheduler, user, wait_all, wait_first_token
+    m = loaded["qwen2_vl"][2]
+    batcher, engine = scheduler(m, max_batch=4, prefill_chunk=chunk, batch_wait_ms=0)
+    prompts = [user(RED, "What is in this picture? Describe it."), user("No image here, a longer question?"),
+               user(GREEN, BLUE, "Same?"), user(BLUE, "Colour?")]
+    jobs = [make_job(engine, p, n) for p, n in zip(prompts, [10, 5, 9, 3])]
+    batcher.start()
+    try:
+        batcher.submit(jobs[0][0])
+        assert wait_first_token(jobs[0][0])
+        for job, _ in jobs[1:]:
+            batcher.submit(job)
+        wait_all([s for _, s in jobs])
+    finally:
+        batcher.stop()
+    for p, (job, sink) in zip(prompts, jobs):
+        assert sink.end[0] == "done"
+        assert sink.text == m.chat(local(p), max_new_tokens=job.max_tokens)
+    assert batcher.stats["max_batch_seen"] > 1
+
+
+def test_lora_fine_tuning_runs_and_saves_a_loadable_model(folders, tmp_path, capsys):
+    from pathlib import Path
+    from vlmkit import cli
+    data = Path(__file__).parent / "data" / "train"
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", folders["qwen2_vl"], "--data", str(data / "captions.jsonl"),
+                     "--batch-size", "2", "--steps", "1", "--out", str(out)]) == 0
+    assert "lora" in capsys.readouterr().err
+    m = vlmkit.load(out / "final")
+    assert m.model.cfg.connector.kind == "patch_merger"
+    assert m.score(Q.prompt(1), ["A red", "A blue circle"], images=[str(data / "images" / "red_circle.png")],
+                   raw=True)[0] < 0

@@ -313,7 +313,10 @@ class VLM:
         if "image_attention_mask" in inputs:  # continuation tokens see what the last prompt token saw
             iam = inputs["image_attention_mask"]
             inputs["image_attention_mask"] = torch.cat([iam, iam[:, -1:].expand(-1, longest, -1)], 1).expand(n, -1, -1)
-        if "pixel_values" in inputs and self.processor.format.flat_pixels:  # one copy of the images per candidate
+        if "image_grid_thw" in inputs:  # Qwen2-VL: flat patches and their grids, one copy per candidate
+            inputs["pixel_values"] = inputs["pixel_values"].repeat(n, 1)
+            inputs["image_grid_thw"] = inputs["image_grid_thw"].repeat(n, 1)
+        elif "pixel_values" in inputs and self.processor.format.flat_pixels:  # one copy of the images per candidate
             inputs["pixel_values"] = inputs["pixel_values"].repeat(n, 1, 1, 1)
         elif "pixel_values" in inputs:  # [B, M, ...]: the one row seen by every candidate
             for key in ("pixel_values", "pixel_attention_mask"):

@@ -120,6 +120,9 @@ class VLMModel(nn.Module):
     ) -> ModelOutput:
         if image_features is None and pixel_values is not None:
             image_features = self.image_features(pixel_values, pixel_attention_mask, image_grid_thw)
+        if position_ids is not None and image_grid_thw is not None and self.cfg.text.mrope_section is not None:
+            raise ValueError("Qwen2-VL computes its own 3D positions for prompts with images: position_ids (e.g. "
+                             "from packed training rows) cannot be given with images")
         if position_ids is None and self.cfg.text.mrope_section is not None:
             position_ids = self.mrope_position_ids(input_ids, attention_mask, image_grid_thw, cache)
         if self.cfg.merge == "splice":
