@@ -241,3 +241,27 @@ def test_lora_fine_tuning_runs_and_saves_a_loadable_model(folders, tmp_path, cap
     assert m.model.cfg.connector.kind == "patch_merger"
     assert m.score(Q.prompt(1), ["A red", "A blue circle"], images=[str(data / "images" / "red_circle.png")],
                    raw=True)[0] < 0
+
+
+def test_info_command_describes_the_native_resolution(folders, capsys):
+    from vlmkit import cli
+    assert cli.main(["info", folders["qwen2_5_vl"]]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2_5_vl" in out and "patch_merger" in out and "4-12 (one per 28x28 px)" in out
+
+
+def test_hub_flat_config_loads_the_same(folders, tmp_path):
+    """The hub's Qwen2-VL config.json (written before transformers 5): text fields at the top level,
+    rope_scaling {"type": "mrope"}; the vision embed_dim/hidden_size pair as there."""
+    import json
+    import shutil
+    folder = tmp_path / "flat"
+    shutil.copytree(folders["qwen2_vl"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    flat = {**cfg, **text, "model_type": "qwen2_vl", "rope_theta": rope["rope_theta"],
+            "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
+    (folder / "config.json").write_text(json.dumps(flat))
+    a, b = load_model(folders["qwen2_vl"]), load_model(folder)
+    assert a.cfg.text == b.cfg.text and a.cfg.vision == b.cfg.vision

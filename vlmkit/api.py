@@ -335,6 +335,13 @@ class VLM:
         cross = parameter_count(text, lambda name: name.startswith("cross_blocks"))
         t = cfg.text
         itemsize = next(model.parameters()).element_size()
+        tokens, image_size = cfg.tokens_per_image, cfg.vision.image_size
+        settings = getattr(self.processor.image_processor, "settings", None)
+        if cfg.vision.flavour == "qwen2_vl" and settings is not None:  # native resolution: a range
+            block = settings.patch_size * settings.merge_size
+            lo, hi = settings.size["shortest_edge"], settings.size["longest_edge"]
+            tokens = f"{max(1, lo // block ** 2)}-{hi // block ** 2} (one per {block}x{block} px)"
+            image_size = f"{lo:,}-{hi:,} pixels (area), sides multiples of {block} px"
         return {
             "family": cfg.extra.get("hf_architecture", cfg.family),
             "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],
@@ -342,8 +349,8 @@ class VLM:
             "vision_parameters": parameter_count(getattr(model, "vision", None)),
             "connector_parameters": parameter_count(getattr(model, "connector", None)),
             "cross_attention_parameters": cross, "text_parameters": parameter_count(text) - cross,
-            "connector": cfg.connector.kind, "merge": cfg.merge, "tokens_per_image": cfg.tokens_per_image,
-            "image_size": cfg.vision.image_size, "context_length": self.context_length,
+            "connector": cfg.connector.kind, "merge": cfg.merge, "tokens_per_image": tokens,
+            "image_size": image_size, "context_length": self.context_length,
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
             "memory_bytes": memory_bytes(model),
             "kv_cache_bytes_per_token": 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize,
