@@ -265,3 +265,16 @@ def test_hub_flat_config_loads_the_same(folders, tmp_path):
     (folder / "config.json").write_text(json.dumps(flat))
     a, b = load_model(folders["qwen2_vl"]), load_model(folder)
     assert a.cfg.text == b.cfg.text and a.cfg.vision == b.cfg.vision
+
+
+def test_image_feature_cache_encodes_each_image_once(folders):
+    m = vlmkit.load(folders["qwen2_vl"])
+    calls = []
+    m.model.vision.register_forward_hook(lambda mod, args, out: calls.append(args[1].tolist()))
+    a, b, c = odd_images()
+    first = m.generate(Q.prompt(2), images=[a, b], max_new_tokens=6, raw=True)
+    second = m.generate(Q.prompt(2), images=[b, c], max_new_tokens=6, raw=True)  # b is cached
+    assert calls == [[[1, 4, 6], [1, 6, 4]], [[1, 2, 12]]]
+    m.clear_caches()
+    assert m.generate(Q.prompt(2), images=[a, b], max_new_tokens=6, raw=True) == first
+    assert m.generate(Q.prompt(2), images=[b, c], max_new_tokens=6, raw=True) == second

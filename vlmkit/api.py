@@ -218,7 +218,9 @@ class VLM:
         if not self.caches or self.model.cfg.merge != "splice":
             return batch, None, ()
         if self.model.cfg.text.mrope_section is not None:
-            # Qwen2-VL: images are flat patches and positions depend on the whole prompt (not done yet)
+            # Qwen2-VL: the feature cache only (a reused prefix would need the whole prompt's 3D positions)
+            if batch.get("pixel_values") is not None:
+                batch["image_features"] = self._patch_features(batch.pop("pixel_values"), batch["image_grid_thw"])
             return batch, None, ()
         crops, features = (), None
         if batch.get("pixel_values") is not None:
@@ -253,6 +255,23 @@ class VLM:
                 found[digests[i]] = encoded[j]
                 self.image_cache.put(digests[i], encoded[j])
         return digests, torch.stack([found[d] for d in digests])
+
+    def _patch_features(self, pixel_values, grid) -> torch.Tensor:
+        """Qwen2-VL flat patches -> features [1, all tokens, width], each image (its patches and grid) cached alone:
+        the ViT attends within an image, so encoding only the new ones gives the same features."""
+        sizes = grid.prod(-1).tolist()
+        parts = pixel_values.split(sizes)
+        digests = [crop_digest(p, g) for p, g in zip(parts, grid)]
+        found = {d: f for d in set(digests) if (f := self.image_cache.get(d)) is not None}
+        missing = list({d: i for i, d in enumerate(digests) if d not in found}.values())
+        if missing:
+            encoded = self.model.image_features(torch.cat([parts[i] for i in missing]),
+                                                image_grid_thw=grid[missing])[0]
+            per = [sizes[i] // self.model.cfg.vision.spatial_merge_size ** 2 for i in missing]
+            for i, f in zip(missing, encoded.split(per)):
+                found[digests[i]] = f
+                self.image_cache.put(digests[i], f)
+        return torch.cat([found[d] for d in digests])[None]
 
     def _remember(self, cache, crops: tuple) -> None:
         """Keep what a one-prompt generation left in its cache (prompt + answer) for the next turn."""
