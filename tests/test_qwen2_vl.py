@@ -278,3 +278,16 @@ def test_image_feature_cache_encodes_each_image_once(folders):
     m.clear_caches()
     assert m.generate(Q.prompt(2), images=[a, b], max_new_tokens=6, raw=True) == first
     assert m.generate(Q.prompt(2), images=[b, c], max_new_tokens=6, raw=True) == second
+
+
+def test_hub_preprocessor_config_with_min_max_pixels():
+    """The hub's preprocessor_config.json spells the bounds min_pixels / max_pixels (top level or in `size`)."""
+    import transformers as tf
+    from vlmkit.processing.image_processors import image_processor_for
+    hub = {"min_pixels": Q.MIN_PIXELS, "max_pixels": Q.MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
+           "merge_size": 2, "image_processor_type": "Qwen2VLImageProcessor"}
+    expected = tf.Qwen2VLImageProcessorPil(**hub)(odd_images(), return_tensors="pt")
+    for config in (hub, {"size": {"min_pixels": Q.MIN_PIXELS, "max_pixels": Q.MAX_PIXELS}}):
+        got = image_processor_for("qwen2_vl", config)([odd_images()])
+        assert torch.equal(got["pixel_values"], expected["pixel_values"])
+        assert torch.equal(got["image_grid_thw"], expected["image_grid_thw"])

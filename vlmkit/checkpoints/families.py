@@ -282,7 +282,7 @@ class Family:
     aliases: list = field(default_factory=list)  # (other tools' prefix, canonical prefix)
 
 
-# transformers 5 writes the hub's layout (model.layers..., visual...); in memory it is model.language_model / model.visual
+# transformers 5 writes the hub's layout (model.layers..., visual...); in memory: model.language_model, model.visual
 QWEN2_VL_PREFIXES = dict(V="visual.", T="model.", H="lm_head.", C="visual.merger.", X="")
 QWEN2_VL_ALIASES = [("model.language_model.", "model."), ("model.visual.", "visual.")]
 IDEFICS2_PREFIXES = dict(V="model.vision_model.", T="model.text_model.", H="lm_head.", C="model.connector.", X="")

@@ -48,9 +48,10 @@ class VisionLayer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         d = cfg.hidden_size
-        self.norm1 = RMSNorm(d, cfg.layer_norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        norm = RMSNorm if cfg.norm == "rmsnorm" else nn.LayerNorm
+        self.norm1 = norm(d, eps=cfg.layer_norm_eps)
         self.attn = RotaryAttention(cfg) if cfg.flavour == "qwen2_vl" else VisionAttention(cfg)
-        self.norm2 = RMSNorm(d, cfg.layer_norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.norm2 = norm(d, eps=cfg.layer_norm_eps)
         if cfg.mlp == "swiglu":
             self.mlp = SwiGLU(d, cfg.intermediate_size, act=cfg.act, bias=True)
         else:

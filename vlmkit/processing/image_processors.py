@@ -1,8 +1,9 @@
 """Per-family image preprocessing, numerically equal to transformers' image processors (see image_ops.py for
 how: same PIL resizes, then a lookup table with transformers' arithmetic).
 
-This module: CLIP (LLaVA), IDEFICS, Qwen2-VL (smart resize, flat patches), and the factory. Idefics2 and Idefics3/SmolVLM (splitting, tiles, padding
-masks) live in `image_tiling.py`; the operations they all share in `image_ops.py`.
+This module: CLIP (LLaVA), IDEFICS, Qwen2-VL (smart resize, flat patches), and the factory. Idefics2 and
+Idefics3/SmolVLM (splitting, tiles, padding masks) live in `image_tiling.py`; the operations they all share in
+`image_ops.py`.
 
 Every family function takes images per prompt (a list of lists of PIL images; a flat list means one
 prompt) and returns a dict: tensors under `TENSOR_KEYS`, plus plain-Python metadata (`num_images`, ...).
@@ -95,6 +96,8 @@ class Qwen2VLImageSettings(ImageSettings):
         size = dict(size_dict(config["size"], False)) if config.get("size") is not None else {
             "shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
         for legacy, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            if legacy in size:  # some hub files write {"min_pixels": ..., "max_pixels": ...} as the size
+                size[key] = size.pop(legacy)
             if config.get(legacy) is not None:
                 size[key] = int(config[legacy])
         if not size.get("shortest_edge") or not size.get("longest_edge"):

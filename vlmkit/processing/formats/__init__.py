@@ -31,7 +31,8 @@ FORMATS = {f.name: f for f in (LlavaFormat(), IdeficsFormat(), Idefics2Format(),
 
 
 def format_for(cfg_or_family) -> Format:
-    """A family name (llava | idefics | idefics2 | idefics3 | smolvlm | qwen2_vl | qwen2_5_vl) or a VLMConfig -> its Format."""
+    """A family name (llava | idefics | idefics2 | idefics3 | smolvlm | qwen2_vl | qwen2_5_vl) or a VLMConfig ->
+    its Format."""
     if isinstance(cfg_or_family, str):
         family = cfg_or_family
     else:
