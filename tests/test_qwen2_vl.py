@@ -291,3 +291,20 @@ def test_hub_preprocessor_config_with_min_max_pixels():
         got = image_processor_for("qwen2_vl", config)([odd_images()])
         assert torch.equal(got["pixel_values"], expected["pixel_values"])
         assert torch.equal(got["image_grid_thw"], expected["image_grid_thw"])
+
+
+def test_prefix_cache_reuses_an_earlier_turn_with_its_images(folders):
+    """A follow-up turn reuses the keys/values of the first turn (its images inside the reused prefix) and gets
+    the rest of its 3D positions from the whole prompt: the answer equals the one computed without caches."""
+    m = vlmkit.load(folders["qwen2_vl"])
+    a, b, c = odd_images()
+    first = m.generate(Q.prompt(2), images=[a, b], max_new_tokens=5, raw=True)
+    follow = (Q.prompt(2) + first + "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+              "And this one?<|im_end|>\n<|im_start|>assistant\n")
+    reused = []
+    lookup = m.prefix_cache.lookup
+    m.prefix_cache.lookup = lambda *args: reused.append(lookup(*args)[1]) or lookup(*args)
+    again = m.generate(follow, images=[a, b, c], max_new_tokens=5, raw=True)
+    assert reused[0] >= m.processor([Q.prompt(2)], [[a, b]])["input_ids"].shape[1]  # the whole first prompt
+    plain = vlmkit.VLM(m.model, m.processor, caches=False)
+    assert again == plain.generate(follow, images=[a, b, c], max_new_tokens=5, raw=True)

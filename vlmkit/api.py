@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.hf import config_from_folder, load_model, save_model
 from .checkpoints.quantized import load_quantized, save_quantized, saved_quantization
-from .generation.caches import ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts
+from .generation.caches import (
+    ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts, image_run_starts,
+)
 from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
@@ -217,13 +219,11 @@ class VLM:
         that already holds the longest reusable prefix of an earlier prompt + answer. -> (batch, cache, crops)."""
         if not self.caches or self.model.cfg.merge != "splice":
             return batch, None, ()
-        if self.model.cfg.text.mrope_section is not None:
-            # Qwen2-VL: the feature cache only (a reused prefix would need the whole prompt's 3D positions)
-            if batch.get("pixel_values") is not None:
-                batch["image_features"] = self._patch_features(batch.pop("pixel_values"), batch["image_grid_thw"])
-            return batch, None, ()
         crops, features = (), None
-        if batch.get("pixel_values") is not None:
+        if batch.get("pixel_values") is not None and "image_grid_thw" in batch:  # Qwen2-VL: flat patches
+            crops, features = self._patch_features(batch.pop("pixel_values"), batch["image_grid_thw"])
+            batch["image_features"] = features
+        elif batch.get("pixel_values") is not None:
             crops, features = self._image_features(batch.pop("pixel_values"), batch.pop("pixel_attention_mask", None))
             batch["image_features"] = features
         ids = batch["input_ids"]
@@ -232,7 +232,7 @@ class VLM:
         ids = ids[0]
         per_crop = features.shape[1] if features is not None else 0
         total = ids.numel() + max_new_tokens
-        entry, n = self.prefix_cache.lookup(ids, crops, crop_starts(ids, self.model.cfg.image_token_id, per_crop))
+        entry, n = self.prefix_cache.lookup(ids, crops, self._crop_starts(ids, per_crop))
         if entry is None:
             return batch, new_cache(self.model, total), crops
         cache = StaticKVCache.from_prefix([k[:, :, :n] for k in entry.keys], [v[:, :, :n] for v in entry.values],
@@ -256,9 +256,16 @@ class VLM:
                 self.image_cache.put(digests[i], encoded[j])
         return digests, torch.stack([found[d] for d in digests])
 
-    def _patch_features(self, pixel_values, grid) -> torch.Tensor:
-        """Qwen2-VL flat patches -> features [1, all tokens, width], each image (its patches and grid) cached alone:
-        the ViT attends within an image, so encoding only the new ones gives the same features."""
+    def _crop_starts(self, ids: torch.Tensor, per_crop: int) -> tuple:
+        token = self.model.cfg.image_token_id
+        if self.model.cfg.text.mrope_section is not None:  # Qwen2-VL: one run of image tokens per image, any length
+            return image_run_starts(ids, token)
+        return crop_starts(ids, token, per_crop)
+
+    def _patch_features(self, pixel_values, grid) -> tuple[tuple, torch.Tensor]:
+        """Qwen2-VL flat patches -> (image digests, features [1, all tokens, width]), each image (its patches and
+        grid) cached alone: the ViT attends within an image, so encoding only the new ones gives the same
+        features."""
         sizes = grid.prod(-1).tolist()
         parts = pixel_values.split(sizes)
         digests = [crop_digest(p, g) for p, g in zip(parts, grid)]
@@ -271,7 +278,7 @@ class VLM:
             for i, f in zip(missing, encoded.split(per)):
                 found[digests[i]] = f
                 self.image_cache.put(digests[i], f)
-        return torch.cat([found[d] for d in digests])[None]
+        return tuple(digests), torch.cat([found[d] for d in digests])[None]
 
     def _remember(self, cache, crops: tuple) -> None:
         """Keep what a one-prompt generation left in its cache (prompt + answer) for the next turn."""
@@ -281,7 +288,7 @@ class VLM:
         ids = cache.token_ids[0, :n].clone()
         per_crop = int((ids == self.model.cfg.image_token_id).sum()) // len(crops) if crops else 0
         self.prefix_cache.store(PrefixEntry(
-            ids, crops, crop_starts(ids, self.model.cfg.image_token_id, per_crop),
+            ids, crops, self._crop_starts(ids, per_crop),
             [k[:, :, :n] for k in cache.keys], [v[:, :, :n] for v in cache.values]))
 
     @torch.inference_mode()

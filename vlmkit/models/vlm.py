@@ -143,16 +143,24 @@ class VLMModel(nn.Module):
 
     def mrope_position_ids(self, input_ids, attention_mask, image_grid_thw, cache) -> Optional[torch.Tensor]:
         """Qwen2-VL positions: 3D for a prompt with images (its per-row deltas kept in the cache for the tokens that
-        follow), the ordinary count + the row's delta after it; None (ordinary positions) for text alone."""
+        follow), the ordinary count + the row's delta after it; None (ordinary positions) for text alone. The rest
+        of a prompt after a reused prefix (image_grid_thw given, the cache recording the prefix's ids) gets its
+        positions from the whole prompt."""
         past = cache.length if cache is not None else 0
-        if past == 0:
+        if past == 0 or image_grid_thw is not None:
             if image_grid_thw is None:
                 return None
-            positions, deltas = mrope_positions(input_ids, attention_mask, image_grid_thw, self.cfg.image_token_id,
+            ids = input_ids
+            if past:
+                known = getattr(cache, "token_ids", None)
+                if known is None:
+                    raise ValueError("the rest of a Qwen2-VL prompt after a cached prefix needs the prefix's token ids")
+                ids = torch.cat([known[:, :past].to(input_ids.device), input_ids], dim=1)
+            positions, deltas = mrope_positions(ids, attention_mask, image_grid_thw, self.cfg.image_token_id,
                                                 self.cfg.vision.spatial_merge_size)
             if cache is not None:
                 cache.rope_deltas = deltas
-            return positions
+            return positions[:, :, past:]
         deltas = getattr(cache, "rope_deltas", None)
         if deltas is None:
             return None
