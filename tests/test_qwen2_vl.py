@@ -308,3 +308,13 @@ def test_prefix_cache_reuses_an_earlier_turn_with_its_images(folders):
     assert reused[0] >= m.processor([Q.prompt(2)], [[a, b]])["input_ids"].shape[1]  # the whole first prompt
     plain = vlmkit.VLM(m.model, m.processor, caches=False)
     assert again == plain.generate(follow, images=[a, b, c], max_new_tokens=5, raw=True)
+
+
+def test_vlmkit_image_placeholder_works_too(loaded):
+    """vlmkit's `<image>` placeholder in a string prompt stands for an image part, as the family's own token does."""
+    _, _, m = loaded["qwen2_vl"]
+    image = sample_images()[0]
+    expected = m.chat([{"role": "user", "content": [{"type": "image", "image": image},
+                                                    {"type": "text", "text": QUESTION}]}], max_new_tokens=4)
+    assert m.generate("<image>" + QUESTION, images=[image], max_new_tokens=4) == expected
+    assert m.generate("<|image_pad|>" + QUESTION, images=[image], max_new_tokens=4) == expected

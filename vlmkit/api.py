@@ -175,7 +175,7 @@ class VLM:
             return prompt
         if raw is None:
             raw = self.processor.tokenizer.chat_template is None
-        return prompt if raw else as_user_message(prompt, self.processor.image_token)
+        return prompt if raw else as_user_message(prompt, self.processor.placeholder(prompt))
 
     def _batch(self, prompts, images, max_new_tokens: int, raw: Optional[bool] = True) -> dict:
         prompts = [self._prompt(p, raw) for p in prompts]

@@ -26,7 +26,7 @@ from .formats import format_for
 from .image_processors import image_processor_for
 from .images import ImageError, ImageLimits, load_images
 from .prompts import (
-    PromptError, PromptRules, Slot, interleaved_segments, is_image_object, is_image_reference, is_messages,
+    IMAGE_TOKEN, PromptError, PromptRules, Slot, interleaved_segments, is_image_object, is_image_reference, is_messages,
     normalize_messages,
 )
 from .tokenizer import Tokenizer
@@ -128,6 +128,15 @@ class Processor:
     @property
     def image_token(self) -> str:
         return self.rules.image_token
+
+    def placeholder(self, prompt) -> str:
+        """The image placeholder a user's string (or interleaved list) prompt uses: the family's own token, or
+        vlmkit's `<image>` when the prompt holds only that (Qwen2-VL's own is `<|image_pad|>`)."""
+        texts = [prompt] if isinstance(prompt, str) else [x for x in prompt if isinstance(x, str)] \
+            if isinstance(prompt, (list, tuple)) else []
+        if any(self.image_token in t for t in texts) or not any(IMAGE_TOKEN in t for t in texts):
+            return self.image_token
+        return IMAGE_TOKEN
 
     @property
     def chat_template(self) -> str:
