@@ -159,10 +159,14 @@ def test_mismatched_images_are_clear_errors(loaded):
         m.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
 
 
+@pytest.mark.parametrize("from_scratch", [False, True], ids=["loaded", "config-from-scratch"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_save_round_trip_loads_in_transformers(loaded, variant, tmp_path):
+def test_save_round_trip_loads_in_transformers(loaded, variant, from_scratch, tmp_path, monkeypatch):
+    """Saved as loaded (the folder's config.json kept), or with config.json written from vlmkit's config."""
     import transformers as tf
     hf, processor, m = loaded[variant]
+    if from_scratch:
+        monkeypatch.delitem(m.model.cfg.extra, "hf_config")
     vlmkit.save(m, tmp_path)
     again = tf.AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
     batch = processor(text=[Q.prompt(2)], images=[sample_images()], return_tensors="pt")

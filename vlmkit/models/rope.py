@@ -96,7 +96,8 @@ def mrope_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     deltas = torch.zeros(b, dtype=torch.long, device=input_ids.device)
     grids = iter(grid_thw.tolist()) if grid_thw is not None else iter(())
     for row in range(b):
-        keep = attention_mask[row].bool() if attention_mask is not None else torch.ones(t, dtype=torch.bool)
+        keep = (attention_mask[row].bool() if attention_mask is not None
+                else torch.ones(t, dtype=torch.bool, device=input_ids.device))
         ids = input_ids[row][keep].tolist()
         out, pos, i = [], 0, 0
         while i < len(ids):
