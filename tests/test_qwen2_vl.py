@@ -231,6 +231,7 @@ def test_server_batches_rows_with_their_own_positions(loaded, chunk):
         assert sink.end[0] == "done"
         assert sink.text == m.chat(local(p), max_new_tokens=job.max_tokens)
     assert batcher.stats["max_batch_seen"] > 1
+    assert (batcher.stats["prefill_chunks"] > len(jobs)) == (chunk == 7)  # chunks cut through the images
 
 
 def test_lora_fine_tuning_runs_and_saves_a_loadable_model(folders, tmp_path, capsys):

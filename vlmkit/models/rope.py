@@ -114,10 +114,11 @@ def mrope_positions(input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                 raise ValueError("the prompt has more images (runs of image tokens) than image_grid_thw rows") from None
             gh, gw = gh // merge, gw // merge
             n = gt * gh * gw
-            if ids[i:i + n] != [image_token_id] * n:
+            run = ids[i:i + n]  # shorter only when the ids so far end inside this image (a chunked prefill)
+            if run != [image_token_id] * len(run) or (len(run) < n and i + len(run) < len(ids)):
                 raise ValueError(f"an image of grid {gt}x{gh}x{gw} needs {n} consecutive image tokens")
             tt, hh, ww = torch.meshgrid(torch.arange(gt), torch.arange(gh), torch.arange(gw), indexing="ij")
-            out.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
+            out.append(torch.stack([tt, hh, ww]).reshape(3, -1)[:, :len(run)] + pos)
             pos, i = pos + max(gh, gw), i + n
         if out:
             row_pos = torch.cat(out, dim=1).to(input_ids.device)
