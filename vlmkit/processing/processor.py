@@ -8,6 +8,7 @@ Output keys per family (laid out by formats/; what VLMModel.forward and the tran
     llava     input_ids, attention_mask, pixel_values [N, 3, H, W]              (N = all images, prompt order)
     idefics   input_ids, attention_mask, pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
     idefics2/3 input_ids, attention_mask, pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
+    qwen2_vl  input_ids, attention_mask, pixel_values [all patches, 3*T*p*p], image_grid_thw [N, 3]
 (no pixel keys for Idefics2/3 and LLaVA when the batch has no image). input_ids equal transformers' processors'
 row by row; batches are padded on the LEFT (attention_mask 0 there). Nothing is ever truncated: a prompt longer than
 `max_length` (default: the model's context) is an error.
