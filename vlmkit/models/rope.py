@@ -67,12 +67,6 @@ def window_index(grid_thw: torch.Tensor, merge: int, window_size: int, patch_siz
     return torch.cat(order).to(grid_thw.device), torch.tensor(bounds, device=grid_thw.device)
 
 
-def segment_mask(bounds: torch.Tensor, length: int) -> torch.Tensor:
-    """Cumulative boundaries -> bool [1, 1, L, L]: a patch attends within its own segment (image or window)."""
-    ids = torch.bucketize(torch.arange(length, device=bounds.device), bounds[1:], right=True)
-    return (ids[:, None] == ids[None, :])[None, None]
-
-
 # ---- decoder ------------------------------------------------------------------------------------------------------
 def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, section: list, dtype: torch.dtype):
     """position_ids [3, B, T] -> cos, sin [B, 1, T, head_dim]: frequency chunk i (of sizes `section`) takes its

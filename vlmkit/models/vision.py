@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from .layers import MLP, RMSNorm, SwiGLU, attention, merge_heads, split_heads
-from .rope import apply_vision_rope, segment_mask, vision_patch_positions, vision_rope_cos_sin, window_index
+from .rope import apply_vision_rope, vision_patch_positions, vision_rope_cos_sin, window_index
 
 
 class VisionAttention(nn.Module):
@@ -36,12 +36,27 @@ class RotaryAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bounds: torch.Tensor, rope) -> torch.Tensor:
         p = x.shape[0]
         q, k, v = self.qkv(x).reshape(p, 3, self.heads, self.head_dim).unbind(1)
         q, k = apply_vision_rope(q, *rope), apply_vision_rope(k, *rope)
-        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
-        return self.proj(attention(q, k, v, mask)[0].transpose(0, 1).reshape(p, -1))
+        return self.proj(segment_attention(q, k, v, bounds).reshape(p, -1))
+
+
+def segment_attention(q, k, v, bounds: torch.Tensor) -> torch.Tensor:
+    """q, k, v [P, H, D]; the patches of each segment (an image, or a window; `bounds` cumulative, from 0) attend
+    within it. Segments of one length run as one batch (windows mostly share a size): no [P, P] mask, which
+    several large images would make gigabytes."""
+    out = torch.empty_like(q)
+    starts, lengths = bounds[:-1].tolist(), (bounds[1:] - bounds[:-1]).tolist()
+    by_length: dict = {}
+    for s, n in zip(starts, lengths):
+        by_length.setdefault(n, []).append(s)
+    for n, group in by_length.items():
+        idx = (torch.tensor(group, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
+        qs, ks, vs = (t[idx].reshape(len(group), n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        out[idx] = attention(qs, ks, vs).transpose(1, 2).reshape(len(group) * n, *q.shape[1:])
+    return out
 
 
 class VisionLayer(nn.Module):
@@ -58,6 +73,7 @@ class VisionLayer(nn.Module):
             self.mlp = MLP(d, cfg.intermediate_size, act=cfg.act)
 
     def forward(self, x, mask, rope=None):
+        """mask: a bool attention mask, or with `rope` (Qwen2-VL) the segment bounds (images or windows)."""
         h = self.norm1(x)
         x = x + (self.attn(h, mask) if rope is None else self.attn(h, mask, rope))
         return x + self.mlp(self.norm2(x))
@@ -169,7 +185,7 @@ class RotaryVisionTransformer(nn.Module):
         cos, sin = vision_rope_cos_sin(vision_patch_positions(grid_thw, merge), cfg.hidden_size // cfg.num_heads,
                                        cfg.rope_theta)
         sizes = grid_thw.prod(-1)
-        full = segment_mask(torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]), x.shape[0])
+        full = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # each image attends to itself
         order = None
         if cfg.window_size:
             order, bounds = window_index(grid_thw, merge, cfg.window_size, cfg.patch_size)
@@ -179,10 +195,10 @@ class RotaryVisionTransformer(nn.Module):
                 return t.reshape(-1, unit, *t.shape[1:])[order].reshape(t.shape)
 
             x, cos, sin = regroup(x), regroup(cos), regroup(sin)
-            windowed = segment_mask(bounds, x.shape[0])
+            windowed = bounds
         for i, layer in enumerate(self.layers):
-            mask = full if order is None or i in cfg.fullatt_block_indexes else windowed
-            x = layer(x, mask, (cos, sin))
+            bounds = full if order is None or i in cfg.fullatt_block_indexes else windowed
+            x = layer(x, bounds, (cos, sin))
         if order is not None:  # back to the processor's order
             x = x.reshape(-1, unit, x.shape[-1])[torch.argsort(order)].reshape(x.shape)
         return x
