@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.hf import config_from_folder, load_model, save_model
 from .checkpoints.quantized import load_quantized, save_quantized, saved_quantization
-from .generation.caches import ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts
+from .generation.caches import (
+    ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts, image_run_starts,
+)
 from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
@@ -171,7 +173,7 @@ class VLM:
             return prompt
         if raw is None:
             raw = self.processor.tokenizer.chat_template is None
-        return prompt if raw else as_user_message(prompt, self.processor.image_token)
+        return prompt if raw else as_user_message(prompt, self.processor.placeholder(prompt))
 
     def _batch(self, prompts, images, max_new_tokens: int, raw: Optional[bool] = True) -> dict:
         prompts = [self._prompt(p, raw) for p in prompts]
@@ -216,7 +218,10 @@ class VLM:
         if not self.caches or self.model.cfg.merge != "splice":
             return batch, None, ()
         crops, features = (), None
-        if batch.get("pixel_values") is not None:
+        if batch.get("pixel_values") is not None and "image_grid_thw" in batch:  # Qwen2-VL: flat patches
+            crops, features = self._patch_features(batch.pop("pixel_values"), batch["image_grid_thw"])
+            batch["image_features"] = features
+        elif batch.get("pixel_values") is not None:
             crops, features = self._image_features(batch.pop("pixel_values"), batch.pop("pixel_attention_mask", None))
             batch["image_features"] = features
         ids = batch["input_ids"]
@@ -225,7 +230,7 @@ class VLM:
         ids = ids[0]
         per_crop = features.shape[1] if features is not None else 0
         total = ids.numel() + max_new_tokens
-        entry, n = self.prefix_cache.lookup(ids, crops, crop_starts(ids, self.model.cfg.image_token_id, per_crop))
+        entry, n = self.prefix_cache.lookup(ids, crops, self._crop_starts(ids, per_crop))
         if entry is None:
             return batch, new_cache(self.model, total), crops
         cache = StaticKVCache.from_prefix([k[:, :, :n] for k in entry.keys], [v[:, :, :n] for v in entry.values],
@@ -249,6 +254,30 @@ class VLM:
                 self.image_cache.put(digests[i], encoded[j])
         return digests, torch.stack([found[d] for d in digests])
 
+    def _crop_starts(self, ids: torch.Tensor, per_crop: int) -> tuple:
+        token = self.model.cfg.image_token_id
+        if self.model.cfg.text.mrope_section is not None:  # Qwen2-VL: one run of image tokens per image, any length
+            return image_run_starts(ids, token)
+        return crop_starts(ids, token, per_crop)
+
+    def _patch_features(self, pixel_values, grid) -> tuple[tuple, torch.Tensor]:
+        """Qwen2-VL flat patches -> (image digests, features [1, all tokens, width]), each image (its patches and
+        grid) cached alone: the ViT attends within an image, so encoding only the new ones gives the same
+        features."""
+        sizes = grid.prod(-1).tolist()
+        parts = pixel_values.split(sizes)
+        digests = [crop_digest(p, g) for p, g in zip(parts, grid)]
+        found = {d: f for d in set(digests) if (f := self.image_cache.get(d)) is not None}
+        missing = list({d: i for i, d in enumerate(digests) if d not in found}.values())
+        if missing:
+            encoded = self.model.image_features(torch.cat([parts[i] for i in missing]),
+                                                image_grid_thw=grid[missing])[0]
+            per = [sizes[i] // self.model.cfg.vision.spatial_merge_size ** 2 for i in missing]
+            for i, f in zip(missing, encoded.split(per)):
+                found[digests[i]] = f
+                self.image_cache.put(digests[i], f)
+        return tuple(digests), torch.cat([found[d] for d in digests])[None]
+
     def _remember(self, cache, crops: tuple) -> None:
         """Keep what a one-prompt generation left in its cache (prompt + answer) for the next turn."""
         if cache is None or getattr(cache, "token_ids", None) is None or cache.length == 0:
@@ -257,7 +286,7 @@ class VLM:
         ids = cache.token_ids[0, :n].clone()
         per_crop = int((ids == self.model.cfg.image_token_id).sum()) // len(crops) if crops else 0
         self.prefix_cache.store(PrefixEntry(
-            ids, crops, crop_starts(ids, self.model.cfg.image_token_id, per_crop),
+            ids, crops, self._crop_starts(ids, per_crop),
             [k[:, :, :n] for k in cache.keys], [v[:, :, :n] for v in cache.values]))
 
     @torch.inference_mode()
@@ -308,7 +337,10 @@ class VLM:
         if "image_attention_mask" in inputs:  # continuation tokens see what the last prompt token saw
             iam = inputs["image_attention_mask"]
             inputs["image_attention_mask"] = torch.cat([iam, iam[:, -1:].expand(-1, longest, -1)], 1).expand(n, -1, -1)
-        if "pixel_values" in inputs and self.processor.format.flat_pixels:  # one copy of the images per candidate
+        if "image_grid_thw" in inputs:  # Qwen2-VL: flat patches and their grids, one copy per candidate
+            inputs["pixel_values"] = inputs["pixel_values"].repeat(n, 1)
+            inputs["image_grid_thw"] = inputs["image_grid_thw"].repeat(n, 1)
+        elif "pixel_values" in inputs and self.processor.format.flat_pixels:  # one copy of the images per candidate
             inputs["pixel_values"] = inputs["pixel_values"].repeat(n, 1, 1, 1)
         elif "pixel_values" in inputs:  # [B, M, ...]: the one row seen by every candidate
             for key in ("pixel_values", "pixel_attention_mask"):
@@ -327,6 +359,13 @@ class VLM:
         cross = parameter_count(text, lambda name: name.startswith("cross_blocks"))
         t = cfg.text
         itemsize = next(model.parameters()).element_size()
+        tokens, image_size = cfg.tokens_per_image, cfg.vision.image_size
+        settings = getattr(self.processor.image_processor, "settings", None)
+        if cfg.vision.flavour == "qwen2_vl" and settings is not None:  # native resolution: a range
+            block = settings.patch_size * settings.merge_size
+            lo, hi = settings.size["shortest_edge"], settings.size["longest_edge"]
+            tokens = f"{max(1, lo // block ** 2)}-{hi // block ** 2} (one per {block}x{block} px)"
+            image_size = f"{lo:,}-{hi:,} pixels (area), sides multiples of {block} px"
         return {
             "family": cfg.extra.get("hf_architecture", cfg.family),
             "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],
@@ -334,8 +373,8 @@ class VLM:
             "vision_parameters": parameter_count(getattr(model, "vision", None)),
             "connector_parameters": parameter_count(getattr(model, "connector", None)),
             "cross_attention_parameters": cross, "text_parameters": parameter_count(text) - cross,
-            "connector": cfg.connector.kind, "merge": cfg.merge, "tokens_per_image": cfg.tokens_per_image,
-            "image_size": cfg.vision.image_size, "context_length": self.context_length,
+            "connector": cfg.connector.kind, "merge": cfg.merge, "tokens_per_image": tokens,
+            "image_size": image_size, "context_length": self.context_length,
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
             "memory_bytes": memory_bytes(model),
             "kv_cache_bytes_per_token": 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize,

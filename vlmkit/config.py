@@ -31,6 +31,16 @@ class VisionConfig:
     native_resolution: bool = False
     # A patch is real when all its pixels are (Idefics2) or any of them is (Idefics3).
     patch_keep_partial: bool = False
+    # Qwen2-VL flavour ("qwen2_vl"): flat patches [P, C*T*p*p] + image_grid_thw, 2D rotary, fused qkv, no
+    # position table; Qwen2.5-VL adds RMSNorm, a biased SwiGLU MLP and window attention.
+    flavour: Literal["clip", "qwen2_vl"] = "clip"
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["mlp", "swiglu"] = "mlp"
+    rope_theta: float = 10000.0
+    window_size: int = 0  # pixels per attention window side (Qwen2.5-VL); 0 = every block sees the whole image
+    fullatt_block_indexes: tuple = ()  # the blocks that see the whole image when window_size is set
 
     @property
     def grid(self) -> int:
@@ -58,12 +68,16 @@ class TextConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections only
     mlp_bias: bool = False
     qk_norm: bool = False  # IDEFICS `qk_layer_norms`
     additional_vocab_size: int = 0  # IDEFICS decoupled embeddings/head for added tokens
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None  # int or list of ints
     pad_token_id: Optional[int] = None
+    # Multimodal RoPE (Qwen2-VL): head_dim/2 frequencies split into (temporal, height, width) sections, each
+    # rotated by its own position row; positions [3, B, T]. None = ordinary RoPE.
+    mrope_section: Optional[list] = None
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -80,9 +94,10 @@ class ConnectorConfig:
       "perceiver"         IDEFICS resampler: LayerNorm, ReLU MLP, optional qk-norm; output stays vision width
       "idefics2"          SwiGLU projection to text width, then an RMSNorm/GQA perceiver
       "pixel_shuffle"     pixel shuffle by `scale_factor`, then a bias-free Linear (Idefics3/SmolVLM)
+      "patch_merger"      Qwen2-VL: norm, each scale_factor^2 neighbouring patches concatenated, Linear-GELU-Linear
     """
 
-    kind: Literal["linear", "mlp", "identity", "perceiver", "idefics2", "pixel_shuffle"] = "mlp"
+    kind: Literal["linear", "mlp", "identity", "perceiver", "idefics2", "pixel_shuffle", "patch_merger"] = "mlp"
     in_dim: int = 1024
     out_dim: int = 4096
     act: str = "gelu"
@@ -99,8 +114,9 @@ class ConnectorConfig:
     mlp_ratio: int = 4
     perceiver_act: str = "silu"
     norm_eps: float = 1e-5
-    # pixel shuffle
+    # pixel shuffle; patch merger (spatial merge size)
     scale_factor: int = 2
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # patch merger
 
 
 @dataclass
@@ -115,7 +131,7 @@ class CrossAttnConfig:
 
 @dataclass
 class VLMConfig:
-    family: Literal["llava", "idefics", "idefics2", "idefics3"] = "llava"
+    family: Literal["llava", "idefics", "idefics2", "idefics3", "qwen2_vl"] = "llava"
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     text: TextConfig = field(default_factory=TextConfig)

@@ -346,7 +346,8 @@ class Chat:
         """The messages the next `ask(text, images)` sends: the history plus the new user turn."""
         if images is not None and (isinstance(images, (str, bytes)) or not isinstance(images, (list, tuple))):
             images = [images]
-        return self.history + [_user(user_content(text, images or [], self.m.processor.image_token))]
+        placeholder = self.m.processor.placeholder(text or "")
+        return self.history + [_user(user_content(text, images or [], placeholder))]
 
     def ask(self, text: str, images: Optional[Sequence] = None, **gen) -> str:
         messages = self.messages_for(text, images)

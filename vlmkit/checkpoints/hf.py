@@ -137,7 +137,7 @@ def hf_config_for(cfg: VLMConfig) -> dict:
     if "hf_config" in cfg.extra:
         # an adapter folder's pointer to its GGUF base does not apply to the full folder written here
         return {k: v for k, v in cfg.extra["hf_config"].items() if k != "vlmkit_adapter"}
-    return FAMILIES[cfg.family].to_hf(cfg)
+    return FAMILIES[cfg.extra.get("hf_architecture", cfg.family)].to_hf(cfg)  # e.g. SmolVLM, Qwen2.5-VL
 
 
 def save_model(model: VLMModel, folder, max_shard_bytes: int = 5 * 2**30) -> None:

@@ -21,6 +21,14 @@ VISION_RULES = [
     (r"vision\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", "{V}encoder.layers.\\1.mlp.\\2.\\3"),
 ]
 
+QWEN_VISION_RULES = [  # Qwen2-VL / Qwen2.5-VL ViT ("visual.")
+    (r"vision\.patch_embed\.weight", "{V}patch_embed.proj.weight"),
+    (r"vision\.layers\.(\d+)\.(norm[12])\.(weight|bias)", "{V}blocks.\\1.\\2.\\3"),
+    (r"vision\.layers\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", "{V}blocks.\\1.attn.\\2.\\3"),
+    (r"vision\.layers\.(\d+)\.mlp\.(fc1|fc2|gate_proj|up_proj|down_proj)\.(weight|bias)",
+     "{V}blocks.\\1.mlp.\\2.\\3"),
+]
+
 TEXT_RULES = [
     (r"text\.embed_tokens\.weight", "{T}embed_tokens.weight"),
     (r"text\.embed_tokens_extra\.weight", "{T}embed_tokens.additional_embedding.weight"),
@@ -48,6 +56,11 @@ CONNECTOR_RULES = {
     "linear": [(r"connector\.proj\.(weight|bias)", "{C}linear_1.\\1")],
     "identity": [],
     "pixel_shuffle": [(r"connector\.proj\.weight", "{C}modality_projection.proj.weight")],
+    "patch_merger": [
+        (r"connector\.norm\.(weight|bias)", "{C}ln_q.\\1"),
+        (r"connector\.mlp\.fc1\.(weight|bias)", "{C}mlp.0.\\1"),
+        (r"connector\.mlp\.fc2\.(weight|bias)", "{C}mlp.2.\\1"),
+    ],
     "idefics2": [
         (r"connector\.proj\.(gate|up|down)_proj\.weight", "{C}modality_projection.\\1_proj.weight"),
         (r"connector\.perceiver\.latents", "{C}perceiver_resampler.latents"),
@@ -80,7 +93,9 @@ CONNECTOR_RULES = {
 
 def build_key_map(our_keys, connector_kind: str, prefixes: dict) -> dict:
     """our tensor name -> HF tensor name, for every name in `our_keys`."""
-    rules = VISION_RULES + TEXT_RULES + CROSS_ATTN_RULES + CONNECTOR_RULES[connector_kind]
+    # the patch merger comes with its own ViT (Qwen2-VL), whose blocks are named differently
+    vision = QWEN_VISION_RULES if connector_kind == "patch_merger" else VISION_RULES
+    rules = vision + TEXT_RULES + CROSS_ATTN_RULES + CONNECTOR_RULES[connector_kind]
     compiled = [(re.compile(pattern + "$"), template.format(**prefixes)) for pattern, template in rules]
     out = {}
     for key in our_keys:

@@ -28,7 +28,8 @@ def cmd_info(args) -> int:
     rows = [
         ("family", info["family"]), ("architecture", info["architecture"]),
         ("parameters", f"{n:,} ({split})"), ("connector", f"{info['connector']} ({info['merge']} merge)"),
-        ("tokens per image", info["tokens_per_image"]), ("image size", f"{info['image_size']} px"),
+        ("tokens per image", info["tokens_per_image"]),
+        ("image size", f"{info['image_size']} px" if isinstance(info["image_size"], int) else info["image_size"]),
         ("context length", f"{info['context_length']} tokens"),
         ("device", info["device"]), ("compute dtype", info["dtype"]),
         ("memory", f"{human_bytes(info['memory_bytes'])} of weights, "

@@ -82,6 +82,15 @@ def crop_starts(ids: torch.Tensor, image_token_id: Optional[int], tokens_per_cro
     return tuple(slots[::tokens_per_crop].tolist())
 
 
+def image_run_starts(ids: torch.Tensor, image_token_id: Optional[int]) -> tuple:
+    """Index of the first token of every run of image tokens (Qwen2-VL: one run per image, of any length)."""
+    if image_token_id is None:
+        return ()
+    is_image = (ids == image_token_id).long()
+    starts = (is_image - torch.nn.functional.pad(is_image, (1, 0))[:-1]) == 1
+    return tuple(starts.nonzero().flatten().tolist())
+
+
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     n = min(a.numel(), b.numel())
     if n == 0:

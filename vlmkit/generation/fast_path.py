@@ -52,6 +52,8 @@ class FastSteps:
             cache.reserve(total_len, exact=True)
         mask = self.attention_mask
         self.position = mask.sum(-1, keepdim=True).to(torch.long)  # new token's position = real tokens before
+        if cache.rope_deltas is not None:  # M-RoPE prompts: images take fewer positions than tokens
+            self.position += cache.rope_deltas[:, None].to(self.position.device)
         self.index = torch.tensor([n], dtype=torch.long, device=mask.device)
         self.key_mask = torch.zeros(mask.shape[0], max(cache.capacity, n + 1), dtype=torch.bool, device=mask.device)
         self.key_mask[:, : mask.shape[1]] = mask.bool()

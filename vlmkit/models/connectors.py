@@ -151,6 +151,21 @@ class PixelShuffleProjector(nn.Module):
         return self.proj(pixel_shuffle(x, self.factor))
 
 
+class PatchMerger(nn.Module):
+    """Qwen2-VL: norm each patch, concatenate each merge x merge block (contiguous in the processor's patch order),
+    then Linear-GELU-Linear to the text width. [P, D] -> [P / merge^2, out]."""
+
+    def __init__(self, cfg: ConnectorConfig):
+        super().__init__()
+        self.width = cfg.in_dim * cfg.scale_factor**2
+        self.norm = RMSNorm(cfg.in_dim, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.in_dim,
+                                                                                                    eps=cfg.norm_eps)
+        self.mlp = MLP(self.width, self.width, cfg.out_dim, act="gelu")
+
+    def forward(self, x, patch_mask=None):
+        return self.mlp(self.norm(x).reshape(-1, self.width))
+
+
 CONNECTORS = {
     "linear": LinearProjector,
     "mlp": MLPProjector,
@@ -158,6 +173,7 @@ CONNECTORS = {
     "perceiver": IdeficsPerceiver,
     "idefics2": Idefics2Connector,
     "pixel_shuffle": PixelShuffleProjector,
+    "patch_merger": PatchMerger,
 }
 
 

@@ -24,6 +24,7 @@ class KVCache:
         self.values: list[Optional[torch.Tensor]] = []
         self.cross_context: Optional[torch.Tensor] = None  # [B, L, C] image features (IDEFICS)
         self.cross_mask_last: Optional[torch.Tensor] = None  # [B, 1, num_images]: last token's image row
+        self.rope_deltas: Optional[torch.Tensor] = None  # [B] M-RoPE: position - real tokens before (Qwen2-VL)
 
     @property
     def length(self) -> int:
@@ -47,6 +48,7 @@ class KVCache:
         if self.cross_context is not None:
             out.cross_context = self.cross_context[rows]
             out.cross_mask_last = self.cross_mask_last[rows]
+        out.rope_deltas = None if self.rope_deltas is None else self.rope_deltas[rows]
         return out
 
 
@@ -65,6 +67,7 @@ class StaticKVCache:
         self.token_ids: Optional[torch.Tensor] = None  # [B, capacity] long
         self.cross_context: Optional[torch.Tensor] = None
         self.cross_mask_last: Optional[torch.Tensor] = None
+        self.rope_deltas: Optional[torch.Tensor] = None  # [B] (see KVCache)
 
     @property
     def length(self) -> int:
@@ -152,6 +155,7 @@ class StaticKVCache:
         if self.cross_context is not None:
             out.cross_context = self.cross_context[rows]
             out.cross_mask_last = self.cross_mask_last[rows]
+        out.rope_deltas = None if self.rope_deltas is None else self.rope_deltas[rows]
         return out
 
     @classmethod
@@ -193,6 +197,10 @@ class StaticKVCache:
                 getattr(out, name)[i] = buf
         out._length = length
         mask = torch.cat([torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in masks])
+        if any(c.rope_deltas is not None for c in caches):
+            out.rope_deltas = torch.cat([c.rope_deltas if c.rope_deltas is not None else
+                                         torch.zeros(m.shape[0], dtype=torch.long, device=m.device)
+                                         for c, m in zip(caches, masks)])
         with_images = [c for c in caches if c.cross_context is not None]
         if with_images:
             ref = with_images[0]

@@ -14,6 +14,7 @@ from ..config import CrossAttnConfig, TextConfig
 from .cross_attn import GatedCrossAttention
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, apply_rope, attention, merge_heads, rope_cos_sin, rope_inv_freq, split_heads
+from .rope import mrope_cos_sin
 
 
 @dataclass
@@ -28,9 +29,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.head_dim = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        qkv_bias = bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache]):
@@ -163,7 +165,10 @@ class TextDecoder(nn.Module):
             )
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, t)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        if position_ids.dim() == 3:  # M-RoPE [3, B, T] (Qwen2-VL); equal rows are the ordinary RoPE
+            cos, sin = mrope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section, x.dtype)
+        else:
+            cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         mask = causal_mask(attention_mask, t)
         for i, layer in enumerate(self.layers):
             if self.cross_blocks is not None and i % self.cross_every == 0 and cross_context is not None:

@@ -1,5 +1,7 @@
-"""One ViT for every family: CLIP flavour (class token, pre-layernorm) or SigLIP flavour (post-layernorm,
-native resolution with a patch mask and positions bucketed onto the fixed grid)."""
+"""One ViT for every family: CLIP flavour (class token, pre-layernorm), SigLIP flavour (post-layernorm,
+native resolution with a patch mask and positions bucketed onto the fixed grid), Qwen2-VL flavour (flat patches of
+any grid, 2D rotary instead of a position table, each image attending to itself; Qwen2.5-VL: RMSNorm, SwiGLU and
+windows)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import torch
 from torch import nn
 
 from ..config import VisionConfig
-from .layers import MLP, attention, merge_heads, split_heads
+from .layers import MLP, RMSNorm, SwiGLU, attention, merge_heads, split_heads
+from .rope import apply_vision_rope, vision_patch_positions, vision_rope_cos_sin, window_index
 
 
 class VisionAttention(nn.Module):
@@ -24,16 +27,55 @@ class VisionAttention(nn.Module):
         return self.o_proj(merge_heads(attention(q, k, v, mask)))
 
 
+class RotaryAttention(nn.Module):
+    """Qwen2-VL: fused qkv projection, 2D rotary on queries and keys; x [P, D] (all images' patches)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, bounds: torch.Tensor, rope) -> torch.Tensor:
+        p = x.shape[0]
+        q, k, v = self.qkv(x).reshape(p, 3, self.heads, self.head_dim).unbind(1)
+        q, k = apply_vision_rope(q, *rope), apply_vision_rope(k, *rope)
+        return self.proj(segment_attention(q, k, v, bounds).reshape(p, -1))
+
+
+def segment_attention(q, k, v, bounds: torch.Tensor) -> torch.Tensor:
+    """q, k, v [P, H, D]; the patches of each segment (an image, or a window; `bounds` cumulative, from 0) attend
+    within it. Segments of one length run as one batch (windows mostly share a size): no [P, P] mask, which
+    several large images would make gigabytes."""
+    out = torch.empty_like(q)
+    starts, lengths = bounds[:-1].tolist(), (bounds[1:] - bounds[:-1]).tolist()
+    by_length: dict = {}
+    for s, n in zip(starts, lengths):
+        by_length.setdefault(n, []).append(s)
+    for n, group in by_length.items():
+        idx = (torch.tensor(group, device=q.device)[:, None] + torch.arange(n, device=q.device)).reshape(-1)
+        qs, ks, vs = (t[idx].reshape(len(group), n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        out[idx] = attention(qs, ks, vs).transpose(1, 2).reshape(len(group) * n, *q.shape[1:])
+    return out
+
+
 class VisionLayer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attn = VisionAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.act)
+        d = cfg.hidden_size
+        norm = RMSNorm if cfg.norm == "rmsnorm" else nn.LayerNorm
+        self.norm1 = norm(d, eps=cfg.layer_norm_eps)
+        self.attn = RotaryAttention(cfg) if cfg.flavour == "qwen2_vl" else VisionAttention(cfg)
+        self.norm2 = norm(d, eps=cfg.layer_norm_eps)
+        if cfg.mlp == "swiglu":
+            self.mlp = SwiGLU(d, cfg.intermediate_size, act=cfg.act, bias=True)
+        else:
+            self.mlp = MLP(d, cfg.intermediate_size, act=cfg.act)
 
-    def forward(self, x, mask):
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x, mask, rope=None):
+        """mask: a bool attention mask, or with `rope` (Qwen2-VL) the segment bounds (images or windows)."""
+        h = self.norm1(x)
+        x = x + (self.attn(h, mask) if rope is None else self.attn(h, mask, rope))
         return x + self.mlp(self.norm2(x))
 
 
@@ -106,3 +148,61 @@ class VisionTransformer(nn.Module):
         if self.cfg.drop_class_token and self.class_embed is not None:
             x = x[:, 1:]
         return x
+
+
+class PatchLinear(nn.Module):
+    """Qwen2-VL's Conv3d patch embedding as the matrix product it is (kernel = stride = the whole patch); the
+    weight keeps the checkpoint's [D, C, T, p, p] shape."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        p = cfg.patch_size
+        self.weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.num_channels, cfg.temporal_patch_size, p, p))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        w = self.weight.reshape(self.weight.shape[0], -1)
+        if patches.shape[-1] != w.shape[1]:
+            raise ValueError(f"patches of {patches.shape[-1]} values, the patch embedding takes {w.shape[1]}")
+        return patches.to(w.dtype) @ w.t()
+
+
+class RotaryVisionTransformer(nn.Module):
+    """Qwen2-VL / Qwen2.5-VL ViT: flat patches [P, C*T*p*p] + image_grid_thw [N, 3] -> patch features [P, D] in
+    the processor's order (each spatial_merge_size^2 block of patches contiguous, for the patch merger)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchLinear(cfg)
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        cfg, merge = self.cfg, self.cfg.spatial_merge_size
+        if patches.dim() != 2 or int(grid_thw.prod(-1).sum()) != patches.shape[0]:
+            raise ValueError(f"pixel_values {tuple(patches.shape)} do not hold the {int(grid_thw.prod(-1).sum())} "
+                             f"patches image_grid_thw describes")
+        x = self.patch_embed(patches)
+        cos, sin = vision_rope_cos_sin(vision_patch_positions(grid_thw, merge), cfg.hidden_size // cfg.num_heads,
+                                       cfg.rope_theta)
+        sizes = grid_thw.prod(-1)
+        full = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])  # each image attends to itself
+        order = None
+        if cfg.window_size:
+            order, bounds = window_index(grid_thw, merge, cfg.window_size, cfg.patch_size)
+            unit = merge * merge
+
+            def regroup(t):
+                return t.reshape(-1, unit, *t.shape[1:])[order].reshape(t.shape)
+
+            x, cos, sin = regroup(x), regroup(cos), regroup(sin)
+            windowed = bounds
+        for i, layer in enumerate(self.layers):
+            bounds = full if order is None or i in cfg.fullatt_block_indexes else windowed
+            x = layer(x, bounds, (cos, sin))
+        if order is not None:  # back to the processor's order
+            x = x.reshape(-1, unit, x.shape[-1])[torch.argsort(order)].reshape(x.shape)
+        return x
+
+
+def build_vision(cfg: VisionConfig) -> nn.Module:
+    return RotaryVisionTransformer(cfg) if cfg.flavour == "qwen2_vl" else VisionTransformer(cfg)

@@ -12,8 +12,9 @@ from .connectors import build_connector
 from .cross_attn import expand_image_mask
 from .kv_cache import KVCache
 from .layers import init_normal_
-from .text import ModelOutput, TextDecoder
-from .vision import VisionTransformer
+from .rope import mrope_positions
+from .text import ModelOutput, TextDecoder, positions_from_mask
+from .vision import build_vision
 
 
 class ImageTokenMismatch(ValueError):
@@ -39,7 +40,7 @@ class VLMModel(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTransformer(cfg.vision)
+        self.vision = build_vision(cfg.vision)
         self.connector = build_connector(cfg.connector)
         self.text = TextDecoder(cfg.text, cfg.cross_attn)
 
@@ -74,9 +75,16 @@ class VLMModel(nn.Module):
         features = self.vision(pixel_values.to(self.dtype), patch_mask)
         return self.connector(features, patch_mask)
 
-    def image_features(self, pixel_values, pixel_attention_mask=None) -> torch.Tensor:
+    def image_features(self, pixel_values, pixel_attention_mask=None, image_grid_thw=None) -> torch.Tensor:
         """Batch layout of the family's processor -> features [num_real_images, tokens, width], in prompt order
-        (cross-attention: every slot, [B * M, ...]; the image-attention mask hides the padding images)."""
+        (cross-attention: every slot, [B * M, ...]; the image-attention mask hides the padding images).
+        Qwen2-VL: flat patches [P, C*T*p*p] of the images image_grid_thw [N, 3] describes -> [1, all tokens, width]
+        (images of any size: their tokens in one row)."""
+        if self.cfg.vision.flavour == "qwen2_vl":
+            if image_grid_thw is None:
+                raise ValueError("Qwen2-VL pixel_values need image_grid_thw (each image's patch grid)")
+            patches = self.vision(pixel_values.to(self.dtype), image_grid_thw)
+            return self.connector(patches)[None]
         flat, mask = flat_images(pixel_values, pixel_attention_mask,
                                  keep_padding=self.cfg.merge == "cross_attention")
         return self.encode_images(flat, mask)
@@ -103,6 +111,7 @@ class VLMModel(nn.Module):
         pixel_values: Optional[torch.Tensor] = None,
         pixel_attention_mask: Optional[torch.Tensor] = None,
         image_attention_mask: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         image_features: Optional[torch.Tensor] = None,
@@ -110,7 +119,12 @@ class VLMModel(nn.Module):
         **unused,
     ) -> ModelOutput:
         if image_features is None and pixel_values is not None:
-            image_features = self.image_features(pixel_values, pixel_attention_mask)
+            image_features = self.image_features(pixel_values, pixel_attention_mask, image_grid_thw)
+        if position_ids is not None and image_grid_thw is not None and self.cfg.text.mrope_section is not None:
+            raise ValueError("Qwen2-VL computes its own 3D positions for prompts with images: position_ids (e.g. "
+                             "from packed training rows) cannot be given with images")
+        if position_ids is None and self.cfg.text.mrope_section is not None:
+            position_ids = self.mrope_position_ids(input_ids, attention_mask, image_grid_thw, cache)
         if self.cfg.merge == "splice":
             embeds = self.text.embed(input_ids)
             if image_features is not None:
@@ -126,6 +140,34 @@ class VLMModel(nn.Module):
             input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, labels=labels,
             cross_context=context, cross_mask=mask, logits_to_keep=logits_to_keep,
         )
+
+    def mrope_position_ids(self, input_ids, attention_mask, image_grid_thw, cache) -> Optional[torch.Tensor]:
+        """Qwen2-VL positions: 3D for a prompt with images (its per-row deltas kept in the cache for the tokens that
+        follow), the ordinary count + the row's delta after it; None (ordinary positions) for text alone. The rest
+        of a prompt after a reused prefix (image_grid_thw given, the cache recording the prefix's ids) gets its
+        positions from the whole prompt."""
+        past = cache.length if cache is not None else 0
+        if past == 0 or image_grid_thw is not None:
+            if image_grid_thw is None:
+                return None
+            ids = input_ids
+            if past:
+                known = getattr(cache, "token_ids", None)
+                if known is None:
+                    raise ValueError("the rest of a Qwen2-VL prompt after a cached prefix needs the prefix's token ids")
+                ids = torch.cat([known[:, :past].to(input_ids.device), input_ids], dim=1)
+            positions, deltas = mrope_positions(ids, attention_mask, image_grid_thw, self.cfg.image_token_id,
+                                                self.cfg.vision.spatial_merge_size)
+            if cache is not None:
+                cache.rope_deltas = deltas
+            return positions[:, :, past:]
+        deltas = getattr(cache, "rope_deltas", None)
+        if deltas is None:
+            return None
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
+                                        device=input_ids.device)
+        return positions_from_mask(attention_mask, input_ids.shape[1]) + deltas[:, None].to(input_ids.device)
 
     def cross_inputs(self, input_ids, image_features, image_attention_mask, cache):
         """Image context and image-attention mask for the gated cross-attention (IDEFICS)."""

@@ -31,6 +31,7 @@ class EncodedRow:
     pixels: Optional[torch.Tensor] = None  # [M, 3, H, W]: images (crops for Idefics2/3)
     pixel_mask: Optional[torch.Tensor] = None  # [M, H, W] (Idefics2/3)
     image_mask: Optional[torch.Tensor] = None  # [T, M] (IDEFICS image_attention_mask)
+    image_grid: Optional[torch.Tensor] = None  # [M, 3] (Qwen2-VL image_grid_thw; pixels are then flat patches)
     indices: list = field(default_factory=list)  # the training examples in this row
 
 

@@ -1,8 +1,9 @@
 """Per-family image preprocessing, numerically equal to transformers' image processors (see image_ops.py for
 how: same PIL resizes, then a lookup table with transformers' arithmetic).
 
-This module: CLIP (LLaVA) and IDEFICS, and the factory. Idefics2 and Idefics3/SmolVLM (splitting, tiles, padding
-masks) live in `image_tiling.py`; the operations they all share in `image_ops.py`.
+This module: CLIP (LLaVA), IDEFICS, Qwen2-VL (smart resize, flat patches), and the factory. Idefics2 and
+Idefics3/SmolVLM (splitting, tiles, padding masks) live in `image_tiling.py`; the operations they all share in
+`image_ops.py`.
 
 Every family function takes images per prompt (a list of lists of PIL images; a flat list means one
 prompt) and returns a dict: tensors under `TENSOR_KEYS`, plus plain-Python metadata (`num_images`, ...).
@@ -10,6 +11,7 @@ prompt) and returns a dict: tensors under `TENSOR_KEYS`, plus plain-Python metad
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,10 +26,11 @@ from .image_tiling import Idefics2ImageSettings, Idefics3ImageSettings, preproce
 
 __all__ = [
     "TENSOR_KEYS", "ClipImageSettings", "IdeficsImageSettings", "ImageProcessor",
-    "preprocess_clip", "preprocess_idefics", "image_processor_for",
+    "preprocess_clip", "preprocess_idefics", "image_processor_for", "Qwen2VLImageSettings", "preprocess_qwen2_vl",
+    "smart_resize",
 ]
 
-TENSOR_KEYS = ("pixel_values", "pixel_attention_mask")  # the rest of a result dict is metadata
+TENSOR_KEYS = ("pixel_values", "pixel_attention_mask", "image_grid_thw")  # the rest of a result dict is metadata
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -72,6 +75,35 @@ class IdeficsImageSettings(ImageSettings):
     @property
     def image_size(self) -> tuple[int, int]:
         return self.size["height"], self.size["width"]
+
+
+@dataclass
+class Qwen2VLImageSettings(ImageSettings):
+    """Qwen2VLImageProcessor (Qwen2-VL, Qwen2.5-VL): size = {shortest_edge: min_pixels, longest_edge: max_pixels};
+    the legacy min_pixels / max_pixels keys win, as in transformers."""
+
+    size: dict = field(default_factory=lambda: {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
+    resample: int = int(Image.Resampling.BICUBIC)
+    image_mean: tuple = OPENAI_CLIP_MEAN
+    image_std: tuple = OPENAI_CLIP_STD
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    _size_int_is_square = False
+
+    @classmethod
+    def _extra_from_dict(cls, config: dict) -> dict:
+        size = dict(size_dict(config["size"], False)) if config.get("size") is not None else {
+            "shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
+        for legacy, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            if legacy in size:  # some hub files write {"min_pixels": ..., "max_pixels": ...} as the size
+                size[key] = size.pop(legacy)
+            if config.get(legacy) is not None:
+                size[key] = int(config[legacy])
+        if not size.get("shortest_edge") or not size.get("longest_edge"):
+            raise ValueError(f"Qwen2-VL image size needs shortest_edge (min pixels) and longest_edge (max pixels), "
+                             f"got {size}")
+        return {"size": size}
 
 
 # ---------------------------------------------------------------------------------------- CLIP, IDEFICS
@@ -122,6 +154,57 @@ def preprocess_idefics(images, settings: IdeficsImageSettings) -> dict:
     return {"pixel_values": torch.from_numpy(out), "num_images": counts}
 
 
+# ---------------------------------------------------------------------------------------------- Qwen2-VL
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """transformers' Qwen2-VL smart_resize: sides multiples of `factor`, area within [min_pixels, max_pixels],
+    aspect ratio kept as closely as possible."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"an image of {width}x{height} px: the aspect ratio must be below 200 for Qwen2-VL")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def _qwen_patches(image: Image.Image, s: Qwen2VLImageSettings, table) -> tuple[np.ndarray, list]:
+    p, m, t = s.patch_size, s.merge_size, s.temporal_patch_size
+    image = convert_to_rgb(image)
+    if s.do_resize:
+        h, w = smart_resize(image.height, image.width, p * m, s.size["shortest_edge"], s.size["longest_edge"])
+        image = resize(image, h, w, s.resample)
+    array = np.asarray(image)
+    h, w = array.shape[:2]
+    if h % (p * m) or w % (p * m):
+        raise ValueError(f"an image of {w}x{h} px does not split into {p * m} px blocks (enable do_resize)")
+    chw = np.empty((3, h, w), dtype=np.float32)
+    write_normalized(table, array, chw)
+    gh, gw = h // p, w // p
+    # [C, gh/m, m, p, gw/m, m, p] -> [gh/m, gw/m, m, m, C, p, p]: each merge block's patches contiguous
+    x = chw.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # a still image fills every frame
+    return x.reshape(gh * gw, 3 * t * p * p), [1, gh, gw]
+
+
+def preprocess_qwen2_vl(images, settings: Qwen2VLImageSettings) -> dict:
+    """Qwen2-VL. Returns pixel_values [all patches, 3 * T * p * p] (all prompts' images in order), image_grid_thw
+    [N, 3] (1, rows, cols of patches) and num_images per prompt."""
+    nested = nest_images(images)
+    flat = [im for sample in nested for im in sample]
+    result = {"num_images": [len(sample) for sample in nested]}
+    if flat:
+        table = normalization_table(settings)
+        done = parallel_map(lambda im: _qwen_patches(im, settings, table), flat)
+        result["pixel_values"] = torch.from_numpy(np.concatenate([d[0] for d in done]))
+        result["image_grid_thw"] = torch.tensor([d[1] for d in done], dtype=torch.long)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- factory
 
 class ImageProcessor:
@@ -146,6 +229,8 @@ def image_processor_for(family: str, config: dict | None = None) -> ImageProcess
         "idefics2": (Idefics2ImageSettings, preprocess_idefics2),
         "idefics3": (Idefics3ImageSettings, preprocess_idefics3),
         "smolvlm": (Idefics3ImageSettings, preprocess_idefics3),
+        "qwen2_vl": (Qwen2VLImageSettings, preprocess_qwen2_vl),
+        "qwen2_5_vl": (Qwen2VLImageSettings, preprocess_qwen2_vl),
     }
     key = family.lower()
     if key not in table:

@@ -8,6 +8,7 @@ Output keys per family (laid out by formats/; what VLMModel.forward and the tran
     llava     input_ids, attention_mask, pixel_values [N, 3, H, W]              (N = all images, prompt order)
     idefics   input_ids, attention_mask, pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
     idefics2/3 input_ids, attention_mask, pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
+    qwen2_vl  input_ids, attention_mask, pixel_values [all patches, 3*T*p*p], image_grid_thw [N, 3]
 (no pixel keys for Idefics2/3 and LLaVA when the batch has no image). input_ids equal transformers' processors'
 row by row; batches are padded on the LEFT (attention_mask 0 there). Nothing is ever truncated: a prompt longer than
 `max_length` (default: the model's context) is an error.
@@ -26,7 +27,7 @@ from .formats import format_for
 from .image_processors import image_processor_for
 from .images import ImageError, ImageLimits, load_images
 from .prompts import (
-    PromptError, PromptRules, Slot, interleaved_segments, is_image_object, is_image_reference, is_messages,
+    IMAGE_TOKEN, PromptError, PromptRules, Slot, interleaved_segments, is_image_object, is_image_reference, is_messages,
     normalize_messages,
 )
 from .tokenizer import Tokenizer
@@ -36,7 +37,8 @@ __all__ = ["Processor", "PromptError"]
 # processor_config.json "processor_class" -> family (for folders without a model config.json)
 PROCESSOR_CLASSES = {
     "LlavaProcessor": "llava", "IdeficsProcessor": "idefics", "Idefics2Processor": "idefics2",
-    "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm",
+    "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm", "Qwen2VLProcessor": "qwen2_vl",
+    "Qwen2_5_VLProcessor": "qwen2_5_vl",
 }
 
 
@@ -127,6 +129,15 @@ class Processor:
     @property
     def image_token(self) -> str:
         return self.rules.image_token
+
+    def placeholder(self, prompt) -> str:
+        """The image placeholder a user's string (or interleaved list) prompt uses: the family's own token, or
+        vlmkit's `<image>` when the prompt holds only that (Qwen2-VL's own is `<|image_pad|>`)."""
+        texts = [prompt] if isinstance(prompt, str) else [x for x in prompt if isinstance(x, str)] \
+            if isinstance(prompt, (list, tuple)) else []
+        if any(self.image_token in t for t in texts) or not any(IMAGE_TOKEN in t for t in texts):
+            return self.image_token
+        return IMAGE_TOKEN
 
     @property
     def chat_template(self) -> str:

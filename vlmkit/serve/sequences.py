@@ -30,7 +30,8 @@ from .jobs import Job, JobText
 __all__ = ["Sequence", "DecodeBatch", "prefill_together"]
 
 # Batch keys the chunked prefill knows how to split; any other image input goes to the model whole, at once.
-_CHUNKABLE = {"input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "image_attention_mask"}
+_CHUNKABLE = {"input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "image_attention_mask",
+              "image_grid_thw"}
 
 
 class Sequence:
@@ -88,8 +89,11 @@ class Sequence:
             self.features = self.features[n:]
         if "image_attention_mask" in self.images:
             inputs["image_attention_mask"] = self.images["image_attention_mask"][:, s:e]
+        if "image_grid_thw" in self.images:  # Qwen2-VL: each chunk's 3D positions come from the prompt so far
+            inputs["image_grid_thw"] = self.images["image_grid_thw"]
         out = model(input_ids=chunk, attention_mask=self.mask[:, :e], cache=self.cache, logits_to_keep=1, **inputs)
         self.cache, self.done_tokens = out.cache, e
+        self.cache.record(chunk)
         if e == self.length:
             self.images = {}  # the cache holds what decoding needs
             self.choose(out.logits[:, -1])
@@ -100,7 +104,8 @@ class Sequence:
         pixels = self.images.get("pixel_values")
         if pixels is None:
             return {}
-        features = model.image_features(pixels, self.images.get("pixel_attention_mask"))
+        features = model.image_features(pixels, self.images.get("pixel_attention_mask"),
+                                        self.images.get("image_grid_thw"))
         if model.cfg.merge == "splice":
             self.features = features.reshape(-1, features.shape[-1])
             return {}

@@ -39,7 +39,7 @@ EXAMPLES = [("shapes.png", "What color is the circle?"), ("shapes.png", "What sh
             ("pie.png", "Which slice is the largest?")]
 DEFAULT_MODEL_EXAMPLES = 4
 FAMILY_NAMES = {"llava": "LLaVA", "idefics": "IDEFICS", "idefics2": "Idefics2", "idefics3": "Idefics3 / SmolVLM",
-                "smolvlm": "Idefics3 / SmolVLM"}
+                "smolvlm": "Idefics3 / SmolVLM", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
 
 
 # --------------------------------------------------------------------------------------------- what is served
