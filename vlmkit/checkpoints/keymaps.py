@@ -78,9 +78,14 @@ CONNECTOR_RULES = {
 }
 
 
+# LLaVA-NeXT's learned row separator; `{N}` is only in that family's prefixes.
+ANYRES_RULES = [(r"anyres\.image_newline", "{N}image_newline")]
+
+
 def build_key_map(our_keys, connector_kind: str, prefixes: dict) -> dict:
     """our tensor name -> HF tensor name, for every name in `our_keys`."""
     rules = VISION_RULES + TEXT_RULES + CROSS_ATTN_RULES + CONNECTOR_RULES[connector_kind]
+    rules += ANYRES_RULES if "N" in prefixes else []
     compiled = [(re.compile(pattern + "$"), template.format(**prefixes)) for pattern, template in rules]
     out = {}
     for key in our_keys:

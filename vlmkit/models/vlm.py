@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import VLMConfig
+from .anyres import AnyresPacker
 from .connectors import build_connector
 from .cross_attn import expand_image_mask
 from .kv_cache import KVCache
@@ -42,6 +43,7 @@ class VLMModel(nn.Module):
         self.vision = VisionTransformer(cfg.vision)
         self.connector = build_connector(cfg.connector)
         self.text = TextDecoder(cfg.text, cfg.cross_attn)
+        self.anyres = None if cfg.anyres is None else AnyresPacker(cfg.anyres, cfg.vision, cfg.connector.out_dim)
 
     @classmethod
     def random(cls, cfg: VLMConfig, seed: int = 0, std: float = 0.02) -> "VLMModel":
@@ -74,12 +76,38 @@ class VLMModel(nn.Module):
         features = self.vision(pixel_values.to(self.dtype), patch_mask)
         return self.connector(features, patch_mask)
 
-    def image_features(self, pixel_values, pixel_attention_mask=None) -> torch.Tensor:
+    def image_features(self, pixel_values, pixel_attention_mask=None, image_sizes=None) -> torch.Tensor:
         """Batch layout of the family's processor -> features [num_real_images, tokens, width], in prompt order
-        (cross-attention: every slot, [B * M, ...]; the image-attention mask hides the padding images)."""
+        (cross-attention: every slot, [B * M, ...]; the image-attention mask hides the padding images;
+        LLaVA-NeXT: [1, all images' tokens, width], as its images give different counts)."""
+        if self.anyres is not None:
+            return self.anyres_pack(self.encode_images(self.anyres_patches(pixel_values, image_sizes)), image_sizes)
         flat, mask = flat_images(pixel_values, pixel_attention_mask,
                                  keep_padding=self.cfg.merge == "cross_attention")
         return self.encode_images(flat, mask)
+
+    def anyres_patches(self, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
+        """LLaVA-NeXT pixel_values [N, max_tiles, 3, S, S] (zero tiles pad the images with fewer) + image_sizes
+        [N, 2] -> the real tiles of all images [sum tiles, 3, S, S]."""
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT images need image_sizes (each image's original height, width) with "
+                             "pixel_values")
+        counts = self.anyres.patch_counts(image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)
+        if pixel_values.dim() == 4:
+            if pixel_values.shape[0] != sum(counts):
+                raise ImageTokenMismatch(f"pixel_values has {pixel_values.shape[0]} tiles, image_sizes need "
+                                         f"{sum(counts)}")
+            return pixel_values
+        if pixel_values.dim() != 5 or pixel_values.shape[0] != len(counts) or pixel_values.shape[1] < max(counts):
+            raise ImageTokenMismatch(f"pixel_values {tuple(pixel_values.shape)} does not fit image_sizes of "
+                                     f"{len(counts)} images needing {counts} tiles")
+        return torch.cat([tiles[:n] for tiles, n in zip(pixel_values, counts)])
+
+    def anyres_pack(self, tile_features: torch.Tensor, image_sizes) -> torch.Tensor:
+        """Connector outputs of all tiles [sum tiles, side*side, D] -> [1, all images' tokens, D]."""
+        sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes
+        per_image = tile_features.split(self.anyres.patch_counts(sizes))
+        return torch.cat([self.anyres(f, int(h), int(w)) for f, (h, w) in zip(per_image, sizes)])[None]
 
     # ---- merge ----------------------------------------------------------------------------------------------
     def splice(self, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -103,6 +131,7 @@ class VLMModel(nn.Module):
         pixel_values: Optional[torch.Tensor] = None,
         pixel_attention_mask: Optional[torch.Tensor] = None,
         image_attention_mask: Optional[torch.Tensor] = None,
+        image_sizes: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         image_features: Optional[torch.Tensor] = None,
@@ -110,7 +139,7 @@ class VLMModel(nn.Module):
         **unused,
     ) -> ModelOutput:
         if image_features is None and pixel_values is not None:
-            image_features = self.image_features(pixel_values, pixel_attention_mask)
+            image_features = self.image_features(pixel_values, pixel_attention_mask, image_sizes)
         if self.cfg.merge == "splice":
             embeds = self.text.embed(input_ids)
             if image_features is not None:

@@ -6,6 +6,7 @@
 
 Output keys per family (laid out by formats/; what VLMModel.forward and the transformers models take):
     llava     input_ids, attention_mask, pixel_values [N, 3, H, W]              (N = all images, prompt order)
+    llava_next input_ids, attention_mask, pixel_values [N, max_tiles, 3, S, S], image_sizes [N, 2]
     idefics   input_ids, attention_mask, pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
     idefics2/3 input_ids, attention_mask, pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
 (no pixel keys for Idefics2/3 and LLaVA when the batch has no image). input_ids equal transformers' processors'
@@ -35,7 +36,7 @@ __all__ = ["Processor", "PromptError"]
 
 # processor_config.json "processor_class" -> family (for folders without a model config.json)
 PROCESSOR_CLASSES = {
-    "LlavaProcessor": "llava", "IdeficsProcessor": "idefics", "Idefics2Processor": "idefics2",
+    "LlavaProcessor": "llava", "LlavaNextProcessor": "llava_next", "IdeficsProcessor": "idefics", "Idefics2Processor": "idefics2",
     "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm",
 }
 
