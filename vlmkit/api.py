@@ -219,7 +219,8 @@ class VLM:
             return batch, None, ()
         crops, features = (), None
         if batch.get("pixel_values") is not None:
-            crops, features = self._image_features(batch.pop("pixel_values"), batch.pop("pixel_attention_mask", None))
+            crops, features = self._image_features(batch.pop("pixel_values"), batch.pop("pixel_attention_mask", None),
+                                                   batch.pop("image_sizes", None))
             batch["image_features"] = features
         ids = batch["input_ids"]
         if ids.shape[0] != 1 or fast_decoder(self.model) is None:
@@ -238,9 +239,18 @@ class VLM:
             batch["image_features"] = flat[flat.shape[0] - fed:][None] if fed else None
         return batch, cache, crops
 
-    def _image_features(self, pixel_values, pixel_mask) -> tuple[tuple, torch.Tensor]:
-        """(crop digests, features [crops, tokens, width]) as VLMModel.image_features computes them."""
-        flat, mask = flat_images(pixel_values, pixel_mask)  # the real images, as the model takes them
+    def _image_features(self, pixel_values, pixel_mask, image_sizes=None) -> tuple[tuple, torch.Tensor]:
+        """(crop digests, features [crops, tokens, width]) as VLMModel.image_features computes them.
+        LLaVA-NeXT: its tiles are cached one by one, then packed; one key for all the images ([1, tokens, width]),
+        as their token counts differ."""
+        if getattr(self.model, "anyres", None) is not None:
+            tiles = self.model.anyres_patches(pixel_values, image_sizes)
+            digests, features = self._crop_features(tiles, None)
+            key = ("anyres", digests, tuple(map(tuple, image_sizes.tolist())))
+            return (key,), self.model.anyres_pack(features, image_sizes)
+        return self._crop_features(*flat_images(pixel_values, pixel_mask))  # the real images, as the model takes them
+
+    def _crop_features(self, flat, mask) -> tuple[tuple, torch.Tensor]:
         digests = tuple(crop_digest(flat[i], None if mask is None else mask[i]) for i in range(flat.shape[0]))
         found = {d: f for d in set(digests) if (f := self.image_cache.get(d)) is not None}
         missing = [i for i, d in enumerate(digests) if d not in found]
@@ -311,7 +321,9 @@ class VLM:
             iam = inputs["image_attention_mask"]
             inputs["image_attention_mask"] = torch.cat([iam, iam[:, -1:].expand(-1, longest, -1)], 1).expand(n, -1, -1)
         if "pixel_values" in inputs and self.processor.format.flat_pixels:  # one copy of the images per candidate
-            inputs["pixel_values"] = inputs["pixel_values"].repeat(n, 1, 1, 1)
+            for key in ("pixel_values", "image_sizes"):
+                if key in inputs:
+                    inputs[key] = inputs[key].repeat(n, *[1] * (inputs[key].dim() - 1))
         elif "pixel_values" in inputs:  # [B, M, ...]: the one row seen by every candidate
             for key in ("pixel_values", "pixel_attention_mask"):
                 if key in inputs:

@@ -30,7 +30,8 @@ from .jobs import Job, JobText
 __all__ = ["Sequence", "DecodeBatch", "prefill_together"]
 
 # Batch keys the chunked prefill knows how to split; any other image input goes to the model whole, at once.
-_CHUNKABLE = {"input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "image_attention_mask"}
+_CHUNKABLE = {"input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "image_attention_mask",
+              "image_sizes"}
 
 
 class Sequence:
@@ -100,7 +101,7 @@ class Sequence:
         pixels = self.images.get("pixel_values")
         if pixels is None:
             return {}
-        features = model.image_features(pixels, self.images.get("pixel_attention_mask"))
+        features = model.image_features(pixels, self.images.get("pixel_attention_mask"), self.images.get("image_sizes"))
         if model.cfg.merge == "splice":
             self.features = features.reshape(-1, features.shape[-1])
             return {}

