@@ -264,6 +264,30 @@ def test_server_batches_llava_next_jobs(vlm):
         assert text == vlm.chat(chat, max_new_tokens=6)
 
 
+def test_cli_info_describes_the_tiling(folder, capsys):
+    from vlmkit import cli
+    assert cli.main(["info", folder]) == 0
+    out = capsys.readouterr().out
+    # the largest grid, 2x2 tiles of 3x3 patches: 6x6 features + 6 newlines + the 3x3 base tile
+    assert "llava_next" in out and "up to 51 (anyres tiles on grids 1x2, 2x1, 2x2, 3x1, 1x3" in out
+
+
+def test_lora_training_with_packed_rows(folder, tmp_path, capsys):
+    from vlmkit import cli
+    odd = _odd_images()
+    rows = []
+    for i, (name, image) in enumerate(odd.items()):
+        image.save(tmp_path / f"{name}.png")
+        rows.append({"image": str(tmp_path / f"{name}.png"), "caption": f"A {name} picture number {i}."})
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", folder, "--data", str(tmp_path / "captions.jsonl"), "--stage", "lora",
+                     "--lora-r", "4", "--batch-size", "4", "--steps", "1", "--pack", "400", "--out", str(out)]) == 0
+    assert "connector 6,336" in capsys.readouterr().err  # the projector and image_newline
+    m = vlmkit.load(out / "final")
+    assert isinstance(m.generate(prompt(1), images=[odd["tall"]], max_new_tokens=2, raw=True), str)
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 
 def test_unsupported_variants_are_named(folder, tmp_path):

@@ -16,6 +16,7 @@ from .generation.caches import ImageFeatureCache, PrefixCache, PrefixEntry, crop
 from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
+from .models.anyres import feature_count
 from .models.kv_cache import StaticKVCache
 from .models.quant import check_mode, memory_bytes, quantization_of
 from .models.vlm import VLMModel, flat_images
@@ -346,9 +347,10 @@ class VLM:
             "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],
             "parameters": parameter_count(model),
             "vision_parameters": parameter_count(getattr(model, "vision", None)),
-            "connector_parameters": parameter_count(getattr(model, "connector", None)),
+            "connector_parameters": parameter_count(getattr(model, "connector", None))
+            + parameter_count(getattr(model, "anyres", None)),
             "cross_attention_parameters": cross, "text_parameters": parameter_count(text) - cross,
-            "connector": cfg.connector.kind, "merge": cfg.merge, "tokens_per_image": cfg.tokens_per_image,
+            "connector": cfg.connector.kind, "merge": cfg.merge, **_image_tokens(cfg),
             "image_size": cfg.vision.image_size, "context_length": self.context_length,
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
             "memory_bytes": memory_bytes(model),
@@ -370,3 +372,12 @@ def parameter_count(module: Optional[torch.nn.Module], keep=lambda name: True) -
 
 
 __all__ = ["load", "save", "VLM", "config_from_folder"]
+
+
+def _image_tokens(cfg) -> dict:
+    """tokens_per_image: fixed, or (LLaVA-NeXT anyres) the most an image can take, with its tiling."""
+    if cfg.anyres is None:
+        return {"tokens_per_image": cfg.tokens_per_image}
+    tile, pins = cfg.vision.image_size, cfg.anyres.grid_pinpoints
+    return {"tokens_per_image": max(feature_count(h, w, cfg.anyres, cfg.vision) for h, w in pins),
+            "anyres_grids": [[h // tile, w // tile] for h, w in pins]}

@@ -28,7 +28,10 @@ def cmd_info(args) -> int:
     rows = [
         ("family", info["family"]), ("architecture", info["architecture"]),
         ("parameters", f"{n:,} ({split})"), ("connector", f"{info['connector']} ({info['merge']} merge)"),
-        ("tokens per image", info["tokens_per_image"]), ("image size", f"{info['image_size']} px"),
+        ("tokens per image", info["tokens_per_image"] if "anyres_grids" not in info else
+         f"up to {info['tokens_per_image']} (anyres tiles on grids "
+         f"{', '.join(f'{r}x{c}' for r, c in info['anyres_grids'])} + the whole image)"),
+        ("image size", f"{info['image_size']} px"),
         ("context length", f"{info['context_length']} tokens"),
         ("device", info["device"]), ("compute dtype", info["dtype"]),
         ("memory", f"{human_bytes(info['memory_bytes'])} of weights, "
