@@ -300,3 +300,32 @@ def test_unsupported_variants_are_named(folder, tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(UnsupportedCheckpoint, match=message):
             load_model(tmp_path)
+
+
+def test_hub_config_with_transformers_4_defaults_left_out():
+    """Shaped like llava-hf/llava-v1.6-mistral-7b-hf's config.json: its text config names only what differs from
+    MistralConfig's defaults."""
+    from vlmkit.checkpoints.families import llava_next_from_hf
+    from vlmkit.models.anyres import feature_count
+    hub = {
+        "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
+        "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        "image_token_index": 32000, "projector_hidden_act": "gelu", "use_image_newline_parameter": True,
+        "text_config": {"architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
+                        "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,
+                        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None, "vocab_size": 32064},
+        "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                          "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                          "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+    }
+    cfg = llava_next_from_hf(hub)
+    t = cfg.text
+    assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads, t.rope_theta) == (4096, 32, 32, 8, 1e6)
+    assert cfg.vision.feature_layer == -2 and cfg.vision.drop_class_token and cfg.image_token_id == 32000
+    # LLaVA-1.6's largest count, 2928 tokens, for a 672x672 image: the 24x24 base tile, 48x48 grid, 48 newlines
+    assert feature_count(672, 672, cfg.anyres, cfg.vision) == 576 + 48 * 48 + 48 == 2928
+    assert feature_count(336, 672, cfg.anyres, cfg.vision) == 576 + 24 * 48 + 24
+    with pytest.raises(UnsupportedCheckpoint, match="sliding_window=4096"):
+        llava_next_from_hf({**hub, "text_config": {k: v for k, v in hub["text_config"].items()
+                                                   if k != "sliding_window"}})

@@ -116,18 +116,33 @@ def llava_to_hf(c: VLMConfig) -> dict:
 
 
 # ---- LLaVA-NeXT: LLaVA's tower and projector, anyres tiles packed with image_newline -------------------------
-LLAVA_NEXT_TEXT = ("llama", "mistral", "qwen2")  # decoders ours covers (Qwen2: q/k/v biases)
+LLAVA_NEXT_TEXT = ("llama", "mistral", "qwen2")  # the decoders of the released checkpoints
+
+
+# transformers' defaults for what the hub's llava-hf configs (written by transformers 4.x) leave out: their text
+# configs name only what differs from LlamaConfig / MistralConfig; no vision config means LlavaNextConfig's CLIP.
+TEXT_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    sliding_window=4096, bos_token_id=1, eos_token_id=2),
+}
+LLAVA_NEXT_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, patch_size=14,
+                         image_size=336, num_hidden_layers=24, num_attention_heads=16)
 
 
 def llava_next_from_hf(d: dict) -> VLMConfig:
-    cfg = llava_from_hf(d)
-    text_type = d["text_config"].get("model_type", "llama")
+    text_type = (d.get("text_config") or {}).get("model_type", "llama")
+    d = {**d, "text_config": {**TEXT_DEFAULTS.get(text_type, {}), **(d.get("text_config") or {})},
+         "vision_config": d.get("vision_config") or LLAVA_NEXT_VISION}
     if text_type not in LLAVA_NEXT_TEXT:
         raise UnsupportedCheckpoint(f"LLaVA-NeXT with a {text_type!r} decoder is not supported (only "
                                     f"{', '.join(LLAVA_NEXT_TEXT)})")
     if text_type == "qwen2":  # Qwen2 attention has q/k/v biases and no o_proj bias: not a config field there
         raise UnsupportedCheckpoint("LLaVA-NeXT with a Qwen2 decoder needs q/k/v-only attention biases, which the "
                                     "decoder does not have yet")
+    cfg = llava_from_hf(d)
     window = d["text_config"].get("sliding_window")
     if window and window < d["text_config"].get("max_position_embeddings", 0):
         raise UnsupportedCheckpoint(f"sliding-window attention (sliding_window={window}) is not supported yet")
