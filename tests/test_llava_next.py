@@ -102,6 +102,18 @@ def test_processor_equals_transformers_on_odd_sizes(folder, hf):
     assert got["pixel_values"].shape[1] == 5  # the square image's 2x2 grid + base; the others padded with zero tiles
 
 
+def test_merge_of_single_prompts_equals_the_batch(folder):
+    """How the server prefills fresh prompts together: single-prompt outputs merged as the processor pads them."""
+    from vlmkit.processing.formats import format_for
+    proc = Processor.from_folder(folder)
+    odd = _odd_images()
+    prompts, images = [prompt(2), prompt(1, "A longer question about the picture?")], [[odd["square"], odd["tiny"]],
+                                                                                       [odd["wide"]]]
+    together = proc(prompts, images)
+    merged = format_for("llava_next").merge([proc([p], [im]) for p, im in zip(prompts, images)], proc.pad_token_id)
+    assert set(merged) == set(together) and all(torch.equal(merged[k], together[k]) for k in together)
+
+
 def test_token_count_equals_transformers_rule(hf):
     _, processor = hf
     sizes = [(h, w) for h in (1, 5, 17, 42, 43, 84, 100, 333) for w in (1, 7, 30, 42, 85, 151, 400)]
@@ -258,6 +270,7 @@ def test_server_batches_llava_next_jobs(vlm):
             assert done.acquire(timeout=60)
     finally:
         batcher.stop()
+    assert batcher.stats["max_batch_seen"] == 2, batcher.stats
     for i, chat in enumerate(chats):
         assert results[i][-1][0] == "done", results[i][-1]
         text = "".join(x for x in results[i] if isinstance(x, str))
