@@ -231,23 +231,30 @@ def test_score_with_images(vlm):
     assert len(scores) == 2 and all(np.isfinite(scores))
 
 
-def test_quantized_and_info(folder):
+def test_quantized_and_info(folder, tmp_path):
+    from vlmkit import cli
     float_model = vlmkit.load(folder, caches=False)
     images = [_odd_images()["wide"]]
     for mode in ("int8", "int4"):
         m = vlmkit.load(folder, quantize=mode, caches=False)
-        assert isinstance(m.generate(prompt(1), images=images, max_new_tokens=4, raw=True), str)
+        text = m.generate(prompt(1), images=images, max_new_tokens=4, raw=True)
+        assert cli.main(["quantize", folder, str(tmp_path / mode), f"--{mode}"]) == 0  # written once, read back
+        assert vlmkit.load(tmp_path / mode, caches=False).generate(prompt(1), images=images, max_new_tokens=4,
+                                                                  raw=True) == text
     info = float_model.info()
     assert info["family"] == "llava_next" and info["architecture"] == "LlavaNextForConditionalGeneration"
 
 
-def test_server_batches_llava_next_jobs(vlm):
+@pytest.mark.parametrize("chunk", [None, 16], ids=["together", "chunked"])
+def test_server_batches_llava_next_jobs(vlm, chunk):
+    """Fresh prompts prefilled together (merged batch), or a chunk of 16 tokens at a time (image features fed
+    chunk by chunk), then decoded together: each answer equals the one generated alone."""
     from vlmkit.processing.images import ImageLimits
     from vlmkit.serve.batcher import Batcher, Job
     from vlmkit.serve.engine import Engine, GenParams
 
     odd = _odd_images()
-    batcher = Batcher(vlm, max_batch=4, batch_wait_ms=300)
+    batcher = Batcher(vlm, max_batch=4, batch_wait_ms=300, prefill_chunk=chunk)
     engine = Engine(vlm, batcher, model_name="llava_next", limits=ImageLimits())
     chats = [[{"role": "user", "content": [{"type": "image", "image": odd["tall"]}, {"type": "text", "text": "What?"}]}],
              [{"role": "user", "content": [{"type": "image", "image": odd["square"]},
@@ -270,11 +277,22 @@ def test_server_batches_llava_next_jobs(vlm):
             assert done.acquire(timeout=60)
     finally:
         batcher.stop()
-    assert batcher.stats["max_batch_seen"] == 2, batcher.stats
+    if chunk is None:
+        assert batcher.stats["max_batch_seen"] == 2, batcher.stats
     for i, chat in enumerate(chats):
         assert results[i][-1][0] == "done", results[i][-1]
         text = "".join(x for x in results[i] if isinstance(x, str))
         assert text == vlm.chat(chat, max_new_tokens=6)
+
+
+def test_eval_runs(folder, tmp_path, capsys):
+    from pathlib import Path
+
+    from vlmkit import cli
+    data = Path(__file__).parent / "data" / "eval" / "vqav2.jsonl"
+    assert cli.main(["eval", "-m", folder, "--task", "vqav2", "--data", str(data), "--limit", "3", "--batch-size",
+                     "2", "--max-new-tokens", "3", "--output", str(tmp_path)]) == 0
+    assert "3 items (0 failed)" in capsys.readouterr().err
 
 
 def test_cli_info_describes_the_tiling(folder, capsys):
