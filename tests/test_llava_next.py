@@ -139,6 +139,50 @@ def test_chat_template_renders_as_transformers(vlm, hf):
     assert expected.startswith("[INST] <image>\nWhat is shown? [/INST] A dog.")
 
 
+# Templates in the styles LLaVA-NeXT checkpoints carry: Vicuna (USER/ASSISTANT), Mistral ([INST], refusing a system
+# turn) and ChatML (Yi-34B, the Qwen-based ones).
+VICUNA = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'][0]['text'] + ' ' }}{% else %}"
+          "{{ m['role'].upper() + ': ' }}{% endif %}"
+          "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+          "{% for c in m['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}{% endfor %}"
+          "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+MISTRAL_STRICT = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' }}"
+                  "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+                  "{% for c in m['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] }}{% endfor %}"
+                  "{{ ' [/INST]' }}{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'][0]['text'] + eos_token }}"
+                  "{% else %}{{ raise_exception('user and assistant turns only') }}{% endif %}{% endfor %}")
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+          "{% for c in m['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+          "{% for c in m['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] }}{% endfor %}"
+          "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [VICUNA, MISTRAL_STRICT, CHATML], ids=["vicuna", "mistral", "chatml"])
+def test_checkpoint_templates_render_as_transformers(folder, hf, template):
+    _, processor = hf
+    ours = Processor.from_folder(folder)
+    ours.tokenizer.chat_template = template
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Two shapes."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Colours?"}, {"type": "image"}]}]
+    expected = processor.apply_chat_template(messages, chat_template=template, add_generation_prompt=True)
+    assert ours.apply_chat_template(messages) == expected
+    # tokenized as apply_chat_template(tokenize=True) does: no second BOS after a template that wrote one (this
+    # tokenizer's BOS is ChatML's <|im_start|>)
+    images = iter([sample_images()[0], _odd_images()["tall"]])
+    inline = [{**m, "content": [{**c, "image": next(images)} if c["type"] == "image" else c for c in m["content"]]}
+              for m in messages]
+    hf_batch = processor.apply_chat_template(inline, chat_template=template, add_generation_prompt=True,
+                                             tokenize=True, return_dict=True, return_tensors="pt")
+    batch = ours(inline)
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"):
+        assert torch.equal(batch[key], hf_batch[key]), key
+    if template is MISTRAL_STRICT:
+        with pytest.raises(Exception, match="user and assistant turns only"):
+            ours.apply_chat_template([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}]
+                                     + messages)
+
+
 def test_default_template_without_one(folder, tmp_path):
     import shutil
     shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
