@@ -102,6 +102,22 @@ def test_processor_equals_transformers_on_odd_sizes(folder, hf):
     assert got["pixel_values"].shape[1] == 5  # the square image's 2x2 grid + base; the others padded with zero tiles
 
 
+def test_preprocessing_at_llava_v1_6_sizes():
+    """336 px tiles on the default grids (llava-v1.6's settings): pixel values bitwise transformers'."""
+    import transformers as tf
+    from vlmkit.processing.image_processors import image_processor_for
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in [(480, 640), (300, 1000), (1200, 500), (50, 60)]]
+    settings = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    hf = tf.LlavaNextImageProcessorPil(**settings)
+    expected = hf(images, return_tensors="pt")
+    got = image_processor_for("llava_next", {**settings, "image_grid_pinpoints": hf.image_grid_pinpoints})([images])
+    assert got["pixel_values"].shape == (4, 5, 3, 336, 336)
+    assert torch.equal(got["pixel_values"], expected["pixel_values"])
+    assert torch.equal(got["image_sizes"], expected["image_sizes"])
+
+
 def test_merge_of_single_prompts_equals_the_batch(folder):
     """How the server prefills fresh prompts together: single-prompt outputs merged as the processor pads them."""
     from vlmkit.processing.formats import format_for
