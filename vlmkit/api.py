@@ -371,9 +371,6 @@ def parameter_count(module: Optional[torch.nn.Module], keep=lambda name: True) -
                    for name, m in module.named_modules() if hasattr(m, "dequantize") and keep(name))
 
 
-__all__ = ["load", "save", "VLM", "config_from_folder"]
-
-
 def _image_tokens(cfg) -> dict:
     """tokens_per_image: fixed, or (LLaVA-NeXT anyres) the most an image can take, with its tiling."""
     if cfg.anyres is None:
@@ -381,3 +378,7 @@ def _image_tokens(cfg) -> dict:
     tile, pins = cfg.vision.image_size, cfg.anyres.grid_pinpoints
     return {"tokens_per_image": max(feature_count(h, w, cfg.anyres, cfg.vision) for h, w in pins),
             "anyres_grids": [[h // tile, w // tile] for h, w in pins]}
+
+
+__all__ = ["load", "save", "VLM", "config_from_folder"]
+
