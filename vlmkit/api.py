@@ -18,6 +18,7 @@ from .generation.caches import (
 from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
+from .models.anyres import feature_count
 from .models.kv_cache import StaticKVCache
 from .models.quant import check_mode, memory_bytes, quantization_of
 from .models.vlm import VLMModel, flat_images
@@ -222,7 +223,8 @@ class VLM:
             crops, features = self._patch_features(batch.pop("pixel_values"), batch["image_grid_thw"])
             batch["image_features"] = features
         elif batch.get("pixel_values") is not None:
-            crops, features = self._image_features(batch.pop("pixel_values"), batch.pop("pixel_attention_mask", None))
+            crops, features = self._image_features(batch.pop("pixel_values"), batch.pop("pixel_attention_mask", None),
+                                                   batch.pop("image_sizes", None))
             batch["image_features"] = features
         ids = batch["input_ids"]
         if ids.shape[0] != 1 or fast_decoder(self.model) is None:
@@ -241,9 +243,18 @@ class VLM:
             batch["image_features"] = flat[flat.shape[0] - fed:][None] if fed else None
         return batch, cache, crops
 
-    def _image_features(self, pixel_values, pixel_mask) -> tuple[tuple, torch.Tensor]:
-        """(crop digests, features [crops, tokens, width]) as VLMModel.image_features computes them."""
-        flat, mask = flat_images(pixel_values, pixel_mask)  # the real images, as the model takes them
+    def _image_features(self, pixel_values, pixel_mask, image_sizes=None) -> tuple[tuple, torch.Tensor]:
+        """(crop digests, features [crops, tokens, width]) as VLMModel.image_features computes them.
+        LLaVA-NeXT: its tiles are cached one by one, then packed; one key for all the images ([1, tokens, width]),
+        as their token counts differ."""
+        if getattr(self.model, "anyres", None) is not None:
+            tiles = self.model.anyres_patches(pixel_values, image_sizes)
+            digests, features = self._crop_features(tiles, None)
+            key = ("anyres", digests, tuple(map(tuple, image_sizes.tolist())))
+            return (key,), self.model.anyres_pack(features, image_sizes)
+        return self._crop_features(*flat_images(pixel_values, pixel_mask))  # the real images, as the model takes them
+
+    def _crop_features(self, flat, mask) -> tuple[tuple, torch.Tensor]:
         digests = tuple(crop_digest(flat[i], None if mask is None else mask[i]) for i in range(flat.shape[0]))
         found = {d: f for d in set(digests) if (f := self.image_cache.get(d)) is not None}
         missing = [i for i, d in enumerate(digests) if d not in found]
@@ -341,7 +352,9 @@ class VLM:
             inputs["pixel_values"] = inputs["pixel_values"].repeat(n, 1)
             inputs["image_grid_thw"] = inputs["image_grid_thw"].repeat(n, 1)
         elif "pixel_values" in inputs and self.processor.format.flat_pixels:  # one copy of the images per candidate
-            inputs["pixel_values"] = inputs["pixel_values"].repeat(n, 1, 1, 1)
+            for key in ("pixel_values", "image_sizes"):
+                if key in inputs:
+                    inputs[key] = inputs[key].repeat(n, *[1] * (inputs[key].dim() - 1))
         elif "pixel_values" in inputs:  # [B, M, ...]: the one row seen by every candidate
             for key in ("pixel_values", "pixel_attention_mask"):
                 if key in inputs:
@@ -359,21 +372,22 @@ class VLM:
         cross = parameter_count(text, lambda name: name.startswith("cross_blocks"))
         t = cfg.text
         itemsize = next(model.parameters()).element_size()
-        tokens, image_size = cfg.tokens_per_image, cfg.vision.image_size
+        image_size, tokens = cfg.vision.image_size, _image_tokens(cfg)
         settings = getattr(self.processor.image_processor, "settings", None)
         if cfg.vision.flavour == "qwen2_vl" and settings is not None:  # native resolution: a range
             block = settings.patch_size * settings.merge_size
             lo, hi = settings.size["shortest_edge"], settings.size["longest_edge"]
-            tokens = f"{max(1, lo // block ** 2)}-{hi // block ** 2} (one per {block}x{block} px)"
+            tokens = {"tokens_per_image": f"{max(1, lo // block ** 2)}-{hi // block ** 2} (one per {block}x{block} px)"}
             image_size = f"{lo:,}-{hi:,} pixels (area), sides multiples of {block} px"
         return {
             "family": cfg.extra.get("hf_architecture", cfg.family),
             "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],
             "parameters": parameter_count(model),
             "vision_parameters": parameter_count(getattr(model, "vision", None)),
-            "connector_parameters": parameter_count(getattr(model, "connector", None)),
+            "connector_parameters": parameter_count(getattr(model, "connector", None))
+            + parameter_count(getattr(model, "anyres", None)),
             "cross_attention_parameters": cross, "text_parameters": parameter_count(text) - cross,
-            "connector": cfg.connector.kind, "merge": cfg.merge, "tokens_per_image": tokens,
+            "connector": cfg.connector.kind, "merge": cfg.merge, **tokens,
             "image_size": image_size, "context_length": self.context_length,
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
             "memory_bytes": memory_bytes(model),
@@ -394,4 +408,14 @@ def parameter_count(module: Optional[torch.nn.Module], keep=lambda name: True) -
                    for name, m in module.named_modules() if hasattr(m, "dequantize") and keep(name))
 
 
+def _image_tokens(cfg) -> dict:
+    """tokens_per_image: fixed, or (LLaVA-NeXT anyres) the most an image can take, with its tiling."""
+    if cfg.anyres is None:
+        return {"tokens_per_image": cfg.tokens_per_image}
+    tile, pins = cfg.vision.image_size, cfg.anyres.grid_pinpoints
+    return {"tokens_per_image": max(feature_count(h, w, cfg.anyres, cfg.vision) for h, w in pins),
+            "anyres_grids": [[h // tile, w // tile] for h, w in pins]}
+
+
 __all__ = ["load", "save", "VLM", "config_from_folder"]
+

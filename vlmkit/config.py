@@ -130,8 +130,18 @@ class CrossAttnConfig:
 
 
 @dataclass
+class AnyresConfig:
+    """LLaVA-NeXT "anyres": each image is cut into vision-sized patches on the best-fitting grid of
+    `grid_pinpoints` ([height, width] pixel sizes) plus the whole image resized; the patch features are
+    re-assembled, the padding removed by the original size and `image_newline` appended after each row."""
+
+    grid_pinpoints: list = field(default_factory=list)
+    newline: bool = True  # the checkpoint carries `image_newline`
+
+
+@dataclass
 class VLMConfig:
-    family: Literal["llava", "idefics", "idefics2", "idefics3", "qwen2_vl"] = "llava"
+    family: Literal["llava", "llava_next", "idefics", "idefics2", "idefics3", "qwen2_vl"] = "llava"
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -139,6 +149,7 @@ class VLMConfig:
     image_token_id: Optional[int] = None
     # Image features per image after the connector (the count the processor must emit per image).
     tokens_per_image: int = 0
+    anyres: Optional[AnyresConfig] = None  # set => LLaVA-NeXT tiling: tokens per image vary with its size
     extra: dict = field(default_factory=dict)  # family-specific metadata kept for round trips (not used by modules)
 
     @property

@@ -91,11 +91,16 @@ CONNECTOR_RULES = {
 }
 
 
+# LLaVA-NeXT's learned row separator; `{N}` is only in that family's prefixes.
+ANYRES_RULES = [(r"anyres\.image_newline", "{N}image_newline")]
+
+
 def build_key_map(our_keys, connector_kind: str, prefixes: dict) -> dict:
     """our tensor name -> HF tensor name, for every name in `our_keys`."""
     # the patch merger comes with its own ViT (Qwen2-VL), whose blocks are named differently
     vision = QWEN_VISION_RULES if connector_kind == "patch_merger" else VISION_RULES
     rules = vision + TEXT_RULES + CROSS_ATTN_RULES + CONNECTOR_RULES[connector_kind]
+    rules += ANYRES_RULES if "N" in prefixes else []
     compiled = [(re.compile(pattern + "$"), template.format(**prefixes)) for pattern, template in rules]
     out = {}
     for key in our_keys:

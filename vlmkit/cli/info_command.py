@@ -28,7 +28,9 @@ def cmd_info(args) -> int:
     rows = [
         ("family", info["family"]), ("architecture", info["architecture"]),
         ("parameters", f"{n:,} ({split})"), ("connector", f"{info['connector']} ({info['merge']} merge)"),
-        ("tokens per image", info["tokens_per_image"]),
+        ("tokens per image", info["tokens_per_image"] if "anyres_grids" not in info else
+         f"up to {info['tokens_per_image']} (anyres tiles on grids "
+         f"{', '.join(f'{r}x{c}' for r, c in info['anyres_grids'])} + the whole image)"),
         ("image size", f"{info['image_size']} px" if isinstance(info["image_size"], int) else info["image_size"]),
         ("context length", f"{info['context_length']} tokens"),
         ("device", info["device"]), ("compute dtype", info["dtype"]),

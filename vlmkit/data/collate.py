@@ -241,7 +241,12 @@ def _join(rows: list) -> EncodedRow:
     if with_px:
         h = max(r.pixels.shape[-2] for r in with_px)
         w = max(r.pixels.shape[-1] for r in with_px)
-        out.pixels = torch.cat([_pad_hw(r.pixels, h, w) for r in with_px])
+        if with_px[0].image_sizes is not None:  # LLaVA-NeXT: [M, tiles, 3, S, S] with different tile counts
+            tiles = max(r.pixels.shape[1] for r in with_px)
+            out.pixels = torch.cat([_pad_tiles(r.pixels, tiles) for r in with_px])
+            out.image_sizes = torch.cat([r.image_sizes for r in with_px])
+        else:
+            out.pixels = torch.cat([_pad_hw(r.pixels, h, w) for r in with_px])
         if with_px[0].pixel_mask is not None:
             out.pixel_mask = torch.cat([_pad_hw(r.pixel_mask, h, w) for r in with_px])
     if rows[0].image_mask is not None:  # block-diagonal: each example sees only its own images
@@ -252,6 +257,10 @@ def _join(rows: list) -> EncodedRow:
             out.image_mask[ti:ti + r.image_mask.shape[0], mi:mi + r.image_mask.shape[1]] = r.image_mask
             ti, mi = ti + r.image_mask.shape[0], mi + r.image_mask.shape[1]
     return out
+
+
+def _pad_tiles(x: torch.Tensor, tiles: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 0, tiles - x.shape[1]))
 
 
 def _pad_hw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -21,7 +21,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import quant_cuda, quant_kernels

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import VLMConfig
+from .anyres import AnyresPacker
 from .connectors import build_connector
 from .cross_attn import expand_image_mask
 from .kv_cache import KVCache
@@ -43,6 +44,7 @@ class VLMModel(nn.Module):
         self.vision = build_vision(cfg.vision)
         self.connector = build_connector(cfg.connector)
         self.text = TextDecoder(cfg.text, cfg.cross_attn)
+        self.anyres = None if cfg.anyres is None else AnyresPacker(cfg.anyres, cfg.vision, cfg.connector.out_dim)
 
     @classmethod
     def random(cls, cfg: VLMConfig, seed: int = 0, std: float = 0.02) -> "VLMModel":
@@ -75,19 +77,46 @@ class VLMModel(nn.Module):
         features = self.vision(pixel_values.to(self.dtype), patch_mask)
         return self.connector(features, patch_mask)
 
-    def image_features(self, pixel_values, pixel_attention_mask=None, image_grid_thw=None) -> torch.Tensor:
+    def image_features(self, pixel_values, pixel_attention_mask=None, image_grid_thw=None,
+                       image_sizes=None) -> torch.Tensor:
         """Batch layout of the family's processor -> features [num_real_images, tokens, width], in prompt order
         (cross-attention: every slot, [B * M, ...]; the image-attention mask hides the padding images).
         Qwen2-VL: flat patches [P, C*T*p*p] of the images image_grid_thw [N, 3] describes -> [1, all tokens, width]
-        (images of any size: their tokens in one row)."""
+        (images of any size: their tokens in one row). LLaVA-NeXT: tiles + image_sizes [N, 2] -> [1, all images'
+        tokens, width], as its images give different counts."""
         if self.cfg.vision.flavour == "qwen2_vl":
             if image_grid_thw is None:
                 raise ValueError("Qwen2-VL pixel_values need image_grid_thw (each image's patch grid)")
             patches = self.vision(pixel_values.to(self.dtype), image_grid_thw)
             return self.connector(patches)[None]
+        if self.anyres is not None:
+            return self.anyres_pack(self.encode_images(self.anyres_patches(pixel_values, image_sizes)), image_sizes)
         flat, mask = flat_images(pixel_values, pixel_attention_mask,
                                  keep_padding=self.cfg.merge == "cross_attention")
         return self.encode_images(flat, mask)
+
+    def anyres_patches(self, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
+        """LLaVA-NeXT pixel_values [N, max_tiles, 3, S, S] (zero tiles pad the images with fewer) + image_sizes
+        [N, 2] -> the real tiles of all images [sum tiles, 3, S, S]."""
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT images need image_sizes (each image's original height, width) with "
+                             "pixel_values")
+        counts = self.anyres.patch_counts(image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)
+        if pixel_values.dim() == 4:
+            if pixel_values.shape[0] != sum(counts):
+                raise ImageTokenMismatch(f"pixel_values has {pixel_values.shape[0]} tiles, image_sizes need "
+                                         f"{sum(counts)}")
+            return pixel_values
+        if pixel_values.dim() != 5 or pixel_values.shape[0] != len(counts) or pixel_values.shape[1] < max(counts):
+            raise ImageTokenMismatch(f"pixel_values {tuple(pixel_values.shape)} does not fit image_sizes of "
+                                     f"{len(counts)} images needing {counts} tiles")
+        return torch.cat([tiles[:n] for tiles, n in zip(pixel_values, counts)])
+
+    def anyres_pack(self, tile_features: torch.Tensor, image_sizes) -> torch.Tensor:
+        """Connector outputs of all tiles [sum tiles, side*side, D] -> [1, all images' tokens, D]."""
+        sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes
+        per_image = tile_features.split(self.anyres.patch_counts(sizes))
+        return torch.cat([self.anyres(f, int(h), int(w)) for f, (h, w) in zip(per_image, sizes)])[None]
 
     # ---- merge ----------------------------------------------------------------------------------------------
     def splice(self, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -112,6 +141,7 @@ class VLMModel(nn.Module):
         pixel_attention_mask: Optional[torch.Tensor] = None,
         image_attention_mask: Optional[torch.Tensor] = None,
         image_grid_thw: Optional[torch.Tensor] = None,
+        image_sizes: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         image_features: Optional[torch.Tensor] = None,
@@ -119,7 +149,7 @@ class VLMModel(nn.Module):
         **unused,
     ) -> ModelOutput:
         if image_features is None and pixel_values is not None:
-            image_features = self.image_features(pixel_values, pixel_attention_mask, image_grid_thw)
+            image_features = self.image_features(pixel_values, pixel_attention_mask, image_grid_thw, image_sizes)
         if position_ids is not None and image_grid_thw is not None and self.cfg.text.mrope_section is not None:
             raise ValueError("Qwen2-VL computes its own 3D positions for prompts with images: position_ids (e.g. "
                              "from packed training rows) cannot be given with images")

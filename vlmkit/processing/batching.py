@@ -32,6 +32,7 @@ class EncodedRow:
     pixel_mask: Optional[torch.Tensor] = None  # [M, H, W] (Idefics2/3)
     image_mask: Optional[torch.Tensor] = None  # [T, M] (IDEFICS image_attention_mask)
     image_grid: Optional[torch.Tensor] = None  # [M, 3] (Qwen2-VL image_grid_thw; pixels are then flat patches)
+    image_sizes: Optional[torch.Tensor] = None  # [M, 2] (LLaVA-NeXT: each image's height, width)
     indices: list = field(default_factory=list)  # the training examples in this row
 
 

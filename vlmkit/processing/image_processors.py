@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .anyres import LlavaNextImageSettings, preprocess_llava_next
 from .image_ops import (
-    ImageSettings, center_crop, convert_to_rgb, generic_output_size, nest_images, normalization_table, parallel_map,
-    resize, size_dict, write_normalized,
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSettings, center_crop, convert_to_rgb, generic_output_size, nest_images,
+    normalization_table, parallel_map, resize, size_dict, write_normalized,
 )
 from .image_tiling import Idefics2ImageSettings, Idefics3ImageSettings, preprocess_idefics2, preprocess_idefics3
 
@@ -30,10 +31,7 @@ __all__ = [
     "smart_resize",
 ]
 
-TENSOR_KEYS = ("pixel_values", "pixel_attention_mask", "image_grid_thw")  # the rest of a result dict is metadata
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TENSOR_KEYS = ("pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes")  # the rest is metadata
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -226,6 +224,7 @@ def image_processor_for(family: str, config: dict | None = None) -> ImageProcess
         "llava": (ClipImageSettings, preprocess_clip),
         "clip": (ClipImageSettings, preprocess_clip),
         "idefics": (IdeficsImageSettings, preprocess_idefics),
+        "llava_next": (LlavaNextImageSettings, preprocess_llava_next),
         "idefics2": (Idefics2ImageSettings, preprocess_idefics2),
         "idefics3": (Idefics3ImageSettings, preprocess_idefics3),
         "smolvlm": (Idefics3ImageSettings, preprocess_idefics3),

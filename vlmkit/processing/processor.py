@@ -6,6 +6,7 @@
 
 Output keys per family (laid out by formats/; what VLMModel.forward and the transformers models take):
     llava     input_ids, attention_mask, pixel_values [N, 3, H, W]              (N = all images, prompt order)
+    llava_next input_ids, attention_mask, pixel_values [N, max_tiles, 3, S, S], image_sizes [N, 2]
     idefics   input_ids, attention_mask, pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
     idefics2/3 input_ids, attention_mask, pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
     qwen2_vl  input_ids, attention_mask, pixel_values [all patches, 3*T*p*p], image_grid_thw [N, 3]
@@ -36,9 +37,9 @@ __all__ = ["Processor", "PromptError"]
 
 # processor_config.json "processor_class" -> family (for folders without a model config.json)
 PROCESSOR_CLASSES = {
-    "LlavaProcessor": "llava", "IdeficsProcessor": "idefics", "Idefics2Processor": "idefics2",
-    "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm", "Qwen2VLProcessor": "qwen2_vl",
-    "Qwen2_5_VLProcessor": "qwen2_5_vl",
+    "LlavaProcessor": "llava", "LlavaNextProcessor": "llava_next", "IdeficsProcessor": "idefics",
+    "Idefics2Processor": "idefics2", "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm",
+    "Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_5_vl",
 }
 
 

@@ -31,7 +31,7 @@ __all__ = ["Sequence", "DecodeBatch", "prefill_together"]
 
 # Batch keys the chunked prefill knows how to split; any other image input goes to the model whole, at once.
 _CHUNKABLE = {"input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "image_attention_mask",
-              "image_grid_thw"}
+              "image_grid_thw", "image_sizes"}
 
 
 class Sequence:
@@ -105,7 +105,7 @@ class Sequence:
         if pixels is None:
             return {}
         features = model.image_features(pixels, self.images.get("pixel_attention_mask"),
-                                        self.images.get("image_grid_thw"))
+                                        self.images.get("image_grid_thw"), self.images.get("image_sizes"))
         if model.cfg.merge == "splice":
             self.features = features.reshape(-1, features.shape[-1])
             return {}

@@ -120,7 +120,7 @@ def part_of(name: str) -> Optional[str]:
         return "lora"
     if name.startswith("vision."):
         return "vision"
-    if name.startswith("connector."):
+    if name.startswith(("connector.", "anyres.")):  # LLaVA-NeXT's image_newline trains with its projector
         return "connector"
     if name.startswith("text.cross_blocks."):
         return "cross_attention"

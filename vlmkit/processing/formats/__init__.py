@@ -7,6 +7,7 @@ the families once a prompt is segments (prompts.py) and its images are loaded:
   * placeholder expansion, the BOS rule, the stop and banned tokens;
   * the batch: rows padded on the LEFT (ids with the pad id, attention_mask 0) and the pixel layout
       LLaVA       pixel_values [N, 3, H, W], the images of all rows in order
+      LLaVA-NeXT  pixel_values [N, max_tiles, 3, S, S] (zero tiles pad), image_sizes [N, 2]
       IDEFICS     pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
       Idefics2/3  pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
       Qwen2-VL    pixel_values [all patches, 3*T*p*p], image_grid_thw [N, 3] (qwen2_vl.py)
@@ -22,17 +23,18 @@ from .base import Format
 from .idefics import IdeficsFormat, idefics_image_attention_mask
 from .idefics2 import Idefics2Format, Idefics3Format, SmolVLMFormat
 from .llava import LlavaFormat
+from .llava_next import LlavaNextFormat
 from .qwen2_vl import Qwen25VLFormat, Qwen2VLFormat
 
 __all__ = ["FORMATS", "Format", "format_for", "idefics_image_attention_mask"]
 
-FORMATS = {f.name: f for f in (LlavaFormat(), IdeficsFormat(), Idefics2Format(), Idefics3Format(), SmolVLMFormat(),
-                               Qwen2VLFormat(), Qwen25VLFormat())}
+FORMATS = {f.name: f for f in (LlavaFormat(), LlavaNextFormat(), IdeficsFormat(), Idefics2Format(), Idefics3Format(),
+                               SmolVLMFormat(), Qwen2VLFormat(), Qwen25VLFormat())}
 
 
 def format_for(cfg_or_family) -> Format:
-    """A family name (llava | idefics | idefics2 | idefics3 | smolvlm | qwen2_vl | qwen2_5_vl) or a VLMConfig ->
-    its Format."""
+    """A family name (llava | llava_next | idefics | idefics2 | idefics3 | smolvlm | qwen2_vl | qwen2_5_vl) or a
+    VLMConfig -> its Format."""
     if isinstance(cfg_or_family, str):
         family = cfg_or_family
     else:
