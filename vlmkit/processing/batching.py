@@ -31,6 +31,7 @@ class EncodedRow:
     pixels: Optional[torch.Tensor] = None  # [M, 3, H, W]: images (crops for Idefics2/3)
     pixel_mask: Optional[torch.Tensor] = None  # [M, H, W] (Idefics2/3)
     image_mask: Optional[torch.Tensor] = None  # [T, M] (IDEFICS image_attention_mask)
+    token_types: Optional[list] = None  # token_type_ids (Gemma 3: image tokens 1; PaliGemma: suffix 1)
     indices: list = field(default_factory=list)  # the training examples in this row
 
 

@@ -36,7 +36,8 @@ __all__ = ["Processor", "PromptError"]
 # processor_config.json "processor_class" -> family (for folders without a model config.json)
 PROCESSOR_CLASSES = {
     "LlavaProcessor": "llava", "IdeficsProcessor": "idefics", "Idefics2Processor": "idefics2",
-    "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm",
+    "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm", "Gemma3Processor": "gemma3",
+    "PaliGemmaProcessor": "paligemma",
 }
 
 
@@ -71,7 +72,7 @@ class Processor:
         for token in self.format.required_tokens(rules):
             if tokenizer.token_to_id(token) is None:
                 raise ValueError(f"the tokenizer has no {token!r} token, which {self.family} prompts need")
-        self.image_token_id = tokenizer.token_to_id(rules.image_token)
+        self.image_token_id = tokenizer.token_to_id(rules.feature_token or rules.image_token)
         if pad_token_id is None:
             pad_token_id = tokenizer.pad_token_id
         if pad_token_id is None:

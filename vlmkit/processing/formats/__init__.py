@@ -19,16 +19,19 @@ from __future__ import annotations
 
 from .base import Format
 from .idefics import IdeficsFormat, idefics_image_attention_mask
+from .gemma import Gemma3Format, PaliGemmaFormat
 from .idefics2 import Idefics2Format, Idefics3Format, SmolVLMFormat
 from .llava import LlavaFormat
 
 __all__ = ["FORMATS", "Format", "format_for", "idefics_image_attention_mask"]
 
-FORMATS = {f.name: f for f in (LlavaFormat(), IdeficsFormat(), Idefics2Format(), Idefics3Format(), SmolVLMFormat())}
+FORMATS = {f.name: f for f in (LlavaFormat(), IdeficsFormat(), Idefics2Format(), Idefics3Format(), SmolVLMFormat(),
+                               Gemma3Format(), PaliGemmaFormat())}
 
 
 def format_for(cfg_or_family) -> Format:
-    """A family name (llava | idefics | idefics2 | idefics3 | smolvlm) or a VLMConfig -> its Format."""
+    """A family name (llava | idefics | idefics2 | idefics3 | smolvlm | gemma3 | paligemma) or a VLMConfig -> its
+    Format."""
     if isinstance(cfg_or_family, str):
         family = cfg_or_family
     else:
