@@ -140,3 +140,29 @@ def test_save_round_trip_loads_in_transformers(setup, tmp_path):
     reloaded = type(hf_model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(**batch).logits, again(**batch).logits, atol=1e-4)
+
+
+def test_quantized_and_served(setup):
+    folder, _, _ = setup
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from vlmkit.serve import create_app
+    a, _ = sample_images()
+    for mode in ("int8", "int4"):
+        assert isinstance(vlmkit.load(folder, quantize=mode).generate("Hi <start_of_image> what?", images=[a],
+                                                                       max_new_tokens=3, raw=True), str)
+    m = vlmkit.load(folder)
+    buf = io.BytesIO()
+    a.save(buf, "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                             {"type": "text", "text": "What is shown?"}]}]
+    expected = m.chat([{"role": "user", "content": [{"type": "image", "image": a},
+                                                     {"type": "text", "text": "What is shown?"}]}], max_new_tokens=6)
+    with TestClient(create_app(m)) as client:
+        r = client.post("/v1/chat/completions", json={"model": "vlmkit", "max_tokens": 6, "messages": messages})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected
