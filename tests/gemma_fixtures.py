@@ -49,6 +49,8 @@ def build_tokenizer(family: str):
     if family == "gemma3":
         tok.add_bos_token = tok.init_kwargs["add_bos_token"] = True  # Gemma's tokenizer writes <bos>
         tok.chat_template = GEMMA3_TEMPLATE
+    else:
+        tok.chat_template = None  # PaliGemma checkpoints have none (SmolLM2's would come along otherwise)
     return tok
 
 

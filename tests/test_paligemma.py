@@ -103,3 +103,26 @@ def test_save_round_trip_loads_in_transformers(setup, tmp_path):
     reloaded = type(hf_model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(**batch).logits, again(**batch).logits, atol=1e-4)
+
+
+def test_training_rows_equal_the_processors_suffix_rule(setup):
+    """A chat example's training row: the prompt as prefix, the answer + EOS as suffix (token_type_ids 1, labels),
+    as PaliGemmaProcessor(text, images, suffix=...) builds it; the loss then trains only the answer."""
+    from vlmkit.data.collate import Collator
+    from vlmkit.data.readers import Example
+
+    family, folder, hf_model, processor = setup
+    a, _ = sample_images()
+    expected = processor(text=["<image>answer en what is it?"], images=[[a]], suffix=["a red circle"],
+                         return_tensors="pt")
+    ex = Example("chat", images=[a], turns=[("user", "<image>answer en what is it?"), ("assistant", "a red circle")])
+    batch = Collator(Processor.from_folder(folder))([ex])
+    n = int(expected["input_ids"].shape[1])
+    for k in ("input_ids", "token_type_ids", "labels"):  # ours ends with the prompt's own "\n" after the EOS
+        assert torch.equal(batch[k][:, :n], expected[k]), k
+    model = load_model(folder)
+    with torch.no_grad():
+        ref = hf_model(**{k: expected[k] for k in ("input_ids", "attention_mask", "pixel_values",
+                                                   "token_type_ids", "labels")}).loss
+        ours = model(**{k: v[:, :n] if v.dim() == 2 else v for k, v in batch.items()}).loss
+    assert abs(ref.item() - ours.item()) < 1e-4

@@ -175,7 +175,7 @@ class Collator:
             raise DataError("no token carries a label (empty answer or caption?)")
         row = proc.row(ids, image_batch, 0)
         row.labels, row.positions, row.indices = labels, list(range(len(ids))), [ex.index]
-        return row
+        return self.format.training_row(row)
 
     def approx_length(self, ex: Example) -> int:
         """Tokens of the example without reading its images (for length grouping): text + a per-image estimate.

@@ -81,6 +81,10 @@ class Format:
         return rules.image_seq_len + 2
 
     # ---------------------------------------------------------------------------------------------- rows
+    def training_row(self, row: EncodedRow) -> EncodedRow:
+        """A labelled training row's family-specific last touch (PaliGemma: the answer is the suffix)."""
+        return row
+
     def row(self, ids, images: dict, index: int, image_token_id: int, eos_token_id: Optional[int]) -> EncodedRow:
         """Prompt `index` of a processed batch as a row: its ids and its slice of the image tensors."""
         out = EncodedRow(ids)

@@ -35,10 +35,13 @@ GEMMA3_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}"
 )
 # PaliGemma is not a chat model: a conversation is its images and texts in order (the processor adds BOS and "\n").
+# An answer (training) follows the prompt's "\n" and ends with EOS, as PaliGemmaProcessor's suffix.
 PALIGEMMA_TEMPLATE = (
-    "{%- for message in messages -%}{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}{{ '\n' }}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for item in message['content'] -%}{%- if item['type'] == 'image' -%}{{ '<image>' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endfor -%}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}{%- endfor -%}"
 )
 
 
@@ -165,3 +168,10 @@ class PaliGemmaFormat(_FlatImagesFormat):
 
     def token_types(self, ids, image_token_id):
         return [0] * len(ids)  # all prefix: no suffix at inference
+
+    def training_row(self, row):
+        """From the first labelled token on, the row is the suffix (type 1, causal): as PaliGemmaProcessor's
+        suffix, the answer never sees itself ahead."""
+        first = next((i for i, x in enumerate(row.labels) if x != -100), len(row.labels))
+        row.token_types = [0] * first + [1] * (len(row.labels) - first)
+        return row
