@@ -166,3 +166,53 @@ def test_quantized_and_served(setup):
         r = client.post("/v1/chat/completions", json={"model": "vlmkit", "max_tokens": 6, "messages": messages})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+# config.json of google/gemma-3-4b-it and google/paligemma2-3b-pt-224 as published: fields at their defaults omitted
+GEMMA3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+    "eos_token_id": [1, 106], "image_token_index": 262144, "mm_tokens_per_image": 256, "model_type": "gemma3",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": False},
+}
+PALIGEMMA2_3B = {
+    "architectures": ["PaliGemmaForConditionalGeneration"], "bos_token_id": 2, "eos_token_id": 1,
+    "hidden_size": 2048, "image_token_index": 257152, "model_type": "paligemma", "pad_token_id": 0,
+    "projection_dim": 2304,
+    "text_config": {"hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "intermediate_size": 9216,
+                    "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26,
+                    "num_image_tokens": 256, "num_key_value_heads": 4, "query_pre_attn_scalar": 256,
+                    "sliding_window": 4096, "vocab_size": 257216},
+    "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                      "num_attention_heads": 16, "num_hidden_layers": 27, "num_image_tokens": 256,
+                      "patch_size": 14, "projection_dim": 2304, "projector_hidden_act": "gelu_fast",
+                      "vision_use_head": False},
+}
+
+
+@pytest.mark.parametrize("published", [GEMMA3_4B, PALIGEMMA2_3B], ids=["gemma-3-4b-it", "paligemma2-3b"])
+def test_published_configs_read_as_transformers_reads_them(published):
+    import transformers as tf
+
+    from vlmkit.checkpoints.families import family_for_architecture
+    ref = tf.AutoConfig.for_model(**published)
+    t, v = ref.text_config, ref.vision_config
+    cfg = family_for_architecture(published).from_hf(published)
+    c = cfg.text
+    assert (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (
+        t.vocab_size, t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.head_dim)
+    assert c.layer_types == t.layer_types and c.sliding_window == t.sliding_window
+    assert c.attn_scale == t.query_pre_attn_scalar**-0.5 and c.tie_word_embeddings
+    assert c.attn_softcap == getattr(t, "attn_logit_softcapping", None)
+    assert c.final_softcap == getattr(t, "final_logit_softcapping", None)
+    full = t.rope_parameters.get("full_attention", t.rope_parameters)
+    assert c.rope_theta == full["rope_theta"] and c.rope_factor == full.get("factor", 1.0)
+    if "sliding_attention" in t.rope_parameters:
+        assert c.rope_local_theta == t.rope_parameters["sliding_attention"]["rope_theta"]
+    assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.hidden_size) == (
+        v.image_size, v.patch_size, v.hidden_size)
+    assert cfg.tokens_per_image == 256 and cfg.image_token_id == published["image_token_index"]

@@ -254,7 +254,8 @@ def gemma_text_from_hf(d: dict) -> TextConfig:
         raise UnsupportedCheckpoint(f"text model {kind!r}: expected one of {sorted(GEMMA_DEFAULTS)}")
     if d.get("use_bidirectional_attention"):
         raise UnsupportedCheckpoint("use_bidirectional_attention=true (an embedding model) is not supported")
-    d = {**GEMMA_DEFAULTS[kind], **{k: v for k, v in d.items() if v is not None}}
+    d = {**GEMMA_DEFAULTS[kind], "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+         **{k: v for k, v in d.items() if v is not None}}
     theta, factor, local_theta = gemma_rope(d, kind)
     n = d["num_hidden_layers"]
     pattern = 2 if kind == "gemma2" else int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
