@@ -69,9 +69,11 @@ def test_chat_template_equals_transformers(setup):
                 {"role": "user", "content": [{"type": "text", "text": "Colour?"}]}]
     expected = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert Processor.from_folder(folder).apply_chat_template(messages) == expected
-    # a folder without a template gets the same Gemma turns
+    # a folder without a template gets google/gemma-3-*-it's, which renders the same turns
     from vlmkit.processing.formats import format_for
-    assert "<start_of_turn>" in format_for("gemma3").template
+    ours = Processor.from_folder(folder)
+    assert ours.tokenizer.render_chat(messages, add_generation_prompt=True,
+                                      chat_template=format_for("gemma3").template) == expected
 
 
 def test_logits_match_with_two_images_and_the_image_matters(setup):

@@ -91,6 +91,10 @@ def test_greedy_text_batch_and_stream(setup):
     assert got == expected
     assert m.generate(PROMPTS[1], images=images[1], max_new_tokens=12, raw=True) == expected[1]
     assert "".join(m.generate(PROMPTS[1], images=images[1], max_new_tokens=12, raw=True, stream=True)) == expected[1]
+    # chat messages render to the plain prompt (PaliGemma has no chat template; the default concatenates)
+    text = PROMPTS[1].removeprefix("<image>")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    assert m.chat(messages, images=images[1], max_new_tokens=12) == expected[1]
 
 
 def test_save_round_trip_loads_in_transformers(setup, tmp_path):
