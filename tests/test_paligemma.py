@@ -130,3 +130,28 @@ def test_training_rows_equal_the_processors_suffix_rule(setup):
                                                    "token_type_ids", "labels")}).loss
         ours = model(**{k: v[:, :n] if v.dim() == 2 else v for k, v in batch.items()}).loss
     assert abs(ref.item() - ours.item()) < 1e-4
+
+
+def test_lora_training_run(setup, tmp_path):
+    family, folder, _, _ = setup
+    if family != "paligemma2":
+        pytest.skip("one run is enough: both decoders train through the same path")
+    import json
+    from pathlib import Path
+
+    from vlmkit import cli
+    images = Path(__file__).parent / "data" / "train" / "images"
+    rows = [{"image": str(images / f"{c}_circle.png"), "caption": f"A {c} circle."} for c in ("red", "blue")]
+    data = tmp_path / "captions.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", folder, "--data", str(data), "--batch-size", "2", "--steps", "1",
+                     "--out", str(out)]) == 0
+    m = vlmkit.load(out / "final")
+    assert isinstance(m.generate("<image>caption en", images=[str(images / "red_circle.png")], max_new_tokens=2), str)
+
+
+def test_packing_is_refused(setup):
+    from vlmkit.data.collate import Collator
+    with pytest.raises(ValueError, match="cannot be packed"):
+        Collator(Processor.from_folder(setup[1]), pack_length=64)

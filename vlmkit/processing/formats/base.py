@@ -19,6 +19,7 @@ class Format:
     flat_pixels = False  # pixel_values [N, 3, H, W] instead of [B, M, 3, H, W]
     cross_attention = False  # the batch carries image_attention_mask
     writes_bos = False  # the processor writes the BOS text itself (the tokenizer adds none)
+    packable = True  # training rows may share a row (packing)
 
     def __repr__(self) -> str:
         return f"format_for({self.name!r})"

@@ -145,6 +145,7 @@ class PaliGemmaFormat(_FlatImagesFormat):
     name = "paligemma"
     template = PALIGEMMA_TEMPLATE
     writes_bos = True
+    packable = False  # packed examples' prefixes would attend to each other both ways
 
     def read_rules(self, proc_cfg, special, do_image_splitting=False, cfg=None) -> PromptRules:
         seq = (proc_cfg.get("image_processor") or {}).get("image_seq_length") or proc_cfg.get("image_seq_length")
