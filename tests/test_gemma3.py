@@ -49,8 +49,8 @@ def test_pan_and_scan_equals_transformers(tmp_path):
     folder = build_checkpoint("gemma3", str(tmp_path), pan_and_scan=True)
     _, processor = load_hf(folder)
     ours = Processor.from_folder(folder)
-    # transformers' Gemma3Processor's own defaults (off, 256, 4, 1.2) win over the folder's: enabled there per call, here by the
-    # folder's preprocessor settings
+    # transformers' Gemma3Processor's own defaults (off, 256, 4, 1.2) win over the folder's: enabled there per
+    # call, here by the folder's preprocessor settings
     a, b = sample_images()
     wide = a.resize((97, 31))
     expected = hf_batch(processor, [PROMPT], [[wide, b]], do_pan_and_scan=True, pan_and_scan_min_crop_size=8,

@@ -8,6 +8,8 @@ Output keys per family (laid out by formats/; what VLMModel.forward and the tran
     llava     input_ids, attention_mask, pixel_values [N, 3, H, W]              (N = all images, prompt order)
     idefics   input_ids, attention_mask, pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
     idefics2/3 input_ids, attention_mask, pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
+    gemma3, paligemma  input_ids, attention_mask, token_type_ids, pixel_values [N, 3, H, W] (Gemma 3: crops after
+              their image)
 (no pixel keys for Idefics2/3 and LLaVA when the batch has no image). input_ids equal transformers' processors'
 row by row; batches are padded on the LEFT (attention_mask 0 there). Nothing is ever truncated: a prompt longer than
 `max_length` (default: the model's context) is an error.
@@ -52,7 +54,8 @@ class Processor:
     """Callable: `processor(prompts, images=None, *, add_generation_prompt=True, max_length=None, plain_text=False)
     -> dict`.
 
-    family: llava | idefics | idefics2 | idefics3 | smolvlm (smolvlm = idefics3 prompt rules, its own images);
+    family: llava | idefics | idefics2 | idefics3 | smolvlm (smolvlm = idefics3 prompt rules, its own images) | gemma3 |
+    paligemma;
     `format` holds the family's rules (formats/).
     plain_text: the text parts of chat messages are plain text (what the server's chat APIs use): an `<image>` or
     a control token written in them is encoded as its characters; images come only from image parts and special

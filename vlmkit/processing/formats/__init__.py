@@ -1,7 +1,7 @@
 """Each family's processing rules in one place: `format_for(cfg_or_family)` -> its `Format`.
 
-Ground truth: transformers 5.x `LlavaProcessor`, `IdeficsProcessor`, `Idefics2Processor`, `Idefics3Processor` and
-`SmolVLMProcessor` (Idefics3's prompt rules, its tokens named by the tokenizer). A format owns what differs between
+Ground truth: transformers 5.x `LlavaProcessor`, `IdeficsProcessor`, `Idefics2Processor`, `Idefics3Processor`,
+`SmolVLMProcessor`, `Gemma3Processor` and `PaliGemmaProcessor` (Idefics3's prompt rules, its tokens named by the tokenizer). A format owns what differs between
 the families once a prompt is segments (prompts.py) and its images are loaded:
   * the prompt settings read from the processor files (`PromptRules`) and the default chat template;
   * placeholder expansion, the BOS rule, the stop and banned tokens;
@@ -9,6 +9,7 @@ the families once a prompt is segments (prompts.py) and its images are loaded:
       LLaVA       pixel_values [N, 3, H, W], the images of all rows in order
       IDEFICS     pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
       Idefics2/3  pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
+      Gemma 3, PaliGemma  pixel_values [N, 3, H, W], token_type_ids [B, T]
     where missing slots are all-zero images (the model skips them: models/vlm.flat_images) and smaller images are
     padded with zeros bottom/right.
 The processor, the training collator and the server's batching all build batches here. A family is one module

@@ -95,7 +95,8 @@ class _FlatImagesFormat(Format):
             return dict(batches[0])
         rows = []
         for b in batches:
-            if set(b) - {"input_ids", "attention_mask", "pixel_values", "token_type_ids"} or b["input_ids"].shape[0] != 1:
+            keys = {"input_ids", "attention_mask", "pixel_values", "token_type_ids"}
+            if set(b) - keys or b["input_ids"].shape[0] != 1:
                 raise CollateError("merge takes single-prompt batches of input_ids, token_type_ids and pixels")
             types = b.get("token_type_ids")
             rows.append(EncodedRow(b["input_ids"][0], pixels=b.get("pixel_values"),
