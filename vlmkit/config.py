@@ -70,7 +70,22 @@ class TextConfig:
     attention_bias: bool = False
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections only
     mlp_bias: bool = False
-    qk_norm: bool = False  # IDEFICS `qk_layer_norms`
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys (Gemma 3 `q_norm` / `k_norm`)
+    # Gemma: RMSNorm scales by (1 + weight) in float32, token embeddings by sqrt(hidden_size), and (Gemma 2/3) norms
+    # after attention and after the MLP as well as before them.
+    gemma_norm: bool = False
+    embed_scale: bool = False
+    post_norms: bool = False
+    attn_scale: Optional[float] = None  # softmax scale (Gemma 2/3: query_pre_attn_scalar ** -0.5); None: head_dim
+    attn_softcap: Optional[float] = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_softcap: Optional[float] = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    # Local layers attend to the last `sliding_window` tokens; layer_types names each layer ("sliding_attention" or
+    # "full_attention"); local layers take their own RoPE theta (Gemma 3) when rope_local_theta is set.
+    sliding_window: Optional[int] = None
+    layer_types: Optional[list] = None
+    rope_local_theta: Optional[float] = None
+    rope_factor: float = 1.0  # linear RoPE scaling of the global layers (Gemma 3 4B+: positions / 8)
+    position_offset: int = 0  # PaliGemma counts positions from 1
     additional_vocab_size: int = 0  # IDEFICS decoupled embeddings/head for added tokens
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None  # int or list of ints
@@ -82,6 +97,12 @@ class TextConfig:
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types names {len(self.layer_types)} layers, the decoder has {self.num_layers}")
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.sliding_window) and self.layer_types is not None and \
+            self.layer_types[layer] == "sliding_attention"
 
 
 @dataclass
@@ -95,9 +116,12 @@ class ConnectorConfig:
       "idefics2"          SwiGLU projection to text width, then an RMSNorm/GQA perceiver
       "pixel_shuffle"     pixel shuffle by `scale_factor`, then a bias-free Linear (Idefics3/SmolVLM)
       "patch_merger"      Qwen2-VL: norm, each scale_factor^2 neighbouring patches concatenated, Linear-GELU-Linear
+      "pooled"            `scale_factor` x `scale_factor` average pooling of the patch grid, Gemma RMSNorm, a
+                          bias-free projection (Gemma 3)
     """
 
-    kind: Literal["linear", "mlp", "identity", "perceiver", "idefics2", "pixel_shuffle", "patch_merger"] = "mlp"
+    kind: Literal["linear", "mlp", "identity", "perceiver", "idefics2", "pixel_shuffle", "patch_merger",
+                  "pooled"] = "mlp"
     in_dim: int = 1024
     out_dim: int = 4096
     act: str = "gelu"
@@ -141,7 +165,7 @@ class AnyresConfig:
 
 @dataclass
 class VLMConfig:
-    family: Literal["llava", "llava_next", "idefics", "idefics2", "idefics3", "qwen2_vl"] = "llava"
+    family: Literal["llava", "llava_next", "idefics", "idefics2", "idefics3", "qwen2_vl", "gemma3", "paligemma"] = "llava"
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -150,6 +174,9 @@ class VLMConfig:
     # Image features per image after the connector (the count the processor must emit per image).
     tokens_per_image: int = 0
     anyres: Optional[AnyresConfig] = None  # set => LLaVA-NeXT tiling: tokens per image vary with its size
+    # Attention beyond causal in a prompt's prefill: "image" (Gemma 3: each image's tokens see each other) or
+    # "prefix" (PaliGemma: image + prompt tokens see each other, token_type_ids 0).
+    bidirectional: Optional[str] = None
     extra: dict = field(default_factory=dict)  # family-specific metadata kept for round trips (not used by modules)
 
     @property

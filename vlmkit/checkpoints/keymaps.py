@@ -36,7 +36,10 @@ TEXT_RULES = [
     (r"text\.lm_head\.weight", "{H}weight"),
     (r"text\.lm_head_extra\.weight", "{H}additional_fc.weight"),
     (r"text\.layers\.(\d+)\.attn_norm\.weight", "{T}layers.\\1.input_layernorm.weight"),
-    (r"text\.layers\.(\d+)\.mlp_norm\.weight", "{T}layers.\\1.post_attention_layernorm.weight"),
+    (r"text\.layers\.(\d+)\.mlp_norm\.weight", "{T}layers.\\1.{MLP_NORM}.weight"),
+    (r"text\.layers\.(\d+)\.post_attn_norm\.weight", "{T}layers.\\1.post_attention_layernorm.weight"),
+    (r"text\.layers\.(\d+)\.post_mlp_norm\.weight", "{T}layers.\\1.post_feedforward_layernorm.weight"),
+    (r"text\.layers\.(\d+)\.attn\.([qk])_norm\.weight", "{T}layers.\\1.self_attn.\\2_norm.weight"),
     (r"text\.layers\.(\d+)\.attn\.([qkvo])_proj\.(weight|bias)", "{T}layers.\\1.self_attn.\\2_proj.\\3"),
     (r"text\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", "{T}layers.\\1.mlp.\\2_proj.\\3"),
 ]
@@ -53,7 +56,7 @@ CROSS_ATTN_RULES = [
 
 CONNECTOR_RULES = {
     "mlp": [(r"connector\.fc([12])\.(weight|bias)", "{C}linear_\\1.\\2")],
-    "linear": [(r"connector\.proj\.(weight|bias)", "{C}linear_1.\\1")],
+    "linear": [(r"connector\.proj\.(weight|bias)", "{C}{LINEAR}.\\1")],  # PaliGemma: `linear`
     "identity": [],
     "pixel_shuffle": [(r"connector\.proj\.weight", "{C}modality_projection.proj.weight")],
     "patch_merger": [
@@ -61,6 +64,8 @@ CONNECTOR_RULES = {
         (r"connector\.mlp\.fc1\.(weight|bias)", "{C}mlp.0.\\1"),
         (r"connector\.mlp\.fc2\.(weight|bias)", "{C}mlp.2.\\1"),
     ],
+    "pooled": [(r"connector\.weight", "{C}mm_input_projection_weight"),
+               (r"connector\.norm\.weight", "{C}mm_soft_emb_norm.weight")],
     "idefics2": [
         (r"connector\.proj\.(gate|up|down)_proj\.weight", "{C}modality_projection.\\1_proj.weight"),
         (r"connector\.perceiver\.latents", "{C}perceiver_resampler.latents"),
@@ -101,7 +106,11 @@ def build_key_map(our_keys, connector_kind: str, prefixes: dict) -> dict:
     vision = QWEN_VISION_RULES if connector_kind == "patch_merger" else VISION_RULES
     rules = vision + TEXT_RULES + CROSS_ATTN_RULES + CONNECTOR_RULES[connector_kind]
     rules += ANYRES_RULES if "N" in prefixes else []
-    compiled = [(re.compile(pattern + "$"), template.format(**prefixes)) for pattern, template in rules]
+    # Layers with norms after each block too (Gemma 2/3) call the norm before the MLP pre_feedforward_layernorm.
+    sandwich = any(".post_attn_norm." in k for k in our_keys)
+    names = {"MLP_NORM": "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm",
+             "LINEAR": "linear_1", **prefixes}
+    compiled = [(re.compile(pattern + "$"), template.format(**names)) for pattern, template in rules]
     out = {}
     for key in our_keys:
         hits = [p.sub(t, key) for p, t in compiled if p.match(key)]

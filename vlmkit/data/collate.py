@@ -69,6 +69,9 @@ class Collator:
         self.chunk_end = chunk_end if chunk_end is not None else (self.eos or "\n")
         self.stop_texts = [t for t in (self.tok.id_to_token(i) for i in processor.eos_token_ids) if t]
         self.format = processor.format
+        if pack_length and not self.format.packable:
+            raise ValueError(f"{self.format.name} training rows cannot be packed (its prefix attends both ways); "
+                             f"train without packing")
 
     # ------------------------------------------------------------------------------------------ marked text
     def marked_text(self, ex: Example) -> tuple[str, bool]:
@@ -175,7 +178,7 @@ class Collator:
             raise DataError("no token carries a label (empty answer or caption?)")
         row = proc.row(ids, image_batch, 0)
         row.labels, row.positions, row.indices = labels, list(range(len(ids))), [ex.index]
-        return row
+        return self.format.training_row(row)
 
     def approx_length(self, ex: Example) -> int:
         """Tokens of the example without reading its images (for length grouping): text + a per-image estimate.

@@ -13,9 +13,9 @@ __all__ = ["COMPILED_CAPACITY_MULTIPLE", "FastSteps", "fast_decoder", "new_cache
 
 def fast_decoder(model):
     """The vlmkit TextDecoder whose `decode_step` can run this model's decode steps, or None (foreign models,
-    gated cross-attention): a splice-merge VLM's decode step is its text decoder's."""
+    gated cross-attention, Gemma's decoder options): a splice-merge VLM's decode step is its text decoder's."""
     text = model if isinstance(model, TextDecoder) else getattr(model, "text", None)
-    if not isinstance(text, TextDecoder) or text.cross_blocks is not None:
+    if not isinstance(text, TextDecoder) or text.cross_blocks is not None or not text.plain:
         return None
     if text is not model and getattr(getattr(model, "cfg", None), "merge", None) != "splice":
         return None

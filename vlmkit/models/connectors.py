@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ConnectorConfig
-from .layers import MLP, RMSNorm, SwiGLU, attention, merge_heads, split_heads
+from .layers import MLP, GemmaRMSNorm, RMSNorm, SwiGLU, attention, merge_heads, split_heads
 
 
 class LinearProjector(nn.Module):
@@ -166,7 +166,28 @@ class PatchMerger(nn.Module):
         return self.mlp(self.norm(x).reshape(-1, self.width))
 
 
+class PooledProjector(nn.Module):
+    """Gemma 3: the patch grid average-pooled by `scale_factor` (64x64 -> 16x16 = 256 tokens), a Gemma RMSNorm,
+    then a bias-free projection stored as an [in, out] matrix."""
+
+    def __init__(self, cfg: ConnectorConfig):
+        super().__init__()
+        self.factor = cfg.scale_factor
+        self.norm = GemmaRMSNorm(cfg.in_dim, cfg.norm_eps)
+        self.weight = nn.Parameter(torch.zeros(cfg.in_dim, cfg.out_dim))
+
+    def forward(self, x, patch_mask=None):
+        n, seq, d = x.shape
+        side = int(seq**0.5)
+        if side * side != seq or side % self.factor:
+            raise ValueError(f"pooling needs a square grid divisible by {self.factor}, got {seq} patches")
+        grid = x.transpose(1, 2).reshape(n, d, side, side)
+        pooled = torch.nn.functional.avg_pool2d(grid, self.factor, self.factor).flatten(2).transpose(1, 2)
+        return torch.matmul(self.norm(pooled), self.weight).to(x.dtype)
+
+
 CONNECTORS = {
+    "pooled": PooledProjector,
     "linear": LinearProjector,
     "mlp": MLPProjector,
     "identity": lambda cfg: Identity(),

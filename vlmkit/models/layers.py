@@ -49,6 +49,19 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scales by (1 + weight), in float32, before casting back (weights are stored around 0)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
 class SwiGLU(nn.Module):
     """down(act(gate(x)) * up(x)): the Llama MLP, also the Idefics2 projection and perceiver MLP."""
 
@@ -76,14 +89,21 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, Hkv, S, D] (grouped-query when Hkv < H), mask bool [B, 1|H, T, S] (True = attend)."""
+def attention(q, k, v, mask=None, scale=None, softcap=None) -> torch.Tensor:
+    """q [B, H, T, D], k/v [B, Hkv, S, D] (grouped-query when Hkv < H), mask bool [B, 1|H, T, S] (True = attend).
+    softcap (Gemma 2): scores -> softcap * tanh(scores / softcap) before the mask, which SDPA cannot do."""
     if k.shape[1] != q.shape[1]:
         # Grouped-query attention: repeat key/value heads (cheap views; SDPA's enable_gqa is not on every backend).
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:

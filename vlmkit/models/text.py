@@ -11,10 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CrossAttnConfig, TextConfig
+from .attention_masks import add_groups, sliding
 from .cross_attn import GatedCrossAttention
 from .kv_cache import KVCache
-from .layers import RMSNorm, SwiGLU, apply_rope, attention, merge_heads, rope_cos_sin, rope_inv_freq, split_heads
+from .layers import (
+    GemmaRMSNorm, RMSNorm, SwiGLU, apply_rope, attention, merge_heads, rope_cos_sin, rope_inv_freq, split_heads,
+)
 from .rope import mrope_cos_sin
+
+
+def norm_for(cfg: TextConfig):
+    return GemmaRMSNorm if cfg.gemma_norm else RMSNorm
 
 
 @dataclass
@@ -34,17 +41,23 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_norm = norm_for(cfg)(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = norm_for(cfg)(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.sliding, self.scale, self.softcap = cfg.is_sliding(layer), cfg.attn_scale, cfg.attn_softcap
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache]):
-        q = apply_rope(split_heads(self.q_proj(x), self.heads, self.head_dim), cos, sin)
-        k = apply_rope(split_heads(self.k_proj(x), self.kv_heads, self.head_dim), cos, sin)
+        q = split_heads(self.q_proj(x), self.heads, self.head_dim)
+        k = split_heads(self.k_proj(x), self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = split_heads(self.v_proj(x), self.kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        return self.o_proj(merge_heads(grouped_attention(q, k, v, mask)))
+        return self.o_proj(merge_heads(grouped_attention(q, k, v, mask, self.scale, self.softcap)))
 
 
-def grouped_attention(q, k, v, mask):
+def grouped_attention(q, k, v, mask, scale=None, softcap=None):
     """Grouped-query attention without repeating keys/values: the query heads that share a key/value head are
     folded into its query rows (q [B, H, T, D] -> [B, Hkv, rep*T, D]). Repeating the cache instead copies all of
     it, every layer, every decode step (measured: most of the attention time at a few hundred tokens).
@@ -52,23 +65,30 @@ def grouped_attention(q, k, v, mask):
     b, h, t, d = q.shape
     hkv = k.shape[1]
     if hkv == h:
-        return attention(q, k, v, mask)
+        return attention(q, k, v, mask, scale, softcap)
     rep = h // hkv
     q = q.reshape(b, hkv, rep * t, d)
     if mask is not None and (t > 1 or mask.shape[1] != 1):
         mask = mask.repeat(1, 1, rep, 1) if mask.shape[1] == 1 else mask.reshape(b, hkv, rep * t, -1)
-    return attention(q, k, v, mask).reshape(b, h, t, d)
+    return attention(q, k, v, mask, scale, softcap).reshape(b, h, t, d)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = norm_for(cfg)
+        self.attn_norm = norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = SelfAttention(cfg, layer)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp_norm = norm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, act=cfg.act, bias=cfg.mlp_bias)
+        # Gemma 2/3 also normalise each block's output before the residual add
+        self.post_attn_norm = norm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.post_norms else None
+        self.post_mlp_norm = norm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.post_norms else None
 
     def forward(self, x, cos, sin, mask, cache):
+        if self.post_attn_norm is not None:
+            x = x + self.post_attn_norm(self.attn(self.attn_norm(x), cos, sin, mask, cache))
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -107,21 +127,36 @@ class TextDecoder(nn.Module):
             if cross_attn
             else None
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = norm_for(cfg)(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head_extra = (
             nn.Linear(cfg.hidden_size, cfg.additional_vocab_size, bias=False)
             if cfg.additional_vocab_size and not cfg.tie_word_embeddings
             else None
         )
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta) / cfg.rope_factor,
+                             persistent=False)
+        self.register_buffer("inv_freq_local", rope_inv_freq(cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta),
+                             persistent=False)
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device and loading weights)."""
         device = self.embed_tokens.weight.device
-        self.inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(device)
+        self.inv_freq = (rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta) / self.cfg.rope_factor).to(device)
+        self.inv_freq_local = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_local_theta or self.cfg.rope_theta).to(
+            device)
+
+    @property
+    def plain(self) -> bool:
+        """A Llama-style decoder (what decode_step computes); Gemma's options go through forward."""
+        c = self.cfg
+        return not (c.gemma_norm or c.embed_scale or c.post_norms or c.qk_norm or c.attn_scale or c.attn_softcap
+                    or c.final_softcap or c.sliding_window or c.position_offset or c.rope_factor != 1)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the table's dtype, as transformers
+            w = self.embed_tokens.weight
+            return self.embed_tokens(input_ids) * torch.tensor(self.cfg.hidden_size**0.5).to(w.dtype)
         if self.embed_tokens_extra is None:
             return self.embed_tokens(input_ids)
         base = self.cfg.vocab_size
@@ -137,6 +172,8 @@ class TextDecoder(nn.Module):
         if self.cfg.additional_vocab_size:
             w = self.embed_tokens_extra.weight if self.lm_head_extra is None else self.lm_head_extra.weight
             logits = torch.cat([logits, F.linear(h, w)], dim=-1)
+        if self.cfg.final_softcap:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
 
     def forward(
@@ -150,9 +187,12 @@ class TextDecoder(nn.Module):
         cross_context: Optional[torch.Tensor] = None,
         cross_mask: Optional[torch.Tensor] = None,
         logits_to_keep: int = 0,
+        groups: Optional[torch.Tensor] = None,
+        groups_in_window: bool = True,
     ) -> ModelOutput:
         """cross_context [B, L, C] and cross_mask bool [B, 1, T, L] feed the gated cross-attention blocks.
-        logits_to_keep > 0 computes logits for the last positions only (generation needs one)."""
+        logits_to_keep > 0 computes logits for the last positions only (generation needs one).
+        groups [B, T]: new tokens of one group (>= 0) see each other both ways (attention_masks.py)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, t, _ = x.shape
         past = cache.length if cache is not None else 0
@@ -164,16 +204,27 @@ class TextDecoder(nn.Module):
                 f"({past} cached + {t} new)"
             )
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, t)
+            position_ids = positions_from_mask(attention_mask, t) + self.cfg.position_offset
         if position_ids.dim() == 3:  # M-RoPE [3, B, T] (Qwen2-VL); equal rows are the ordinary RoPE
             cos, sin = mrope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section, x.dtype)
         else:
             cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         mask = causal_mask(attention_mask, t)
+        if self.cfg.sliding_window:
+            local = sliding(mask, self.cfg.sliding_window), *rope_cos_sin(position_ids, self.inv_freq_local, x.dtype)
+        if groups is not None:
+            mask = add_groups(mask, groups, attention_mask)
+            if self.cfg.sliding_window:  # Gemma 3's window bounds the groups too, PaliGemma 2's does not
+                window = sliding(mask, self.cfg.sliding_window) if groups_in_window else add_groups(
+                    local[0], groups, attention_mask)
+                local = window, *local[1:]
         for i, layer in enumerate(self.layers):
             if self.cross_blocks is not None and i % self.cross_every == 0 and cross_context is not None:
                 x = self.cross_blocks[i // self.cross_every](x, cross_context, cross_mask)
-            x = layer(x, cos, sin, mask, cache)
+            if layer.attn.sliding:
+                x = layer(x, local[1], local[2], local[0], cache)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         x = self.norm(x)
         logits = self.head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = None

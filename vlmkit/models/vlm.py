@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import VLMConfig
 from .anyres import AnyresPacker
+from .attention_masks import image_groups, prefix_groups
 from .connectors import build_connector
 from .cross_attn import expand_image_mask
 from .kv_cache import KVCache
@@ -146,6 +147,7 @@ class VLMModel(nn.Module):
         cache: Optional[KVCache] = None,
         image_features: Optional[torch.Tensor] = None,
         logits_to_keep: int = 0,
+        token_type_ids: Optional[torch.Tensor] = None,
         **unused,
     ) -> ModelOutput:
         if image_features is None and pixel_values is not None:
@@ -164,6 +166,8 @@ class VLMModel(nn.Module):
             return self.text(
                 inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                 labels=labels, logits_to_keep=logits_to_keep,
+                groups=self.groups(input_ids, attention_mask, token_type_ids, cache, image_features is not None),
+                groups_in_window=self.cfg.bidirectional == "image",
             )
         context, mask = self.cross_inputs(input_ids, image_features, image_attention_mask, cache)
         return self.text(
@@ -198,6 +202,16 @@ class VLMModel(nn.Module):
             attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
                                         device=input_ids.device)
         return positions_from_mask(attention_mask, input_ids.shape[1]) + deltas[:, None].to(input_ids.device)
+    def groups(self, input_ids, attention_mask, token_type_ids, cache, has_images: bool):
+        """Bidirectional groups of the new tokens (attention_masks.py), None for causal-only families. PaliGemma's
+        prefix is the prompt's first chunk (transformers: the first iteration) or any chunk carrying images."""
+        kind = self.cfg.bidirectional
+        if kind == "image":
+            return image_groups(input_ids, self.cfg.image_token_id)
+        if kind == "prefix" and (cache is None or cache.length == 0 or has_images):
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            return prefix_groups(token_type_ids, mask[:, -input_ids.shape[1]:])
+        return None
 
     def cross_inputs(self, input_ids, image_features, image_attention_mask, cache):
         """Image context and image-attention mask for the gated cross-attention (IDEFICS)."""

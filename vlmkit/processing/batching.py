@@ -33,6 +33,7 @@ class EncodedRow:
     image_mask: Optional[torch.Tensor] = None  # [T, M] (IDEFICS image_attention_mask)
     image_grid: Optional[torch.Tensor] = None  # [M, 3] (Qwen2-VL image_grid_thw; pixels are then flat patches)
     image_sizes: Optional[torch.Tensor] = None  # [M, 2] (LLaVA-NeXT: each image's height, width)
+    token_types: Optional[list] = None  # token_type_ids (Gemma 3: image tokens 1; PaliGemma: suffix 1)
     indices: list = field(default_factory=list)  # the training examples in this row
 
 

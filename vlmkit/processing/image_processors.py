@@ -3,6 +3,8 @@ how: same PIL resizes, then a lookup table with transformers' arithmetic).
 
 This module: CLIP (LLaVA), IDEFICS, Qwen2-VL (smart resize, flat patches), and the factory. Idefics2 and
 Idefics3/SmolVLM (splitting, tiles, padding masks) live in `image_tiling.py`; the operations they all share in
+This module: CLIP (LLaVA), IDEFICS, Gemma 3 / PaliGemma (square resize, pan-and-scan), and the factory. Idefics2
+and Idefics3/SmolVLM (splitting, tiles, padding masks) live in `image_tiling.py`; the operations they all share in
 `image_ops.py`.
 
 Every family function takes images per prompt (a list of lists of PIL images; a flat list means one
@@ -28,7 +30,7 @@ from .image_tiling import Idefics2ImageSettings, Idefics3ImageSettings, preproce
 __all__ = [
     "TENSOR_KEYS", "ClipImageSettings", "IdeficsImageSettings", "ImageProcessor",
     "preprocess_clip", "preprocess_idefics", "image_processor_for", "Qwen2VLImageSettings", "preprocess_qwen2_vl",
-    "smart_resize",
+    "smart_resize", "Gemma3ImageSettings", "SiglipImageSettings", "preprocess_square",
 ]
 
 TENSOR_KEYS = ("pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes")  # the rest is metadata
@@ -203,6 +205,72 @@ def preprocess_qwen2_vl(images, settings: Qwen2VLImageSettings) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------- Gemma 3, PaliGemma
+
+@dataclass
+class SiglipImageSettings(ImageSettings):
+    """SiglipImageProcessor (PaliGemma): square resize, bicubic, mean/std 0.5."""
+
+    size: dict = field(default_factory=lambda: {"height": 224, "width": 224})
+    resample: int = int(Image.Resampling.BICUBIC)
+
+
+@dataclass
+class Gemma3ImageSettings(ImageSettings):
+    """Gemma3ImageProcessor: square resize, bilinear, mean/std 0.5; pan-and-scan crops of elongated images."""
+
+    size: dict = field(default_factory=lambda: {"height": 896, "width": 896})
+    do_pan_and_scan: bool = False
+    pan_and_scan_min_crop_size: int = 256
+    pan_and_scan_max_num_crops: int = 4
+    pan_and_scan_min_ratio_to_activate: float = 1.2
+
+
+def pan_and_scan(array: np.ndarray, s: Gemma3ImageSettings) -> list[np.ndarray]:
+    """transformers' Gemma3 pan_and_scan on an HWC array: 2..max crops along the long side, or none."""
+    height, width = array.shape[:2]
+    long, short = (width, height) if width >= height else (height, width)
+    if long / short < s.pan_and_scan_min_ratio_to_activate:
+        return []
+    n = min(int(math.floor(long / short + 0.5)), int(math.floor(long / s.pan_and_scan_min_crop_size)))
+    n = min(s.pan_and_scan_max_num_crops, max(2, n))
+    cols, rows = (n, 1) if width >= height else (1, n)
+    crop_w, crop_h = int(math.ceil(width / cols)), int(math.ceil(height / rows))
+    if min(crop_w, crop_h) < s.pan_and_scan_min_crop_size:
+        return []
+    return [array[r * crop_h:(r + 1) * crop_h, c * crop_w:(c + 1) * crop_w] for r in range(rows) for c in range(cols)]
+
+
+def preprocess_square(images, settings) -> dict:
+    """Gemma 3 and PaliGemma: every image (Gemma 3 with pan-and-scan: the image, then its crops) resized to
+    size and normalized. Returns pixel_values [N, 3, H, W] over all prompts in order, num_images per prompt,
+    num_crops per image and slots (images + crops) per prompt."""
+    nested = nest_images(images)
+    result = {"num_images": [len(sample) for sample in nested], "num_crops": [], "slots": []}
+    arrays = []
+    for sample in nested:
+        count = 0
+        for image in sample:
+            array = np.asarray(convert_to_rgb(image))
+            crops = pan_and_scan(array, settings) if getattr(settings, "do_pan_and_scan", False) else []
+            result["num_crops"].append(len(crops))
+            arrays += [array] + crops
+            count += 1 + len(crops)
+        result["slots"].append(count)
+    if arrays:
+        h, w = settings.size["height"], settings.size["width"]
+
+        def prepare(a: np.ndarray) -> np.ndarray:
+            image = Image.fromarray(a)
+            return np.asarray(resize(image, h, w, settings.resample)) if settings.do_resize else a
+
+        resized = parallel_map(prepare, arrays)
+        out = np.empty((len(resized), 3, *resized[0].shape[:2]), dtype=np.float32)
+        _normalize_into(resized, out, [(k,) for k in range(len(resized))], settings)
+        result["pixel_values"] = torch.from_numpy(out)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- factory
 
 class ImageProcessor:
@@ -230,6 +298,8 @@ def image_processor_for(family: str, config: dict | None = None) -> ImageProcess
         "smolvlm": (Idefics3ImageSettings, preprocess_idefics3),
         "qwen2_vl": (Qwen2VLImageSettings, preprocess_qwen2_vl),
         "qwen2_5_vl": (Qwen2VLImageSettings, preprocess_qwen2_vl),
+        "gemma3": (Gemma3ImageSettings, preprocess_square),
+        "paligemma": (SiglipImageSettings, preprocess_square),
     }
     key = family.lower()
     if key not in table:

@@ -10,6 +10,8 @@ Output keys per family (laid out by formats/; what VLMModel.forward and the tran
     idefics   input_ids, attention_mask, pixel_values [B, M, 3, H, W], image_attention_mask [B, T, M]
     idefics2/3 input_ids, attention_mask, pixel_values [B, M, 3, H, W], pixel_attention_mask [B, M, H, W]
     qwen2_vl  input_ids, attention_mask, pixel_values [all patches, 3*T*p*p], image_grid_thw [N, 3]
+    gemma3, paligemma  input_ids, attention_mask, token_type_ids, pixel_values [N, 3, H, W] (Gemma 3: crops after
+              their image)
 (no pixel keys for Idefics2/3 and LLaVA when the batch has no image). input_ids equal transformers' processors'
 row by row; batches are padded on the LEFT (attention_mask 0 there). Nothing is ever truncated: a prompt longer than
 `max_length` (default: the model's context) is an error.
@@ -39,7 +41,8 @@ __all__ = ["Processor", "PromptError"]
 PROCESSOR_CLASSES = {
     "LlavaProcessor": "llava", "LlavaNextProcessor": "llava_next", "IdeficsProcessor": "idefics",
     "Idefics2Processor": "idefics2", "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm",
-    "Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_5_vl",
+    "Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_5_vl", "Gemma3Processor": "gemma3",
+    "PaliGemmaProcessor": "paligemma",
 }
 
 
@@ -54,7 +57,8 @@ class Processor:
     """Callable: `processor(prompts, images=None, *, add_generation_prompt=True, max_length=None, plain_text=False)
     -> dict`.
 
-    family: llava | idefics | idefics2 | idefics3 | smolvlm (smolvlm = idefics3 prompt rules, its own images);
+    family: llava | idefics | idefics2 | idefics3 | smolvlm (smolvlm = idefics3 prompt rules, its own images) | gemma3 |
+    paligemma;
     `format` holds the family's rules (formats/).
     plain_text: the text parts of chat messages are plain text (what the server's chat APIs use): an `<image>` or
     a control token written in them is encoded as its characters; images come only from image parts and special
@@ -74,7 +78,7 @@ class Processor:
         for token in self.format.required_tokens(rules):
             if tokenizer.token_to_id(token) is None:
                 raise ValueError(f"the tokenizer has no {token!r} token, which {self.family} prompts need")
-        self.image_token_id = tokenizer.token_to_id(rules.image_token)
+        self.image_token_id = tokenizer.token_to_id(rules.feature_token or rules.image_token)
         if pad_token_id is None:
             pad_token_id = tokenizer.pad_token_id
         if pad_token_id is None:

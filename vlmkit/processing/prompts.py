@@ -251,6 +251,8 @@ class PromptRules:
     vision_feature_select_strategy: Optional[str] = "default"
     add_end_of_utterance_token: bool = False
     add_eos_token: bool = False
+    feature_token: Optional[str] = None  # what each image feature is written as, when not image_token (Gemma 3)
+    end_image_token: Optional[str] = None  # Gemma 3's <end_of_image>
 
     def llava_tokens(self, height: int, width: int) -> int:
         n = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens

@@ -51,8 +51,9 @@ class Sequence:
         self.ids = ids[:, start:]
         self.mask = torch.ones_like(self.ids)
         self.images = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask") and v is not None}
-        if "image_attention_mask" in self.images:
-            self.images["image_attention_mask"] = self.images["image_attention_mask"][:, start:]
+        for key in ("image_attention_mask", "token_type_ids"):  # per-token inputs lose the padding too
+            if key in self.images:
+                self.images[key] = self.images[key][:, start:]
         self.chunkable = set(batch) <= _CHUNKABLE
         self.length = self.ids.shape[1]
         self.cache = StaticKVCache(len(model.text.layers), context)

@@ -19,6 +19,7 @@ class Format:
     flat_pixels = False  # pixel_values [N, 3, H, W] instead of [B, M, 3, H, W]
     cross_attention = False  # the batch carries image_attention_mask
     writes_bos = False  # the processor writes the BOS text itself (the tokenizer adds none)
+    packable = True  # training rows may share a row (packing)
 
     def __repr__(self) -> str:
         return f"format_for({self.name!r})"
@@ -81,6 +82,10 @@ class Format:
         return rules.image_seq_len + 2
 
     # ---------------------------------------------------------------------------------------------- rows
+    def training_row(self, row: EncodedRow) -> EncodedRow:
+        """A labelled training row's family-specific last touch (PaliGemma: the answer is the suffix)."""
+        return row
+
     def row(self, ids, images: dict, index: int, image_token_id: int, eos_token_id: Optional[int]) -> EncodedRow:
         """Prompt `index` of a processed batch as a row: its ids and its slice of the image tensors."""
         out = EncodedRow(ids)
