@@ -31,6 +31,13 @@ class VisionConfig:
     native_resolution: bool = False
     # A patch is real when all its pixels are (Idefics2) or any of them is (Idefics3).
     patch_keep_partial: bool = False
+    attn_bias: bool = True  # Mllama's attention projections have no bias
+    # Tiled images (Mllama): tiles per image, the tile-arrangement table (ids 1..num_aspect_ratios), the gated
+    # global layers after the local ones, and the local layers whose outputs join the features (0-based).
+    max_num_tiles: int = 0
+    num_aspect_ratios: int = 0
+    num_global_layers: int = 0
+    intermediate_layers: tuple = ()
 
     @property
     def grid(self) -> int:
@@ -60,6 +67,7 @@ class TextConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # IDEFICS `qk_layer_norms`
+    input_only_tokens: int = 0  # embedding rows past vocab_size that are never logits (Mllama: 8, <|image|>)
     additional_vocab_size: int = 0  # IDEFICS decoupled embeddings/head for added tokens
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None  # int or list of ints
@@ -105,8 +113,12 @@ class ConnectorConfig:
 
 @dataclass
 class CrossAttnConfig:
-    """IDEFICS/Flamingo gated cross-attention, inserted before every `every`-th decoder layer (0, N, 2N, ...)."""
+    """Gated cross-attention. IDEFICS/Flamingo: a block inserted before every `every`-th decoder layer (0, N, 2N,
+    ...). Mllama: the decoder layers at the indexes `layers` of the checkpoint's stack are cross-attention layers
+    (q/k norms, grouped heads, tokens that see no image still attend); `TextConfig.num_layers` counts the others."""
 
+    kind: Literal["idefics", "mllama"] = "idefics"
+    layers: tuple = ()  # Mllama: the stack indexes of the cross-attention layers
     every: int = 4
     context_dim: int = 1024  # width of the image features the text attends to
     gate_kind: Literal["float", "vector"] = "float"
@@ -115,7 +127,7 @@ class CrossAttnConfig:
 
 @dataclass
 class VLMConfig:
-    family: Literal["llava", "idefics", "idefics2", "idefics3"] = "llava"
+    family: Literal["llava", "idefics", "idefics2", "idefics3", "mllama"] = "llava"
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     text: TextConfig = field(default_factory=TextConfig)

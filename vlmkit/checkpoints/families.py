@@ -1,4 +1,4 @@
-"""The four families as checkpoint formats: HF config.json <-> VLMConfig, tensor-name prefixes, aliases."""
+"""The families as checkpoint formats: HF config.json <-> VLMConfig, tensor-name prefixes, aliases."""
 
 from __future__ import annotations
 
@@ -204,6 +204,60 @@ def idefics3_to_hf(c: VLMConfig, arch: str = "Idefics3ForConditionalGeneration",
     }
 
 
+def mllama_from_hf(d: dict) -> VLMConfig:
+    v, t = d["vision_config"], d["text_config"]
+    if v.get("norm_eps", 1e-5) != 1e-5:  # transformers' pre/post layernorms keep LayerNorm's default eps
+        raise UnsupportedCheckpoint(f"vision norm_eps={v['norm_eps']}: only 1e-5 is supported")
+    layers = tuple(v.get("intermediate_layers_indices") or (3, 7, 15, 23, 30))
+    vision = VisionConfig(
+        hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"], num_layers=v["num_hidden_layers"],
+        num_heads=v.get("attention_heads", v.get("num_attention_heads")), patch_size=v["patch_size"],
+        image_size=v["image_size"], num_channels=v.get("num_channels", 3), act=v.get("hidden_act", "gelu"),
+        attn_bias=False, max_num_tiles=v.get("max_num_tiles", 4),
+        num_aspect_ratios=len(v.get("supported_aspect_ratios") or [0] * 8),
+        num_global_layers=v.get("num_global_layers", 8), intermediate_layers=layers,
+    )
+    out_dim = vision.hidden_size * (1 + len(layers))
+    if v.get("vision_output_dim", out_dim) != out_dim:
+        raise UnsupportedCheckpoint(f"vision_output_dim={v['vision_output_dim']} but hidden_size x (1 + "
+                                    f"{len(layers)} intermediate layers) = {out_dim}")
+    cross_layers = tuple(t.get("cross_attention_layers") or ())
+    if not cross_layers or any(not 0 <= j < t["num_hidden_layers"] for j in cross_layers):
+        raise UnsupportedCheckpoint(f"cross_attention_layers={list(cross_layers)} do not fit "
+                                    f"num_hidden_layers={t['num_hidden_layers']}")
+    text = text_from_hf(t, d.get("tie_word_embeddings", False))
+    text.num_layers -= len(set(cross_layers))
+    text.input_only_tokens = 8  # MllamaTextModel's embedding table has vocab_size + 8 rows
+    return VLMConfig(
+        family="mllama", vision=vision, text=text,
+        connector=ConnectorConfig(kind="linear", in_dim=out_dim, out_dim=text.hidden_size, bias=True),
+        cross_attn=CrossAttnConfig(kind="mllama", layers=cross_layers, context_dim=text.hidden_size),
+        image_token_id=d.get("image_token_index", d.get("image_token_id")),
+        tokens_per_image=vision.max_num_tiles * vision.num_positions,
+    )
+
+
+def mllama_to_hf(c: VLMConfig) -> dict:
+    v, layers = c.vision, sorted(c.cross_attn.layers)
+    text = text_to_hf(c.text, "mllama_text_model")
+    del text["head_dim"]
+    text.update(num_hidden_layers=c.text.num_layers + len(layers), cross_attention_layers=layers)
+    tiles = v.max_num_tiles
+    return {
+        "architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama",
+        "image_token_index": c.image_token_id, "text_config": text,
+        "vision_config": {
+            "model_type": "mllama_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers, "num_global_layers": v.num_global_layers, "attention_heads": v.num_heads,
+            "patch_size": v.patch_size, "image_size": v.image_size, "num_channels": v.num_channels,
+            "hidden_act": v.act, "norm_eps": v.layer_norm_eps, "max_num_tiles": tiles,
+            "intermediate_layers_indices": list(v.intermediate_layers), "vision_output_dim": c.connector.in_dim,
+            "supported_aspect_ratios": [[w, h] for w in range(1, tiles + 1) for h in range(1, tiles + 1)
+                                        if w * h <= tiles],
+        },
+    }
+
+
 @dataclass
 class Family:
     name: str
@@ -238,6 +292,15 @@ FAMILIES = {
                IDEFICS2_PREFIXES),
         Family("idefics3", ("Idefics3ForConditionalGeneration",), idefics3_from_hf, idefics3_to_hf,
                IDEFICS2_PREFIXES),
+        Family(
+            "mllama", ("MllamaForConditionalGeneration",), mllama_from_hf, mllama_to_hf,
+            dict(V="vision_model.", T="language_model.model.", H="language_model.lm_head.",
+                 C="multi_modal_projector.", X="language_model.model.layers."),
+            # transformers 5 in memory
+            aliases=[("model.vision_model.", "vision_model."), ("model.language_model.", "language_model.model."),
+                     ("lm_head.", "language_model.lm_head."),
+                     ("model.multi_modal_projector.", "multi_modal_projector.")],
+        ),
         Family("smolvlm", ("SmolVLMForConditionalGeneration",),
                lambda d: idefics3_from_hf(d, family="idefics3"),
                lambda c: idefics3_to_hf(c, "SmolVLMForConditionalGeneration", "smolvlm"), IDEFICS2_PREFIXES),

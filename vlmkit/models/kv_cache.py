@@ -24,6 +24,7 @@ class KVCache:
         self.values: list[Optional[torch.Tensor]] = []
         self.cross_context: Optional[torch.Tensor] = None  # [B, L, C] image features (IDEFICS)
         self.cross_mask_last: Optional[torch.Tensor] = None  # [B, 1, num_images]: last token's image row
+        self.cross_kv: dict = {}  # Mllama: block -> (context, keys, values), projected once per context
 
     @property
     def length(self) -> int:
@@ -65,6 +66,7 @@ class StaticKVCache:
         self.token_ids: Optional[torch.Tensor] = None  # [B, capacity] long
         self.cross_context: Optional[torch.Tensor] = None
         self.cross_mask_last: Optional[torch.Tensor] = None
+        self.cross_kv: dict = {}
 
     @property
     def length(self) -> int:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CrossAttnConfig, TextConfig
-from .cross_attn import GatedCrossAttention
+from .cross_attn import cross_blocks
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, apply_rope, attention, merge_heads, rope_cos_sin, rope_inv_freq, split_heads
 
@@ -93,18 +93,15 @@ class TextDecoder(nn.Module):
     def __init__(self, cfg: TextConfig, cross_attn: Optional[CrossAttnConfig] = None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size + cfg.input_only_tokens, cfg.hidden_size)
         # IDEFICS keeps added tokens in a separate table (ids >= vocab_size) so the base vocabulary can stay frozen.
         self.embed_tokens_extra = (
             nn.Embedding(cfg.additional_vocab_size, cfg.hidden_size) if cfg.additional_vocab_size else None
         )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.cross_every = cross_attn.every if cross_attn else 0
-        self.cross_blocks = (
-            nn.ModuleList(GatedCrossAttention(cfg, cross_attn) for _ in range(cfg.num_layers // cross_attn.every))
-            if cross_attn
-            else None
-        )
+        # cross_at[i]: the cross-attention blocks that run before self-attention layer i (i == num_layers: after all)
+        self.cross_blocks, positions = cross_blocks(cfg, cross_attn) if cross_attn else (None, [])
+        self.cross_at = [[k for k, p in enumerate(positions) if p == i] for i in range(cfg.num_layers + 1)]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head_extra = (
@@ -165,10 +162,10 @@ class TextDecoder(nn.Module):
             position_ids = positions_from_mask(attention_mask, t)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         mask = causal_mask(attention_mask, t)
-        for i, layer in enumerate(self.layers):
-            if self.cross_blocks is not None and i % self.cross_every == 0 and cross_context is not None:
-                x = self.cross_blocks[i // self.cross_every](x, cross_context, cross_mask)
-            x = layer(x, cos, sin, mask, cache)
+        for i, layer in enumerate([*self.layers, None]):
+            for k in self.cross_at[i] if cross_context is not None else ():
+                x = self.cross_blocks[k](x, cross_context, cross_mask, cache)
+            x = x if layer is None else layer(x, cos, sin, mask, cache)
         x = self.norm(x)
         logits = self.head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = None

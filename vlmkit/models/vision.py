@@ -17,7 +17,7 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
         d = cfg.hidden_size
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=cfg.attn_bias) for _ in range(4))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         q, k, v = (split_heads(p(x), self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -25,16 +25,22 @@ class VisionAttention(nn.Module):
 
 
 class VisionLayer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    """Pre-norm attention + MLP; `gated` (Mllama's global layers) scales both branches by tanh of a learned gate."""
+
+    def __init__(self, cfg: VisionConfig, gated: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = VisionAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.act)
+        self.gate_attn = nn.Parameter(torch.zeros(1)) if gated else None
+        self.gate_mlp = nn.Parameter(torch.zeros(1)) if gated else None
 
     def forward(self, x, mask):
-        x = x + self.attn(self.norm1(x), mask)
-        return x + self.mlp(self.norm2(x))
+        h = self.attn(self.norm1(x), mask)
+        x = x + (h if self.gate_attn is None else self.gate_attn.tanh() * h)
+        h = self.mlp(self.norm2(x))
+        return x + (h if self.gate_mlp is None else self.gate_mlp.tanh() * h)
 
 
 def bucketed_position_ids(patch_mask: torch.Tensor, grid: int) -> torch.Tensor:

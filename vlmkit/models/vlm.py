@@ -14,6 +14,7 @@ from .kv_cache import KVCache
 from .layers import init_normal_
 from .text import ModelOutput, TextDecoder
 from .vision import VisionTransformer
+from .vision_tiled import TiledVisionTransformer
 
 
 class ImageTokenMismatch(ValueError):
@@ -39,7 +40,7 @@ class VLMModel(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTransformer(cfg.vision)
+        self.vision = (TiledVisionTransformer if cfg.vision.max_num_tiles else VisionTransformer)(cfg.vision)
         self.connector = build_connector(cfg.connector)
         self.text = TextDecoder(cfg.text, cfg.cross_attn)
 
@@ -74,9 +75,23 @@ class VLMModel(nn.Module):
         features = self.vision(pixel_values.to(self.dtype), patch_mask)
         return self.connector(features, patch_mask)
 
-    def image_features(self, pixel_values, pixel_attention_mask=None) -> torch.Tensor:
+    def encode_tiles(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> torch.Tensor:
+        """Mllama: pixel_values [B, M, tiles, C, S, S] -> features [B * M * tiles, tokens per tile, text width]
+        (each tile is one 'image' of the cross-attention mask: cross_attention_mask [B, T, M, tiles])."""
+        if aspect_ratio_ids is None or aspect_ratio_mask is None:
+            raise ValueError("a tiled vision tower needs aspect_ratio_ids and aspect_ratio_mask with pixel_values")
+        b, m, tiles = pixel_values.shape[:3]
+        features = self.vision(pixel_values.flatten(0, 1).to(self.dtype), aspect_ratio_ids.reshape(b * m),
+                               aspect_ratio_mask.reshape(b * m, tiles))
+        features = self.connector(features)
+        return features.reshape(b * m * tiles, features.shape[-2], features.shape[-1])
+
+    def image_features(self, pixel_values, pixel_attention_mask=None, aspect_ratio_ids=None,
+                       aspect_ratio_mask=None) -> torch.Tensor:
         """Batch layout of the family's processor -> features [num_real_images, tokens, width], in prompt order
         (cross-attention: every slot, [B * M, ...]; the image-attention mask hides the padding images)."""
+        if self.cfg.vision.max_num_tiles:
+            return self.encode_tiles(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         flat, mask = flat_images(pixel_values, pixel_attention_mask,
                                  keep_padding=self.cfg.merge == "cross_attention")
         return self.encode_images(flat, mask)
@@ -107,10 +122,16 @@ class VLMModel(nn.Module):
         cache: Optional[KVCache] = None,
         image_features: Optional[torch.Tensor] = None,
         logits_to_keep: int = 0,
+        aspect_ratio_ids: Optional[torch.Tensor] = None,
+        aspect_ratio_mask: Optional[torch.Tensor] = None,
+        cross_attention_mask: Optional[torch.Tensor] = None,
         **unused,
     ) -> ModelOutput:
         if image_features is None and pixel_values is not None:
-            image_features = self.image_features(pixel_values, pixel_attention_mask)
+            image_features = self.image_features(pixel_values, pixel_attention_mask, aspect_ratio_ids,
+                                                 aspect_ratio_mask)
+        if cross_attention_mask is not None:  # Mllama [B, T, M, tiles]: each tile is one image of the mask
+            image_attention_mask = cross_attention_mask.flatten(2)
         if self.cfg.merge == "splice":
             embeds = self.text.embed(input_ids)
             if image_features is not None:
