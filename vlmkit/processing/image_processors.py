@@ -20,6 +20,7 @@ from .image_ops import (
     ImageSettings, center_crop, convert_to_rgb, generic_output_size, nest_images, normalization_table, parallel_map,
     resize, size_dict, write_normalized,
 )
+from .image_tiles import MllamaImageSettings, preprocess_mllama
 from .image_tiling import Idefics2ImageSettings, Idefics3ImageSettings, preprocess_idefics2, preprocess_idefics3
 
 __all__ = [
@@ -138,7 +139,7 @@ class ImageProcessor:
 
 
 def image_processor_for(family: str, config: dict | None = None) -> ImageProcessor:
-    """family: llava|clip, idefics, idefics2, idefics3|smolvlm; config: preprocessor_config.json as a dict."""
+    """family: llava|clip, idefics, idefics2, idefics3|smolvlm, mllama; config: preprocessor_config.json as a dict."""
     table = {
         "llava": (ClipImageSettings, preprocess_clip),
         "clip": (ClipImageSettings, preprocess_clip),
@@ -146,6 +147,7 @@ def image_processor_for(family: str, config: dict | None = None) -> ImageProcess
         "idefics2": (Idefics2ImageSettings, preprocess_idefics2),
         "idefics3": (Idefics3ImageSettings, preprocess_idefics3),
         "smolvlm": (Idefics3ImageSettings, preprocess_idefics3),
+        "mllama": (MllamaImageSettings, preprocess_mllama),
     }
     key = family.lower()
     if key not in table:

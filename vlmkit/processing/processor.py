@@ -36,7 +36,7 @@ __all__ = ["Processor", "PromptError"]
 # processor_config.json "processor_class" -> family (for folders without a model config.json)
 PROCESSOR_CLASSES = {
     "LlavaProcessor": "llava", "IdeficsProcessor": "idefics", "Idefics2Processor": "idefics2",
-    "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm",
+    "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm", "MllamaProcessor": "mllama",
 }
 
 
