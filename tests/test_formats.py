@@ -46,7 +46,7 @@ def test_merge_refuses_what_cannot_share_a_batch():
 
 
 def test_format_for_names_and_configs():
-    assert set(FORMATS) == {"llava", "idefics", "idefics2", "idefics3", "smolvlm"}
+    assert set(FORMATS) == {"llava", "idefics", "idefics2", "idefics3", "smolvlm", "mllama"}
     cfg = VLMConfig(family="idefics2")
     assert format_for(cfg) is format_for("idefics2")
     cfg.extra["hf_architecture"] = "smolvlm"
