@@ -221,3 +221,42 @@ def test_server_and_info(vlm, folder, capsys):
     assert cli.main(["info", folder, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "mllama" and info["merge"] == "cross_attention" and info["cross_attention_parameters"]
+
+
+def test_score_equals_transformers(vlm, hf):
+    hf_model, proc = hf
+    a = sample_images()[0]
+    prompt, candidates = "<|image|>What is shown?", [" a red circle", " blue"]
+    got = vlm.score(prompt, candidates, images=[a], raw=True)
+    batch = inputs(proc(text=[prompt], images=[[a]], return_tensors="pt"))
+    for cand, score in zip(candidates, got):
+        tail = torch.tensor([proc.tokenizer.encode(cand, add_special_tokens=False)])
+        full = dict(batch, input_ids=torch.cat([batch["input_ids"], tail], 1),
+                    attention_mask=torch.ones(1, batch["input_ids"].shape[1] + tail.shape[1], dtype=torch.long))
+        cam = batch["cross_attention_mask"]
+        full["cross_attention_mask"] = torch.cat([cam, cam[:, -1:].expand(-1, tail.shape[1], -1, -1)], 1)
+        with torch.no_grad():
+            logp = hf_model(**full).logits[0, -tail.shape[1] - 1:-1].log_softmax(-1)
+        assert abs(logp.gather(-1, tail[0, :, None]).sum().item() - score) < 1e-3
+
+
+def test_training_batch_and_lora_run(folder, vlm, tmp_path):
+    from vlmkit import cli
+    from vlmkit.data.collate import Collator
+    from vlmkit.data.readers import Example
+
+    a = sample_images()[0]
+    example = Example("chat", images=[a], turns=[("user", "<image>\nWhat is it?"), ("assistant", "A red dot.")])
+    batch = Collator(vlm.processor).collate([Collator(vlm.processor).encode(example)])
+    assert batch["cross_attention_mask"].sum() > 0 and (batch["labels"] != -100).any()
+    with torch.no_grad():
+        assert torch.isfinite(vlm.model(**batch).loss)
+    data = tmp_path / "data.json"
+    a.save(tmp_path / "a.png")
+    data.write_text(json.dumps([{"id": str(i), "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A red dot."}]}
+        for i in range(2)]))
+    out = tmp_path / "out"
+    assert cli.main(["train", "--model", folder, "--data", str(data), "--stage", "lora", "--batch-size", "2",
+                     "--steps", "1", "--out", str(out)]) == 0
+    assert load_model(out / "final").cfg.family == "mllama"
