@@ -260,3 +260,19 @@ def test_training_batch_and_lora_run(folder, vlm, tmp_path):
     assert cli.main(["train", "--model", folder, "--data", str(data), "--stage", "lora", "--batch-size", "2",
                      "--steps", "1", "--out", str(out)]) == 0
     assert load_model(out / "final").cfg.family == "mllama"
+
+
+def test_batch_rows_equal_each_alone(vlm):
+    """Rows with fewer images (padding slots) or none, and tokens before the first image, answer as they would alone:
+    the padding images of a batch are never attended to, and a row without images skips the cross-attention."""
+    a, b = sample_images()
+    prompts = ["Look <|image|> what is it?", "A <|image|> B <|image|> C", "Just text, please, nothing else"]
+    images = [[a], [b, a], []]
+    batch = vlm.processor(prompts, images)
+    with torch.no_grad():
+        together = vlm.model(**inputs(batch)).logits
+        for row, (p, im) in enumerate(zip(prompts, images)):
+            alone = vlm.model(**inputs(vlm.processor([p], [im] if im else None))).logits[0]
+            assert torch.allclose(together[row, -alone.shape[0]:], alone, atol=1e-5), row
+    answers = vlm.generate_batch(prompts, images=images, max_new_tokens=5, raw=True)
+    assert answers == [vlm.generate(p, images=im or None, max_new_tokens=5, raw=True) for p, im in zip(prompts, images)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -91,15 +93,28 @@ class MllamaCrossAttention(nn.Module):
             kept[self.index] = (context, k, v)
         return k, v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor, cache=None) -> torch.Tensor:
-        """x [B, T, D]; context [B, L, C]; mask bool [B, 1, T, L]."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask, cache=None) -> torch.Tensor:
+        """x [B, T, D]; context [B, L, C]; mask: `mllama_masks`' (attend, sees_image)."""
+        attend, sees_image = mask
         q = self.q_norm(split_heads(self.q_proj(self.attn_norm(x)), self.heads, self.head_dim))
         k, v = self.keys_values(context, cache)
-        sees_image = mask.any(dim=-1, keepdim=True)  # [B, 1, T, 1]
-        out = attention(q, k, v, mask | ~sees_image)
-        x = x + torch.tanh(self.alpha_attn) * self.o_proj(merge_heads(out))
-        h = self.mlp(self.mlp_norm(x)) * sees_image[:, 0].to(x.dtype)
-        return x + torch.tanh(self.alpha_mlp) * h
+        live = attend.any(dim=-1, keepdim=True)  # [B, 1, T, 1]: rows with something to attend to
+        out = attention(q, k, v, attend | ~live)
+        h = x + torch.tanh(self.alpha_attn) * self.o_proj(merge_heads(out))
+        h = h + torch.tanh(self.alpha_mlp) * self.mlp(self.mlp_norm(h)) * sees_image[:, 0].to(x.dtype)
+        return torch.where(live[:, 0], h, x)
+
+
+def mllama_masks(mask: torch.Tensor, real_images: Optional[torch.Tensor]):
+    """Mllama's cross-attention rows: mask bool [B, 1, T, L] (token sees image token), real_images bool [B, L]
+    (the row's own image tokens, padding slots of a batch excluded; None: none known, as on decode steps).
+    -> (attend [B, 1, T, L], sees_image [B, 1, T, 1]). A token that sees no image attends to all of its row's
+    images (transformers' full-row rule: a lone prompt has no padding slots) and adds no MLP output; a row with
+    no image at all attends to nothing and the layer leaves it unchanged, as a prompt without images skips it."""
+    sees_image = mask.any(dim=-1, keepdim=True)
+    if real_images is None:
+        return mask, sees_image
+    return mask | (~sees_image & real_images[:, None, None, :]), sees_image
 
 
 def cross_blocks(text: TextConfig, cfg: CrossAttnConfig) -> tuple[nn.ModuleList, list[int]]:

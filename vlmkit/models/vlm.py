@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import VLMConfig
 from .connectors import build_connector
-from .cross_attn import expand_image_mask
+from .cross_attn import expand_image_mask, mllama_masks
 from .kv_cache import KVCache
 from .layers import init_normal_
 from .text import ModelOutput, TextDecoder
@@ -143,6 +143,12 @@ class VLMModel(nn.Module):
                 labels=labels, logits_to_keep=logits_to_keep,
             )
         context, mask = self.cross_inputs(input_ids, image_features, image_attention_mask, cache)
+        if mask is not None and self.cfg.cross_attn.kind == "mllama":
+            real = None
+            if aspect_ratio_ids is not None and context is not None:  # padding image slots have id 0
+                slots = aspect_ratio_ids.reshape(input_ids.shape[0], -1) != 0
+                real = slots.repeat_interleave(context.shape[1] // slots.shape[1], dim=1)
+            mask = mllama_masks(mask, real)
         return self.text(
             input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, labels=labels,
             cross_context=context, cross_mask=mask, logits_to_keep=logits_to_keep,
