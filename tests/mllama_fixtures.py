@@ -69,7 +69,9 @@ def build_config(tok, tile: int = 28, max_tiles: int = 4):
                 num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1, 3],
                 rms_norm_eps=1e-5, initializer_range=0.1, max_position_embeddings=2048,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+                # Llama 3.2's RoPE, its original context shrunk so all three frequency bands occur at head_dim 16
+                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     return tf.MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_id)
 
 

@@ -62,6 +62,7 @@ class TextConfig:
     act: str = "silu"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama 3.1+ "llama3" RoPE: factor, low/high_freq_factor, original context
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False

@@ -13,12 +13,26 @@ class UnsupportedCheckpoint(ValueError):
 
 
 # ---- shared pieces ----------------------------------------------------------------------------------------------
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 def rope_theta(d: dict) -> float:
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise UnsupportedCheckpoint(f"RoPE scaling {kind!r} is not supported yet (only the default RoPE)")
+    if kind not in ("default", "llama3"):
+        raise UnsupportedCheckpoint(f"RoPE scaling {kind!r} is not supported yet (only the default and llama3)")
     return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+
+
+def rope_scaling(d: dict):
+    """Llama 3.1+ ("llama3") RoPE parameters, or None for the default RoPE."""
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if params.get("rope_type", params.get("type")) != "llama3":
+        return None
+    missing = [k for k in LLAMA3_ROPE_KEYS if k not in params]
+    if missing:
+        raise UnsupportedCheckpoint(f"llama3 RoPE parameters lack {missing}")
+    return {"rope_type": "llama3", **{k: params[k] for k in LLAMA3_ROPE_KEYS}}
 
 
 def text_from_hf(d: dict, tie_default: bool = False) -> TextConfig:
@@ -33,6 +47,7 @@ def text_from_hf(d: dict, tie_default: bool = False) -> TextConfig:
         act=d.get("hidden_act", "silu"),
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=rope_theta(d),
+        rope_scaling=rope_scaling(d),
         max_position_embeddings=d.get("max_position_embeddings", 4096),
         tie_word_embeddings=d.get("tie_word_embeddings", tie_default),
         attention_bias=d.get("attention_bias", False),
@@ -50,7 +65,7 @@ def text_to_hf(t: TextConfig, model_type: str) -> dict:
         "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_layers,
         "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads, "head_dim": t.head_dim,
         "hidden_act": t.act, "rms_norm_eps": t.rms_norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+        "rope_parameters": {"rope_type": "default", **(t.rope_scaling or {}), "rope_theta": t.rope_theta},
         "max_position_embeddings": t.max_position_embeddings, "tie_word_embeddings": t.tie_word_embeddings,
         "attention_bias": t.attention_bias, "mlp_bias": t.mlp_bias, "bos_token_id": t.bos_token_id,
         "eos_token_id": t.eos_token_id, "pad_token_id": t.pad_token_id,
@@ -209,12 +224,14 @@ def mllama_from_hf(d: dict) -> VLMConfig:
     if v.get("norm_eps", 1e-5) != 1e-5:  # transformers' pre/post layernorms keep LayerNorm's default eps
         raise UnsupportedCheckpoint(f"vision norm_eps={v['norm_eps']}: only 1e-5 is supported")
     layers = tuple(v.get("intermediate_layers_indices") or (3, 7, 15, 23, 30))
+    tiles = v.get("max_num_tiles", 4)
+    ratios = v.get("supported_aspect_ratios") or [
+        (a, b) for a in range(1, tiles + 1) for b in range(1, tiles + 1) if a * b <= tiles]  # transformers' default
     vision = VisionConfig(
         hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"], num_layers=v["num_hidden_layers"],
         num_heads=v.get("attention_heads", v.get("num_attention_heads")), patch_size=v["patch_size"],
         image_size=v["image_size"], num_channels=v.get("num_channels", 3), act=v.get("hidden_act", "gelu"),
-        attn_bias=False, max_num_tiles=v.get("max_num_tiles", 4),
-        num_aspect_ratios=len(v.get("supported_aspect_ratios") or [0] * 8),
+        attn_bias=False, max_num_tiles=tiles, num_aspect_ratios=len(ratios),
         num_global_layers=v.get("num_global_layers", 8), intermediate_layers=layers,
     )
     out_dim = vision.hidden_size * (1 + len(layers))

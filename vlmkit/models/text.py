@@ -109,12 +109,12 @@ class TextDecoder(nn.Module):
             if cfg.additional_vocab_size and not cfg.tie_word_embeddings
             else None
         )
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device and loading weights)."""
         device = self.embed_tokens.weight.device
-        self.inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(device)
+        self.inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling).to(device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens_extra is None:
