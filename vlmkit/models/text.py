@@ -109,7 +109,8 @@ class TextDecoder(nn.Module):
             if cfg.additional_vocab_size and not cfg.tie_word_embeddings
             else None
         )
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device and loading weights)."""

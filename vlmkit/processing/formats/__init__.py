@@ -1,8 +1,8 @@
 """Each family's processing rules in one place: `format_for(cfg_or_family)` -> its `Format`.
 
-Ground truth: transformers 5.x `LlavaProcessor`, `IdeficsProcessor`, `Idefics2Processor`, `Idefics3Processor` and
-`SmolVLMProcessor` (Idefics3's prompt rules, its tokens named by the tokenizer), `MllamaProcessor`. A format owns what differs between
-the families once a prompt is segments (prompts.py) and its images are loaded:
+Ground truth: transformers 5.x `LlavaProcessor`, `IdeficsProcessor`, `Idefics2Processor`, `Idefics3Processor`,
+`SmolVLMProcessor` (Idefics3's prompt rules, its tokens named by the tokenizer) and `MllamaProcessor`. A format owns
+what differs between the families once a prompt is segments (prompts.py) and its images are loaded:
   * the prompt settings read from the processor files (`PromptRules`) and the default chat template;
   * placeholder expansion, the BOS rule, the stop and banned tokens;
   * the batch: rows padded on the LEFT (ids with the pad id, attention_mask 0) and the pixel layout
