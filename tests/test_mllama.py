@@ -287,3 +287,24 @@ def test_batch_rows_equal_each_alone(vlm):
             assert torch.allclose(together[row, -alone.shape[0]:], alone, atol=1e-5), row
     answers = vlm.generate_batch(prompts, images=images, max_new_tokens=5, raw=True)
     assert answers == [vlm.generate(p, images=im or None, max_new_tokens=5, raw=True) for p, im in zip(prompts, images)]
+
+
+def test_tokenizer_that_adds_bos_matches_transformers(folder, tmp_path):
+    """Llama 3 tokenizers add a BOS themselves: MllamaProcessor then gives two (its own BOS text + the tokenizer's)
+    for plain prompts and one for chat prompts (the template writes it); vlmkit gives the same ids."""
+    from mllama_fixtures import build_processor, build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_bos_token = True
+    proc = build_processor(tok)
+    proc.save_pretrained(tmp_path)
+    shutil.copy(f"{folder}/config.json", tmp_path)
+    ours = Processor.from_folder(tmp_path)
+    a = sample_images()[0]
+    for text in ("<|image|>Hi", "A <|image|>B"):
+        expected = proc(text=[text], images=[[a]], return_tensors="pt")
+        assert torch.equal(expected["input_ids"], ours([text], [[a]])["input_ids"])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    expected = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt", processor_kwargs={"images": [a]})
+    assert torch.equal(expected["input_ids"], ours([messages], [[a]])["input_ids"])
