@@ -47,7 +47,7 @@ def test_merge_refuses_what_cannot_share_a_batch():
 
 def test_format_for_names_and_configs():
     assert set(FORMATS) == {"llava", "llava_next", "idefics", "idefics2", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl",
-                            "gemma3", "paligemma"}
+                            "gemma3", "paligemma", "mllama"}
     cfg = VLMConfig(family="idefics2")
     assert format_for(cfg) is format_for("idefics2")
     cfg.extra["hf_architecture"] = "smolvlm"

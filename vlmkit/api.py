@@ -348,6 +348,10 @@ class VLM:
         if "image_attention_mask" in inputs:  # continuation tokens see what the last prompt token saw
             iam = inputs["image_attention_mask"]
             inputs["image_attention_mask"] = torch.cat([iam, iam[:, -1:].expand(-1, longest, -1)], 1).expand(n, -1, -1)
+        if "cross_attention_mask" in inputs:  # Mllama's [1, T, M, tiles]: the same rule
+            cam = inputs["cross_attention_mask"]
+            inputs["cross_attention_mask"] = torch.cat([cam, cam[:, -1:].expand(-1, longest, -1, -1)], 1).expand(
+                n, -1, -1, -1)
         if "image_grid_thw" in inputs:  # Qwen2-VL: flat patches and their grids, one copy per candidate
             inputs["pixel_values"] = inputs["pixel_values"].repeat(n, 1)
             inputs["image_grid_thw"] = inputs["image_grid_thw"].repeat(n, 1)
@@ -356,7 +360,7 @@ class VLM:
                 if key in inputs:
                     inputs[key] = inputs[key].repeat(n, *[1] * (inputs[key].dim() - 1))
         elif "pixel_values" in inputs:  # [B, M, ...]: the one row seen by every candidate
-            for key in ("pixel_values", "pixel_attention_mask"):
+            for key in ("pixel_values", "pixel_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask"):
                 if key in inputs:
                     inputs[key] = inputs[key].expand(n, *inputs[key].shape[1:])
         logits = self.model(**inputs).logits[:, prompt_ids.shape[1] - 1 : -1].float()

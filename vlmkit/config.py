@@ -41,6 +41,13 @@ class VisionConfig:
     rope_theta: float = 10000.0
     window_size: int = 0  # pixels per attention window side (Qwen2.5-VL); 0 = every block sees the whole image
     fullatt_block_indexes: tuple = ()  # the blocks that see the whole image when window_size is set
+    attn_bias: bool = True  # Mllama's attention projections have no bias
+    # Tiled images (Mllama): tiles per image, the tile-arrangement table (ids 1..num_aspect_ratios), the gated
+    # global layers after the local ones, and the local layers whose outputs join the features (0-based).
+    max_num_tiles: int = 0
+    num_aspect_ratios: int = 0
+    num_global_layers: int = 0
+    intermediate_layers: tuple = ()
 
     @property
     def grid(self) -> int:
@@ -65,12 +72,13 @@ class TextConfig:
     act: str = "silu"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama 3.1+ "llama3" RoPE: factor, low/high_freq_factor, original context
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections only
     mlp_bias: bool = False
-    qk_norm: bool = False  # per-head RMSNorm of queries and keys (Gemma 3 `q_norm` / `k_norm`)
+    qk_norm: bool = False  # per-head norm of queries and keys (IDEFICS `qk_layer_norms`, Gemma 3 `q_norm` / `k_norm`)
     # Gemma: RMSNorm scales by (1 + weight) in float32, token embeddings by sqrt(hidden_size), and (Gemma 2/3) norms
     # after attention and after the MLP as well as before them.
     gemma_norm: bool = False
@@ -86,6 +94,7 @@ class TextConfig:
     rope_local_theta: Optional[float] = None
     rope_factor: float = 1.0  # linear RoPE scaling of the global layers (Gemma 3 4B+: positions / 8)
     position_offset: int = 0  # PaliGemma counts positions from 1
+    input_only_tokens: int = 0  # embedding rows past vocab_size that are never logits (Mllama: 8, <|image|>)
     additional_vocab_size: int = 0  # IDEFICS decoupled embeddings/head for added tokens
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None  # int or list of ints
@@ -145,8 +154,12 @@ class ConnectorConfig:
 
 @dataclass
 class CrossAttnConfig:
-    """IDEFICS/Flamingo gated cross-attention, inserted before every `every`-th decoder layer (0, N, 2N, ...)."""
+    """Gated cross-attention. IDEFICS/Flamingo: a block inserted before every `every`-th decoder layer (0, N, 2N,
+    ...). Mllama: the decoder layers at the indexes `layers` of the checkpoint's stack are cross-attention layers
+    (q/k norms, grouped heads, tokens that see no image still attend); `TextConfig.num_layers` counts the others."""
 
+    kind: Literal["idefics", "mllama"] = "idefics"
+    layers: tuple = ()  # Mllama: the stack indexes of the cross-attention layers
     every: int = 4
     context_dim: int = 1024  # width of the image features the text attends to
     gate_kind: Literal["float", "vector"] = "float"
@@ -165,7 +178,8 @@ class AnyresConfig:
 
 @dataclass
 class VLMConfig:
-    family: Literal["llava", "llava_next", "idefics", "idefics2", "idefics3", "qwen2_vl", "gemma3", "paligemma"] = "llava"
+    family: Literal["llava", "llava_next", "idefics", "idefics2", "idefics3", "qwen2_vl", "gemma3", "paligemma",
+                    "mllama"] = "llava"
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     text: TextConfig = field(default_factory=TextConfig)

@@ -75,7 +75,7 @@ class SafetensorsSource(TensorSource):
 
     def keys(self, expected: dict) -> list[str]:
         family, cfg = self.family, self.cfg
-        key_map = build_key_map(expected, cfg.connector.kind, family.prefixes)
+        key_map = build_key_map(expected, cfg.connector.kind, family.prefixes, cfg)
         canonical = normalize_names(self.files, family.aliases)  # file name -> canonical HF name
         by_canonical = {c: n for n, c in canonical.items()}
         wanted = {}  # canonical HF name -> our name
@@ -146,7 +146,7 @@ def save_model(model: VLMModel, folder, max_shard_bytes: int = 5 * 2**30) -> Non
     cfg = model.cfg
     family = FAMILIES[cfg.extra.get("hf_architecture", cfg.family)]
     state = model.state_dict()
-    key_map = build_key_map(state, cfg.connector.kind, family.prefixes)
+    key_map = build_key_map(state, cfg.connector.kind, family.prefixes, cfg)
     tensors = {key_map[k]: v.detach().contiguous().cpu() for k, v in state.items()}
     hf = dict(hf_config_for(cfg))
     hf["dtype"] = str(model.dtype).removeprefix("torch.")

@@ -100,20 +100,74 @@ CONNECTOR_RULES = {
 ANYRES_RULES = [(r"anyres\.image_newline", "{N}image_newline")]
 
 
-def build_key_map(our_keys, connector_kind: str, prefixes: dict) -> dict:
-    """our tensor name -> HF tensor name, for every name in `our_keys`."""
-    # the patch merger comes with its own ViT (Qwen2-VL), whose blocks are named differently
-    vision = QWEN_VISION_RULES if connector_kind == "patch_merger" else VISION_RULES
-    rules = vision + TEXT_RULES + CROSS_ATTN_RULES + CONNECTOR_RULES[connector_kind]
-    rules += ANYRES_RULES if "N" in prefixes else []
+# Mllama: its own vision names (local and global stacks, tile embeddings) and cross-attention layers that sit in the
+# decoder's own stack; `stack_key` first renumbers our layer/block indexes to the checkpoint's stack indexes.
+_MLLAMA_STACKS = [(r"vision\.layers\.(\d+)\.", "{V}transformer.layers.\\1."),
+                  (r"vision\.global_layers\.(\d+)\.", "{V}global_transformer.layers.\\1.")]
+MLLAMA_RULES = [
+    (r"vision\.patch_embed\.weight", "{V}patch_embedding.weight"),
+    (r"vision\.class_embed", "{V}class_embedding"),
+    (r"vision\.pos_embed\.weight", "{V}gated_positional_embedding.embedding"),
+    (r"vision\.pos_gate", "{V}gated_positional_embedding.gate"),
+    (r"vision\.tile_pos_embed\.weight", "{V}gated_positional_embedding.tile_embedding.weight"),
+    (r"vision\.(pre|post)_tile\.(embedding\.weight|gate)", "{V}\\1_tile_positional_embedding.\\2"),
+    (r"vision\.pre_norm\.(weight|bias)", "{V}layernorm_pre.\\1"),
+    (r"vision\.post_norm\.(weight|bias)", "{V}layernorm_post.\\1"),
+    *[(ours + tail, hf + name) for ours, hf in _MLLAMA_STACKS for tail, name in [
+        (r"norm1\.(weight|bias)", "input_layernorm.\\2"), (r"norm2\.(weight|bias)", "post_attention_layernorm.\\2"),
+        (r"attn\.([qkvo])_proj\.weight", "self_attn.\\2_proj.weight"), (r"mlp\.(fc[12])\.(weight|bias)", "mlp.\\2.\\3"),
+        (r"gate_attn", "gate_attn"), (r"gate_mlp", "gate_ffn")]],
+    (r"connector\.proj\.(weight|bias)", "{C}\\1"),
+    *TEXT_RULES,
+    (r"text\.cross_blocks\.(\d+)\.attn_norm\.weight", "{X}\\1.input_layernorm.weight"),
+    (r"text\.cross_blocks\.(\d+)\.mlp_norm\.weight", "{X}\\1.post_attention_layernorm.weight"),
+    (r"text\.cross_blocks\.(\d+)\.([qkvo])_proj\.weight", "{X}\\1.cross_attn.\\2_proj.weight"),
+    (r"text\.cross_blocks\.(\d+)\.([qk])_norm\.weight", "{X}\\1.cross_attn.\\2_norm.weight"),
+    (r"text\.cross_blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "{X}\\1.mlp.\\2_proj.weight"),
+    (r"text\.cross_blocks\.(\d+)\.alpha_attn", "{X}\\1.cross_attn_attn_gate"),
+    (r"text\.cross_blocks\.(\d+)\.alpha_mlp", "{X}\\1.cross_attn_mlp_gate"),
+]
+
+
+def stack_key(cfg):
+    """Mllama: our name -> the same name with decoder layer / cross block indexes of the checkpoint's one stack
+    (self-attention and cross-attention layers interleaved); None for the other families."""
+    if cfg is None or cfg.cross_attn is None or cfg.cross_attn.kind != "mllama":
+        return None
+    cross = sorted(cfg.cross_attn.layers)
+    selfs = [j for j in range(cfg.text.num_layers + len(cross)) if j not in cross]
+    pattern = re.compile(r"^text\.(layers|cross_blocks)\.(\d+)\.")
+
+    def renumber(key: str) -> str:
+        m = pattern.match(key)
+        if m is None:
+            return key
+        index = (selfs if m.group(1) == "layers" else cross)[int(m.group(2))]
+        return f"text.{m.group(1)}.{index}." + key[m.end():]
+
+    return renumber
+
+
+def build_key_map(our_keys, connector_kind: str, prefixes: dict, cfg=None) -> dict:
+    """our tensor name -> HF tensor name, for every name in `our_keys` (cfg: the model's VLMConfig, which Mllama
+    needs: its rules and layer numbering)."""
+    if cfg is not None and cfg.family == "mllama":
+        rules = MLLAMA_RULES
+    else:
+        # the patch merger comes with its own ViT (Qwen2-VL), whose blocks are named differently
+        vision = QWEN_VISION_RULES if connector_kind == "patch_merger" else VISION_RULES
+        rules = vision + TEXT_RULES + CROSS_ATTN_RULES + CONNECTOR_RULES[connector_kind]
+        rules += ANYRES_RULES if "N" in prefixes else []
     # Layers with norms after each block too (Gemma 2/3) call the norm before the MLP pre_feedforward_layernorm.
     sandwich = any(".post_attn_norm." in k for k in our_keys)
     names = {"MLP_NORM": "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm",
              "LINEAR": "linear_1", **prefixes}
     compiled = [(re.compile(pattern + "$"), template.format(**names)) for pattern, template in rules]
+    renumber = stack_key(cfg) or (lambda key: key)
     out = {}
     for key in our_keys:
-        hits = [p.sub(t, key) for p, t in compiled if p.match(key)]
+        stacked = renumber(key)
+        hits = [p.sub(t, stacked) for p, t in compiled if p.match(stacked)]
         if len(hits) != 1:
             raise KeyError(f"no unique checkpoint name for parameter {key!r} ({len(hits)} rules match)")
         out[key] = hits[0]

@@ -38,7 +38,7 @@ def save_quantized(model: VLMModel, folder) -> None:
     family = FAMILIES[cfg.extra.get("hf_architecture", cfg.family)]
     # our name -> HF name for the float layout of the model (quantized modules as their `.weight`)
     names = [n for n in model.state_dict() if n.rpartition(".")[0] not in kinds or n.endswith(".bias")]
-    key_map = build_key_map(names + [f"{name}.weight" for name in kinds], cfg.connector.kind, family.prefixes)
+    key_map = build_key_map(names + [f"{name}.weight" for name in kinds], cfg.connector.kind, family.prefixes, cfg)
     tensors = {}
     for name, t in model.state_dict().items():
         module, _, leaf = name.rpartition(".")

@@ -25,6 +25,7 @@ class KVCache:
         self.cross_context: Optional[torch.Tensor] = None  # [B, L, C] image features (IDEFICS)
         self.cross_mask_last: Optional[torch.Tensor] = None  # [B, 1, num_images]: last token's image row
         self.rope_deltas: Optional[torch.Tensor] = None  # [B] M-RoPE: position - real tokens before (Qwen2-VL)
+        self.cross_kv: dict = {}  # Mllama: block -> (context, keys, values), projected once per context
 
     @property
     def length(self) -> int:
@@ -68,6 +69,7 @@ class StaticKVCache:
         self.cross_context: Optional[torch.Tensor] = None
         self.cross_mask_last: Optional[torch.Tensor] = None
         self.rope_deltas: Optional[torch.Tensor] = None  # [B] (see KVCache)
+        self.cross_kv: dict = {}
 
     @property
     def length(self) -> int:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import CrossAttnConfig, TextConfig
 from .attention_masks import add_groups, sliding
-from .cross_attn import GatedCrossAttention
+from .cross_attn import cross_blocks
 from .kv_cache import KVCache
 from .layers import (
     GemmaRMSNorm, RMSNorm, SwiGLU, apply_rope, attention, merge_heads, rope_cos_sin, rope_inv_freq, split_heads,
@@ -115,18 +115,15 @@ class TextDecoder(nn.Module):
     def __init__(self, cfg: TextConfig, cross_attn: Optional[CrossAttnConfig] = None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size + cfg.input_only_tokens, cfg.hidden_size)
         # IDEFICS keeps added tokens in a separate table (ids >= vocab_size) so the base vocabulary can stay frozen.
         self.embed_tokens_extra = (
             nn.Embedding(cfg.additional_vocab_size, cfg.hidden_size) if cfg.additional_vocab_size else None
         )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.cross_every = cross_attn.every if cross_attn else 0
-        self.cross_blocks = (
-            nn.ModuleList(GatedCrossAttention(cfg, cross_attn) for _ in range(cfg.num_layers // cross_attn.every))
-            if cross_attn
-            else None
-        )
+        # cross_at[i]: the cross-attention blocks that run before self-attention layer i (i == num_layers: after all)
+        self.cross_blocks, positions = cross_blocks(cfg, cross_attn) if cross_attn else (None, [])
+        self.cross_at = [[k for k, p in enumerate(positions) if p == i] for i in range(cfg.num_layers + 1)]
         self.norm = norm_for(cfg)(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head_extra = (
@@ -134,17 +131,22 @@ class TextDecoder(nn.Module):
             if cfg.additional_vocab_size and not cfg.tie_word_embeddings
             else None
         )
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta) / cfg.rope_factor,
-                             persistent=False)
-        self.register_buffer("inv_freq_local", rope_inv_freq(cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta),
-                             persistent=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self.register_buffer("inv_freq_local", self._inv_freq(local=True), persistent=False)
+
+    def _inv_freq(self, local: bool = False) -> torch.Tensor:
+        """RoPE frequencies: Llama 3 scaling and Gemma's linear factor on the global layers; Gemma 3's local layers
+        have their own theta."""
+        c = self.cfg
+        if local:
+            return rope_inv_freq(c.head_dim, c.rope_local_theta or c.rope_theta)
+        return rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling) / c.rope_factor
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device and loading weights)."""
         device = self.embed_tokens.weight.device
-        self.inv_freq = (rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta) / self.cfg.rope_factor).to(device)
-        self.inv_freq_local = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_local_theta or self.cfg.rope_theta).to(
-            device)
+        self.inv_freq = self._inv_freq().to(device)
+        self.inv_freq_local = self._inv_freq(local=True).to(device)
 
     @property
     def plain(self) -> bool:
@@ -218,9 +220,11 @@ class TextDecoder(nn.Module):
                 window = sliding(mask, self.cfg.sliding_window) if groups_in_window else add_groups(
                     local[0], groups, attention_mask)
                 local = window, *local[1:]
-        for i, layer in enumerate(self.layers):
-            if self.cross_blocks is not None and i % self.cross_every == 0 and cross_context is not None:
-                x = self.cross_blocks[i // self.cross_every](x, cross_context, cross_mask)
+        for i, layer in enumerate([*self.layers, None]):
+            for k in self.cross_at[i] if cross_context is not None else ():
+                x = self.cross_blocks[k](x, cross_context, cross_mask, cache)
+            if layer is None:
+                break
             if layer.attn.sliding:
                 x = layer(x, local[1], local[2], local[0], cache)
             else:

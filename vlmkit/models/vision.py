@@ -20,7 +20,7 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
         d = cfg.hidden_size
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=cfg.attn_bias) for _ in range(4))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         q, k, v = (split_heads(p(x), self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -60,7 +60,9 @@ def segment_attention(q, k, v, bounds: torch.Tensor) -> torch.Tensor:
 
 
 class VisionLayer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    """Pre-norm attention + MLP; `gated` (Mllama's global layers) scales both branches by tanh of a learned gate."""
+
+    def __init__(self, cfg: VisionConfig, gated: bool = False):
         super().__init__()
         d = cfg.hidden_size
         norm = RMSNorm if cfg.norm == "rmsnorm" else nn.LayerNorm
@@ -71,12 +73,15 @@ class VisionLayer(nn.Module):
             self.mlp = SwiGLU(d, cfg.intermediate_size, act=cfg.act, bias=True)
         else:
             self.mlp = MLP(d, cfg.intermediate_size, act=cfg.act)
+        self.gate_attn = nn.Parameter(torch.zeros(1)) if gated else None
+        self.gate_mlp = nn.Parameter(torch.zeros(1)) if gated else None
 
     def forward(self, x, mask, rope=None):
         """mask: a bool attention mask, or with `rope` (Qwen2-VL) the segment bounds (images or windows)."""
-        h = self.norm1(x)
-        x = x + (self.attn(h, mask) if rope is None else self.attn(h, mask, rope))
-        return x + self.mlp(self.norm2(x))
+        h = self.attn(self.norm1(x), mask) if rope is None else self.attn(self.norm1(x), mask, rope)
+        x = x + (h if self.gate_attn is None else self.gate_attn.tanh() * h)
+        h = self.mlp(self.norm2(x))
+        return x + (h if self.gate_mlp is None else self.gate_mlp.tanh() * h)
 
 
 def bucketed_position_ids(patch_mask: torch.Tensor, grid: int) -> torch.Tensor:

@@ -11,12 +11,13 @@ from ..config import VLMConfig
 from .anyres import AnyresPacker
 from .attention_masks import image_groups, prefix_groups
 from .connectors import build_connector
-from .cross_attn import expand_image_mask
+from .cross_attn import expand_image_mask, mllama_masks
 from .kv_cache import KVCache
 from .layers import init_normal_
 from .rope import mrope_positions
 from .text import ModelOutput, TextDecoder, positions_from_mask
 from .vision import build_vision
+from .vision_tiled import TiledVisionTransformer
 
 
 class ImageTokenMismatch(ValueError):
@@ -42,7 +43,7 @@ class VLMModel(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision = build_vision(cfg.vision)
+        self.vision = TiledVisionTransformer(cfg.vision) if cfg.vision.max_num_tiles else build_vision(cfg.vision)
         self.connector = build_connector(cfg.connector)
         self.text = TextDecoder(cfg.text, cfg.cross_attn)
         self.anyres = None if cfg.anyres is None else AnyresPacker(cfg.anyres, cfg.vision, cfg.connector.out_dim)
@@ -78,13 +79,26 @@ class VLMModel(nn.Module):
         features = self.vision(pixel_values.to(self.dtype), patch_mask)
         return self.connector(features, patch_mask)
 
-    def image_features(self, pixel_values, pixel_attention_mask=None, image_grid_thw=None,
-                       image_sizes=None) -> torch.Tensor:
+    def encode_tiles(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> torch.Tensor:
+        """Mllama: pixel_values [B, M, tiles, C, S, S] -> features [B * M * tiles, tokens per tile, text width]
+        (each tile is one 'image' of the cross-attention mask: cross_attention_mask [B, T, M, tiles])."""
+        if aspect_ratio_ids is None or aspect_ratio_mask is None:
+            raise ValueError("a tiled vision tower needs aspect_ratio_ids and aspect_ratio_mask with pixel_values")
+        b, m, tiles = pixel_values.shape[:3]
+        features = self.vision(pixel_values.flatten(0, 1).to(self.dtype), aspect_ratio_ids.reshape(b * m),
+                               aspect_ratio_mask.reshape(b * m, tiles))
+        features = self.connector(features)
+        return features.reshape(b * m * tiles, features.shape[-2], features.shape[-1])
+
+    def image_features(self, pixel_values, pixel_attention_mask=None, image_grid_thw=None, image_sizes=None,
+                       aspect_ratio_ids=None, aspect_ratio_mask=None) -> torch.Tensor:
         """Batch layout of the family's processor -> features [num_real_images, tokens, width], in prompt order
         (cross-attention: every slot, [B * M, ...]; the image-attention mask hides the padding images).
         Qwen2-VL: flat patches [P, C*T*p*p] of the images image_grid_thw [N, 3] describes -> [1, all tokens, width]
         (images of any size: their tokens in one row). LLaVA-NeXT: tiles + image_sizes [N, 2] -> [1, all images'
-        tokens, width], as its images give different counts."""
+        tokens, width], as its images give different counts. Mllama: see encode_tiles."""
+        if self.cfg.vision.max_num_tiles:
+            return self.encode_tiles(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         if self.cfg.vision.flavour == "qwen2_vl":
             if image_grid_thw is None:
                 raise ValueError("Qwen2-VL pixel_values need image_grid_thw (each image's patch grid)")
@@ -148,10 +162,16 @@ class VLMModel(nn.Module):
         image_features: Optional[torch.Tensor] = None,
         logits_to_keep: int = 0,
         token_type_ids: Optional[torch.Tensor] = None,
+        aspect_ratio_ids: Optional[torch.Tensor] = None,
+        aspect_ratio_mask: Optional[torch.Tensor] = None,
+        cross_attention_mask: Optional[torch.Tensor] = None,
         **unused,
     ) -> ModelOutput:
         if image_features is None and pixel_values is not None:
-            image_features = self.image_features(pixel_values, pixel_attention_mask, image_grid_thw, image_sizes)
+            image_features = self.image_features(pixel_values, pixel_attention_mask, image_grid_thw, image_sizes,
+                                                 aspect_ratio_ids, aspect_ratio_mask)
+        if cross_attention_mask is not None:  # Mllama [B, T, M, tiles]: each tile is one image of the mask
+            image_attention_mask = cross_attention_mask.flatten(2)
         if position_ids is not None and image_grid_thw is not None and self.cfg.text.mrope_section is not None:
             raise ValueError("Qwen2-VL computes its own 3D positions for prompts with images: position_ids (e.g. "
                              "from packed training rows) cannot be given with images")
@@ -170,6 +190,12 @@ class VLMModel(nn.Module):
                 groups_in_window=self.cfg.bidirectional == "image",
             )
         context, mask = self.cross_inputs(input_ids, image_features, image_attention_mask, cache)
+        if mask is not None and self.cfg.cross_attn.kind == "mllama":
+            real = None
+            if aspect_ratio_ids is not None and context is not None:  # padding image slots have id 0
+                slots = aspect_ratio_ids.reshape(input_ids.shape[0], -1) != 0
+                real = slots.repeat_interleave(context.shape[1] // slots.shape[1], dim=1)
+            mask = mllama_masks(mask, real)
         return self.text(
             input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, labels=labels,
             cross_context=context, cross_mask=mask, logits_to_keep=logits_to_keep,

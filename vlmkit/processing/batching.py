@@ -29,12 +29,13 @@ class EncodedRow:
     labels: Optional[list] = None
     positions: Optional[list] = None
     pixels: Optional[torch.Tensor] = None  # [M, 3, H, W]: images (crops for Idefics2/3)
-    pixel_mask: Optional[torch.Tensor] = None  # [M, H, W] (Idefics2/3)
-    image_mask: Optional[torch.Tensor] = None  # [T, M] (IDEFICS image_attention_mask)
+    pixel_mask: Optional[torch.Tensor] = None  # [M, H, W] (Idefics2/3); Mllama: aspect_ratio_mask [M, tiles]
+    image_mask: Optional[torch.Tensor] = None  # [T, M] (IDEFICS image_attention_mask); Mllama: [T, M, tiles]
     image_grid: Optional[torch.Tensor] = None  # [M, 3] (Qwen2-VL image_grid_thw; pixels are then flat patches)
     image_sizes: Optional[torch.Tensor] = None  # [M, 2] (LLaVA-NeXT: each image's height, width)
     token_types: Optional[list] = None  # token_type_ids (Gemma 3: image tokens 1; PaliGemma: suffix 1)
     indices: list = field(default_factory=list)  # the training examples in this row
+    extra: dict = field(default_factory=dict)  # a family's other per-row tensors (Mllama: aspect_ratio_ids)
 
 
 def pad_tokens(rows: list, pad_token_id: int, positions: bool = False) -> dict:

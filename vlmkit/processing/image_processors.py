@@ -25,6 +25,7 @@ from .image_ops import (
     OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSettings, center_crop, convert_to_rgb, generic_output_size, nest_images,
     normalization_table, parallel_map, resize, size_dict, write_normalized,
 )
+from .image_tiles import MllamaImageSettings, preprocess_mllama
 from .image_tiling import Idefics2ImageSettings, Idefics3ImageSettings, preprocess_idefics2, preprocess_idefics3
 
 __all__ = [
@@ -287,7 +288,7 @@ class ImageProcessor:
 
 
 def image_processor_for(family: str, config: dict | None = None) -> ImageProcessor:
-    """family: llava|clip, idefics, idefics2, idefics3|smolvlm; config: preprocessor_config.json as a dict."""
+    """family: llava|clip, idefics, idefics2, idefics3|smolvlm, mllama; config: preprocessor_config.json as a dict."""
     table = {
         "llava": (ClipImageSettings, preprocess_clip),
         "clip": (ClipImageSettings, preprocess_clip),
@@ -300,6 +301,7 @@ def image_processor_for(family: str, config: dict | None = None) -> ImageProcess
         "qwen2_5_vl": (Qwen2VLImageSettings, preprocess_qwen2_vl),
         "gemma3": (Gemma3ImageSettings, preprocess_square),
         "paligemma": (SiglipImageSettings, preprocess_square),
+        "mllama": (MllamaImageSettings, preprocess_mllama),
     }
     key = family.lower()
     if key not in table:

@@ -42,7 +42,7 @@ PROCESSOR_CLASSES = {
     "LlavaProcessor": "llava", "LlavaNextProcessor": "llava_next", "IdeficsProcessor": "idefics",
     "Idefics2Processor": "idefics2", "Idefics3Processor": "idefics3", "SmolVLMProcessor": "smolvlm",
     "Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_5_vl", "Gemma3Processor": "gemma3",
-    "PaliGemmaProcessor": "paligemma",
+    "PaliGemmaProcessor": "paligemma", "MllamaProcessor": "mllama",
 }
 
 
