@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import CrossAttnConfig, TextConfig
 from .cross_attn import GatedCrossAttention
+from .fused import decode_projections
 from .kv_cache import KVCache
 from .layers import RMSNorm, SwiGLU, apply_rope, attention, merge_heads, rope_cos_sin, rope_inv_freq, split_heads
 
@@ -194,23 +195,31 @@ class TextDecoder(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         key_mask.index_fill_(1, index, True)
         mask = (key_mask if length is None else key_mask[:, :length])[:, None, None, :]
+        fused = decode_projections(self) if self._fuse else None
         for i, layer in enumerate(self.layers):
-            a = layer.attn
+            a, f = layer.attn, None if fused is None else fused[i]
             h = layer.attn_norm(x)
-            q = apply_rope(split_heads(a.q_proj(h), a.heads, a.head_dim), cos, sin)
-            k = apply_rope(split_heads(a.k_proj(h), a.kv_heads, a.head_dim), cos, sin)
-            v = split_heads(a.v_proj(h), a.kv_heads, a.head_dim)
+            q, k, v = (a.q_proj(h), a.k_proj(h), a.v_proj(h)) if f is None or f.qkv is None else f.qkv(h)
+            q = apply_rope(split_heads(q, a.heads, a.head_dim), cos, sin)
+            k = apply_rope(split_heads(k, a.kv_heads, a.head_dim), cos, sin)
+            v = split_heads(v, a.kv_heads, a.head_dim)
             keys[i].index_copy_(2, index, k)
             values[i].index_copy_(2, index, v)
             kk, vv = (keys[i], values[i]) if length is None else (keys[i][:, :, :length], values[i][:, :, :length])
             x = x + a.o_proj(merge_heads(grouped_attention(q, kk, vv, mask)))
-            x = x + layer.mlp(layer.mlp_norm(x))
+            if f is None or f.gate_up is None:
+                x = x + layer.mlp(layer.mlp_norm(x))
+            else:
+                gate, up = f.gate_up(layer.mlp_norm(x))
+                x = x + layer.mlp.down_proj(layer.mlp.act(gate) * up)
         logits = self.head(self.norm(x))[:, -1]
         position_ids.add_(1)
         index.add_(1)
         return logits
 
     _compiled_decode = None
+    # Decode steps run int4 q/k/v and gate/up as fused kernel calls (models/fused.py; same numbers, fewer calls).
+    _fuse = True
 
     @property
     def decode_compiled(self) -> bool:
@@ -222,6 +231,8 @@ class TextDecoder(nn.Module):
         capacity). Weights are read as they are at call time, so quantize first."""
         options.setdefault("fullgraph", True)
         options.setdefault("dynamic", False)
+        if self._fuse:
+            decode_projections(self)  # fused before tracing: the compiled step reads the fused groups as built
         self._compiled_decode = torch.compile(self._decode_step, **options)
 
 

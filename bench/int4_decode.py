@@ -1,0 +1,187 @@
+"""Where a batch-1 int4 decode step goes (issue 21, item 4): a decoder of the issue's LLaVA-1.5 shape (1.07B Llama:
+hidden 2048, MLP 5632, 32 heads / 4 KV heads, vocab 32064) built directly with random weights, quantized int4
+(group 32; token table and head int8, as vlmkit quantizes), decode steps on a static cache of `--context` tokens.
+
+    PYTHONPATH=. python -m bench.int4_decode [--layers 22] [--context 600] [--steps 12] [--batch 1,8]
+
+Prints, all measured in one process: the read bandwidth (vlmkit.benchmark.read_bandwidth, the roofline), the step
+time and tok/s, the share of the step in the int4 kernels, the int8 head and everything else (attention, norms,
+rope, Python), each kernel shape's time per call and achieved bandwidth in the step (torch.profiler) and alone
+(the best of repeated calls), then the variants side by side: thread count, kernel activation dtype, group size,
+fused projections, compiled step. Timings on a shared 2-core box are noisy: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+from vlmkit import benchmark
+from vlmkit.config import TextConfig
+from vlmkit.hardware import kernel_flags
+from vlmkit.models import quant
+from vlmkit.models.kv_cache import StaticKVCache
+from vlmkit.models.text import TextDecoder, grouped_attention
+
+SHAPE = dict(vocab_size=32064, hidden_size=2048, intermediate_size=5632, num_heads=32, num_kv_heads=4)
+
+
+def build(layers: int, group: int = quant.DEFAULT_GROUP, seed: int = 0) -> TextDecoder:
+    """The decoder with random weights, each projection quantized as it is made (never a float copy of the whole
+    model: ~0.7 GB at 22 layers)."""
+    cfg = TextConfig(num_layers=layers, **SHAPE)
+    with torch.device("meta"):
+        model = TextDecoder(cfg)
+    kinds = quant.target_kinds(model, "int4", group_size=group)
+    g = torch.Generator().manual_seed(seed)
+    for name, module in list(model.named_modules()):
+        if name in kinds:
+            n, k = (module.num_embeddings, module.embedding_dim) if kinds[name] == "embed8" else module.weight.shape
+            w = torch.randn(n, k, generator=g) * 0.02
+            model.set_submodule(name, quant.make_module(kinds[name], w, group_size=group))
+    for module in model.modules():
+        if hasattr(module, "eps"):  # RMSNorm
+            module.weight = torch.nn.Parameter(torch.ones(module.weight.shape))
+    model.reset_buffers()
+    quant.describe(model, "int4", group, kinds)
+    return model.eval()
+
+
+def weight_bytes_per_token(model: TextDecoder) -> int:
+    """Bytes each decode step reads: every quantized layer and norm (the token table: one row, ~0)."""
+    return quant.memory_bytes(model) - quant.memory_bytes(model.embed_tokens)
+
+
+class Stepper:
+    """Decode steps on a cache already holding `context` random keys/values (what a long prompt leaves)."""
+
+    def __init__(self, model: TextDecoder, batch: int, context: int, steps: int):
+        cfg = model.cfg
+        g = torch.Generator().manual_seed(1)
+        kv = [torch.randn(batch, cfg.num_kv_heads, context, cfg.head_dim, generator=g) for _ in range(2)]
+        self.model, self.batch, self.context, self.steps = model, batch, context, steps
+        self.cache = StaticKVCache.from_prefix([kv[0]] * cfg.num_layers, [kv[1]] * cfg.num_layers,
+                                               torch.zeros(batch, context, dtype=torch.long), context + steps + 8)
+        self.cache.reserve(context + steps + 1, exact=True)
+        self.ids = torch.randint(0, cfg.vocab_size, (batch, 1), generator=g)
+
+    def run(self) -> float:
+        """Seconds per step (the median of `steps`), the cache rewound before each run."""
+        c, m = self.cache, self.model
+        c._length = self.context
+        pos = torch.full((self.batch, 1), self.context, dtype=torch.long)
+        index = torch.tensor([self.context])
+        key_mask = torch.zeros(self.batch, c.capacity, dtype=torch.bool)
+        key_mask[:, : self.context] = True
+        times, ids = [], self.ids
+        with torch.inference_mode():
+            for _ in range(self.steps):
+                t0 = time.perf_counter()
+                logits = m.decode_step(ids, pos, index, key_mask, c.keys, c.values,
+                                       length=None if m.decode_compiled else c.length + 1)
+                ids = logits.argmax(-1, keepdim=True)  # greedy sampling is part of the step
+                times.append(time.perf_counter() - t0)
+                c.advance(1)
+        return sorted(times)[len(times) // 2]
+
+
+def median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def layer_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.buffers())
+
+
+def kernel_calls(model: TextDecoder) -> dict:
+    """{(N, K): [the int4 layers of that shape, in step order]} (the fused ones where the model has them)."""
+    out = defaultdict(list)
+    for layer in model.layers:
+        for m in projections(model, layer):
+            out[(m.out_features, m.in_features)].append(m)
+    return dict(out)
+
+
+def projections(model: TextDecoder, layer) -> list:
+    fused = getattr(model, "fused_projections", None)
+    groups = fused(layer) if fused is not None else None
+    if groups:
+        return list(groups) + [layer.attn.o_proj, layer.mlp.down_proj]
+    a, f = layer.attn, layer.mlp
+    return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj]
+
+
+def replay(layers: list, x: torch.Tensor):
+    """One kernel call per layer, as the step makes them (each layer's weights come from memory, not a cache)."""
+    def fn():
+        for m in layers:
+            torch.ops.aten._weight_int4pack_mm_for_cpu(x, m.packed, m.group_size, m.scales_and_zeros)
+    return fn
+
+
+def profile_table(model: TextDecoder, batch: int, context: int, steps: int, bw: float, title: str) -> float:
+    """Prints the profile of one configuration; returns tok/s (median step)."""
+    stepper = Stepper(model, batch, context, steps)
+    step = min(stepper.run() for _ in range(2))
+    nbytes = weight_bytes_per_token(model)
+    limit = bw * 1e9 / nbytes
+    print(f"\n### {title}: batch {batch}, context {context}, {len(model.layers)} layers\n")
+    print(f"step {step * 1e3:.1f} ms, {batch / step:.2f} tok/s; weights read per step {nbytes / 1e6:.0f} MB -> "
+          f"bandwidth limit {limit:.1f} steps/s; this step at {100 / step / limit:.0f}% of it\n")
+    print("| kernel | N x K | calls/step | ms/step | us/call | MB/call | GB/s | % of read BW |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    reps = max(3, steps // 2)
+    kernels = 0.0
+    shapes = kernel_calls(model)
+    for (n, k), layers in sorted(shapes.items(), key=lambda r: -r[0][0] * r[0][1] * len(r[1])):
+        x = torch.randn(batch, k).to(quant.KERNEL_DTYPE)
+        t = median_time(replay(layers, x), reps)
+        kernels += t
+        b = sum(layer_bytes(m) for m in layers)
+        print(f"| int4 | {n}x{k} | {len(layers)} | {t * 1e3:.2f} | {t / len(layers) * 1e6:.0f} "
+              f"| {b / len(layers) / 1e6:.2f} | {b / t / 1e9:.1f} | {100 * b / t / 1e9 / bw:.0f}% |")
+    h = torch.randn(batch, 1, model.cfg.hidden_size)
+    head = median_time(lambda: model.head(model.norm(h)).argmax(-1), reps)
+    hb = layer_bytes(model.lm_head if model.lm_head is not None else model.embed_tokens)
+    print(f"| head int8 + refine + argmax | {model.cfg.vocab_size}x{model.cfg.hidden_size} | 1 | {head * 1e3:.2f} "
+          f"| {head * 1e6:.0f} | {hb / 1e6:.2f} | {hb / head / 1e9:.1f} | {100 * hb / head / 1e9 / bw:.0f}% |")
+    cache = stepper.cache
+    q = torch.randn(batch, model.cfg.num_heads, 1, model.cfg.head_dim)
+    mask = torch.ones(batch, 1, 1, context + 1, dtype=torch.bool)
+    att = median_time(lambda: [grouped_attention(q, cache.keys[i][:, :, : context + 1],
+                                                 cache.values[i][:, :, : context + 1], mask)
+                               for i in range(len(model.layers))], reps)
+    rest = step - kernels - head - att
+    print(f"\nint4 kernels {kernels * 1e3:.1f} ms ({100 * kernels / step:.0f}% of the step), head {head * 1e3:.1f} ms "
+          f"({100 * head / step:.0f}%), attention {att * 1e3:.1f} ms ({100 * att / step:.0f}%), everything else "
+          f"(norms, rope, cache writes, residuals, Python) {rest * 1e3:.1f} ms ({100 * rest / step:.0f}%)")
+    return batch / step
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=22)
+    p.add_argument("--context", type=int, default=600)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--batch", default="1,8")
+    a = p.parse_args(argv)
+    print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, flags {kernel_flags()}, "
+          f"threads {torch.get_num_threads()}")
+    bw = benchmark.read_bandwidth()
+    print(f"read bandwidth {bw:.1f} GB/s")
+    model = build(a.layers)
+    for batch in map(int, a.batch.split(",")):
+        profile_table(model, batch, a.context, a.steps, bw, "before")
+
+
+if __name__ == "__main__":
+    main()
