@@ -22,7 +22,7 @@ import torch
 from vlmkit import benchmark
 from vlmkit.config import TextConfig
 from vlmkit.hardware import kernel_flags
-from vlmkit.models import quant
+from vlmkit.models import fused, int4_cpu, quant
 from vlmkit.models.kv_cache import StaticKVCache
 from vlmkit.models.text import TextDecoder, grouped_attention
 
@@ -99,7 +99,9 @@ def median_time(fn, reps: int) -> float:
 
 
 def layer_bytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.buffers())
+    """Bytes of a quantized layer's (or fused group's) weights."""
+    parts = (module.packed, module.scales_and_zeros) if hasattr(module, "packed") else module.buffers()
+    return sum(t.numel() * t.element_size() for t in parts)
 
 
 def kernel_calls(model: TextDecoder) -> dict:
@@ -112,20 +114,36 @@ def kernel_calls(model: TextDecoder) -> dict:
 
 
 def projections(model: TextDecoder, layer) -> list:
-    fused = getattr(model, "fused_projections", None)
-    groups = fused(layer) if fused is not None else None
-    if groups:
-        return list(groups) + [layer.attn.o_proj, layer.mlp.down_proj]
+    if model._fuse:
+        g = fused.decode_projections(model)[list(model.layers).index(layer)]
+        return [g.qkv, g.o, g.gate_up, g.down]
     a, f = layer.attn, layer.mlp
     return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj]
+
+
+def call(m, x: torch.Tensor):
+    """The kernel the step runs for layer (or fused group) m: the AVX2 kernel where on, else torch's (bf16)."""
+    if int4_cpu.available():
+        return int4_cpu.gemm(x, m.packed, m.scales_and_zeros, m.group_size, m.out_features)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(quant.KERNEL_DTYPE), m.packed, m.group_size,
+                                                      m.scales_and_zeros)
 
 
 def replay(layers: list, x: torch.Tensor):
     """One kernel call per layer, as the step makes them (each layer's weights come from memory, not a cache)."""
     def fn():
         for m in layers:
-            torch.ops.aten._weight_int4pack_mm_for_cpu(x, m.packed, m.group_size, m.scales_and_zeros)
+            call(m, x)
     return fn
+
+
+def configure(model: TextDecoder, fuse: bool, kernel: bool) -> None:
+    """fuse: q/k/v and gate/up as one call each; kernel: the AVX2 kernel (models/int4_cpu.py) where it runs."""
+    model._fuse = fuse
+    model.__dict__.pop("_fused_projections", None)
+    int4_cpu._STATE.pop("fn", None)
+    if not kernel:
+        int4_cpu._STATE["fn"] = None
 
 
 def profile_table(model: TextDecoder, batch: int, context: int, steps: int, bw: float, title: str) -> float:
@@ -143,8 +161,7 @@ def profile_table(model: TextDecoder, batch: int, context: int, steps: int, bw: 
     kernels = 0.0
     shapes = kernel_calls(model)
     for (n, k), layers in sorted(shapes.items(), key=lambda r: -r[0][0] * r[0][1] * len(r[1])):
-        x = torch.randn(batch, k).to(quant.KERNEL_DTYPE)
-        t = median_time(replay(layers, x), reps)
+        t = median_time(replay(layers, torch.randn(batch, k)), reps)
         kernels += t
         b = sum(layer_bytes(m) for m in layers)
         print(f"| int4 | {n}x{k} | {len(layers)} | {t * 1e3:.2f} | {t / len(layers) * 1e6:.0f} "
@@ -167,20 +184,102 @@ def profile_table(model: TextDecoder, batch: int, context: int, steps: int, bw: 
     return batch / step
 
 
+def best_time(fn, reps: int = 10) -> float:
+    fn()
+    out = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t0)
+    return out
+
+
+def candidates(bw: float) -> None:
+    """The other knobs, per kernel call (copies of each layer rotated past the caches; the best of 10 runs)."""
+    print("\n## Candidates per kernel call (us per call, GB/s; batch 1)\n")
+    print("| shape | variant | us/call | GB/s | % of read BW |")
+    print("|---|---|---:|---:|---:|")
+    g = torch.Generator().manual_seed(2)
+    threads = torch.get_num_threads()
+    for n, k in [(2560, 2048), (11264, 2048), (2048, 5632), (32064, 2048)]:
+        copies = max(1, 64_000_000 // (n * k))
+        w = torch.randn(n, k, generator=g) * 0.02
+        x = torch.randn(1, k, generator=g)
+        rows = []
+        for group in (32, 64, 128):
+            layers = [quant.Int4Linear.from_float(w, group_size=group) for _ in range(copies)]
+            nbytes = layer_bytes(layers[0])
+            xb = x.to(quant.KERNEL_DTYPE)
+            torch_bf16 = lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: E731
+                xb, m.packed, group, m.scales_and_zeros) for m in layers]
+            rows.append((f"int4 g{group}, torch kernel, bf16 activations", torch_bf16, nbytes))
+            if group == 32:
+                rows.append((f"int4 g{group}, torch kernel, fp32 activations", lambda: [
+                    torch.ops.aten._weight_int4pack_mm_for_cpu(x, m.packed, group, m.scales_and_zeros.float())
+                    for m in layers], nbytes))
+                rows.append((f"int4 g{group}, torch kernel, 1 thread", torch_bf16, nbytes, 1))
+            if int4_cpu.available():
+                avx2 = lambda: [int4_cpu.gemm(x, m.packed, m.scales_and_zeros, group, n)  # noqa: E731
+                                for m in layers]
+                rows.append((f"int4 g{group}, AVX2 kernel", avx2, nbytes))
+                if group == 32:
+                    rows.append((f"int4 g{group}, AVX2 kernel, 1 thread", avx2, nbytes, 1))
+            for row in rows:
+                name, fn, nb = row[:3]
+                torch.set_num_threads(row[3] if len(row) > 3 else threads)
+                try:
+                    t = best_time(fn) / copies
+                except RuntimeError as e:  # an activation dtype this torch refuses
+                    print(f"| {n}x{k} | {name} | n/a ({e}) | | |")
+                    continue
+                finally:
+                    torch.set_num_threads(threads)
+                print(f"| {n}x{k} | {name} | {t * 1e6:.0f} | {nb / t / 1e9:.1f} | {100 * nb / t / 1e9 / bw:.0f}% |")
+            rows = []
+        if (n, k) == (32064, 2048):
+            heads = [quant.Int8Linear.from_float(w) for _ in range(copies)]
+            t = best_time(lambda: [h.project(x) for h in heads]) / copies
+            nb = layer_bytes(heads[0])
+            print(f"| {n}x{k} | int8 head as used (kernel + float32 refinement of the top 16) | {t * 1e6:.0f} "
+                  f"| {nb / t / 1e9:.1f} | {100 * nb / t / 1e9 / bw:.0f}% |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--context", type=int, default=600)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", default="1,8")
+    p.add_argument("--candidates", action="store_true", help="per-shape: threads, activation dtype, group, head")
+    p.add_argument("--compile", action="store_true", help="also the torch.compile'd step")
     a = p.parse_args(argv)
     print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, flags {kernel_flags()}, "
           f"threads {torch.get_num_threads()}")
     bw = benchmark.read_bandwidth()
     print(f"read bandwidth {bw:.1f} GB/s")
     model = build(a.layers)
+    variants = {"before (torch kernel, separate q/k/v, gate/up)": (False, False),
+                "fused (torch kernel)": (True, False),
+                "after (fused + AVX2 kernel)": (True, True)}
+    results = {}
     for batch in map(int, a.batch.split(",")):
-        profile_table(model, batch, a.context, a.steps, bw, "before")
+        for title, (fuse, kernel) in variants.items():
+            configure(model, fuse, kernel)
+            if kernel and not int4_cpu.available():
+                print(f"\n{title}: the AVX2 kernel does not run here")
+                continue
+            results[(title, batch)] = profile_table(model, batch, a.context, a.steps, bw, title)
+    nbytes = weight_bytes_per_token(model)
+    print("\n## Summary\n\n| variant | batch | tok/s | % of the bandwidth limit (batch 1: steps/s over BW / bytes) |")
+    print("|---|---:|---:|---:|")
+    for (title, batch), tps in results.items():
+        print(f"| {title} | {batch} | {tps:.2f} | {100 * tps / batch / (bw * 1e9 / nbytes):.0f}% |")
+    if a.candidates:
+        candidates(bw)
+    if a.compile:
+        configure(model, True, True)
+        model.compile_decode()
+        profile_table(model, 1, a.context, a.steps, bw, "after, compiled step")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlmkit.config import TextConfig
-from vlmkit.models import fused, quant
+from vlmkit.models import fused, int4_cpu, quant
 from vlmkit.models.kv_cache import StaticKVCache
 from vlmkit.models.layers import init_normal_
 from vlmkit.models.lora import LoRALinear
@@ -46,7 +46,17 @@ def full_logits(dec: TextDecoder, ids: torch.Tensor) -> torch.Tensor:
 IDS = torch.randint(0, 96, (3, 7), generator=torch.Generator().manual_seed(1))
 
 
-def test_fused_decode_equals_separate_layers_and_the_forward():
+@pytest.fixture
+def torch_kernel(monkeypatch):
+    """torch's int4 kernel everywhere (the AVX2 kernel off): fused and separate layers then agree to rounding."""
+    monkeypatch.setitem(int4_cpu._STATE, "fn", None)
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_fused_decode_equals_separate_layers_and_the_forward(torch_kernel):
     dec = decoder()
     plain = copy.deepcopy(dec)
     plain._fuse = False
@@ -75,7 +85,7 @@ def test_fusing_keeps_one_copy_of_the_weights_and_the_saved_tensors():
     torch.testing.assert_close(q(x), x @ q.dequantize().t(), atol=0.05, rtol=0.05)
 
 
-def test_lora_and_training_hooks_turn_fusion_off_for_what_they_touch():
+def test_lora_and_training_hooks_turn_fusion_off_for_what_they_touch(torch_kernel):
     dec = decoder()
     step_logits(dec, IDS)  # fused once
     attn = dec.layers[0].attn
@@ -99,7 +109,7 @@ def test_groups_that_cannot_stack_stay_separate():
 
 
 @pytest.mark.parametrize("rows", [1, 300])  # a decode row; a prefill (the layers' own dequantized path)
-def test_fused_group_returns_each_layers_output(rows):
+def test_fused_group_returns_each_layers_output(rows, torch_kernel):
     dec = decoder()
     a = dec.layers[0].attn
     x = torch.randn(rows, 128)
@@ -107,3 +117,38 @@ def test_fused_group_returns_each_layers_output(rows):
     got = fused.decode_projections(dec)[0].qkv(x)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+needs_kernel = pytest.mark.skipif(not int4_cpu.available(), reason="the AVX2 int4 kernel does not run here")
+
+
+@needs_kernel
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])  # row tiles of 4, 2 and 1
+def test_avx2_kernel_equals_the_dequantized_product(group, rows):
+    g = torch.Generator().manual_seed(group + rows)
+    layer = quant.Int4Linear.from_float(torch.randn(96, 256, generator=g) * 0.05, group_size=group)
+    x = torch.randn(rows, 256, generator=g)
+    exact = x @ layer.dequantize().t()
+    y = int4_cpu.gemm(x, layer.packed, layer.scales_and_zeros, group, 96)
+    assert y.shape == (rows, 96) and rel_err(y, exact) < 0.01  # int8 activations: ~0.5%
+    assert rel_err(layer(x), exact) < 0.01  # torch's bf16 kernel, for scale
+
+
+@needs_kernel
+def test_avx2_kernel_declines_what_it_cannot_read():
+    layer = quant.Int4Linear.from_float(torch.randn(96, 256), group_size=32)
+    x = torch.randn(1, 256)
+    sz = layer.scales_and_zeros
+    assert int4_cpu.gemm(torch.randn(17, 256), layer.packed, sz, 32, 96) is None  # too many rows
+    assert int4_cpu.gemm(x, layer.packed, torch.cat([sz, sz], 1)[:, :96], 32, 96) is None  # strided scales
+    assert int4_cpu.gemm(x, layer.packed, sz.float(), 32, 96) is None
+    assert int4_cpu.gemm(x, layer.packed[:48], sz, 32, 96) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_on_the_avx2_kernel_stays_close_to_the_forward(batch):
+    dec = decoder()
+    ids = IDS[:batch]
+    assert rel_err(step_logits(dec, ids), full_logits(dec, ids)) < 0.02

@@ -1,4 +1,5 @@
-"""Decode-time fused int4 projections: a layer's q/k/v as one packed matrix, gate/up as another.
+"""Decode-time int4 projections: a layer's q/k/v as one packed matrix, gate/up as another, each call on the faster
+AVX2 kernel where it runs (models/int4_cpu.py; torch's kernel elsewhere).
 
 A decode step is a handful of GEMVs per layer; one larger kernel call instead of three (two) saves the calls' fixed
 costs and reads the shared input once. Fusing is an inference-time view, never a new model: the fused matrix is the
@@ -15,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import quant_kernels
+from . import int4_cpu, quant_kernels
 from .quant import Int4Linear, _rows
 
 
@@ -28,6 +29,9 @@ class FusedInt4:
         self.in_features, self.group_size = first.in_features, first.group_size
         self.sizes = [m.out_features for m in layers]
         self.out_features = sum(self.sizes)
+        if len(layers) == 1:  # a group of one: the layer's own tensors (the faster kernel, nothing stacked)
+            self.packed, self.scales_and_zeros = first.packed, first.scales_and_zeros
+            return
         self.packed = torch.cat([m.packed for m in layers])
         self.scales_and_zeros = torch.cat([m.scales_and_zeros for m in layers], 1).contiguous()
         start = 0
@@ -44,9 +48,14 @@ class FusedInt4:
     def __call__(self, x: torch.Tensor) -> tuple:
         if quant_kernels.prefill_rows(x, self.in_features) is not None:  # many rows: the layers' prefill path
             return tuple(m(x) for m in self.layers)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x, self.in_features), self.packed, self.group_size,
-                                                        self.scales_and_zeros)
+        x2 = x.reshape(-1, self.in_features)
+        y = int4_cpu.gemm(x2, self.packed, self.scales_and_zeros, self.group_size, self.out_features)
+        if y is None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x2, self.in_features), self.packed,
+                                                            self.group_size, self.scales_and_zeros)
         y = y.to(x.dtype) if y.dtype != x.dtype else y
+        if len(self.sizes) == 1:
+            return (y.reshape(*x.shape[:-1], self.out_features),)
         return tuple(p.reshape(*x.shape[:-1], p.shape[-1]) for p in y.split(self.sizes, -1))
 
 
@@ -67,6 +76,8 @@ def fusable(layers: list) -> bool:
 class LayerProjections:
     qkv: Optional[FusedInt4] = None
     gate_up: Optional[FusedInt4] = None
+    o: Optional[FusedInt4] = None
+    down: Optional[FusedInt4] = None
 
 
 def _group(old: Optional[FusedInt4], layers: list) -> Optional[FusedInt4]:
@@ -86,6 +97,7 @@ def decode_projections(decoder) -> list:
         old = cached[i] if cached is not None and i < len(cached) else LayerProjections()
         a, f = layer.attn, layer.mlp
         out.append(LayerProjections(_group(old.qkv, [a.q_proj, a.k_proj, a.v_proj]),
-                                    _group(old.gate_up, [f.gate_proj, f.up_proj])))
+                                    _group(old.gate_up, [f.gate_proj, f.up_proj]),
+                                    _group(old.o, [a.o_proj]), _group(old.down, [f.down_proj])))
     decoder.__dict__["_fused_projections"] = out
     return out

@@ -206,19 +206,20 @@ class TextDecoder(nn.Module):
             keys[i].index_copy_(2, index, k)
             values[i].index_copy_(2, index, v)
             kk, vv = (keys[i], values[i]) if length is None else (keys[i][:, :, :length], values[i][:, :, :length])
-            x = x + a.o_proj(merge_heads(grouped_attention(q, kk, vv, mask)))
-            if f is None or f.gate_up is None:
+            o = merge_heads(grouped_attention(q, kk, vv, mask))
+            x = x + (a.o_proj(o) if f is None or f.o is None else f.o(o)[0])
+            if f is None or f.gate_up is None or f.down is None:
                 x = x + layer.mlp(layer.mlp_norm(x))
             else:
                 gate, up = f.gate_up(layer.mlp_norm(x))
-                x = x + layer.mlp.down_proj(layer.mlp.act(gate) * up)
+                x = x + f.down(layer.mlp.act(gate) * up)[0]
         logits = self.head(self.norm(x))[:, -1]
         position_ids.add_(1)
         index.add_(1)
         return logits
 
     _compiled_decode = None
-    # Decode steps run int4 q/k/v and gate/up as fused kernel calls (models/fused.py; same numbers, fewer calls).
+    # Decode steps run int4 q/k/v and gate/up as fused kernel calls (models/fused.py), on the AVX2 kernel where it runs.
     _fuse = True
 
     @property
