@@ -4,11 +4,13 @@ hidden 2048, MLP 5632, 32 heads / 4 KV heads, vocab 32064) built directly with r
 
     PYTHONPATH=. python -m bench.int4_decode [--layers 22] [--context 600] [--steps 12] [--batch 1,8]
 
-Prints, all measured in one process: the read bandwidth (vlmkit.benchmark.read_bandwidth, the roofline), the step
-time and tok/s, the share of the step in the int4 kernels, the int8 head and everything else (attention, norms,
-rope, Python), each kernel shape's time per call and achieved bandwidth in the step (torch.profiler) and alone
-(the best of repeated calls), then the variants side by side: thread count, kernel activation dtype, group size,
-fused projections, compiled step. Timings on a shared 2-core box are noisy: compare within one run.
+Prints, all measured in one process: the read bandwidth (vlmkit.benchmark.read_bandwidth, the roofline), then for
+each variant (before: torch's kernel on separate q/k/v and gate/up; fused; after: fused + the AVX2 kernel of
+models/int4_cpu.py) the step time, tok/s and share of the bandwidth limit, each kernel shape's time per call and
+achieved bandwidth (the step's calls replayed over every layer, so weights come from memory, not a cache), the head,
+attention, and the rest (norms, rope, cache writes, Python). --candidates: per call, threads, activation dtype,
+group size, int4 vs the int8 head; --compile: the torch.compile'd step. Every time is the best of its repeats (on a
+shared 2-core box other processes only ever add time): compare within one run.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class Stepper:
         self.ids = torch.randint(0, cfg.vocab_size, (batch, 1), generator=g)
 
     def run(self) -> float:
-        """Seconds per step (the median of `steps`), the cache rewound before each run."""
+        """Seconds per step (the best of `steps`: other processes only ever add time), the cache rewound first."""
         c, m = self.cache, self.model
         c._length = self.context
         pos = torch.full((self.batch, 1), self.context, dtype=torch.long)
@@ -85,17 +87,9 @@ class Stepper:
                 ids = logits.argmax(-1, keepdim=True)  # greedy sampling is part of the step
                 times.append(time.perf_counter() - t0)
                 c.advance(1)
-        return sorted(times)[len(times) // 2]
+        return min(times)
 
 
-def median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def layer_bytes(module) -> int:
@@ -157,24 +151,24 @@ def profile_table(model: TextDecoder, batch: int, context: int, steps: int, bw: 
           f"bandwidth limit {limit:.1f} steps/s; this step at {100 / step / limit:.0f}% of it\n")
     print("| kernel | N x K | calls/step | ms/step | us/call | MB/call | GB/s | % of read BW |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    reps = max(3, steps // 2)
+    reps = max(5, steps)
     kernels = 0.0
     shapes = kernel_calls(model)
     for (n, k), layers in sorted(shapes.items(), key=lambda r: -r[0][0] * r[0][1] * len(r[1])):
-        t = median_time(replay(layers, torch.randn(batch, k)), reps)
+        t = best_time(replay(layers, torch.randn(batch, k)), reps)
         kernels += t
         b = sum(layer_bytes(m) for m in layers)
         print(f"| int4 | {n}x{k} | {len(layers)} | {t * 1e3:.2f} | {t / len(layers) * 1e6:.0f} "
               f"| {b / len(layers) / 1e6:.2f} | {b / t / 1e9:.1f} | {100 * b / t / 1e9 / bw:.0f}% |")
     h = torch.randn(batch, 1, model.cfg.hidden_size)
-    head = median_time(lambda: model.head(model.norm(h)).argmax(-1), reps)
+    head = best_time(lambda: model.head(model.norm(h)).argmax(-1), reps)
     hb = layer_bytes(model.lm_head if model.lm_head is not None else model.embed_tokens)
     print(f"| head int8 + refine + argmax | {model.cfg.vocab_size}x{model.cfg.hidden_size} | 1 | {head * 1e3:.2f} "
           f"| {head * 1e6:.0f} | {hb / 1e6:.2f} | {hb / head / 1e9:.1f} | {100 * hb / head / 1e9 / bw:.0f}% |")
     cache = stepper.cache
     q = torch.randn(batch, model.cfg.num_heads, 1, model.cfg.head_dim)
     mask = torch.ones(batch, 1, 1, context + 1, dtype=torch.bool)
-    att = median_time(lambda: [grouped_attention(q, cache.keys[i][:, :, : context + 1],
+    att = best_time(lambda: [grouped_attention(q, cache.keys[i][:, :, : context + 1],
                                                  cache.values[i][:, :, : context + 1], mask)
                                for i in range(len(model.layers))], reps)
     rest = step - kernels - head - att
@@ -255,7 +249,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, flags {kernel_flags()}, "
           f"threads {torch.get_num_threads()}")
-    bw = benchmark.read_bandwidth()
+    bw = max(benchmark.read_bandwidth() for _ in range(3))  # the best of 3 medians: the box is shared
     print(f"read bandwidth {bw:.1f} GB/s")
     model = build(a.layers)
     variants = {"before (torch kernel, separate q/k/v, gate/up)": (False, False),

@@ -152,3 +152,23 @@ def test_decode_on_the_avx2_kernel_stays_close_to_the_forward(batch):
     dec = decoder()
     ids = IDS[:batch]
     assert rel_err(step_logits(dec, ids), full_logits(dec, ids)) < 0.02
+
+
+def test_a_model_saved_after_fused_decoding_writes_the_original_tensors(hf_checkpoint_dir, tmp_path):
+    import vlmkit
+    from safetensors.torch import load_file
+    from hf_fixtures import sample_images
+
+    folder = hf_checkpoint_dir("idefics3")
+    image, _ = sample_images()
+    m = vlmkit.load(folder, quantize="int4", caches=False)
+    vlmkit.save(m, tmp_path / "before")
+    text = m.generate("<image>What is shown?", images=[image], max_new_tokens=4)  # decode steps fuse the layers
+    assert m.model.text.__dict__["_fused_projections"][0].qkv is not None
+    vlmkit.save(m, tmp_path / "after")
+    before, after = ({k: v for f in (tmp_path / d).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+                     for d in ("before", "after"))
+    assert before
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    back = vlmkit.load(tmp_path / "after", caches=False)
+    assert back.generate("<image>What is shown?", images=[image], max_new_tokens=4) == text

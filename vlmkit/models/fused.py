@@ -49,7 +49,9 @@ class FusedInt4:
         if quant_kernels.prefill_rows(x, self.in_features) is not None:  # many rows: the layers' prefill path
             return tuple(m(x) for m in self.layers)
         x2 = x.reshape(-1, self.in_features)
-        y = int4_cpu.gemm(x2, self.packed, self.scales_and_zeros, self.group_size, self.out_features)
+        y = None
+        if not torch.compiler.is_compiling():  # a ctypes call: opaque to torch.compile, which keeps torch's kernel
+            y = int4_cpu.gemm(x2, self.packed, self.scales_and_zeros, self.group_size, self.out_features)
         if y is None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x2, self.in_features), self.packed,
                                                             self.group_size, self.scales_and_zeros)
