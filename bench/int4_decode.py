@@ -141,7 +141,7 @@ def configure(model: TextDecoder, fuse: bool, kernel: bool) -> None:
 
 
 def profile_table(model: TextDecoder, batch: int, context: int, steps: int, bw: float, title: str) -> float:
-    """Prints the profile of one configuration; returns tok/s (median step)."""
+    """Prints the profile of one configuration; returns the head's seconds (what does not scale with layers)."""
     stepper = Stepper(model, batch, context, steps)
     step = min(stepper.run() for _ in range(2))
     nbytes = weight_bytes_per_token(model)
@@ -175,7 +175,7 @@ def profile_table(model: TextDecoder, batch: int, context: int, steps: int, bw: 
     print(f"\nint4 kernels {kernels * 1e3:.1f} ms ({100 * kernels / step:.0f}% of the step), head {head * 1e3:.1f} ms "
           f"({100 * head / step:.0f}%), attention {att * 1e3:.1f} ms ({100 * att / step:.0f}%), everything else "
           f"(norms, rope, cache writes, residuals, Python) {rest * 1e3:.1f} ms ({100 * rest / step:.0f}%)")
-    return batch / step
+    return head
 
 
 def best_time(fn, reps: int = 10) -> float:
@@ -244,9 +244,14 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=600)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", default="1,8")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--extrapolate", type=int, default=22, help="layers the summary scales the step to")
     p.add_argument("--candidates", action="store_true", help="per-shape: threads, activation dtype, group, head")
     p.add_argument("--compile", action="store_true", help="also the torch.compile'd step")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, flags {kernel_flags()}, "
           f"threads {torch.get_num_threads()}")
     bw = max(benchmark.read_bandwidth() for _ in range(3))  # the best of 3 medians: the box is shared
@@ -255,19 +260,36 @@ def main(argv=None) -> None:
     variants = {"before (torch kernel, separate q/k/v, gate/up)": (False, False),
                 "fused (torch kernel)": (True, False),
                 "after (fused + AVX2 kernel)": (True, True)}
-    results = {}
+    configure(model, True, True)
+    if not int4_cpu.available():
+        print("\nthe AVX2 kernel does not run here: its rows are left out")
+        variants = {t: v for t, v in variants.items() if not v[1]}
+    results, heads = {}, {}
     for batch in map(int, a.batch.split(",")):
         for title, (fuse, kernel) in variants.items():
             configure(model, fuse, kernel)
-            if kernel and not int4_cpu.available():
-                print(f"\n{title}: the AVX2 kernel does not run here")
-                continue
-            results[(title, batch)] = profile_table(model, batch, a.context, a.steps, bw, title)
+            heads[batch] = profile_table(model, batch, a.context, a.steps, bw, title)
+        steppers = {title: Stepper(model, batch, a.context, a.steps) for title in variants}
+        for _ in range(a.rounds):  # the variants interleaved: each sees the same load from other processes
+            for title, (fuse, kernel) in variants.items():
+                configure(model, fuse, kernel)
+                t = steppers[title].run()
+                results[(title, batch)] = min(results.get((title, batch), t), t)
     nbytes = weight_bytes_per_token(model)
-    print("\n## Summary\n\n| variant | batch | tok/s | % of the bandwidth limit (batch 1: steps/s over BW / bytes) |")
-    print("|---|---:|---:|---:|")
-    for (title, batch), tps in results.items():
-        print(f"| {title} | {batch} | {tps:.2f} | {100 * tps / batch / (bw * 1e9 / nbytes):.0f}% |")
+    layers, full = len(model.layers), max(a.extrapolate, len(model.layers))
+    head_bytes = layer_bytes(model.lm_head if model.lm_head is not None else model.embed_tokens)
+    full_bytes = head_bytes + (nbytes - head_bytes) * full // layers
+    print(f"\n## Summary (steps of the variants interleaved, {a.rounds} rounds; the best step of each)\n")
+    print(f"{full} layers: from the measured step, its head taken out and the rest scaled per layer; "
+          f"{full_bytes / 1e6:.0f} MB per step\n")
+    print(f"| variant | batch | ms/step ({layers} layers) | ms/step ({full} layers) | tok/s ({full} layers) "
+          f"| steps/s over the bandwidth limit |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (title, batch), t in results.items():
+        head = heads[batch]
+        t_full = head + (t - head) * full / layers
+        print(f"| {title} | {batch} | {t * 1e3:.1f} | {t_full * 1e3:.1f} | {batch / t_full:.2f} "
+              f"| {100 / t_full / (bw * 1e9 / full_bytes):.0f}% |")
     if a.candidates:
         candidates(bw)
     if a.compile:
