@@ -172,3 +172,13 @@ def test_a_model_saved_after_fused_decoding_writes_the_original_tensors(hf_check
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     back = vlmkit.load(tmp_path / "after", caches=False)
     assert back.generate("<image>What is shown?", images=[image], max_new_tokens=4) == text
+
+
+def test_a_group_follows_its_layers_weights_when_they_are_replaced(torch_kernel):
+    dec = decoder()
+    first = fused.decode_projections(dec)[0]
+    q = dec.layers[0].attn.q_proj
+    q.packed = q.packed.clone()  # what moving the model (`.to()`) does to every buffer
+    again = fused.decode_projections(dec)[0]
+    assert again.qkv is not first.qkv and again.gate_up is first.gate_up
+    assert again.qkv.packed.data_ptr() != first.qkv.packed.data_ptr()

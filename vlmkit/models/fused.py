@@ -31,6 +31,7 @@ class FusedInt4:
         self.out_features = sum(self.sizes)
         if len(layers) == 1:  # a group of one: the layer's own tensors (the faster kernel, nothing stacked)
             self.packed, self.scales_and_zeros = first.packed, first.scales_and_zeros
+            self.pointers = [first.packed.data_ptr()]
             return
         self.packed = torch.cat([m.packed for m in layers])
         self.scales_and_zeros = torch.cat([m.scales_and_zeros for m in layers], 1).contiguous()
@@ -39,11 +40,14 @@ class FusedInt4:
             m.packed = self.packed[start : start + n]
             m.scales_and_zeros = self.scales_and_zeros[:, start : start + n]
             start += n
+        self.pointers = [m.packed.data_ptr() for m in layers]
 
     def current(self, layers) -> bool:
-        """Whether `layers` are still exactly the fused ones (not replaced, wrapped or set up for training)."""
+        """Whether `layers` are still exactly the fused ones (not replaced, wrapped or set up for training) and still
+        hold the weights it reads (`load_state_dict` copies into them; `.to()` would replace them)."""
         return len(layers) == len(self.layers) and all(
-            a is b and not getattr(a, "_grad_through", False) for a, b in zip(layers, self.layers))
+            a is b and not getattr(a, "_grad_through", False) and a.packed.data_ptr() == p
+            for a, b, p in zip(layers, self.layers, self.pointers))
 
     def __call__(self, x: torch.Tensor) -> tuple:
         if quant_kernels.prefill_rows(x, self.in_features) is not None:  # many rows: the layers' prefill path
@@ -89,8 +93,9 @@ def _group(old: Optional[FusedInt4], layers: list) -> Optional[FusedInt4]:
 
 
 def decode_projections(decoder) -> list:
-    """Per decoder layer its fused q/k/v and gate/up (None where a group cannot be fused), built at the first call
-    and rebuilt where a layer's modules have changed since (quantized, wrapped, replaced)."""
+    """Per decoder layer its int4 groups: q/k/v and gate/up stacked, o and down alone (None where a group cannot
+    be formed), built at the first call and rebuilt where a layer's modules have changed since (quantized,
+    wrapped, replaced)."""
     cached = decoder.__dict__.get("_fused_projections")  # a plain attribute: no module, buffer or state-dict key
     if torch.compiler.is_compiling():  # compile_decode built them before tracing: traced as built
         return cached if cached is not None else [LayerProjections()] * len(decoder.layers)

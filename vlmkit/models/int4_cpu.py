@@ -46,7 +46,11 @@ static void quantize_rows(const float* x, long M, long K, long group, int8_t* xq
       for (int j = 0; j < 32; j++) { float a = fabsf(xr[b * 32 + j]); amax = a > amax ? a : amax; }
       float inv = amax > 0.f ? 127.f / amax : 0.f;
       int t = 0;
-      for (int j = 0; j < 32; j++) { int q = (int)lrintf(xr[b * 32 + j] * inv); xq[m * K + b * 32 + j] = (int8_t)q; t += q; }
+      for (int j = 0; j < 32; j++) {
+        int q = (int)lrintf(xr[b * 32 + j] * inv);
+        xq[m * K + b * 32 + j] = (int8_t)q;
+        t += q;
+      }
       dx[m * (K / 32) + b] = amax / 127.f;
       if (b % (group / 32) == 0) xs[m * (K / group) + b / (group / 32)] = 0.f;
       xs[m * (K / group) + b / (group / 32)] += t * (amax / 127.f);
