@@ -282,13 +282,15 @@ def main(argv=None) -> None:
     print(f"\n## Summary (steps of the variants interleaved, {a.rounds} rounds; the best step of each)\n")
     print(f"{full} layers: from the measured step, its head taken out and the rest scaled per layer; "
           f"{full_bytes / 1e6:.0f} MB per step\n")
-    print(f"| variant | batch | ms/step ({layers} layers) | ms/step ({full} layers) | tok/s ({full} layers) "
+    measured = f"ms/step ({layers} layers) | " if full != layers else ""
+    print(f"| variant | batch | {measured}ms/step ({full} layers) | tok/s ({full} layers) "
           f"| steps/s over the bandwidth limit |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|" + "---:|" * (4 if measured else 3))
     for (title, batch), t in results.items():
         head = heads[batch]
         t_full = head + (t - head) * full / layers
-        print(f"| {title} | {batch} | {t * 1e3:.1f} | {t_full * 1e3:.1f} | {batch / t_full:.2f} "
+        first = f"{t * 1e3:.1f} | " if measured else ""
+        print(f"| {title} | {batch} | {first}{t_full * 1e3:.1f} | {batch / t_full:.2f} "
               f"| {100 / t_full / (bw * 1e9 / full_bytes):.0f}% |")
     if a.candidates:
         candidates(bw)
