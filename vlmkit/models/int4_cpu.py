@@ -30,6 +30,7 @@ import torch
 from ..hardware import cpu_flags
 from . import quant_kernels
 
+SERIAL_WORK = 1 << 18  # multiply-adds below which the kernel runs on one thread
 MAX_ROWS = 16  # beyond a few rows the weights are reused from cache: torch's kernels and the prefill path win
 
 SOURCE = r"""
@@ -199,8 +200,11 @@ def gemm(x2: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
         return None
     x = x2 if x2.dtype == torch.float32 and x2.is_contiguous() else x2.float().contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
+    # small products on one thread: waking a second one costs more than they take (a scheduler quantum when
+    # another process holds the core)
+    threads = 1 if m * n * k < SERIAL_WORK else torch.get_num_threads()
     rc = _STATE["fn"](x.data_ptr(), m, k, packed.data_ptr(), scales_and_zeros.data_ptr(), n, group_size,
-                      y.data_ptr(), torch.get_num_threads())
+                      y.data_ptr(), threads)
     if rc != 0:
         raise RuntimeError(f"the int4 kernel refused a {m}x{k} @ {n}x{k} (group {group_size}) product: code {rc}")
     return y
