@@ -233,8 +233,9 @@ class Int4Linear(_Quantized):
                                            self.out_features, self.in_features)
             if y is not None:  # None: a packed layout this torch has changed (the kernel still reads it)
                 return self._out(y, x, self.out_features)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x, self.in_features), self.packed, self.group_size,
-                                                        self.scales_and_zeros)
+        sz = self.scales_and_zeros  # strided where models/fused.py stacked it: the kernel reads it as contiguous
+        sz = sz if sz.is_contiguous() else sz.contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x, self.in_features), self.packed, self.group_size, sz)
         return self._out(y, x, self.out_features)
 
     project = forward

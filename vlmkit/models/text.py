@@ -13,6 +13,7 @@ from torch import nn
 from ..config import CrossAttnConfig, TextConfig
 from .attention_masks import add_groups, sliding
 from .cross_attn import cross_blocks
+from .fused import decode_projections
 from .kv_cache import KVCache
 from .layers import (
     GemmaRMSNorm, RMSNorm, SwiGLU, apply_rope, attention, merge_heads, rope_cos_sin, rope_inv_freq, split_heads,
@@ -254,23 +255,32 @@ class TextDecoder(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         key_mask.index_fill_(1, index, True)
         mask = (key_mask if length is None else key_mask[:, :length])[:, None, None, :]
+        fused = decode_projections(self) if self._fuse else None
         for i, layer in enumerate(self.layers):
-            a = layer.attn
+            a, f = layer.attn, None if fused is None else fused[i]
             h = layer.attn_norm(x)
-            q = apply_rope(split_heads(a.q_proj(h), a.heads, a.head_dim), cos, sin)
-            k = apply_rope(split_heads(a.k_proj(h), a.kv_heads, a.head_dim), cos, sin)
-            v = split_heads(a.v_proj(h), a.kv_heads, a.head_dim)
+            q, k, v = (a.q_proj(h), a.k_proj(h), a.v_proj(h)) if f is None or f.qkv is None else f.qkv(h)
+            q = apply_rope(split_heads(q, a.heads, a.head_dim), cos, sin)
+            k = apply_rope(split_heads(k, a.kv_heads, a.head_dim), cos, sin)
+            v = split_heads(v, a.kv_heads, a.head_dim)
             keys[i].index_copy_(2, index, k)
             values[i].index_copy_(2, index, v)
             kk, vv = (keys[i], values[i]) if length is None else (keys[i][:, :, :length], values[i][:, :, :length])
-            x = x + a.o_proj(merge_heads(grouped_attention(q, kk, vv, mask)))
-            x = x + layer.mlp(layer.mlp_norm(x))
+            o = merge_heads(grouped_attention(q, kk, vv, mask))
+            x = x + (a.o_proj(o) if f is None or f.o is None else f.o(o)[0])
+            if f is None or f.gate_up is None or f.down is None:
+                x = x + layer.mlp(layer.mlp_norm(x))
+            else:
+                gate, up = f.gate_up(layer.mlp_norm(x))
+                x = x + f.down(layer.mlp.act(gate) * up)[0]
         logits = self.head(self.norm(x))[:, -1]
         position_ids.add_(1)
         index.add_(1)
         return logits
 
     _compiled_decode = None
+    # Decode steps run int4 q/k/v and gate/up as fused kernel calls (models/fused.py), on the AVX2 kernel where it runs.
+    _fuse = True
 
     @property
     def decode_compiled(self) -> bool:
@@ -282,6 +292,8 @@ class TextDecoder(nn.Module):
         capacity). Weights are read as they are at call time, so quantize first."""
         options.setdefault("fullgraph", True)
         options.setdefault("dynamic", False)
+        if self._fuse:
+            decode_projections(self)  # fused before tracing: the compiled step reads the fused groups as built
         self._compiled_decode = torch.compile(self._decode_step, **options)
 
 
