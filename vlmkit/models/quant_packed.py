@@ -75,11 +75,12 @@ def _is_head(name: str) -> bool:
 
 
 @torch.no_grad()
-def pack_model(model: nn.Module, vision: bool = False) -> list[str]:
-    """Convert in place (see the module's doc); returns the names converted. A no-op list where torch cannot pack."""
+def pack_model(model: nn.Module, vision: bool = False, decoder: bool = True) -> list[str]:
+    """Convert in place (see the module's doc): the int8 layers (decoder=True) and the vision tower's float linears
+    (vision=True). Returns the names converted; none where torch cannot pack."""
     done = []
     for name, module in list(model.named_modules()):
-        if type(module) is Int8Linear and not _is_head(name):
+        if decoder and type(module) is Int8Linear and not _is_head(name):
             new = PackedInt8Linear.from_int8(module.qweight, module.scales, module.bias, module.weight.dtype)
         elif vision and type(module) is nn.Linear and name.startswith(VISION_PREFIXES):
             q, scales = quantize_int8(module.weight)
