@@ -87,3 +87,12 @@ def test_packed_int8_model_stays_close_and_saves_the_plain_int8_weights(folder, 
     assert back.quantization["modules"] == m.quantization["modules"]
     if not vision:  # the plain int8 model, bit for bit
         assert torch.equal(_logits(back), plain)
+
+
+@needs_fbgemm
+def test_vision_only_packing_leaves_the_int4_decoder_alone(folder):
+    m = vlmkit.load(folder, quantize="int4", caches=False)
+    before = _logits(m)
+    names = pack_model(m.model, vision=True, decoder=False)
+    assert names and all(n.startswith(("vision.", "connector.")) for n in names)
+    assert rel_err(_logits(m), before) < 0.05
