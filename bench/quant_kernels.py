@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from vlmkit import benchmark
 from vlmkit.hardware import kernel_flags
-from vlmkit.models import quant, quant_kernels
+from vlmkit.models import quant, quant_kernels, quant_packed
 
 
 def timed(fn, reps: int) -> float:
@@ -136,10 +136,15 @@ def e2e(folder: str, prompt_tokens: int, new_tokens: int) -> None:
     print(f"\n{folder}, prompt ~{prompt_tokens} tokens (576 image tokens), {new_tokens} new tokens")
     print("| model | path | TTFT s | decode tok/s b=1 | decode tok/s b=8 | text |\n|---|---|---:|---:|---:|---|")
     threshold = quant_kernels.PREFILL_ROWS
+    paths = {None: [("float", None)], "int8": [("kernels", 10**9), ("prefill", None), ("packed", "d"),
+                                             ("packed + vision int8", "v")],
+             "int4": [("prefill", None), ("+ vision int8 packed", "v")]}
     for mode in (None, "int8", "int4"):
         m = vlmkit.load(folder, dtype="float32", quantize=mode, caches=False)
-        for path, rows in ([("float", None)] if mode is None else [("kernels", 10**9), ("prefill", None)]):
-            quant_kernels.PREFILL_ROWS = rows or threshold
+        for path, rows in paths[mode]:
+            if isinstance(rows, str):  # pack in place: the paths after this one see the packed layers
+                quant_packed.pack_model(m.model, vision=rows == "v", decoder=mode == "int8")
+            quant_kernels.PREFILL_ROWS = rows if isinstance(rows, int) else threshold
             # batch 8 decodes after a short text prompt: 8 image prompts would spend minutes in prefill here
             gen = lambda n, b=1: (m.generate(prompt, images=[image], max_new_tokens=n) if b == 1 else
                                   m.generate_batch(["Tell me a story"] * b, max_new_tokens=n))
