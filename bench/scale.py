@@ -143,6 +143,7 @@ ROWS = {
     "int4": ("vlmkit int4", "vlmkit", "int4"),
     "saved": ("vlmkit int4 from a saved int4 folder", "vlmkit", "saved"),
     "int8-packed": ("vlmkit int8, packed (int8 GEMM)", "vlmkit", "int8+packed"),
+    "int8-vision": ("vlmkit int8 + vision int8 packed", "vlmkit", "int8+vision8"),
     "int8-packed-vision": ("vlmkit int8, packed + vision int8", "vlmkit", "int8+packed+vision8"),
     "int4-vision": ("vlmkit int4 + vision int8 packed", "vlmkit", "int4+vision8"),
 }
