@@ -273,13 +273,14 @@ def prefill_flops(size: str) -> float:
 def render_markdown(m: dict, rows: list[dict], size: str, repeat: int) -> str:
     """The speed table as Markdown (for bench/results.md): medians of `repeat` fresh processes per row."""
     floor = prefill_flops(size) / (m["gemm_gflops"] * 1e9)
-    ref = next((r["ttft_s"] for r in rows if r["key"] == "hf-fp32"), None)
+    base = next((r for r in rows if r["key"] in ("hf-fp32", "fp32")), None)  # transformers fp32, else vlmkit's
+    ref = base and base["ttft_s"]
     lines = [f"LLaVA-1.5-shaped checkpoint, size `{size}` (CLIP ViT-L/336 + {SHAPES[size]['num_hidden_layers']}-layer "
              f"Llama decoder, hidden {SHAPES[size]['hidden_size']}), prompt {577 + PROMPT_TEXT} tokens, "
              f"{NEW_TOKENS} new tokens; medians of {repeat} fresh process(es) per row.",
              f"CPU flags: {m['flags']}; {m['threads']} threads; measured read bandwidth {m['read_gbs']:.1f} GB/s, "
              f"fp32 GEMM {m['gemm_gflops']:.0f} GFLOP/s; prefill floor (FLOPs / GEMM peak) {floor:.1f} s.", "",
-             "| | load s | peak load RSS GB (anon) | TTFT s | TTFT / transformers fp32 | decode tok/s b=1 | "
+             f"| | load s | peak load RSS GB (anon) | TTFT s | TTFT / {base['label'] if base else '-'} | decode tok/s b=1 | "
              f"decode tok/s b={BATCH} | decode GB/token | decode limit tok/s (bandwidth / bytes) | b=1 % of limit |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -298,7 +299,8 @@ def speed_table(folder: Path, saved: Path, size: str, repeat: int, keys: list[st
         label, impl, mode = ROWS[key]
         path = saved if mode == "saved" else folder
         try:
-            runs = [run_child(["--speed", str(path), impl, mode]) for _ in range(repeat)]
+            runs = [run_child(["--speed", str(path), impl, mode, "--new-tokens", str(NEW_TOKENS)])
+                    for _ in range(repeat)]
         except RuntimeError as e:  # one row's failure (memory, a missing backend) must not lose the others
             print(f"  {label}: FAILED {e}", file=sys.stderr, flush=True)
             continue
@@ -355,6 +357,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--accounting", action="store_true", help="only the LLaVA-1.5-7B accounting (default ratios)")
     p.add_argument("--memory-only", action="store_true", help="only the load-memory table and the accounting")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens decoded per row (>= 2)")
+    p.add_argument("--speed-only", action="store_true", help="only the speed table")
     p.add_argument("--skip", default="", help=f"comma-separated speed rows to leave out, of: {', '.join(ROWS)} "
                    "(bf16 rows take minutes where the CPU has no bf16 units)")
     p.add_argument("--probe", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
@@ -363,6 +367,10 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
+    if a.new_tokens < 2:
+        p.error("--new-tokens must be >= 2 (decode speed is timed from the second token)")
+    global NEW_TOKENS
+    NEW_TOKENS = a.new_tokens
     skip = [k for k in a.skip.split(",") if k]
     if unknown := sorted(set(skip) - set(ROWS)):
         p.error(f"--skip: unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -385,11 +393,15 @@ def main(argv=None) -> None:
     if not (saved / "config.json").is_file():
         from vlmkit.checkpoints.quantized import load_quantized, save_quantized
         save_quantized(load_quantized(folder, "int4"), saved)
+    if a.speed_only and a.memory_only:
+        p.error("--speed-only and --memory-only exclude each other")
     if not a.memory_only:
         out = work / f"speed-{a.size}.md"
         table = speed_table(folder, saved, a.size, a.repeat, [k for k in ROWS if k not in skip], out)
         out.write_text(table + "\n")
         print(table + "\n", flush=True)
+    if a.speed_only:
+        return
     rows = memory_table(folder, saved, a.repeat)
     # anonymous memory is what must fit: the checkpoint's mapped pages are clean page cache the kernel can drop
     ratio = {r["label"]: r["peak_anon_gb"] / r["model_gb"] for r in rows}
