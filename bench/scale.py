@@ -351,6 +351,7 @@ def accounting(ratio_at_load: float, ratio_saved: float, group: int = 32) -> Non
 
 
 def main(argv=None) -> None:
+    global NEW_TOKENS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SHAPES), default="small")
     p.add_argument("--workdir", default="/tmp/vlmkit-scale")
@@ -369,7 +370,6 @@ def main(argv=None) -> None:
         p.error("--repeat must be >= 1")
     if a.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (decode speed is timed from the second token)")
-    global NEW_TOKENS
     NEW_TOKENS = a.new_tokens
     skip = [k for k in a.skip.split(",") if k]
     if unknown := sorted(set(skip) - set(ROWS)):
