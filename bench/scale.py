@@ -5,6 +5,10 @@ accounting of LLaVA-1.5-7B computed from its config.
     python -m bench.scale --size small --workdir /tmp/scale          # reduced shape (~0.5B decoder): quick check
     python -m bench.scale --size full --workdir /tmp/scale --repeat 3  # the 1.07B decoder (~9 GB peak fp32)
     python -m bench.scale --accounting                               # LLaVA-1.5-7B by parts, nothing built
+    ... --skip hf-bf16,bf16 --new-tokens 6 --speed-only              # fewer rows / tokens on a slow or busy box
+
+The speed table (load, peak RSS and anonymous RSS, TTFT, decode tok/s at batch 1 and 8, the rooflines) is printed
+and written as Markdown to WORKDIR/speed-SIZE.md (`render_markdown`), row by row as they finish.
 
 Rows: vlmkit int8 / int4 quantized at load, int4 from a folder saved int4 (written once by `vlmkit quantize`),
 bf16 as stored. Peak RSS: VmHWM (counts the memory-mapped checkpoint pages read); peak anon: RssAnon polled every
