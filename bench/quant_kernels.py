@@ -5,6 +5,10 @@
 Columns (ms, median of --reps): fp32 F.linear; torch's weight-only int8/int4 kernels with fp32 and bf16
 activations; dequantize the layer (the prefill path's temporary) then an fp32 GEMM; int8 GEMM with dynamically
 quantized activations (torch.ops.quantized.linear_dynamic on fbgemm/onednn packed weights; torch._int_mm).
+With --packed instead: the int8 GEMM as vlmkit runs it (quant_kernels.int8_gemm, per-row activation scale) on a
+weight packed once (`i8 packed`, quant_packed.PackedInt8Linear) against packing per call (`pack`, `pack+gemm`) and,
+for int4, requantizing to int8 per output channel then packing per call (`i4 requant+pack+gemm`); min of --reps
+rounds, methods interleaved within a round (a shared box: the min is the least disturbed).
 Also prints the CPU flags that matter and the measured read bandwidth (the decode roofline).
 """
 
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 
 from vlmkit import benchmark
 from vlmkit.hardware import kernel_flags
-from vlmkit.models import quant, quant_kernels
+from vlmkit.models import quant, quant_kernels, quant_packed
 
 
 def timed(fn, reps: int) -> float:
@@ -76,6 +80,48 @@ def bench_shape(n: int, k: int, rows: list, reps: int) -> list:
     return out
 
 
+def requantize_int4(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """An Int4Linear's weights as int8 per output channel (the int4 -> int8 GEMM route, measured, not taken)."""
+    w = layer.dequantize()
+    s = w.abs().amax(1).clamp(min=1e-12) / 127
+    return torch.round(w / s[:, None]).to(torch.int8), s
+
+
+def bench_packed(n: int, k: int, rows: list, reps: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    i8, i4 = quant.Int8Linear.from_float(w), quant.Int4Linear.from_float(w)
+    packed = quant_kernels.pack_int8(i8.qweight, i8.scales.float())
+    out = []
+    for m in rows:
+        x = torch.randn(m, k, generator=g)
+        cols = {
+            "fp32": lambda: F.linear(x, w),
+            "i8 k bf16": lambda: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), i8.qweight, i8.scales),
+            "i8 layer (plain)": lambda: i8(x),
+            "i4 layer": lambda: i4(x),
+            "i8 packed": lambda: quant_kernels.int8_gemm(x, packed),
+        }
+        per_call = {  # packing per call: only worth a look for prefills
+            "pack": lambda: quant_kernels.pack_int8(i8.qweight, i8.scales.float()),
+            "pack+gemm": lambda: quant_kernels.int8_gemm(x, quant_kernels.pack_int8(i8.qweight, i8.scales)),
+            "i4 requant+pack+gemm": lambda: quant_kernels.int8_gemm(x, quant_kernels.pack_int8(*requantize_int4(i4))),
+        }
+        cols.update(per_call if m >= quant_kernels.PREFILL_ROWS else dict.fromkeys(per_call))
+        cols = {name: fn for name, fn in cols.items() if fn is not None}
+        best = dict.fromkeys(list(cols) + [c for c in per_call if c not in cols])
+        best.update({name: float("inf") for name in cols})
+        for fn in cols.values():
+            fn()
+        for _ in range(reps):
+            for name, fn in cols.items():
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+        out.append((m, best))
+    return out
+
+
 def e2e(folder: str, prompt_tokens: int, new_tokens: int) -> None:
     """TTFT and decode tok/s of one checkpoint in fp32 / int8 / int4, the quantized ones with the prefill path
     (after) and with every row forced through the kernels (before), side by side in this one process."""
@@ -90,10 +136,15 @@ def e2e(folder: str, prompt_tokens: int, new_tokens: int) -> None:
     print(f"\n{folder}, prompt ~{prompt_tokens} tokens (576 image tokens), {new_tokens} new tokens")
     print("| model | path | TTFT s | decode tok/s b=1 | decode tok/s b=8 | text |\n|---|---|---:|---:|---:|---|")
     threshold = quant_kernels.PREFILL_ROWS
+    paths = {None: [("float", None)], "int8": [("kernels", 10**9), ("prefill", None), ("packed", "d"),
+                                             ("packed + vision int8", "v")],
+             "int4": [("prefill", None), ("+ vision int8 packed", "v")]}
     for mode in (None, "int8", "int4"):
         m = vlmkit.load(folder, dtype="float32", quantize=mode, caches=False)
-        for path, rows in ([("float", None)] if mode is None else [("kernels", 10**9), ("prefill", None)]):
-            quant_kernels.PREFILL_ROWS = rows or threshold
+        for path, rows in paths[mode]:
+            if isinstance(rows, str):  # pack in place: the paths after this one see the packed layers
+                quant_packed.pack_model(m.model, vision=rows == "v", decoder=mode == "int8")
+            quant_kernels.PREFILL_ROWS = rows if isinstance(rows, int) else threshold
             # batch 8 decodes after a short text prompt: 8 image prompts would spend minutes in prefill here
             gen = lambda n, b=1: (m.generate(prompt, images=[image], max_new_tokens=n) if b == 1 else
                                   m.generate_batch(["Tell me a story"] * b, max_new_tokens=n))
@@ -113,6 +164,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="2048x2048,5632x2048,2048x5632,4096x4096,11008x4096")
     ap.add_argument("--rows", default="1,8,64,600")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--packed", action="store_true", help="the packed int8 GEMM against the prefill paths")
     ap.add_argument("--e2e", metavar="FOLDER", help="instead: TTFT / decode of a checkpoint, fp32 vs int8 vs int4")
     ap.add_argument("--prompt-tokens", type=int, default=600)
     ap.add_argument("--new-tokens", type=int, default=16)
@@ -128,13 +180,14 @@ def main(argv=None):
     header = None
     for shape in a.shapes.split(","):
         n, k = map(int, shape.split("x"))
-        for m, res in bench_shape(n, k, [int(r) for r in a.rows.split(",")], a.reps):
+        fn = bench_packed if a.packed else bench_shape
+        for m, res in fn(n, k, [int(r) for r in a.rows.split(",")], a.reps):
             if header is None:
                 header = list(res)
                 print("| N x K | M | " + " | ".join(header) + " | i4 k bf16 % of BW (M=1) |")
                 print("|---|---:|" + "---:|" * (len(header) + 1))
-            cells = ["n/a" if res[h] is None else f"{res[h]:.2f}" for h in header]
-            roof = f"{n * k / 2 / (res['i4 k bf16'] / 1e3) / 1e9 / bw * 100:.0f}%" if m == 1 else ""
+            cells = ["n/a" if res.get(h) is None else f"{res[h]:.2f}" for h in header]
+            roof = f"{n * k / 2 / (res['i4 k bf16'] / 1e3) / 1e9 / bw * 100:.0f}%" if m == 1 and "i4 k bf16" in res else ""
             print(f"| {n}x{k} | {m} | " + " | ".join(cells) + f" | {roof} |", flush=True)
 
 

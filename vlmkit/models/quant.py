@@ -378,7 +378,8 @@ def memory_bytes(model: nn.Module) -> int:
     """Bytes of the weights: parameters, and the buffers of quantized modules (where their weights live)."""
     tensors = {id(t): t for t in model.parameters()}
     tensors.update((id(t), t) for m in model.modules() if isinstance(m, QUANT_MODULES) for t in m.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    packed = sum(m.nbytes() for m in model.modules() if hasattr(m, "packed") and hasattr(m, "nbytes"))  # fbgemm's
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + packed
 
 
 # ------------------------------------------------------------------------------------------------ training

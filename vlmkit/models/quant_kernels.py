@@ -1,7 +1,14 @@
-"""Prefill paths of the quantized layers: many rows at once through a float GEMM on a layer dequantized for the
-call (a temporary of out x in floats, freed after), instead of torch's weight-only kernels, which are GEMV-shaped
-and run a 600-row prefill 2-4x slower than a float GEMM (bench/quant_kernels.md). Decode (few rows) keeps the
-packed kernels: they read 4-8x fewer bytes per token.
+"""Prefill paths of the quantized layers: many rows at once through a GEMM instead of torch's weight-only kernels,
+which are GEMV-shaped and run a 600-row prefill 2-4x slower than a float GEMM (bench/quant_kernels.md). Decode (few
+rows) keeps the packed kernels: they read 4-8x fewer bytes per token.
+
+Two GEMMs: a float GEMM on the layer dequantized in slices (exact on the stored weights), and an int8 x int8 GEMM
+(fbgemm's `quantized.linear_dynamic`: activations quantized per call, 7-bit on CPUs without VNNI) on a weight packed
+once (quant_packed.py): 1.6-1.8x an fp32 GEMM's speed at 600 rows even on AVX2, but packing costs as much as the
+GEMM itself, so packing per call loses to the float GEMM (bench/quant_kernels.md) and only a layer that holds the
+packed weight instead of its plain int8 copy uses it. Activations are scaled to unit max per row before the int8
+GEMM (and the rows scaled back after), so the op's per-tensor scale acts as a per-row one: image and text rows of
+one prompt differ in range.
 
 The int4 packed layout of `_convert_weight_to_int4pack_for_cpu` is undocumented; it is read here by a layout
 probed once on tiny tensors (blocks of `bn` rows stored [K, bn/2] with row j in the low nibble and row j + bn/2 in
@@ -11,9 +18,12 @@ another CPU), `None` is returned and callers keep the kernel path.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
+
+from ..hardware import cpu_flags
 
 # Rows from which a float GEMM on the dequantized layer beats the packed kernels (bench/quant_kernels.md: on this
 # AVX2 box the bf16 kernels still win at 128 rows and lose by 1.4-1.8x at 600; the crossover is near 300).
@@ -120,3 +130,62 @@ def int4_prefill(x2, packed, scales_and_zeros, group_size: int, n: int, k: int) 
         return None
     return _cat([x2 @ int4_dequantize_t(packed[a:b], scales_and_zeros[:, a:b], group_size, b - a, k, x2.dtype)
                  for a, b in _slices(n, k, bn)])
+
+
+# ------------------------------------------------------------------------------------------------ int8 GEMM
+
+_ENGINE: dict = {}
+
+
+def _engine() -> Optional[str]:
+    """The quantized engine whose packed linear runs the int8 GEMM (fbgemm; "x86" picks it too), None if absent."""
+    if "name" not in _ENGINE:
+        have = torch.backends.quantized.supported_engines
+        _ENGINE["name"] = next((e for e in ("fbgemm", "x86") if e in have), None)
+        if _ENGINE["name"] is not None and not hasattr(torch.ops.quantized, "linear_dynamic"):
+            _ENGINE["name"] = None
+    return _ENGINE["name"]
+
+
+def pack_int8(qweight: torch.Tensor, scales: torch.Tensor):
+    """fbgemm's packed form of int8 [N, K] weights with a float scale per row (about the int8 weights' size), or
+    None when torch has no such backend or it refuses (the caller keeps the plain int8 layer)."""
+    engine = _engine()
+    if engine is None:
+        return None
+    n = qweight.shape[0]
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = engine
+        with warnings.catch_warnings():  # quantized tensor types are deprecated, the packed ops still take them
+            warnings.simplefilter("ignore")
+            wq = torch._make_per_channel_quantized_tensor(qweight, scales.double(),
+                                                          torch.zeros(n, dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(wq, None)
+    except (RuntimeError, NotImplementedError):
+        return None
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def reduce_range() -> bool:
+    """7-bit activations unless the CPU has VNNI / AMX: without them the u8 x s8 products are summed in pairs into
+    saturating 16-bit lanes (vpmaddubsw), which 8-bit activations can overflow."""
+    if "reduce" not in _ENGINE:
+        _ENGINE["reduce"] = not ({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()))
+    return _ENGINE["reduce"]
+
+
+def int8_gemm(x2: torch.Tensor, packed) -> torch.Tensor:
+    """float [M, K] @ packed int8 weights.T -> float32 [M, N], activations quantized per row (scaled to unit max
+    per row, then the op's per-tensor quantization; an all-zero row stays zero)."""
+    x2 = x2.float()
+    amax = x2.abs().amax(1, keepdim=True).clamp_(min=1e-30)
+    y = torch.ops.quantized.linear_dynamic(x2 / amax, packed, reduce_range())
+    return y.mul_(amax)
+
+
+def unpack_int8(packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [N, K], float32 scales [N]) back from pack_int8's form."""
+    wq, _ = torch.ops.quantized.linear_unpack(packed)
+    return wq.int_repr(), wq.q_per_channel_scales().float()
