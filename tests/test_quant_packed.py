@@ -8,7 +8,7 @@ import torch
 
 import vlmkit
 from hf_fixtures import sample_images
-from vlmkit.models import quant_kernels, quant_packed
+from vlmkit.models import quant_kernels
 from vlmkit.models.quant import Int8Linear, memory_bytes
 from vlmkit.models.quant_packed import PackedInt8Linear, pack_model
 
