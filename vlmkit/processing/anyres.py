@@ -21,8 +21,8 @@ from PIL import Image
 
 from ..models.anyres import select_best_resolution
 from .image_ops import (
-    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSettings, center_crop, convert_to_rgb, generic_output_size, nest_images,
-    normalization_table, parallel_map, resize, size_dict, write_normalized,
+    ClipImageSettings, center_crop, convert_to_rgb, generic_output_size, nest_images, normalization_table, parallel_map,
+    resize, write_normalized,
 )
 
 __all__ = ["LlavaNextImageSettings", "preprocess_llava_next", "anyres_tiles"]
@@ -31,24 +31,11 @@ DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008
 
 
 @dataclass
-class LlavaNextImageSettings(ImageSettings):
+class LlavaNextImageSettings(ClipImageSettings):
     """LlavaNextImageProcessor: anyres tiles, then CLIP's resize shortest edge + center crop per tile."""
 
-    size: dict = field(default_factory=lambda: {"shortest_edge": 224})
-    resample: int = int(Image.Resampling.BICUBIC)
-    do_center_crop: bool = True
-    crop_size: dict = field(default_factory=lambda: {"height": 224, "width": 224})
-    image_mean: tuple = OPENAI_CLIP_MEAN
-    image_std: tuple = OPENAI_CLIP_STD
     do_pad: bool = True
     image_grid_pinpoints: list = field(default_factory=lambda: [list(p) for p in DEFAULT_PINPOINTS])
-    _size_int_is_square = False
-
-    @classmethod
-    def _extra_from_dict(cls, config: dict) -> dict:
-        if config.get("crop_size") is None:
-            return {}
-        return {"crop_size": size_dict(config["crop_size"], default_to_square=True)}
 
     @property
     def base_size(self) -> tuple[int, int]:

@@ -69,6 +69,25 @@ class ImageSettings:
         return {}
 
 
+@dataclass
+class ClipImageSettings(ImageSettings):
+    """CLIPImageProcessor (LLaVA-1.5): resize shortest edge, center crop."""
+
+    size: dict = field(default_factory=lambda: {"shortest_edge": 224})
+    resample: int = int(Image.Resampling.BICUBIC)
+    do_center_crop: bool = True
+    crop_size: dict = field(default_factory=lambda: {"height": 224, "width": 224})
+    image_mean: tuple = OPENAI_CLIP_MEAN
+    image_std: tuple = OPENAI_CLIP_STD
+    _size_int_is_square = False  # CLIP's default_to_square=False: an int size is the shortest edge
+
+    @classmethod
+    def _extra_from_dict(cls, config: dict) -> dict:
+        if config.get("crop_size") is None:
+            return {}
+        return {"crop_size": size_dict(config["crop_size"], default_to_square=True)}
+
+
 def size_dict(size, default_to_square: bool = True) -> dict:
     """transformers' get_size_dict: int / (h, w) / dict -> a size dict."""
     if isinstance(size, dict):

@@ -22,8 +22,8 @@ from PIL import Image
 
 from .anyres import LlavaNextImageSettings, preprocess_llava_next
 from .image_ops import (
-    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSettings, center_crop, convert_to_rgb, generic_output_size, nest_images,
-    normalization_table, parallel_map, resize, size_dict, write_normalized,
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImageSettings, ImageSettings, center_crop, convert_to_rgb,
+    generic_output_size, nest_images, normalization_table, parallel_map, resize, size_dict, write_normalized,
 )
 from .image_tiles import MllamaImageSettings, preprocess_mllama
 from .image_tiling import Idefics2ImageSettings, Idefics3ImageSettings, preprocess_idefics2, preprocess_idefics3
@@ -38,25 +38,6 @@ TENSOR_KEYS = ("pixel_values", "pixel_attention_mask", "image_grid_thw", "image_
 
 
 # --------------------------------------------------------------------------------------------- settings
-
-
-@dataclass
-class ClipImageSettings(ImageSettings):
-    """CLIPImageProcessor (LLaVA-1.5): resize shortest edge, center crop."""
-
-    size: dict = field(default_factory=lambda: {"shortest_edge": 224})
-    resample: int = int(Image.Resampling.BICUBIC)
-    do_center_crop: bool = True
-    crop_size: dict = field(default_factory=lambda: {"height": 224, "width": 224})
-    image_mean: tuple = OPENAI_CLIP_MEAN
-    image_std: tuple = OPENAI_CLIP_STD
-    _size_int_is_square = False  # CLIP's default_to_square=False: an int size is the shortest edge
-
-    @classmethod
-    def _extra_from_dict(cls, config: dict) -> dict:
-        if config.get("crop_size") is None:
-            return {}
-        return {"crop_size": size_dict(config["crop_size"], default_to_square=True)}
 
 
 @dataclass
