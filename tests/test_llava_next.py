@@ -387,7 +387,8 @@ def test_unsupported_variants_are_named(folder, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     for change, message in [({"vision_feature_select_strategy": "full"}, "full"),
                             ({"image_grid_pinpoints": [[40, 80]]}, "not multiples"),
-                            ({"text_config": {**cfg["text_config"], "model_type": "gemma"}}, "gemma")]:
+                            ({"text_config": {**cfg["text_config"], "model_type": "gemma"}}, "gemma"),
+                            ({"text_config": {**cfg["text_config"], "sliding_window": 8}}, "sliding-window")]:
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(UnsupportedCheckpoint, match=message):
             load_model(tmp_path)
@@ -420,3 +421,41 @@ def test_hub_config_with_transformers_4_defaults_left_out():
     with pytest.raises(UnsupportedCheckpoint, match="sliding_window=4096"):
         llava_next_from_hf({**hub, "text_config": {k: v for k, v in hub["text_config"].items()
                                                    if k != "sliding_window"}})
+
+
+def test_qwen2_decoder_matches_transformers_and_saves_back(tmp_path):
+    """llava-next-72b/110b-style checkpoints: a Qwen2 decoder (q/k/v biases, no o_proj bias; a sliding_window field
+    that use_sliding_window=false leaves unused)."""
+    import transformers as tf
+    tok = build_tokenizer("llava")
+    special = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = tf.LlavaNextConfig(
+        vision_config=tf.CLIPVisionConfig(image_size=42, patch_size=14, projection_dim=32,
+                                          **{**_VISION, "num_hidden_layers": 2}),
+        text_config=tf.Qwen2Config(vocab_size=len(tok), use_sliding_window=False, sliding_window=16, **_TEXT,
+                                   **special),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", **special)
+    torch.manual_seed(1)
+    model = tf.LlavaNextForConditionalGeneration(cfg).eval()
+    _make_init_nontrivial(model, 1)
+    with torch.no_grad():  # biases that matter
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    ip = tf.LlavaNextImageProcessorPil(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42},
+                                       image_grid_pinpoints=PINPOINTS)
+    proc = tf.LlavaNextProcessor(ip, tok, patch_size=14, vision_feature_select_strategy="default",
+                                 num_additional_image_tokens=1, chat_template=MISTRAL_TEMPLATE)
+    model.save_pretrained(tmp_path / "hf")
+    proc.save_pretrained(tmp_path / "hf")
+    batch = proc(text=[prompt(2)], images=[[sample_images()[0], _odd_images()["wide"]]], return_tensors="pt")
+    ours = load_model(tmp_path / "hf")
+    assert ours.cfg.text.qkv_bias
+    with torch.no_grad():
+        expected = model(**batch).logits
+        assert (ours(**batch).logits - expected).abs().max() < 1e-4
+        save_model(ours, tmp_path / "ours")
+        again = tf.LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+        assert again.config.text_config.model_type == "qwen2"
+        assert torch.allclose(again(**batch).logits, expected, atol=1e-5)

@@ -60,11 +60,11 @@ def llava_next_from_hf(d: dict) -> VLMConfig:
     if text_type not in LLAVA_NEXT_TEXT:
         raise UnsupportedCheckpoint(f"LLaVA-NeXT with a {text_type!r} decoder is not supported (only "
                                     f"{', '.join(LLAVA_NEXT_TEXT)})")
-    if text_type == "qwen2":  # Qwen2 attention has q/k/v biases and no o_proj bias: not a config field there
-        raise UnsupportedCheckpoint("LLaVA-NeXT with a Qwen2 decoder needs q/k/v-only attention biases, which the "
-                                    "decoder does not have yet")
     cfg = llava_from_hf(d)
-    window = d["text_config"].get("sliding_window")
+    if text_type == "qwen2":  # Qwen2 attention has q/k/v biases and no o_proj bias: not a config field there
+        cfg.text.qkv_bias = True
+    # Qwen2 configs carry a sliding_window that only applies with use_sliding_window
+    window = d["text_config"].get("sliding_window") if d["text_config"].get("use_sliding_window", True) else None
     if window and window < d["text_config"].get("max_position_embeddings", 0):
         raise UnsupportedCheckpoint(f"sliding-window attention (sliding_window={window}) is not supported yet")
     pinpoints = d.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -83,6 +83,9 @@ def llava_next_from_hf(d: dict) -> VLMConfig:
 
 def llava_next_to_hf(c: VLMConfig) -> dict:
     out = llava_to_hf(c)
+    if c.text.qkv_bias:  # a Qwen2 decoder: written as Qwen2Config, whose q/k/v biases are implied
+        out["text_config"] = {k: v for k, v in text_to_hf(c.text, "qwen2").items()
+                              if k not in ("attention_bias", "mlp_bias", "head_dim")}
     out.update({"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
                 "image_grid_pinpoints": c.anyres.grid_pinpoints,
                 "image_seq_length": (c.vision.image_size // c.vision.patch_size) ** 2})
