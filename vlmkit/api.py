@@ -185,14 +185,18 @@ class VLM:
     def generate(self, prompt, images=None, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                  stop: Union[str, Sequence[str], None] = None, stream: bool = False, seed: Optional[int] = None,
-                 bad_words_ids=None, raw: Optional[bool] = None) -> Union[str, Iterator[str]]:
+                 bad_words_ids=None, raw: Optional[bool] = None, stats: Optional[dict] = None
+                 ) -> Union[str, Iterator[str]]:
         """New text for one prompt (a string with <image> placeholders, an interleaved list, or chat messages).
-        A string or list prompt goes through the chat template as one user turn unless raw=True (see _prompt)."""
+        A string or list prompt goes through the chat template as one user turn unless raw=True (see _prompt).
+        stats (stream=True): a dict that gets `prompt_tokens`, then `completion_tokens` when the stream ends."""
         cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
                                       stop, seed, bad_words_ids)
         batch = self._batch([prompt], None if images is None else [list(images)], max_new_tokens, raw)
         if stream:
-            return self._stream(batch, cfg)
+            if stats is not None:
+                stats["prompt_tokens"] = int(batch["input_ids"].shape[1])
+            return self._stream(batch, cfg, stats)
         batch, cache, crops = self._use_caches(batch, max_new_tokens)
         try:
             return generate(self.model, self.processor.tokenizer, batch, cfg, max_length=self.context_length,
@@ -200,7 +204,7 @@ class VLM:
         finally:
             self._remember(cache, crops)
 
-    def _stream(self, batch, cfg) -> Iterator[str]:
+    def _stream(self, batch, cfg, stats: Optional[dict] = None) -> Iterator[str]:
         # The loop runs each step under no_grad itself; an inference_mode block here would leak into the
         # caller's code between yielded pieces (and its tensors could not be written outside it: the cache is
         # made here, not in generate()).
@@ -208,7 +212,7 @@ class VLM:
             batch, cache, crops = self._use_caches(batch, cfg.max_new_tokens)
         try:
             yield from generate(self.model, self.processor.tokenizer, batch, cfg, stream=True,
-                                max_length=self.context_length, cache=cache)
+                                max_length=self.context_length, cache=cache, stats=stats)
         finally:
             self._remember(cache, crops)
 
