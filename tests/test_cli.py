@@ -301,3 +301,20 @@ def test_readme_multi_task_eval_command_parses():
     assert tasks == ["textvqa", "chartqa", "synthetic"]
     assert cli.eval_command.data_for(tasks, args.data) == {"textvqa": "textvqa/validation.parquet",
                                                           "chartqa": "chartqa/test.parquet"}
+
+
+def test_run_json(capsys):
+    if not (api.default_model_path() / "config.json").is_file():
+        pytest.skip("the embedded default model is not installed")
+    args = ["run", "-i", os.path.join(ROOT, "examples", "shapes.png"), "--max-new-tokens", "4", "Describe the image."]
+    assert cli.main(args) == 0
+    streamed = capsys.readouterr().out
+    assert cli.main(args[:1] + ["--json"] + args[1:]) == 0
+    out = json.loads(capsys.readouterr().out)  # one JSON object, nothing else on stdout
+    assert out["answer"] + "\n" == streamed  # the same answer (greedy) as the stream
+    assert out["prompt_tokens"] > 16 and 1 <= out["completion_tokens"] <= 4  # the image alone is 16 tokens
+    t = out["timings"]
+    assert set(t) == {"load_s", "time_to_first_token_s", "total_s", "tokens_per_s"}
+    assert 0 < t["time_to_first_token_s"] <= t["total_s"] and t["load_s"] > 0
+    assert t["tokens_per_s"] is None if out["completion_tokens"] == 1 else t["tokens_per_s"] > 0
+    assert (out["model"], out["dtype"], out["device"]) == ("default", "float32", "cpu")

@@ -185,14 +185,18 @@ class VLM:
     def generate(self, prompt, images=None, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                  stop: Union[str, Sequence[str], None] = None, stream: bool = False, seed: Optional[int] = None,
-                 bad_words_ids=None, raw: Optional[bool] = None) -> Union[str, Iterator[str]]:
+                 bad_words_ids=None, raw: Optional[bool] = None, stats: Optional[dict] = None
+                 ) -> Union[str, Iterator[str]]:
         """New text for one prompt (a string with <image> placeholders, an interleaved list, or chat messages).
-        A string or list prompt goes through the chat template as one user turn unless raw=True (see _prompt)."""
+        A string or list prompt goes through the chat template as one user turn unless raw=True (see _prompt).
+        stats (stream=True): a dict that gets `prompt_tokens`, then `completion_tokens` when the stream ends."""
         cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
                                       stop, seed, bad_words_ids)
         batch = self._batch([prompt], None if images is None else [list(images)], max_new_tokens, raw)
         if stream:
-            return self._stream(batch, cfg)
+            if stats is not None:
+                stats["prompt_tokens"] = int(batch["input_ids"].shape[1])
+            return self._stream(batch, cfg, stats)
         batch, cache, crops = self._use_caches(batch, max_new_tokens)
         try:
             return generate(self.model, self.processor.tokenizer, batch, cfg, max_length=self.context_length,
@@ -200,7 +204,7 @@ class VLM:
         finally:
             self._remember(cache, crops)
 
-    def _stream(self, batch, cfg) -> Iterator[str]:
+    def _stream(self, batch, cfg, stats: Optional[dict] = None) -> Iterator[str]:
         # The loop runs each step under no_grad itself; an inference_mode block here would leak into the
         # caller's code between yielded pieces (and its tensors could not be written outside it: the cache is
         # made here, not in generate()).
@@ -208,7 +212,7 @@ class VLM:
             batch, cache, crops = self._use_caches(batch, cfg.max_new_tokens)
         try:
             yield from generate(self.model, self.processor.tokenizer, batch, cfg, stream=True,
-                                max_length=self.context_length, cache=cache)
+                                max_length=self.context_length, cache=cache, stats=stats)
         finally:
             self._remember(cache, crops)
 
@@ -371,34 +375,56 @@ class VLM:
         """What the model is and what it costs: family, parameters (all, and split into vision / connector /
         cross-attention / text, which add up to all), image tokens, context, compute dtype and device, bytes of the
         weights and of the KV cache per token."""
-        cfg, model = self.model.cfg, self.model
-        text = getattr(model, "text", None)
-        cross = parameter_count(text, lambda name: name.startswith("cross_blocks"))
-        t = cfg.text
-        itemsize = next(model.parameters()).element_size()
-        image_size, tokens = cfg.vision.image_size, _image_tokens(cfg)
-        settings = getattr(self.processor.image_processor, "settings", None)
-        if cfg.vision.flavour == "qwen2_vl" and settings is not None:  # native resolution: a range
-            block = settings.patch_size * settings.merge_size
-            lo, hi = settings.size["shortest_edge"], settings.size["longest_edge"]
-            tokens = {"tokens_per_image": f"{max(1, lo // block ** 2)}-{hi // block ** 2} (one per {block}x{block} px)"}
-            image_size = f"{lo:,}-{hi:,} pixels (area), sides multiples of {block} px"
-        return {
-            "family": cfg.extra.get("hf_architecture", cfg.family),
-            "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],
-            "parameters": parameter_count(model),
-            "vision_parameters": parameter_count(getattr(model, "vision", None)),
-            "connector_parameters": parameter_count(getattr(model, "connector", None))
-            + parameter_count(getattr(model, "anyres", None)),
-            "cross_attention_parameters": cross, "text_parameters": parameter_count(text) - cross,
-            "connector": cfg.connector.kind, "merge": cfg.merge, **tokens,
-            "image_size": image_size, "context_length": self.context_length,
-            "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
-            "memory_bytes": memory_bytes(model),
-            "kv_cache_bytes_per_token": 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize,
-            "folder": str(self.folder) if self.folder else None,
-            "quantization": (self.quantization or {}).get("mode"),
-        }
+        return _info(self.model, self.processor, self.folder, self.quantization)
+
+
+def describe(path_or_name="default", dtype=None, device=None) -> dict:
+    """`load(path_or_name, dtype, device).info()` without reading a weight: the model is built on the meta device
+    from the folder's config (shapes and dtypes are all `info` needs). A folder saved quantized is the exception:
+    its layers' sizes come from their quantized form, so it is loaded."""
+    from .processing.processor import Processor
+
+    dev = resolve_device(device)
+    dtype = compute_dtype(dev, dtype)
+    folder = resolve(path_or_name)
+    if saved_quantization(folder):
+        return load(folder, dtype=dtype, device=dev, caches=False).info()
+    cfg = config_from_folder(folder)[0]
+    with torch.device("meta"):
+        model = VLMModel(cfg).to(dtype)
+    info = _info(model, Processor.from_folder(folder, cfg), folder, None)
+    return {**info, "device": str(torch.empty(0, device=dev).device)}  # as a loaded model says it: cuda -> cuda:0
+
+
+def _info(model: VLMModel, processor, folder: Optional[Path], quantization: Optional[dict]) -> dict:
+    cfg = model.cfg
+    text = getattr(model, "text", None)
+    cross = parameter_count(text, lambda name: name.startswith("cross_blocks"))
+    t = cfg.text
+    itemsize = next(model.parameters()).element_size()
+    image_size, tokens = cfg.vision.image_size, _image_tokens(cfg)
+    settings = getattr(processor.image_processor, "settings", None)
+    if cfg.vision.flavour == "qwen2_vl" and settings is not None:  # native resolution: a range
+        block = settings.patch_size * settings.merge_size
+        lo, hi = settings.size["shortest_edge"], settings.size["longest_edge"]
+        tokens = {"tokens_per_image": f"{max(1, lo // block ** 2)}-{hi // block ** 2} (one per {block}x{block} px)"}
+        image_size = f"{lo:,}-{hi:,} pixels (area), sides multiples of {block} px"
+    return {
+        "family": cfg.extra.get("hf_architecture", cfg.family),
+        "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],
+        "parameters": parameter_count(model),
+        "vision_parameters": parameter_count(getattr(model, "vision", None)),
+        "connector_parameters": parameter_count(getattr(model, "connector", None))
+        + parameter_count(getattr(model, "anyres", None)),
+        "cross_attention_parameters": cross, "text_parameters": parameter_count(text) - cross,
+        "connector": cfg.connector.kind, "merge": cfg.merge, **tokens,
+        "image_size": image_size, "context_length": cfg.text.max_position_embeddings,
+        "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
+        "memory_bytes": memory_bytes(model),
+        "kv_cache_bytes_per_token": 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize,
+        "folder": str(folder) if folder else None,
+        "quantization": (quantization or {}).get("mode"),
+    }
 
 
 def parameter_count(module: Optional[torch.nn.Module], keep=lambda name: True) -> int:
@@ -421,5 +447,5 @@ def _image_tokens(cfg) -> dict:
             "anyres_grids": [[h // tile, w // tile] for h, w in pins]}
 
 
-__all__ = ["load", "save", "VLM", "config_from_folder"]
+__all__ = ["load", "save", "describe", "VLM", "config_from_folder"]
 

@@ -1,8 +1,11 @@
-"""`vlmkit run` (one prompt, the answer streamed) and `vlmkit chat` (turns read from stdin)."""
+"""`vlmkit run` (one prompt, the answer streamed, or one JSON object with counts and timings) and `vlmkit chat`
+(turns read from stdin)."""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 
 from .common import (GENERATION, MODEL, PROG, USAGE_ERROR, CLIError, arg, check_image_files, command,
                      generation_options, load_images, load_model, one_line, status, write_stream)
@@ -13,6 +16,9 @@ from .common import (GENERATION, MODEL, PROG, USAGE_ERROR, CLIError, arg, check_
          arg("--image", "-i", action="append", default=[], metavar="PATH",
              help="an image (repeat for several); placed where the prompt's <image> placeholders are, else first"),
          arg("--system", default=None, metavar="TEXT", help="a system message"),
+         arg("--json", action="store_true", help="print one JSON object instead of the stream: answer, "
+             "prompt_tokens, completion_tokens, timings (load_s, time_to_first_token_s, total_s: prompt to last "
+             "token, tokens_per_s: after the first), model, dtype, device"),
          arg("prompt", help="the question or instruction"))
 def cmd_run(args) -> int:
     from ..image_tasks import Chat, user_content
@@ -24,9 +30,26 @@ def cmd_run(args) -> int:
     check_image_files(args.image)
     user_content(args.prompt, args.image)
     images = load_images(args.image)
+    start = time.perf_counter()
     m = load_model(args)
+    load_s = time.perf_counter() - start
     chat = Chat(m, system=args.system)
-    write_stream(chat.stream(args.prompt, images, **generation_options(args)))
+    if not args.json:
+        write_stream(chat.stream(args.prompt, images, **generation_options(args)))
+        return 0
+    stats, pieces, first = {}, [], None
+    start = time.perf_counter()
+    for piece in chat.stream(args.prompt, images, stats=stats, **generation_options(args)):
+        first = time.perf_counter() - start if first is None else first
+        pieces.append(piece)
+    total = time.perf_counter() - start
+    n = stats["completion_tokens"]
+    print(json.dumps({
+        "answer": "".join(pieces), "prompt_tokens": stats["prompt_tokens"], "completion_tokens": n,
+        "timings": {"load_s": load_s, "time_to_first_token_s": first, "total_s": total,
+                    "tokens_per_s": (n - 1) / (total - first) if n > 1 and total > first else None},
+        "model": args.model, "dtype": str(m.model.dtype).removeprefix("torch."), "device": str(m.model.device),
+    }, indent=2))
     return 0
 
 

@@ -112,8 +112,9 @@ def configure_logging(level: Optional[str]) -> None:
 
 # ------------------------------------------------------------------------------------------------ inputs
 
-def load_model(args):
-    """The model named by --model, with its dtype / device / quantize options."""
+def load_model(args, describe: bool = False):
+    """The model named by --model, with its dtype / device / quantize options (describe: only its `info()` dict,
+    read from the config without the weights)."""
     name = args.model
     if name != "default" and not os.path.isdir(os.path.expanduser(name)):  # before importing torch (seconds)
         what = "is a file, not a model folder" if os.path.exists(name) else "does not exist"
@@ -125,6 +126,8 @@ def load_model(args):
     if name == "default" and not (api.default_model_path() / "config.json").is_file():
         raise CLIError("no model given and the embedded default model is not installed; pass --model FOLDER "
                        "(a local Hugging Face folder)")
+    if describe:
+        return api.describe(name, dtype=args.dtype, device=args.device)
     try:
         return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize)
     except NotImplementedError as e:

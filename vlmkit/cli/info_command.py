@@ -15,8 +15,7 @@ from .common import DTYPES, arg, command, human_bytes, load_model
          arg("--device", default="auto", help="report as loaded on this device: auto (the default: CUDA, then "
              "Apple MPS, then CPU), cpu, cuda, cuda:N or mps"))
 def cmd_info(args) -> int:
-    args.quantize = None
-    info = load_model(args).info()
+    info = load_model(args, describe=True)  # from the config: no weight is read
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0

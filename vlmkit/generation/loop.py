@@ -303,19 +303,22 @@ def _decode_loop(model, batch, cfg, cache, stop_check) -> Iterator[torch.Tensor]
 
 
 def generate(
-    model, tokenizer, batch: dict, cfg: GenerationConfig, *, stream: bool = False, max_length=None, cache=None
+    model, tokenizer, batch: dict, cfg: GenerationConfig, *, stream: bool = False, max_length=None, cache=None,
+    stats: Optional[dict] = None,
 ):
     """New text per row: ids up to (not including) the first eos, `tokenizer.decode(ids, skip_special_tokens=True)`,
     cut before the first stop string (which is removed, as the OpenAI API does).
 
     stream=True (one row only) returns an iterator of text pieces whose concatenation is that same text; text that
     might be the start of a stop string is held back until decided, so a stop string never appears in the stream.
+    stats (stream=True): a dict that gets `completion_tokens` (the answer's tokens, as the server counts them) once
+    the stream ends.
     """
     check_request(model, batch, cfg, max_length)
     if stream:
         if batch["input_ids"].shape[0] != 1:
             raise ValueError(f"stream=True takes a batch of one prompt, got {batch['input_ids'].shape[0]}")
-        return _stream(model, tokenizer, batch, cfg, max_length, cache)
+        return _stream(model, tokenizer, batch, cfg, max_length, cache, stats)
     texts = [TextStream(tokenizer, cfg.stop_strings, cfg.eos_token_ids, pieces=False)
              for _ in range(batch["input_ids"].shape[0])]
 
@@ -329,7 +332,7 @@ def generate(
     return [text.text() for text in texts]
 
 
-def _stream(model, tokenizer, batch, cfg, max_length, cache) -> Iterator[str]:
+def _stream(model, tokenizer, batch, cfg, max_length, cache, stats=None) -> Iterator[str]:
     text = TextStream(tokenizer, cfg.stop_strings, cfg.eos_token_ids)
     for tokens in generate_tokens(model, batch, cfg, max_length=max_length, cache=cache):
         piece = text.push(int(tokens[0]))
@@ -338,5 +341,7 @@ def _stream(model, tokenizer, batch, cfg, max_length, cache) -> Iterator[str]:
         if text.done:
             break  # closing the token generator ends generation
     rest = text.rest()
+    if stats is not None:
+        stats["completion_tokens"] = len(text.ids)
     if rest:
         yield rest
