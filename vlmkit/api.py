@@ -260,14 +260,23 @@ class VLM:
 
     def _crop_features(self, flat, mask) -> tuple[tuple, torch.Tensor]:
         digests = tuple(crop_digest(flat[i], None if mask is None else mask[i]) for i in range(flat.shape[0]))
+        # all of them on a first turn, repeats included: one call, exactly as the model would make it
+        found = self._cached(digests, lambda missing: self.model.encode_images(
+            flat[missing], None if mask is None else mask[missing]), unique=False)
+        return digests, torch.stack([found[d] for d in digests])
+
+    def _cached(self, digests, encode, unique: bool = True) -> dict:
+        """digest -> features: from the image cache, the others encoded in one call (`encode(indexes)` -> their
+        features in that order; one index per digest when `unique`) and kept."""
         found = {d: f for d in set(digests) if (f := self.image_cache.get(d)) is not None}
         missing = [i for i, d in enumerate(digests) if d not in found]
-        if missing:  # all of them on a first turn: one call, exactly as the model would make it
-            encoded = self.model.encode_images(flat[missing], None if mask is None else mask[missing])
-            for j, i in enumerate(missing):
-                found[digests[i]] = encoded[j]
-                self.image_cache.put(digests[i], encoded[j])
-        return digests, torch.stack([found[d] for d in digests])
+        if unique:
+            missing = list({digests[i]: i for i in missing}.values())
+        if missing:
+            for i, f in zip(missing, encode(missing)):
+                found[digests[i]] = f
+                self.image_cache.put(digests[i], f)
+        return found
 
     def _crop_starts(self, ids: torch.Tensor, per_crop: int) -> tuple:
         token = self.model.cfg.image_token_id
@@ -282,15 +291,13 @@ class VLM:
         sizes = grid.prod(-1).tolist()
         parts = pixel_values.split(sizes)
         digests = [crop_digest(p, g) for p, g in zip(parts, grid)]
-        found = {d: f for d in set(digests) if (f := self.image_cache.get(d)) is not None}
-        missing = list({d: i for i, d in enumerate(digests) if d not in found}.values())
-        if missing:
+
+        def encode(missing):
             encoded = self.model.image_features(torch.cat([parts[i] for i in missing]),
                                                 image_grid_thw=grid[missing])[0]
-            per = [sizes[i] // self.model.cfg.vision.spatial_merge_size ** 2 for i in missing]
-            for i, f in zip(missing, encoded.split(per)):
-                found[digests[i]] = f
-                self.image_cache.put(digests[i], f)
+            return encoded.split([sizes[i] // self.model.cfg.vision.spatial_merge_size ** 2 for i in missing])
+
+        found = self._cached(digests, encode)
         return tuple(digests), torch.cat([found[d] for d in digests])[None]
 
     def _remember(self, cache, crops: tuple) -> None:
