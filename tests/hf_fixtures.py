@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -334,3 +335,12 @@ def hf_inputs(family: str, processor, images, prompt):
     # Nested image lists: SmolVLMProcessor treats a flat list as the images of one prompt.
     return processor(text=prompts, images=per_prompt if any(per_prompt) else None, padding=True,
                      return_tensors="pt")
+
+
+def assert_eval_runs(folder: str, out_dir, capsys) -> None:
+    """`vlmkit eval` on three VQAv2 items with a batch of two: the family works through the eval harness."""
+    from vlmkit import cli
+    data = Path(__file__).parent / "data" / "eval" / "vqav2.jsonl"
+    assert cli.main(["eval", "-m", folder, "--task", "vqav2", "--data", str(data), "--limit", "3", "--batch-size",
+                     "2", "--max-new-tokens", "3", "--output", str(out_dir)]) == 0
+    assert "3 items (0 failed)" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from PIL import ImageOps
 
 import vlmkit
 from gemma_fixtures import build_checkpoint, load_hf
-from hf_fixtures import sample_images
+from hf_fixtures import assert_eval_runs, sample_images
 from test_models import report
 from vlmkit.checkpoints.hf import load_model, save_model
 from vlmkit.models.kv_cache import KVCache
@@ -218,3 +218,7 @@ def test_published_configs_read_as_transformers_reads_them(published):
     assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.hidden_size) == (
         v.image_size, v.patch_size, v.hidden_size)
     assert cfg.tokens_per_image == 256 and cfg.image_token_id == published["image_token_index"]
+
+
+def test_eval_runs(setup, tmp_path, capsys):
+    assert_eval_runs(setup[0], tmp_path, capsys)

@@ -13,7 +13,9 @@ import torch
 from PIL import Image, ImageOps
 
 import vlmkit
-from hf_fixtures import _TEXT, _VISION, _make_init_nontrivial, _quiet, build_tokenizer, sample_images
+from hf_fixtures import (
+    _TEXT, _VISION, _make_init_nontrivial, _quiet, assert_eval_runs, build_tokenizer, sample_images,
+)
 from vlmkit.checkpoints.families import UnsupportedCheckpoint
 from vlmkit.checkpoints.hf import load_model, save_model
 from vlmkit.models.kv_cache import KVCache
@@ -346,13 +348,7 @@ def test_server_batches_llava_next_jobs(vlm, chunk):
 
 
 def test_eval_runs(folder, tmp_path, capsys):
-    from pathlib import Path
-
-    from vlmkit import cli
-    data = Path(__file__).parent / "data" / "eval" / "vqav2.jsonl"
-    assert cli.main(["eval", "-m", folder, "--task", "vqav2", "--data", str(data), "--limit", "3", "--batch-size",
-                     "2", "--max-new-tokens", "3", "--output", str(tmp_path)]) == 0
-    assert "3 items (0 failed)" in capsys.readouterr().err
+    assert_eval_runs(folder, tmp_path, capsys)
 
 
 def test_cli_info_describes_the_tiling(folder, capsys):

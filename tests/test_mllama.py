@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 pytest.importorskip("transformers")
 
-from hf_fixtures import find_gguf, sample_images  # noqa: E402
+from hf_fixtures import assert_eval_runs, find_gguf, sample_images  # noqa: E402
 from mllama_fixtures import build_checkpoint, load_hf  # noqa: E402
 
 import vlmkit  # noqa: E402
@@ -308,3 +308,7 @@ def test_tokenizer_that_adds_bos_matches_transformers(folder, tmp_path):
     expected = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                         return_tensors="pt", processor_kwargs={"images": [a]})
     assert torch.equal(expected["input_ids"], ours([messages], [[a]])["input_ids"])
+
+
+def test_eval_runs(folder, tmp_path, capsys):
+    assert_eval_runs(folder, tmp_path, capsys)

@@ -9,7 +9,7 @@ from PIL import ImageOps
 
 import vlmkit
 from gemma_fixtures import build_checkpoint, load_hf
-from hf_fixtures import sample_images
+from hf_fixtures import assert_eval_runs, sample_images
 from test_models import report
 from vlmkit.checkpoints.hf import load_model, save_model
 from vlmkit.models.kv_cache import KVCache
@@ -155,3 +155,7 @@ def test_packing_is_refused(setup):
     from vlmkit.data.collate import Collator
     with pytest.raises(ValueError, match="cannot be packed"):
         Collator(Processor.from_folder(setup[1]), pack_length=64)
+
+
+def test_eval_runs(setup, tmp_path, capsys):
+    assert_eval_runs(setup[1], tmp_path, capsys)

