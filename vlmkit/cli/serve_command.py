@@ -1,4 +1,4 @@
-"""`vlmkit serve`: the OpenAI / Ollama HTTP server and the chat page (vlmkit.serve; needs the serve extra).
+"""`vlmkit serve`: the OpenAI / Ollama HTTP server (vlmkit.serve; the serve extra) and the chat page (the ui extra).
 
 Flags are spelled as `vllm serve` spells them (the model positional, --served-model-name, --max-num-seqs,
 --limit-mm-per-prompt, --api-key, --max-model-len, --quantization, --dtype auto/half/float); vlmkit's earlier
@@ -8,6 +8,7 @@ spellings (--model, --name, --max-batch, --max-images, --quantize) still work, h
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 
@@ -90,7 +91,8 @@ SERVE_ARGS = (
     arg("--max-request-pixels", type=positive_int, default=100_000_000, metavar="N",
         help="decoded pixels of all images of one request together, checked before decoding "
              "(default 100000000: four 6000x4000 photos)"),
-    arg("--no-ui", action="store_true", help="no Gradio chat page at /"),
+    arg("--no-ui", action="store_true",
+        help="no Gradio chat page at / (the page needs gradio: the ui extra)"),
 )
 
 
@@ -124,11 +126,15 @@ def cmd_serve(args) -> int:
         from ..serve import create_app, default_model_name
         from ..serve.app import run
         from ..serve.auth import is_loopback
-        if not args.no_ui:
-            import gradio  # noqa: F401
+        import uvicorn  # noqa: F401  (imported by run(), after the model has loaded)
     except ImportError as e:
         raise CLIError(f"vlmkit serve needs the serve extra ({e.name} is missing): pip install 'vlmkit[serve]'"
-                       + ("" if args.no_ui else " (or pass --no-ui)")) from None
+                       ) from None
+    if not args.no_ui and importlib.util.find_spec("gradio") is None:
+        # the APIs are the server's job; the page is optional, so a missing gradio costs the page, not the server
+        status("warning: no chat page at / (it needs gradio: pip install 'vlmkit[ui]'); serving the APIs only "
+               "(--no-ui silences this)")
+        args.no_ui = True
     from ..processing.images import ImageLimits
 
     args.model = resolve_model(args)

@@ -41,7 +41,8 @@ def _pyarrow():
         import pyarrow  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("reading parquet / arrow benchmark files needs pyarrow: pip install 'vlmkit[eval]'") from None
+        raise ImportError("reading parquet / arrow files needs pyarrow: pip install 'vlmkit[train]' "
+                          "(or 'vlmkit[eval]')") from None
     import pyarrow as pa
 
     return pa

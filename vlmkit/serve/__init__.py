@@ -15,7 +15,11 @@ from typing import Optional
 __all__ = ["create_app", "serve"]
 
 
-from .app import create_app  # noqa: E402  (needs fastapi: the `serve` extra)
+try:
+    from .app import create_app  # noqa: E402
+except ImportError as e:  # fastapi / uvicorn / anyio: the `serve` extra
+    raise ImportError(f"vlmkit.serve needs the serve extra ({e.name} is missing): pip install 'vlmkit[serve]'",
+                      name=e.name) from None
 
 
 def default_model_name(model: str) -> str:

@@ -237,7 +237,10 @@ def build_ui(engine, *, max_tokens: int = 256, title=None, examples_dir: Optiona
 
 
 def mount_ui(app, engine, *, max_tokens: int = 256, title=None, examples_dir: Optional[Path] = None):
-    import gradio as gr
+    try:
+        import gradio as gr
+    except ImportError:
+        raise ImportError("the chat page needs gradio: pip install 'vlmkit[ui]' (or pass ui=False)") from None
 
     demo = build_ui(engine, max_tokens=max_tokens, title=title, examples_dir=examples_dir)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
