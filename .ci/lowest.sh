@@ -44,7 +44,7 @@ for pin in sys.argv[1:]:
         sys.exit(f"lowest: {name} is {version(name)}, not {low}")
 PYEOF
 cd "$ROOT"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_packaging.py tests/test_cli.py tests/test_describe.py \
+"$VENV/bin/python" -m pytest -p no:cacheprovider tests/test_packaging.py tests/test_cli.py tests/test_describe.py \
   tests/test_images.py tests/test_quantize.py tests/test_chat_text.py tests/test_serve.py tests/test_serve_inputs.py \
   tests/test_serve_completions.py tests/test_train_loop.py tests/test_train_readers.py tests/test_eval_runner.py
 cd /tmp

@@ -10,9 +10,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-python3}
 TORCH=${TORCH:-torch==2.13.0}
 WORK=$(mktemp -d /tmp/vlmkit-wheel.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
 start=$SECONDS
 stage() { echo "wheel-check: $1 ($((SECONDS - start)) s)"; }
+trap 'rm -rf "$WORK"; stage "removed the scratch venv"' EXIT
 
 "$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$ROOT"
 rm -rf "$ROOT/build"  # pip builds in the tree; leave the checkout as it was
