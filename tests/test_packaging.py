@@ -94,6 +94,17 @@ def test_missing_serve_extra_is_one_line(monkeypatch, capsys):
         import vlmkit.serve  # noqa: F401
 
 
+def test_create_app_without_gradio_names_the_ui_extra(monkeypatch):
+    import vlmkit
+    from vlmkit.serve import create_app
+
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    m = vlmkit.load("default")
+    with pytest.raises(ImportError, match=r"pip install 'vlmkit\[ui\]' \(or pass ui=False\)"):
+        create_app(m, ui=True)
+    create_app(m, ui=False)
+
+
 def test_missing_pyarrow_names_the_extras(monkeypatch):
     from vlmkit.data import files
 

@@ -17,7 +17,9 @@ __all__ = ["create_app", "serve"]
 
 try:
     from .app import create_app  # noqa: E402
-except ImportError as e:  # fastapi / uvicorn / anyio: the `serve` extra
+except ImportError as e:
+    if (e.name or "").split(".")[0] not in ("fastapi", "starlette", "uvicorn", "anyio"):  # not the serve extra's
+        raise
     raise ImportError(f"vlmkit.serve needs the serve extra ({e.name} is missing): pip install 'vlmkit[serve]'",
                       name=e.name) from None
 
