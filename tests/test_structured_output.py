@@ -141,3 +141,31 @@ def test_default_model_answers_a_schema():
         out = m.generate("Name a large city, as JSON.", json_schema=schema, max_new_tokens=48)
     value = valid(out, schema)
     assert value["city"].strip()
+
+
+def test_any_schema_value_is_compiled_or_refused_with_value_error(vlm):
+    """Whatever a client sends as a schema (deep nesting, junk keywords), only ValueError comes out."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    leaves = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from(
+        ["string", "object", "array", "integer", "number", "null", "boolean", "^a+$", "(", "#/defs/x"]))
+    keys = st.sampled_from(["type", "properties", "items", "enum", "required", "pattern", "minimum", "maxItems",
+                            "anyOf", "allOf", "$ref", "const", "additionalProperties", "format", "x"])
+    values = st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                          st.dictionaries(keys, inner, max_size=4)), max_leaves=12)
+    tok, eos = vlm.processor.tokenizer, vlm.processor.eos_token_ids
+
+    @hypothesis.settings(max_examples=150, deadline=None, database=None)
+    @hypothesis.given(schema=st.dictionaries(keys, values, max_size=4))
+    def check(schema):
+        try:
+            Constraint("json_schema", schema).compile(tok, eos)
+        except ValueError as e:
+            assert str(e)
+
+    check()
+    deep = {"type": "string"}
+    for _ in range(2000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(ValueError, match="invalid JSON schema"):
+        Constraint("json_schema", deep).compile(tok, eos)

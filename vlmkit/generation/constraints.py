@@ -64,7 +64,7 @@ class Constraint:
             schema = ANY_JSON_OBJECT if self.value is True else self.value
             try:
                 return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, RecursionError) as e:
                 raise ValueError(f"invalid JSON schema: {e}") from None
         if self.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(self.value)
@@ -75,13 +75,10 @@ class Constraint:
         if not eos_token_ids:
             raise ValueError("a constrained answer needs an eos token id to end on (ignore_eos cannot be combined "
                              "with structured output)")
-        llg_tok = llg_tokenizer(tokenizer, tuple(int(i) for i in eos_token_ids))
-        grammar = self.grammar_text()
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, llg_tok)
-        if is_error:
-            what = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}[self.kind]
-            raise ValueError(f"invalid {what}: {' '.join(messages[0].split())[:500]}")
-        return CompiledConstraint(self, llg_tok, grammar)
+        compiled = CompiledConstraint(self, llg_tokenizer(tokenizer, tuple(int(i) for i in eos_token_ids)),
+                                      self.grammar_text())
+        compiled.matcher()  # a matcher holds llguidance's verdict on the grammar
+        return compiled
 
 
 @dataclass(frozen=True)
@@ -95,7 +92,8 @@ class CompiledConstraint:
     def matcher(self) -> llguidance.LLMatcher:
         m = llguidance.LLMatcher(self.tokenizer, self.grammar, log_level=0)
         if m.is_error():
-            raise ValueError(f"invalid {self.constraint.kind}: {m.get_error()}")
+            what = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}[self.constraint.kind]
+            raise ValueError(f"invalid {what}: {' '.join(m.get_error().split())[:500]}")
         return m
 
 
