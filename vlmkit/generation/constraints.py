@@ -137,27 +137,28 @@ class GrammarRows:
         self.eos = set(llg_tok.eos_tokens)
         vocab = llg_tok.vocab_size
         self.bitmask = llg_numpy.allocate_token_bitmask(rows, vocab)
-        self.shifts = torch.arange(32, dtype=torch.int32)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] with every token a constrained row's grammar forbids at -inf."""
+        """logits [B, V] with every token a constrained row's grammar forbids at -inf (head columns past the
+        tokenizer's vocabulary included); free and finished rows are left as they are."""
         rows = [(m, i) for i, (m, on) in enumerate(zip(self.matchers, self.active)) if on]
         if not rows:
             return logits
-        self.bitmask.fill(-1)  # free rows allow everything
         if len(rows) == 1:
             llg_numpy.fill_next_token_bitmask(rows[0][0], self.bitmask, rows[0][1])
         else:
             if GrammarRows._executor is None:
                 GrammarRows._executor = llguidance.LLExecutor()
             llg_numpy.fill_next_token_bitmask_par(GrammarRows._executor, rows, self.bitmask)
-        words = torch.from_numpy(self.bitmask)
-        allowed = ((words[:, :, None] >> self.shifts) & 1).view(words.shape[0], -1).bool()
-        vocab = logits.shape[-1]
-        if allowed.shape[1] < vocab:  # head rows past the tokenizer's vocabulary are never allowed
-            allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-            allowed[[i for i, on in enumerate(self.active) if not on]] = True
-        return logits.masked_fill(~allowed[:, :vocab].to(logits.device), -float("inf"))
+        index = [i for _, i in rows]
+        # Bit k of word j is token 32j + k: little-endian bytes, little-endian bits.
+        words = self.bitmask[index].astype("<i4", copy=False)
+        bits = np.unpackbits(words.view(np.uint8), axis=1, count=logits.shape[-1], bitorder="little")
+        forbidden = torch.from_numpy(bits).to(logits.device) == 0
+        if len(index) == logits.shape[0]:
+            return logits.masked_fill(forbidden, -float("inf"))
+        logits[index] = logits[index].masked_fill(forbidden, -float("inf"))
+        return logits
 
     def advance(self, tokens: Sequence[int]) -> None:
         """Each constrained row's matcher takes the row's chosen token. A row that took eos is done; one whose
