@@ -7,6 +7,9 @@ formats and schemas get a 400 naming the problem (never a 5xx) and the server ke
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import threading
 
 import pytest
@@ -188,14 +191,41 @@ def test_ollama_bad_formats_are_400_and_the_server_keeps_serving(server, ollama_
     assert chat(client, COLOR).choices[0].finish_reason == "stop"
 
 
-def test_default_model_any_json_through_both_apis():
-    """The default model closes free-form JSON objects: OpenAI json_object and Ollama "json" parse."""
+
+@pytest.fixture(scope="module")
+def default_server():
     with LiveServer(create_app(vlmkit.load("default"), model_name="default", ui=False)) as live:
-        oa = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        r = oa.chat.completions.create(model="default", max_tokens=64, response_format={"type": "json_object"},
-                                       messages=[{"role": "user", "content": "Give a city and its country as JSON."}])
-        assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
-        o = ollama.Client(host=live.url, timeout=120).chat(
-            model="default", format="json", options={"num_predict": 64},
-            messages=[{"role": "user", "content": "Give a city and its country as JSON."}])
-        assert o.done_reason == "stop" and o.message.content == r.choices[0].message.content  # greedy, same rules
+        yield live
+
+
+def test_default_model_any_json_through_both_apis(default_server):
+    """The default model closes free-form JSON objects: OpenAI json_object and Ollama "json" parse."""
+    oa = openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = oa.chat.completions.create(model="default", max_tokens=64, response_format={"type": "json_object"},
+                                   messages=[{"role": "user", "content": "Give a city and its country as JSON."}])
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
+    o = ollama.Client(host=default_server.url, timeout=120).chat(
+        model="default", format="json", options={"num_predict": 64},
+        messages=[{"role": "user", "content": "Give a city and its country as JSON."}])
+    assert o.done_reason == "stop" and o.message.content == r.choices[0].message.content  # greedy, same rules
+
+
+def test_readme_structured_output_examples_run_as_written(default_server, monkeypatch, capsys):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    section = readme.split("## Structured output\n", 1)[1].split("\n## ", 1)[0]
+    python, client = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    (curl,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    monkeypatch.chdir(root)
+    local = f"127.0.0.1:{default_server.port}"
+    for code in (python, client.replace("127.0.0.1:8000", local)):
+        exec(code, {})
+        printed = capsys.readouterr().out.splitlines()
+        expected = [line.split("# ", 1)[1].strip() for line in code.splitlines() if line.startswith("print(")]
+        assert printed == expected
+    run = subprocess.run(["bash", "-c", curl.replace("127.0.0.1:8000", local)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    content = json.loads(run.stdout)["choices"][0]["message"]["content"]
+    shown = curl.split("\n# ", 1)[1]
+    assert json.dumps(content)[1:-1] in shown
