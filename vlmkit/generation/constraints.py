@@ -133,10 +133,9 @@ class GrammarRows:
             raise ValueError(f"got {len(constraints)} constraints for {rows} rows")
         self.matchers = [c.matcher() if c is not None else None for c in constraints]
         self.active = [m is not None for m in self.matchers]  # False once a row took eos or left its grammar
-        llg_tok = next(c for c in constraints if c is not None).tokenizer
-        self.eos = set(llg_tok.eos_tokens)
-        vocab = llg_tok.vocab_size
-        self.bitmask = llg_numpy.allocate_token_bitmask(rows, vocab)
+        llg_tok = next((c.tokenizer for c in constraints if c is not None), None)
+        self.eos = set(llg_tok.eos_tokens) if llg_tok is not None else set()
+        self.bitmask = llg_numpy.allocate_token_bitmask(rows, llg_tok.vocab_size if llg_tok is not None else 32)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] with every token a constrained row's grammar forbids at -inf (head columns past the

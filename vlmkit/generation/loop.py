@@ -85,6 +85,8 @@ class GenerationConfig:
                 raise ValueError(f"bad_words_ids must be non-empty lists of token ids >= 0, got {seq!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.constraint is not None and not self.eos_token_ids:
+            raise ValueError("a constrained answer needs eos_token_ids to end on")
 
 
 class LogitsProcessor:
