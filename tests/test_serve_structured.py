@@ -31,7 +31,7 @@ BUDGET = 160
 COLOR = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
          "additionalProperties": False}
 POINT = {"type": "object", "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9},
-                                          "y": {"type": "number", "minimum": 0, "maximum": 1}},
+                                          "y": {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.125}},
          "required": ["x", "y"], "additionalProperties": False}
 LIST = {"type": "object", "properties": {"items": {"type": "array", "minItems": 2, "maxItems": 4,
                                                    "items": {"type": "boolean"}}},
@@ -208,6 +208,21 @@ def test_default_model_any_json_through_both_apis(default_server):
         model="default", format="json", options={"num_predict": 64},
         messages=[{"role": "user", "content": "Give a city and its country as JSON."}])
     assert o.done_reason == "stop" and o.message.content == r.choices[0].message.content  # greedy, same rules
+
+
+def test_openai_parse_helper_with_a_pydantic_model(default_server):
+    """The openai client's own structured-output helper: a pydantic model in, a parsed instance out."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class City(pydantic.BaseModel):
+        city: str
+        country: str
+
+    oa = openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = oa.chat.completions.parse(model="default", response_format=City, max_tokens=64,
+                                  messages=[{"role": "user", "content": "Name a large city and its country."}])
+    parsed = r.choices[0].message.parsed
+    assert isinstance(parsed, City) and parsed.city.strip() and parsed.country.strip()
 
 
 def test_readme_structured_output_examples_run_as_written(default_server, monkeypatch, capsys):

@@ -19,13 +19,14 @@ from vlmkit.generation.loop import GenerationConfig, generate
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (make install-dev)")
 
-# Every string, number and array is bounded, so even random weights close the answer within the budget.
+# Every string, number (multipleOf bounds its digits) and array is bounded, so even random weights close the answer
+# within the budget.
 PERSON = {
     "type": "object",
     "properties": {
         "name": {"type": "string", "maxLength": 8},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "height": {"type": "number", "minimum": 0, "maximum": 3},
+        "height": {"type": "number", "minimum": 0, "maximum": 3, "multipleOf": 0.25},
         "color": {"enum": ["red", "green", "blue"]},
         "member": {"type": "boolean"},
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "minItems": 1, "maxItems": 3},
@@ -169,3 +170,15 @@ def test_any_schema_value_is_compiled_or_refused_with_value_error(vlm):
         deep = {"type": "array", "items": deep}
     with pytest.raises(ValueError, match="invalid JSON schema"):
         Constraint("json_schema", deep).compile(tok, eos)
+
+
+def test_fast_path_and_model_forward_apply_the_same_rule(vlm, monkeypatch):
+    """The grammar rule sits after the logits, so the static-cache fast path and the model's forward agree."""
+    from vlmkit.generation import loop
+
+    fast = vlm.generate_batch(["Describe someone.", "Who?"], json_schema=PERSON, max_new_tokens=BUDGET)
+    monkeypatch.setattr(loop, "fast_decoder", lambda model: None)
+    slow = vlm.generate_batch(["Describe someone.", "Who?"], json_schema=PERSON, max_new_tokens=BUDGET)
+    assert fast == slow
+    for out in fast:
+        valid(out, PERSON)
