@@ -50,7 +50,8 @@ SCHEMA = {
     "required": ["name", "age", "score", "kind", "tags", "details"],
     "additionalProperties": False,
 }
-MODES = {"unconstrained": None, "json_object": Constraint("json_schema", True), "schema": Constraint("json_schema", SCHEMA)}
+MODES = {"unconstrained": None, "json_object": Constraint("json_schema", True),
+         "schema": Constraint("json_schema", SCHEMA)}
 
 TIMES: dict = defaultdict(float)  # seconds spent in each part of the constraint during one run
 
@@ -92,8 +93,8 @@ def run(m, rows: int, constraint, tokens: int) -> dict:
     steps = len(stamps)
     decode_s = stamps[-1] - stamps[0] if steps > 1 else float("nan")
     gaps = sorted(b - a for a, b in zip(stamps, stamps[1:])) or [float("nan")]
-    return {"steps": steps, "tokens": sum(live), "tok_s": sum(live[1:]) / decode_s, "step_ms": 1e3 * gaps[len(gaps) // 2],
-            **{k: 1e6 * v / steps for k, v in TIMES.items()}}
+    return {"steps": steps, "tokens": sum(live), "tok_s": sum(live[1:]) / decode_s,
+            "step_ms": 1e3 * gaps[len(gaps) // 2], **{k: 1e6 * v / steps for k, v in TIMES.items()}}
 
 
 def best_of(m, rows, constraint, tokens, repeat) -> dict:
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
           f"torch {info['torch']} ({info['torch_threads']} threads), default model in "
           f"{next(m.model.parameters()).dtype}, greedy, up to {args.tokens} new tokens, best of {args.repeat}.\n")
     print("| mode | batch | tokens | decode tok/s | decode step ms (median) | step vs unconstrained "
-          "| llguidance mask us/step | mask -> logits us/step | matchers advance us/step | constraint share of a step |")
+          "| llguidance mask us/step | mask -> logits us/step | matchers advance us/step "
+          "| constraint share of a step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for rows in [int(x) for x in args.batches.split(",")]:
         base = None

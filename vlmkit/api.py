@@ -15,8 +15,8 @@ from .checkpoints.quantized import load_quantized, save_quantized, saved_quantiz
 from .generation.caches import (
     ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts, image_run_starts,
 )
-from .generation.fast_path import fast_decoder, new_cache
 from .generation.constraints import Constraint
+from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
 from .models.anyres import feature_count
@@ -160,7 +160,7 @@ class VLM:
         compiled = None if constraint is None else constraint.compile(self.processor.tokenizer, eos)
         return GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, seed=seed, eos_token_ids=list(self.processor.eos_token_ids),
+            repetition_penalty=repetition_penalty, seed=seed, eos_token_ids=eos,
             pad_token_id=self.processor.tokenizer.pad_token_id, stop_strings=stop,
             bad_words_ids=[list(x) for x in (self.processor.bad_words_ids if bad_words is None else bad_words)],
             constraint=compiled,
