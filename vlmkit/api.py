@@ -15,6 +15,7 @@ from .checkpoints.quantized import load_quantized, save_quantized, saved_quantiz
 from .generation.caches import (
     ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts, image_run_starts,
 )
+from .generation.constraints import Constraint
 from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
@@ -153,13 +154,16 @@ class VLM:
         return self.model.cfg.text.max_position_embeddings
 
     def _generation_config(self, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, stop,
-                           seed, bad_words=None) -> GenerationConfig:
+                           seed, bad_words=None, constraint: Optional[Constraint] = None) -> GenerationConfig:
         stop = [stop] if isinstance(stop, str) else list(stop or [])
+        eos = list(self.processor.eos_token_ids)
+        compiled = None if constraint is None else constraint.compile(self.processor.tokenizer, eos)
         return GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, seed=seed, eos_token_ids=list(self.processor.eos_token_ids),
+            repetition_penalty=repetition_penalty, seed=seed, eos_token_ids=eos,
             pad_token_id=self.processor.tokenizer.pad_token_id, stop_strings=stop,
             bad_words_ids=[list(x) for x in (self.processor.bad_words_ids if bad_words is None else bad_words)],
+            constraint=compiled,
         )
 
     def _prompt(self, prompt, raw: Optional[bool]):
@@ -185,13 +189,17 @@ class VLM:
     def generate(self, prompt, images=None, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                  stop: Union[str, Sequence[str], None] = None, stream: bool = False, seed: Optional[int] = None,
-                 bad_words_ids=None, raw: Optional[bool] = None, stats: Optional[dict] = None
+                 bad_words_ids=None, raw: Optional[bool] = None, stats: Optional[dict] = None,
+                 json_schema=None, regex: Optional[str] = None, grammar: Optional[str] = None
                  ) -> Union[str, Iterator[str]]:
         """New text for one prompt (a string with <image> placeholders, an interleaved list, or chat messages).
         A string or list prompt goes through the chat template as one user turn unless raw=True (see _prompt).
-        stats (stream=True): a dict that gets `prompt_tokens`, then `completion_tokens` when the stream ends."""
+        stats (stream=True): a dict that gets `prompt_tokens`, then `completion_tokens` when the stream ends.
+        Structured output (at most one): json_schema (a JSON schema dict, or True for any JSON object), regex (the
+        whole answer matches it), grammar (a Lark grammar, llguidance's dialect); the answer follows it unless
+        max_new_tokens or a stop string cuts it first."""
         cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
-                                      stop, seed, bad_words_ids)
+                                      stop, seed, bad_words_ids, Constraint.from_options(json_schema, regex, grammar))
         batch = self._batch([prompt], None if images is None else [list(images)], max_new_tokens, raw)
         if stream:
             if stats is not None:
@@ -315,13 +323,14 @@ class VLM:
     def generate_batch(self, prompts: Sequence, images=None, max_new_tokens: int = 128, do_sample: bool = False,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        repetition_penalty: float = 1.0, stop=None, seed: Optional[int] = None,
-                       bad_words_ids=None, raw: Optional[bool] = None) -> list[str]:
-        """Several prompts decoded together (left-padded); `images` is one list of images per prompt. raw: as
-        generate."""
+                       bad_words_ids=None, raw: Optional[bool] = None, json_schema=None,
+                       regex: Optional[str] = None, grammar: Optional[str] = None) -> list[str]:
+        """Several prompts decoded together (left-padded); `images` is one list of images per prompt. raw,
+        json_schema, regex, grammar: as generate (every row follows the constraint, each with its own matcher)."""
         if images is not None and len(images) != len(prompts):
             raise ValueError(f"generate_batch got {len(prompts)} prompts but {len(images)} image lists")
         cfg = self._generation_config(max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
-                                      stop, seed, bad_words_ids)
+                                      stop, seed, bad_words_ids, Constraint.from_options(json_schema, regex, grammar))
         batch = self._batch(list(prompts), None if images is None else [list(x or []) for x in images],
                             max_new_tokens, raw)
         batch, _, _ = self._use_caches(batch, max_new_tokens) if len(prompts) > 1 else (batch, None, ())

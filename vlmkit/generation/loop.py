@@ -8,6 +8,10 @@ Stop strings follow the OpenAI API: generation stops at the first occurrence and
 not part of the returned text (transformers' `stop_strings` keeps it); `text_stream.TextStream` turns tokens into
 text, here and in the server.
 
+Structured output (`cfg.constraint`, see constraints.py) is one more logit rule, after the others and before
+the sampling ones: each constrained row keeps only the tokens its grammar allows, in the fast path too (it only
+makes the logits).
+
 Left padding is invisible to the logit rules: the repetition penalty and bad-word prefixes look at real tokens
 only, so a padded row gets the tokens it would get alone (transformers also penalises / matches the pad id in
 padded rows; unpadded rows are identical).
@@ -21,6 +25,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .constraints import ConstraintRows, GrammarRows
 from .fast_path import FastSteps, fast_decoder, new_cache
 from .text_stream import TextStream
 
@@ -43,6 +48,8 @@ class GenerationConfig:
     pad_token_id: Optional[int] = None  # fills finished rows; None: the first eos id (as transformers), else 0
     bad_words_ids: list[list[int]] = field(default_factory=list)  # token sequences that are never completed
     stop_strings: list[str] = field(default_factory=list)  # text stops before the first of these
+    # Structured output: a CompiledConstraint for every row, or one per row (None: free); see constraints.py.
+    constraint: ConstraintRows = None
 
     def __post_init__(self):
         self._normalize()
@@ -78,6 +85,8 @@ class GenerationConfig:
                 raise ValueError(f"bad_words_ids must be non-empty lists of token ids >= 0, got {seq!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.constraint is not None and not self.eos_token_ids:
+            raise ValueError("a constrained answer needs eos_token_ids to end on")
 
 
 class LogitsProcessor:
@@ -111,6 +120,7 @@ class LogitsProcessor:
         self.prompt_ids, self.prompt_mask = input_ids, attention_mask
         self.vocab: Optional[int] = None  # known at the first call, from the logits
         self.seen: Optional[torch.Tensor] = None
+        self.grammar = GrammarRows(cfg.constraint, input_ids.shape[0]) if cfg.constraint is not None else None
 
     def _first_call(self, vocab: int) -> None:
         self.vocab = vocab
@@ -142,6 +152,8 @@ class LogitsProcessor:
             logits = logits.masked_fill(hits > 0, -float("inf"))
         if step < cfg.min_new_tokens and self.eos.numel():
             logits[:, self.eos] = -float("inf")
+        if self.grammar is not None:
+            logits = self.grammar.mask(logits)
         if cfg.do_sample:
             if cfg.temperature != 1.0:
                 logits = logits / cfg.temperature
@@ -157,6 +169,8 @@ class LogitsProcessor:
             self.seen.scatter_(1, tokens.clamp(max=self.vocab)[:, None], True)
         if self.history is not None:
             self.history[:, self.length] = tokens
+        if self.grammar is not None:
+            self.grammar.advance(tokens.tolist())
         self.length += 1
 
 

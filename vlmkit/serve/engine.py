@@ -18,6 +18,7 @@ import anyio
 
 from ..allocator import release_freed_memory
 from ..api import is_default_model
+from ..generation.constraints import Constraint
 from ..processing.early_resize import shrink_hint_for
 from ..processing.images import TRIM_AFTER_PIXELS, ImageError, ImageLimits, load_images
 from ..processing.prompts import PromptError
@@ -39,6 +40,8 @@ class GenParams:
     stop: tuple = ()
     ignore_eos: bool = False
     max_tokens_param: str = "max_tokens"  # the field the request set max_tokens with, for errors
+    constraint: Optional[Constraint] = None  # structured output (response_format / format)
+    constraint_param: str = "response_format"  # the field it came from, for errors
 
     def __post_init__(self):
         if self.seed is not None and self.seed < 0:
@@ -63,6 +66,7 @@ class Prepared:
     params: GenParams
     t_arrival: float
     t_prepared: float
+    constraint: Any = None  # the params' constraint compiled for the tokenizer (a CompiledConstraint)
 
 
 class Stream:
@@ -200,6 +204,7 @@ class Engine:
         placeholders filled from `images`. Image sources may be already downloaded (`FetchedImage`)."""
         t_arrival = t_arrival if t_arrival is not None else time.monotonic()
         self.check_max_tokens(params)
+        constraint = self._compile(params)
         try:
             batch, decoded_pixels = self._render(prompt, images)
         except ImageError as e:
@@ -226,7 +231,17 @@ class Engine:
                 raise bad(f"the prompt is {n} tokens (image tokens included) + max_tokens={max_tokens} is over the "
                           f"model's context of {self.context} tokens; shorten the prompt or lower max_tokens",
                           "messages", "context_length_exceeded")
-        return Prepared(batch, n, max_tokens, params, t_arrival, time.monotonic())
+        return Prepared(batch, n, max_tokens, params, t_arrival, time.monotonic(), constraint)
+
+    def _compile(self, params: GenParams):
+        """The request's structured-output constraint checked against the tokenizer (400 when refused)."""
+        if params.constraint is None:
+            return None
+        eos = [] if params.ignore_eos else list(self.vlm.processor.eos_token_ids)
+        try:
+            return params.constraint.compile(self.vlm.processor.tokenizer, eos)
+        except ValueError as e:
+            raise bad(f"'{params.constraint_param}': {e}", params.constraint_param, "invalid_response_format") from None
 
     def _render(self, prompt, images) -> tuple[dict, int]:
         """The processor's batch for the prompt with its images loaded, and how many pixels those images held."""
@@ -274,7 +289,8 @@ class Engine:
 
         p = prepared.params
         job = Job(batch=prepared.batch, prompt_tokens=prepared.prompt_tokens, max_tokens=prepared.max_tokens,
-                  sampling=p.sampling(), stop=tuple(p.stop), ignore_eos=p.ignore_eos, sink=sink)
+                  sampling=p.sampling(), stop=tuple(p.stop), ignore_eos=p.ignore_eos, sink=sink,
+                  constraint=prepared.constraint)
         try:
             self.batcher.submit(job)
         except QueueFull as e:

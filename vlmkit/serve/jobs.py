@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ..generation.loop import GenerationConfig
 from ..generation.text_stream import TextStream
@@ -44,6 +44,7 @@ class Job:
     stop: tuple = ()
     ignore_eos: bool = False
     sink: Callable[[tuple], None] = lambda event: None
+    constraint: Any = None  # structured output: a CompiledConstraint (vlmkit.generation.constraints); its own matcher
     # filled in by the scheduler
     completion_tokens: int = 0
     finish_reason: Optional[str] = None
@@ -64,7 +65,7 @@ class Job:
             max_new_tokens=self.max_tokens, do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k, repetition_penalty=s.repetition_penalty, seed=s.seed,
             eos_token_ids=[] if self.ignore_eos else list(eos_ids), pad_token_id=pad_token_id,
-            bad_words_ids=bad_words)
+            bad_words_ids=bad_words, constraint=self.constraint)
 
     def cancel(self) -> None:
         self._cancelled.set()

@@ -6,7 +6,8 @@ As Ollama: images are raw base64 strings (data: URIs are accepted too), answers 
 durations in nanoseconds (total_duration, load_duration = time waiting for the model, which stays loaded,
 prompt_eval_count/_duration, eval_count/_duration). Errors are `{"error": "..."}`.
 Options read: temperature (absent or 0: greedy), top_p, top_k, num_predict (-1/-2: up to the server's
-default), stop, seed, repeat_penalty; others are ignored.
+default), stop, seed, repeat_penalty; others are ignored. `format` ("json" or a JSON schema) constrains the
+answer (response_formats.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .checks import (MIN_REPETITION_PENALTY, APIError, bad, get_bool, get_number, get_stop, log_api_error,
                      read_json, show_value, type_name)
 from .engine import GenParams
+from .response_formats import ollama_format
 
 router = APIRouter()
 
@@ -94,12 +96,11 @@ def parse_options(body: dict) -> GenParams:
                                       param="options.repeat_penalty") or 1.0,
         seed=get_number(opts, "seed", integer=True, param="options.seed"),
         stop=get_stop(opts.get("stop"), "options.stop"),
+        constraint=ollama_format(body.get("format")), constraint_param="format",
     )
 
 
 def _check_unsupported(body: dict) -> None:
-    if body.get("format"):
-        raise bad("'format' (structured output) is not supported by this server")
     if body.get("tools"):
         raise bad("'tools' are not supported by this server")
 

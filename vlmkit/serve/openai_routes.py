@@ -3,6 +3,8 @@ completions_routes.py).
 
 Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}` (rendered in app.py).
 Extensions beyond OpenAI's fields (as vLLM names them): `top_k`, `repetition_penalty`, `ignore_eos`.
+`response_format` (json_object, json_schema) constrains the answer (see response_formats.py), as in
+/v1/completions.
 Temperature absent or 0 decodes greedily (vlmkit's default); > 0 samples.
 """
 
@@ -18,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .checks import (MIN_REPETITION_PENALTY, APIError, bad, get_bool, get_number, get_stop, log_api_error,
                      read_json, show_value)
 from .engine import GenParams
+from .response_formats import openai_response_format
 
 router = APIRouter()
 
@@ -92,9 +95,6 @@ def parse_params(body: dict) -> tuple[GenParams, bool, bool]:
         raise bad("logprobs are not supported by this server", "logprobs")
     if body.get("tools") or body.get("functions"):
         raise bad("tools / function calling are not supported by this server", "tools")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad("only response_format {'type': 'text'} is supported", "response_format")
     stream = get_bool(body, "stream", False)
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
@@ -109,6 +109,7 @@ def parse_params(body: dict) -> tuple[GenParams, bool, bool]:
         seed=get_number(body, "seed", integer=True),
         stop=get_stop(body.get("stop")),
         ignore_eos=get_bool(body, "ignore_eos", False),
+        constraint=openai_response_format(body.get("response_format")),
     )
     return params, stream, include_usage
 
