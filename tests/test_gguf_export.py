@@ -188,3 +188,25 @@ def test_default_model_exports_and_answers_the_same(tmp_path):
     assert int(last.argmax()) == int(last_back.argmax())
     assert float((last - last_back).abs().max()) < 0.05 * float(last.abs().max())
     assert back.generate(PROMPT, images=[IMAGE]) == m.generate(PROMPT, images=[IMAGE]) == "red"
+
+
+def test_cli_export_then_run_the_pair(tiny, tmp_path, capsys):
+    from vlmkit import cli
+
+    out = tmp_path / "gguf"
+    assert cli.main(["export", "--model", str(tiny.folder), "--gguf", str(out), "--gguf-type", "q8_0",
+                     "--name", "tiny"]) == 0
+    assert {p.name for p in out.iterdir()} == {"tiny-q8_0.gguf", "mmproj-tiny-q8_0.gguf"}
+    capsys.readouterr()
+    assert cli.main(["run", "--model", str(out / "tiny-q8_0.gguf"), "--mmproj", str(out / "mmproj-tiny-q8_0.gguf"),
+                     "--image", IMAGE, "--max-new-tokens", "3", "What is it?"]) == 0
+    answer = capsys.readouterr().out
+    assert cli.main(["run", "--model", str(out), "--image", IMAGE, "--max-new-tokens", "3", "What is it?"]) == 0
+    assert capsys.readouterr().out == answer  # the folder holding the pair is the same model
+    # Bad inputs: one line, exit code 2, nothing loaded.
+    assert cli.main(["run", "--model", str(out / "tiny-q8_0.gguf"), "--mmproj", str(out / "nope.gguf"),
+                     "--image", IMAGE, "x"]) == 2
+    assert "nope.gguf" in capsys.readouterr().err
+    assert cli.main(["export", "--model", str(tmp_path / "missing"), "--gguf", str(out)]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    assert cli.main(["export", "--model", str(tiny.folder), "--gguf", str(out), "--gguf-type", "q3_k"]) == 2
