@@ -1,6 +1,7 @@
 """llama.cpp / Ollama files both ways: `export_gguf` writes a text GGUF + an mmproj GGUF with llama.cpp's names and
 metadata; `vlmkit.load(text, mmproj=...)` builds the same model back. Tiny random Idefics3 (via transformers) at
-f16 / q8_0 / q4_0, and the embedded default model (an Idefics3 adapter over SmolLM2's GGUF)."""
+f16 / q8_0 / q4_0, tiny random LLaVA-1.5 at f16 / q8_0, and the embedded default model (an Idefics3 adapter over
+SmolLM2's GGUF)."""
 
 import re
 from dataclasses import replace
@@ -56,6 +57,31 @@ def _rounded(w: torch.Tensor, gguf_type: str, name: str) -> torch.Tensor:
 def tiny(tmp_path_factory):
     folder = build_checkpoint("idefics3", str(tmp_path_factory.mktemp("idefics3")))
     return vlmkit.load(folder, dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    folder = build_checkpoint("llava", str(tmp_path_factory.mktemp("llava")))
+    return vlmkit.load(folder, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_tiny_llava_round_trip(tiny_llava, tmp_path, gguf_type):
+    text, mmproj = export_gguf(tiny_llava.model, tiny_llava.folder, tmp_path, "tiny", gguf_type)
+    mm = open_gguf(str(mmproj))
+    assert _field(mm, "clip.projector_type") == "mlp"
+    names = {t.name for t in mm.tensors}
+    assert {"v.class_embd", "v.pre_ln.weight", "mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"} <= names
+    assert not any(n.startswith("v.post_ln") for n in names)  # LLaVA's features skip CLIP's post-layernorm
+    back = vlmkit.load(str(text), mmproj=str(mmproj), dtype=torch.float32, device="cpu")
+    assert back.model.cfg.family == "llava" and back.model.cfg.tokens_per_image == tiny_llava.model.cfg.tokens_per_image
+    batch, logits = _logits(tiny_llava, "<image>What is it?")
+    batch_back, logits_back = _logits(back, "<image>What is it?")
+    assert torch.equal(batch["input_ids"], batch_back["input_ids"])
+    assert torch.equal(batch["pixel_values"], batch_back["pixel_values"])
+    # q8_0 on random 64-wide rows (two blocks each) moves these logits by ~2.3 % of their range (measured)
+    tol = {"f16": 2e-3, "q8_0": 5e-2}[gguf_type]
+    assert float((logits - logits_back).abs().max()) < tol * float(logits.abs().max())
 
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0", "q4_0"])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
-from .checkpoints.gguf_mmproj import gguf_pair, image_processor_config, load_gguf_vlm
+from .checkpoints.gguf_mmproj import gguf_pair, image_processor_config, load_gguf_vlm, processor_settings
 from .checkpoints.hf import config_from_folder, load_model, save_model
 from .checkpoints.quantized import load_quantized, save_quantized, saved_quantization
 from .generation.caches import (
@@ -89,7 +89,8 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
         mode = check_mode(quantize)
         model, text_meta, mm_meta = load_gguf_vlm(*pair, dtype=dtype, device=dev,
                                                   quantize=QuantSpec(mode, vision=QUANTIZE_VISION) if mode else None)
-        processor = Processor.from_gguf(text_meta, image_processor_config(mm_meta), model.cfg)
+        processor = Processor.from_gguf(text_meta, image_processor_config(mm_meta), processor_settings(model.cfg),
+                                        model.cfg)
         return _finish_load(VLM(model, processor, None, caches=caches), compile)
     folder = resolve(path_or_name)
     mode, saved = check_mode(quantize), saved_quantization(folder)

@@ -3,10 +3,13 @@ projector), named and described as llama.cpp's own converter (convert_hf_to_gguf
 
     text, mmproj = export_gguf(model, source_folder, "out/", "default", "q8_0")
 
-Families: Idefics3 / SmolVLM (projector type "idefics3"). Tensor types follow the converter: 1-D tensors and norms
-F32, 2-D weights at the chosen type (F32 where a row is not a whole number of blocks), the ViT's embeddings F32;
-q/k rows permuted into llama.cpp's interleaved RoPE layout. The tokenizer metadata (`tokenizer.ggml.*`) is written
-from the source folder's tokenizer.json with gguf's own SpecialVocab (merges, special ids, chat template)."""
+Families: Idefics3 / SmolVLM (projector type "idefics3") and LLaVA-1.5 (projector type "mlp": llama.cpp's LLaVA graph
+runs all but the last stored ViT layer and drops the class token, i.e. LLaVA-1.5's feature layer -2, "default";
+byte-level BPE vocabularies only; llama.cpp loads these files, but its image features were NOT found equal to
+vlmkit's on the tiny test model -- see the README). Tensor types follow the converter: 1-D tensors and norms F32,
+2-D weights at the chosen type (F16 where a row is not a whole number of blocks), the ViT's embeddings F32; q/k rows
+permuted into llama.cpp's interleaved RoPE layout. The tokenizer metadata (`tokenizer.ggml.*`) is written from the
+source folder's tokenizer.json with gguf's own SpecialVocab (merges, special ids, chat template)."""
 
 from __future__ import annotations
 
@@ -53,7 +56,9 @@ _TEXT_TOP = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "ou
 _VISION_LAYER = {"norm1": "ln1", "norm2": "ln2", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k",
                  "attn.v_proj": "attn_v", "attn.o_proj": "attn_out", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
 _VISION_TOP = {"vision.patch_embed": "v.patch_embd", "vision.pos_embed": "v.position_embd",
-               "vision.post_norm": "v.post_ln", "connector.proj": "mm.model.fc"}
+               "vision.pre_norm": "v.pre_ln", "vision.post_norm": "v.post_ln", "connector.proj": "mm.model.fc",
+               "connector.fc1": "mm.0", "connector.fc2": "mm.2"}
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def text_tensor_name(ours: str) -> str:
@@ -70,6 +75,8 @@ def text_tensor_name(ours: str) -> str:
 
 def mmproj_tensor_name(ours: str) -> str:
     """vlmkit's vision/connector name -> llama.cpp's mmproj name (clip-impl.h TN_*)."""
+    if ours == "vision.class_embed":
+        return "v.class_embd"
     module, _, leaf = ours.rpartition(".")
     if module.startswith("vision.layers."):
         _, _, index, rest = module.split(".", 3)
@@ -77,7 +84,7 @@ def mmproj_tensor_name(ours: str) -> str:
             return f"v.blk.{index}.{_VISION_LAYER[rest]}.{leaf}"
     elif module in _VISION_TOP:
         return f"{_VISION_TOP[module]}.{leaf}"
-    raise CheckpointError(f"tensor {ours!r} has no place in a llama.cpp idefics3 mmproj")
+    raise CheckpointError(f"tensor {ours!r} has no place in a llama.cpp mmproj")
 
 
 def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -106,13 +113,17 @@ def float_state(model) -> dict:
 
 # ------------------------------------------------------------------------------------------------ tokenizer
 def tokenizer_pre(tokenizer_json: Path) -> str:
+    """The converter hashes the ids of its check text as transformers encodes it (special tokens added); a
+    tokenizer that adds a BOS (LLaVA's) hashes unlike its pre-tokenizer's entry, so the bare ids are tried next."""
     from tokenizers import Tokenizer
 
-    digest = sha256(str(Tokenizer.from_file(str(tokenizer_json)).encode(_CHK_TEXT).ids).encode()).hexdigest()
-    if digest not in _PRE_BY_HASH:
-        raise CheckpointError(f"{tokenizer_json}: its pre-tokenizer (hash {digest}) is not one llama.cpp is known "
-                              f"to implement here (known: {sorted(_PRE_BY_HASH.values())})")
-    return _PRE_BY_HASH[digest]
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    for specials in (True, False):
+        digest = sha256(str(tok.encode(_CHK_TEXT, add_special_tokens=specials).ids).encode()).hexdigest()
+        if digest in _PRE_BY_HASH:
+            return _PRE_BY_HASH[digest]
+    raise CheckpointError(f"{tokenizer_json}: its pre-tokenizer (hash {digest}) is not one llama.cpp is known "
+                          f"to implement here (known: {sorted(_PRE_BY_HASH.values())})")
 
 
 def add_tokenizer(writer: GGUFWriter, folder: Path, vocab_size: int) -> list[str]:
@@ -121,8 +132,9 @@ def add_tokenizer(writer: GGUFWriter, folder: Path, vocab_size: int) -> list[str
     if not path.is_file():
         raise CheckpointError(f"{folder}: no tokenizer.json to write the GGUF vocabulary from")
     tj = json.loads(path.read_text(encoding="utf-8"))
-    if tj.get("model", {}).get("type") != "BPE":
-        raise CheckpointError(f"{path}: only byte-level BPE tokenizers are exported (found {tj['model'].get('type')})")
+    if tj.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
+        raise CheckpointError(f"{path}: only byte-level BPE vocabularies are exported; sentencepiece-style ones "
+                              "(Llama 2's, LLaVA-1.5's) need llama.cpp's 'llama' tokenizer model, not written here")
     by_id = {i: t for t, i in tj["model"]["vocab"].items()}
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
     size = max(vocab_size, max(by_id) + 1, max(added, default=-1) + 1)
@@ -148,8 +160,10 @@ def add_tokenizer(writer: GGUFWriter, folder: Path, vocab_size: int) -> list[str
 # ------------------------------------------------------------------------------------------------ writers
 def write_text_gguf(state: dict, cfg, folder: Path, path: Path, gguf_type: str, name: str) -> None:
     t = cfg.text
-    if cfg.family not in ("idefics3", "smolvlm") or t.gemma_norm or t.qk_norm or t.mrope_section or t.rope_scaling:
-        raise CheckpointError(f"GGUF export supports Idefics3 / SmolVLM (Llama decoder), not {cfg.family!r}")
+    if cfg.family not in ("idefics3", "smolvlm", "llava") or t.gemma_norm or t.qk_norm or t.mrope_section \
+            or t.rope_scaling:
+        raise CheckpointError(f"GGUF export supports Idefics3 / SmolVLM and LLaVA-1.5 (Llama decoder), "
+                              f"not {cfg.family!r}")
     qtype, ftype = GGUF_TYPES[gguf_type]
     writer = GGUFWriter(str(path), "llama")
     writer.add_type("model")
@@ -181,10 +195,21 @@ def write_text_gguf(state: dict, cfg, folder: Path, path: Path, gguf_type: str, 
     _finish(writer)
 
 
+def _mmproj_kind(cfg) -> str:
+    v, k = cfg.vision, cfg.connector
+    if k.kind == "pixel_shuffle" and v.flavour == "clip" and not v.class_token:
+        return VisionProjectorType.IDEFICS3
+    if cfg.family == "llava" and k.kind == "mlp" and v.class_token and k.bias:
+        if v.feature_layer != -2 or not v.drop_class_token:
+            raise CheckpointError("llama.cpp's LLaVA graph takes ViT layer -2 without the class token; this model "
+                                  f"uses layer {v.feature_layer}, drop_class_token={v.drop_class_token}")
+        return "mlp"
+    raise CheckpointError(f"mmproj export supports Idefics3 / SmolVLM and LLaVA-1.5, not {cfg.family!r}")
+
+
 def write_mmproj_gguf(state: dict, cfg, image_cfg: dict, path: Path, gguf_type: str, name: str) -> None:
     v, k = cfg.vision, cfg.connector
-    if k.kind != "pixel_shuffle" or v.flavour != "clip" or v.class_token:
-        raise CheckpointError(f"mmproj export supports Idefics3 / SmolVLM, not {cfg.family!r}")
+    kind = _mmproj_kind(cfg)
     qtype, ftype = GGUF_TYPES[gguf_type]
     writer = GGUFWriter(str(path), "clip")
     writer.add_type("mmproj")
@@ -198,22 +223,34 @@ def write_mmproj_gguf(state: dict, cfg, image_cfg: dict, path: Path, gguf_type: 
     writer.add_vision_feed_forward_length(v.intermediate_size)
     writer.add_vision_block_count(v.num_layers)
     writer.add_vision_head_count(v.num_heads)
-    writer.add_vision_image_mean([float(x) for x in image_cfg.get("image_mean", (0.5, 0.5, 0.5))])
-    writer.add_vision_image_std([float(x) for x in image_cfg.get("image_std", (0.5, 0.5, 0.5))])
-    writer.add_clip_projector_type(VisionProjectorType.IDEFICS3)
+    writer.add_vision_image_mean([float(x) for x in image_cfg.get("image_mean", OPENAI_CLIP_MEAN)])
+    writer.add_vision_image_std([float(x) for x in image_cfg.get("image_std", OPENAI_CLIP_STD)])
+    writer.add_clip_projector_type(kind)
     writer.add_vision_attention_layernorm_eps(v.layer_norm_eps)
-    writer.add_vision_projector_scale_factor(k.scale_factor)
-    if v.act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
-        raise CheckpointError(f"llama.cpp's idefics3 ViT runs GELU; this one uses {v.act!r}")
-    writer.add_vision_use_gelu(True)
-    writer.add_vision_preproc_image_size(int(image_cfg.get("size", {}).get("longest_edge", v.image_size)))
+    if kind == "mlp":  # clip.cpp: no use_gelu -> quick GELU (CLIP's)
+        if v.act not in ("quick_gelu", "gelu") or k.act != "gelu":
+            raise CheckpointError(f"llama.cpp's LLaVA runs a quick-GELU/GELU ViT and a GELU projector, not "
+                                  f"{v.act!r} / {k.act!r}")
+        if v.act == "gelu":
+            writer.add_vision_use_gelu(True)
+    else:
+        if v.act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
+            raise CheckpointError(f"llama.cpp's idefics3 ViT runs GELU; this one uses {v.act!r}")
+        writer.add_vision_projector_scale_factor(k.scale_factor)
+        writer.add_vision_use_gelu(True)
+        writer.add_vision_preproc_image_size(int(image_cfg.get("size", {}).get("longest_edge", v.image_size)))
     for ours, w in state.items():
-        if ours.startswith(("vision.", "connector.")):
-            gname = mmproj_tensor_name(ours)
-            if gname.startswith("v.patch_embd") and not gname.endswith("bias") and w.ndim != 4:
-                raise CheckpointError(f"{ours}: expected a 4-D patch convolution, got {tuple(w.shape)}")
-            # SmolVLMModel.tensor_force_quant: the ViT's embeddings stay F32
-            _add(writer, gname, w, qtype, force_f32=gname.startswith(("v.patch_embd", "v.position_embd")))
+        if not ours.startswith(("vision.", "connector.")) or (kind == "mlp" and ours.startswith("vision.post_norm")):
+            continue  # LLaVA's features come before CLIP's post-layernorm, which llama.cpp would apply
+        gname = mmproj_tensor_name(ours)
+        if gname.startswith("v.patch_embd") and gname.endswith("weight") and w.ndim != 4:
+            raise CheckpointError(f"{ours}: expected a 4-D patch convolution, got {tuple(w.shape)}")
+        if kind == "mlp" and gname == "v.patch_embd.weight" and gguf_type == "f16":
+            force = False  # MmprojModel.tensor_force_quant: the patch convolution F16 in f16 files, else F32
+        else:  # SmolVLMModel.tensor_force_quant: the ViT's embeddings F32 (the position table always is)
+            force = gname.startswith(("v.patch_embd", "v.position_embd"))
+        _add(writer, gname, w, GGMLQuantizationType.F16 if gname == "v.patch_embd.weight" and not force else qtype,
+             force_f32=force)
     _finish(writer)
 
 
