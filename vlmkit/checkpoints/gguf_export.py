@@ -5,8 +5,8 @@ projector), named and described as llama.cpp's own converter (convert_hf_to_gguf
 
 Families: Idefics3 / SmolVLM (projector type "idefics3") and LLaVA-1.5 (projector type "mlp": llama.cpp's LLaVA graph
 runs all but the last stored ViT layer and drops the class token, i.e. LLaVA-1.5's feature layer -2, "default";
-byte-level BPE vocabularies only; llama.cpp loads these files, but its image features were NOT found equal to
-vlmkit's on the tiny test model -- see the README). Tensor types follow the converter: 1-D tensors and norms F32,
+byte-level BPE vocabularies only; llama.cpp's LLaVA graph puts the class token last, so its features differ from
+transformers' on any file -- see the README). Tensor types follow the converter: 1-D tensors and norms F32,
 2-D weights at the chosen type (F16 where a row is not a whole number of blocks), the ViT's embeddings F32; q/k rows
 permuted into llama.cpp's interleaved RoPE layout. The tokenizer metadata (`tokenizer.ggml.*`) is written from the
 source folder's tokenizer.json with gguf's own SpecialVocab (merges, special ids, chat template)."""
