@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
+from .checkpoints.gguf_mmproj import gguf_pair, image_processor_config, load_gguf_vlm, processor_settings
 from .checkpoints.hf import config_from_folder, load_model, save_model
 from .checkpoints.quantized import load_quantized, save_quantized, saved_quantization
 from .generation.caches import (
@@ -21,7 +22,7 @@ from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
 from .models.anyres import feature_count
 from .models.kv_cache import StaticKVCache
-from .models.quant import check_mode, memory_bytes, quantization_of
+from .models.quant import QuantSpec, check_mode, memory_bytes, quantization_of
 from .models.vlm import VLMModel, flat_images
 from .processing.chat_text import as_user_message
 from .processing.prompts import is_messages
@@ -66,7 +67,7 @@ QUANTIZE_VISION = False
 
 
 def load(path_or_name="default", dtype=None, device=None, quantize=None, compile: bool = False,
-         caches: bool = True) -> "VLM":
+         caches: bool = True, mmproj=None) -> "VLM":
     """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family.
 
     device: None or "auto" = CUDA, then Apple MPS, then the CPU; an unavailable device fails before any weight is
@@ -78,11 +79,20 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     the vision tower, connector and norms stay float in `dtype`.
     compile: torch.compile the decode step (first answers pay the compilation). caches: keep image features and
     the keys/values of recent prompts, so a follow-up turn re-reads neither (`VLM.clear_caches()` empties them).
+    mmproj: a llama.cpp projector GGUF, with a text GGUF as `path_or_name` (a folder holding just the two works too).
     """
     from .processing.processor import Processor
 
     dev = resolve_device(device)  # first: a wrong device or dtype fails before anything is read
     dtype = compute_dtype(dev, dtype)  # dtype= overrides; an unknown name fails here
+    pair = gguf_pair(path_or_name, mmproj)
+    if pair is not None:  # a llama.cpp text GGUF + mmproj GGUF
+        mode = check_mode(quantize)
+        model, text_meta, mm_meta = load_gguf_vlm(*pair, dtype=dtype, device=dev,
+                                                  quantize=QuantSpec(mode, vision=QUANTIZE_VISION) if mode else None)
+        processor = Processor.from_gguf(text_meta, image_processor_config(mm_meta), processor_settings(model.cfg),
+                                        model.cfg)
+        return _finish_load(VLM(model, processor, None, caches=caches), compile)
     folder = resolve(path_or_name)
     mode, saved = check_mode(quantize), saved_quantization(folder)
     if mode or saved:
@@ -92,7 +102,10 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     else:
         model = load_model(folder, dtype=dtype, device=dev)
     processor = Processor.from_folder(folder, model.cfg)
-    m = VLM(model, processor, folder, caches=caches)
+    return _finish_load(VLM(model, processor, folder, caches=caches), compile)
+
+
+def _finish_load(m: "VLM", compile: bool) -> "VLM":
     if compile:
         m.compile()
     return m

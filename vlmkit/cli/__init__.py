@@ -20,13 +20,13 @@ import os
 import sys
 from typing import Optional
 
-from . import (bench_command, chat_command, eval_command, info_command, quantize_command, serve_command,
-               train_command)
+from . import (bench_command, chat_command, eval_command, export_command, info_command, quantize_command,
+               serve_command, train_command)
 from .common import COMMANDS, FAILURE, LOG_LEVEL, PROG, USAGE_ERROR, CLIError, configure_logging, one_line
 
 # The modules whose `@command` functions are the subcommands, in the order of `vlmkit --help`.
 COMMAND_MODULES = (chat_command, info_command, train_command, eval_command, serve_command, bench_command,
-                   quantize_command)
+                   quantize_command, export_command)
 
 
 class _Parser(argparse.ArgumentParser):

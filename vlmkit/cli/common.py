@@ -80,6 +80,8 @@ MODEL = (
     arg("--device", default="auto",
         help="auto (the default: CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps"),
     arg("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization"),
+    arg("--mmproj", default=None, metavar="FILE",
+        help="llama.cpp projector GGUF; --model is then the text GGUF (a folder holding both needs no --mmproj)"),
 )
 GENERATION = (
     arg("--max-new-tokens", type=positive_int, default=256, metavar="N", help="answer length cap (default 256)"),
@@ -115,7 +117,9 @@ def configure_logging(level: Optional[str]) -> None:
 def load_model(args, describe: bool = False):
     """The model named by --model, with its dtype / device / quantize options (describe: only its `info()` dict,
     read from the config without the weights)."""
-    name = args.model
+    name, mmproj = args.model, getattr(args, "mmproj", None)
+    if mmproj is not None or _is_gguf_folder(name):
+        return _load_gguf(args, name, mmproj, describe)
     if name != "default" and not os.path.isdir(os.path.expanduser(name)):  # before importing torch (seconds)
         what = "is a file, not a model folder" if os.path.exists(name) else "does not exist"
         raise CLIError(f"model folder {name!r} {what}")
@@ -132,6 +136,29 @@ def load_model(args, describe: bool = False):
         return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize)
     except NotImplementedError as e:
         raise CLIError(f"--quantize {args.quantize}: {e}") from None
+
+
+def _is_gguf_folder(name: str) -> bool:
+    path = os.path.expanduser(name)
+    return os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) and \
+        any(f.endswith(".gguf") for f in os.listdir(path))
+
+
+def _load_gguf(args, name: str, mmproj, describe: bool):
+    """A llama.cpp pair: --model TEXT.gguf --mmproj MMPROJ.gguf, or --model FOLDER holding both."""
+    for label, path in (("--model", name), ("--mmproj", mmproj)):
+        if path is not None and mmproj is not None and not os.path.isfile(os.path.expanduser(path)):
+            raise CLIError(f"{label} {path!r} is not a GGUF file")
+    if describe:
+        raise CLIError("info reads model folders with config.json; GGUF pairs are not described yet")
+    from .. import api
+    from ..checkpoints.builder import CheckpointError
+
+    try:
+        return api.load(os.path.expanduser(name), dtype=args.dtype, device=args.device, quantize=args.quantize,
+                        mmproj=os.path.expanduser(mmproj) if mmproj else None)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
 
 
 def check_image_files(paths) -> None:

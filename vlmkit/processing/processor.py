@@ -123,6 +123,22 @@ class Processor:
             proc._check_against_model(cfg)
         return proc
 
+    @classmethod
+    def from_gguf(cls, text_meta: dict, image_cfg: dict, proc_cfg: dict, cfg, *,
+                  limits: Optional[ImageLimits] = None) -> "Processor":
+        """A llama.cpp pair: the tokenizer and chat template of the text GGUF's metadata (split as llama.cpp splits
+        text, which is also what those models' own tokenizer.json does), image settings from the mmproj."""
+        from .gguf_tokenizer import tokenizer_from_metadata
+
+        tokenizer = tokenizer_from_metadata(text_meta, pretokenizer="llama.cpp")
+        image_processor = image_processor_for(cfg.family, image_cfg)
+        splitting = bool(getattr(image_processor.settings, "do_image_splitting", False))
+        rules = format_for(cfg.family).read_rules(proc_cfg, tokenizer.special_tokens, splitting, cfg)
+        proc = cls(tokenizer, image_processor, rules, family=cfg.family, limits=limits,
+                   max_length=cfg.text.max_position_embeddings, pad_token_id=cfg.text.pad_token_id)
+        proc._check_against_model(cfg)
+        return proc
+
     def _check_against_model(self, cfg) -> None:
         """The prompt must hold exactly as many image tokens as the model makes features: check it once here."""
         if cfg.image_token_id is not None and cfg.image_token_id != self.image_token_id:
