@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.hf import config_from_folder, load_model, save_model
+from .checkpoints.peft import apply_adapter
 from .checkpoints.quantized import load_quantized, save_quantized, saved_quantization
 from .generation.caches import (
     ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts, image_run_starts,
@@ -65,7 +66,7 @@ QUANTIZE_VISION = False
 
 
 def load(path_or_name="default", dtype=None, device=None, quantize=None, compile: bool = False,
-         caches: bool = True) -> "VLM":
+         caches: bool = True, adapter=None) -> "VLM":
     """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family.
 
     device: None or "auto" = CUDA, then Apple MPS, then the CPU; an unavailable device fails before any weight is
@@ -77,6 +78,9 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     the vision tower, connector and norms stay float in `dtype`.
     compile: torch.compile the decode step (first answers pay the compilation). caches: keep image features and
     the keys/values of recent prompts, so a follow-up turn re-reads neither (`VLM.clear_caches()` empties them).
+    adapter: a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as `vlmkit train` or
+    peft's `save_pretrained` write it) for this base: merged into the float weights; over a quantized model its
+    LoRA layers stay beside the quantized ones (see vlmkit.checkpoints.peft).
     """
     from .processing.processor import Processor
 
@@ -90,6 +94,8 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
         model = load_adapter_model(folder, dtype=dtype, device=dev)
     else:
         model = load_model(folder, dtype=dtype, device=dev)
+    if adapter is not None:
+        apply_adapter(model, adapter)
     processor = Processor.from_folder(folder, model.cfg)
     m = VLM(model, processor, folder, caches=caches)
     if compile:
