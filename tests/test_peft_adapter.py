@@ -113,7 +113,7 @@ def test_peft_written_adapter_applied_by_vlmkit_equals_peft(peft_written):
     assert type(m.model.text.layers[0].attn.q_proj) is torch.nn.Linear  # merged, no LoRA layer left
 
 
-def test_a_quantized_base_keeps_the_lora_as_layers(peft_written):
+def test_a_quantized_base_keeps_the_lora_as_layers(peft_written, tmp_path):
     folder, adapter, _ = peft_written
     q = vlmkit.load(folder, dtype=torch.float32, quantize="int8", adapter=adapter)
     layer = q.model.text.layers[0].attn.q_proj
@@ -126,6 +126,15 @@ def test_a_quantized_base_keeps_the_lora_as_layers(peft_written):
         bare = vlmkit.load(folder, dtype=torch.float32, quantize="int8").model(**inputs).logits
     assert (ours - ref).norm() / ref.norm() < (bare - ref).norm() / ref.norm() / 5  # the adapter's change is there
     assert isinstance(q.generate("Hi", max_new_tokens=3), str)
+    with pytest.raises(ValueError, match="LoRA layers beside quantized weights"):
+        vlmkit.save(q, tmp_path / "saved")
+
+
+def test_a_folder_saved_quantized_takes_an_adapter_too(peft_written, tmp_path):
+    folder, adapter, _ = peft_written
+    vlmkit.save(vlmkit.load(folder, dtype=torch.float32, quantize="int8"), tmp_path / "q8")
+    q = vlmkit.load(tmp_path / "q8", dtype=torch.float32, adapter=adapter)
+    assert isinstance(q.model.text.layers[1].attn.v_proj, LoRALinear)
 
 
 def test_wrong_adapters_fail_naming_the_tensor(peft_written, tmp_path):
@@ -209,3 +218,28 @@ def test_every_weight_maps_to_a_transformers_module_in_the_other_families(family
     cfg.extra["hf_architecture"] = fam.name
     theirs = set(hf_model.state_dict())
     assert sorted(v for v in module_names(cfg).values() if v not in theirs) == []
+
+
+def test_an_adapter_keyed_by_transformers_4_names_loads_the_same(peft_written, tmp_path):
+    """transformers 4 held LLaVA as language_model.model..., vision_tower.vision_model...: peft keyed adapters so."""
+    from safetensors.torch import load_file, save_file
+
+    folder, adapter, _ = peft_written
+    old = [("base_model.model.model.language_model.", "base_model.model.language_model.model."),
+           ("base_model.model.model.vision_tower.", "base_model.model.vision_tower.vision_model."),
+           ("base_model.model.model.multi_modal_projector.", "base_model.model.multi_modal_projector.")]
+
+    def renamed(key: str) -> str:
+        for new, was in old:
+            if key.startswith(new):
+                return was + key[len(new):]
+        raise AssertionError(key)
+
+    out = tmp_path / "v4"
+    shutil.copytree(adapter, out)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({renamed(k): v for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    now = vlmkit.load(folder, dtype=torch.float32, adapter=adapter)
+    before = vlmkit.load(folder, dtype=torch.float32, adapter=out)
+    for (name, a), b in zip(now.model.state_dict().items(), before.model.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -21,6 +21,7 @@ from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
 from .models.anyres import feature_count
 from .models.kv_cache import StaticKVCache
+from .models.lora import LoRALinear
 from .models.quant import check_mode, memory_bytes, quantization_of
 from .models.vlm import VLMModel, flat_images
 from .processing.chat_text import as_user_message
@@ -113,6 +114,10 @@ def write_model_folder(model: VLMModel, folder, source: Optional[Path] = None) -
     """`model`'s weights and config into `folder` (quantized ones as saved-quantized), and the processor files of
     the folder it came from (`source`)."""
     folder = Path(folder)
+    if any(isinstance(layer, LoRALinear) for layer in model.modules()):
+        raise ValueError("this model holds LoRA layers beside quantized weights (an adapter over a quantized model), "
+                         "which a saved folder cannot: load it without quantize= to save it merged, or keep the "
+                         "adapter folder")
     if quantization_of(model):
         save_quantized(model, folder)
     else:
