@@ -243,3 +243,24 @@ def test_an_adapter_keyed_by_transformers_4_names_loads_the_same(peft_written, t
     before = vlmkit.load(folder, dtype=torch.float32, adapter=out)
     for (name, a), b in zip(now.model.state_dict().items(), before.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "serve", "eval", "bench"])
+def test_every_model_command_takes_adapter(command):
+    from vlmkit import cli
+
+    extra = {"run": ["Hi"], "eval": ["--task", "synthetic"]}.get(command, [])
+    args = cli.build_parser().parse_args([command, "--adapter", "some/dir", *extra])
+    assert args.adapter == "some/dir"
+
+
+def test_eval_predictions_remember_the_adapter(peft_written, tmp_path, capsys):
+    from vlmkit.cli import main
+
+    folder, adapter, _ = peft_written
+    common = ["eval", "--model", folder, "--task", "synthetic", "--limit", "2", "--max-new-tokens", "2",
+              "--dtype", "float32", "--output", str(tmp_path / "eval")]
+    assert main(common + ["--adapter", str(adapter)]) == 0
+    capsys.readouterr()
+    assert main(common) != 0  # the same folder without the adapter: other answers, so no resume
+    assert "adapter" in capsys.readouterr().err
