@@ -264,3 +264,17 @@ def test_eval_predictions_remember_the_adapter(peft_written, tmp_path, capsys):
     capsys.readouterr()
     assert main(common) != 0  # the same folder without the adapter: other answers, so no resume
     assert "adapter" in capsys.readouterr().err
+
+
+def test_a_stage_training_more_than_lora_and_connector_gets_no_adapter(hf_checkpoint_dir, tmp_path):
+    from vlmkit.checkpoints.peft import save_adapter
+
+    cfg = config_from_folder(hf_checkpoint_dir("llava"))[0]
+    lora = {"text.layers.0.attn.q_proj.lora_A": torch.zeros(4, 64),
+            "text.layers.0.attn.q_proj.lora_B": torch.zeros(64, 4)}
+    with pytest.raises(AdapterError, match="'text.norm.weight' is neither LoRA nor in the connector"):
+        save_adapter(tmp_path / "a", cfg, {**lora, "text.norm.weight": torch.ones(64)}, 4, 8.0, "base")
+    folder = save_adapter(tmp_path / "b", cfg, lora, 4, 8.0, "base")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.language_model.layers.0.self_attn.q_proj"]
+    assert config["modules_to_save"] is None
