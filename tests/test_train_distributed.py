@@ -63,6 +63,11 @@ def test_two_processes_reach_the_weights_of_one(one_process, tmp_path, strategy)
     # 2 processes x 2 accumulated micro-batches of 1; the text-only example (#5, step 1) sits alone in one of them,
     # which FSDP must still run through the vision tower (a stand-in image row with no labels)
     assert "2 process(es) x 2 micro-batch(es) of 1" in proc.stderr
+    # the peft adapter (written with --no-final too) holds the trained tensors, gathered from the shards under FSDP
+    adapter, trained = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")), params(tmp_path)
+    assert len(adapter) == len(trained)
+    key = "base_model.model.model.language_model.layers.1.self_attn.v_proj.lora_B.weight"
+    assert torch.equal(adapter[key], trained["param/text.layers.1.attn.v_proj.lora_B"])
     # equal up to the order of float sums (Adam can turn a 1e-9 gradient difference into 1e-5): 1% of one step
     assert_same_weights(params(one_out), params(tmp_path), atol=1e-4)
     two = read_losses(tmp_path / METRICS)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.gguf_mmproj import gguf_pair, image_processor_config, load_gguf_vlm, processor_settings
 from .checkpoints.hf import config_from_folder, load_model, save_model
+from .checkpoints.peft import apply_adapter
 from .checkpoints.quantized import load_quantized, save_quantized, saved_quantization
 from .generation.caches import (
     ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts, image_run_starts,
@@ -22,6 +23,7 @@ from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
 from .models.anyres import feature_count
 from .models.kv_cache import StaticKVCache
+from .models.lora import LoRALinear
 from .models.quant import QuantSpec, check_mode, memory_bytes, quantization_of
 from .models.vlm import VLMModel, flat_images
 from .processing.chat_text import as_user_message
@@ -67,7 +69,7 @@ QUANTIZE_VISION = False
 
 
 def load(path_or_name="default", dtype=None, device=None, quantize=None, compile: bool = False,
-         caches: bool = True, mmproj=None) -> "VLM":
+         caches: bool = True, mmproj=None, adapter=None) -> "VLM":
     """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family.
 
     device: None or "auto" = CUDA, then Apple MPS, then the CPU; an unavailable device fails before any weight is
@@ -80,6 +82,9 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     compile: torch.compile the decode step (first answers pay the compilation). caches: keep image features and
     the keys/values of recent prompts, so a follow-up turn re-reads neither (`VLM.clear_caches()` empties them).
     mmproj: a llama.cpp projector GGUF, with a text GGUF as `path_or_name` (a folder holding just the two works too).
+    adapter: a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as `vlmkit train` or
+    peft's `save_pretrained` write it) for this base: merged into the float weights; over a quantized model its
+    LoRA layers stay beside the quantized ones (see vlmkit.checkpoints.peft).
     """
     from .processing.processor import Processor
 
@@ -90,6 +95,8 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
         mode = check_mode(quantize)
         model, text_meta, mm_meta = load_gguf_vlm(*pair, dtype=dtype, device=dev,
                                                   quantize=QuantSpec(mode, vision=QUANTIZE_VISION) if mode else None)
+        if adapter is not None:
+            apply_adapter(model, adapter)
         processor = Processor.from_gguf(text_meta, image_processor_config(mm_meta), processor_settings(model.cfg),
                                         model.cfg)
         return _finish_load(VLM(model, processor, None, caches=caches), compile)
@@ -101,6 +108,8 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
         model = load_adapter_model(folder, dtype=dtype, device=dev)
     else:
         model = load_model(folder, dtype=dtype, device=dev)
+    if adapter is not None:
+        apply_adapter(model, adapter)
     processor = Processor.from_folder(folder, model.cfg)
     return _finish_load(VLM(model, processor, folder, caches=caches), compile)
 
@@ -121,6 +130,10 @@ def write_model_folder(model: VLMModel, folder, source: Optional[Path] = None) -
     """`model`'s weights and config into `folder` (quantized ones as saved-quantized), and the processor files of
     the folder it came from (`source`)."""
     folder = Path(folder)
+    if any(isinstance(layer, LoRALinear) for layer in model.modules()):
+        raise ValueError("this model holds LoRA layers beside quantized weights (an adapter over a quantized model), "
+                         "which a saved folder cannot: load it without quantize= to save it merged, or keep the "
+                         "adapter folder")
     if quantization_of(model):
         save_quantized(model, folder)
     else:

@@ -83,6 +83,11 @@ MODEL = (
     arg("--mmproj", default=None, metavar="FILE",
         help="llama.cpp projector GGUF; --model is then the text GGUF (a folder holding both needs no --mmproj)"),
 )
+# Shared by every command that loads a model (serve lists its flags one by one).
+ADAPTER = arg("--adapter", default=None, metavar="DIR",
+              help="a peft LoRA adapter folder for the model (adapter_config.json + adapter_model.safetensors, as "
+                   "`vlmkit train` or peft write it): merged into the weights, or kept beside quantized ones")
+MODEL = MODEL + (ADAPTER,)
 GENERATION = (
     arg("--max-new-tokens", type=positive_int, default=256, metavar="N", help="answer length cap (default 256)"),
     arg("--temperature", type=float_in(0, 100), default=0.0, metavar="T",
@@ -130,12 +135,29 @@ def load_model(args, describe: bool = False):
     if name == "default" and not (api.default_model_path() / "config.json").is_file():
         raise CLIError("no model given and the embedded default model is not installed; pass --model FOLDER "
                        "(a local Hugging Face folder)")
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None:
+        check_adapter_folder(adapter)
     if describe:
         return api.describe(name, dtype=args.dtype, device=args.device)
+    from ..checkpoints.peft import AdapterError
+
     try:
-        return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize)
+        return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=adapter)
     except NotImplementedError as e:
         raise CLIError(f"--quantize {args.quantize}: {e}") from None
+    except AdapterError as e:
+        raise CLIError(f"--adapter {adapter}: {e}") from None
+
+
+def check_adapter_folder(path: str) -> None:
+    """The --adapter folder exists and holds a peft adapter's two files (checked before torch is imported)."""
+    if not os.path.isdir(os.path.expanduser(path)):
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise CLIError(f"adapter folder {path!r} {what}")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not os.path.isfile(os.path.join(os.path.expanduser(path), name)):
+            raise CLIError(f"{path!r} is not a peft adapter folder: it has no {name}")
 
 
 def _is_gguf_folder(name: str) -> bool:

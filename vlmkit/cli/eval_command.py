@@ -123,7 +123,7 @@ def cmd_eval(args) -> int:
                            batch_size=args.batch_size, output_dir=output, max_new_tokens=args.max_new_tokens,
                            seed=args.seed, overwrite=args.overwrite, image_root=args.image_root,
                            model_name=args.model, load_options={"dtype": args.dtype, "quantize": args.quantize,
-                                                                "device": args.device})
+                                                                "device": args.device, "adapter": args.adapter})
         sys.stdout.write(results["markdown"] + ("\n" if len(tasks) > 1 else ""))
         sys.stdout.flush()
         status(f"{PROG} eval: {task}: {results['n']} items ({results['failed']} failed); "

@@ -12,7 +12,7 @@ import importlib.util
 import json
 import os
 
-from .common import DTYPES, MODEL, PROG, CLIError, arg, command, load_model, positive_int, status
+from .common import ADAPTER, DTYPES, MODEL, PROG, CLIError, arg, command, load_model, positive_int, status
 
 API_KEY_ENV = ("VLMKIT_API_KEY", "VLLM_API_KEY")  # read in this order when no --api-key is given
 VLLM_DTYPES = {"auto": None, "half": "float16", "float": "float32"}  # vLLM's other spellings
@@ -65,6 +65,7 @@ SERVE_ARGS = (
         help="compute dtype of the float parts; auto (the default) is what is fast on the device: bf16 on GPUs and "
              "on CPUs with bf16 units, fp16 on MPS, fp32 on other CPUs"),
     arg("--device", **_MODEL_FLAGS["--device"]),
+    ADAPTER,
     arg("--quantization", "-q", choices=["int8", "int4"], default=None, help="weight-only quantization"),
     arg("--quantize", dest="quantization", choices=["int8", "int4"], default=HIDDEN, help=HIDDEN),
     arg("--allow-remote-images", action="store_true",

@@ -13,7 +13,8 @@ from .common import PROG, CLIError, arg, command, float_in, positive_int, status
              help="training data (repeat for several): LLaVA JSON, The Cauldron, OBELICS-style interleaved, caption "
                   "pairs; .json/.jsonl/.parquet/.arrow, a datasets folder, or a folder of images + .txt captions"),
          arg("--out", default="runs/finetune", metavar="DIR",
-             help="working folder: checkpoint, metrics.jsonl, final/ (resumable; default runs/finetune)"),
+             help="working folder: checkpoint, metrics.jsonl, final/, adapter/ (LoRA stages: peft format) "
+                  "(resumable; default runs/finetune)"),
          arg("--batch-size", type=positive_int, default=8,
              help="samples per step, all processes together (default 8)"),
          arg("--format", default="auto", choices=["auto", "llava", "cauldron", "interleaved", "captions"],
@@ -93,6 +94,8 @@ def cmd_train(args) -> int:
         if result["skipped_nonfinite"]:
             skipped += f"; {result['skipped_nonfinite']} batches skipped for a non-finite loss"
         where = f"model in {result['final']}" if result["final"] else f"checkpoint in {cfg.out}"
+        if result.get("adapter"):
+            where += f", peft adapter in {result['adapter']}"
         status(f"{PROG} train: {len(result['losses'])} steps, {result['samples_per_s']:.2f} samples/s; "
                f"{where}{skipped}")
     return 0

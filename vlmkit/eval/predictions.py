@@ -117,7 +117,8 @@ def _load_options(model, given: Optional[dict]) -> dict:
         if dtype is None:
             dtype = compute_dtype(given.get("device"))
         dtype = _DTYPE_NAMES.get(str(dtype), str(dtype).removeprefix("torch."))
-        return {"dtype": dtype, "quantize": given.get("quantize")}
+        adapter = {"adapter": model_files_fingerprint(given["adapter"])} if given.get("adapter") else {}
+        return {"dtype": dtype, "quantize": given.get("quantize"), **adapter}
     module = getattr(model, "model", None)
     dtype = getattr(module, "dtype", None)
     quantization = getattr(model, "quantization", None)

@@ -1,5 +1,6 @@
 """LoRA: the adapter layer and the one merge rule, W + B A * alpha / r. Training wraps layers with `LoRALinear`
-(vlmkit.train.lora); loaders merge saved adapters into the weights they read (vlmkit.checkpoints.adapter)."""
+(vlmkit.train.lora); loaders merge saved adapters into the weights they read (vlmkit.checkpoints.adapter, and
+vlmkit.checkpoints.peft, which keeps `LoRALinear` layers beside quantized weights instead)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ class LoRALinear(nn.Module):
         base.requires_grad_(False)
         if is_quantized(base):
             train_through_quantized(base)
+
+    @classmethod
+    def with_weights(cls, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> "LoRALinear":
+        """A frozen layer applying trained adapters (A: r x in, B: out x r) beside `base`, for inference."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.base, layer.r, layer.scale = base, lora_a.shape[0], scale
+        layer.lora_A = nn.Parameter(lora_a, requires_grad=False)
+        layer.lora_B = nn.Parameter(lora_b, requires_grad=False)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale

@@ -4,6 +4,7 @@
     result = finetune(FinetuneConfig(model="path/to/hf-folder", data=["llava.json"], stage="lora",
                                      batch_size=8, steps=200, out="runs/lora"))
     result["losses"]          # {step: loss}, result["final"]: the merged Hugging Face folder
+    result["adapter"]         # LoRA stages: the peft adapter folder (None when the stage trains more than it holds)
 
 One step = one global batch of `batch_size` examples (BatchPlan: a seeded, optionally length-grouped order), split
 over the processes (torchrun) and then into micro-batches of `micro_batch_size` (gradient accumulation). The loss is
@@ -18,6 +19,10 @@ the data into batches, applies the stage, evaluates on the way and saves the mer
                              number is null) and per evaluation
     eval/step-N/             the eval harness's files for each periodic evaluation
     final/                   the trained model, LoRA merged, in Hugging Face format (transformers loads it)
+    adapter/                 LoRA stages: the same training as a peft LoRA adapter for the base model
+                             (adapter_config.json + adapter_model.safetensors; a trained connector as peft's
+                             modules_to_save): `peft.PeftModel.from_pretrained(base, "adapter")` or
+                             `vlmkit.load(base, adapter="adapter")`; written with --no-final too
 
 A NaN or infinite loss stops the run with an error naming the step, before that step's update and without writing
 final/; with `skip_nonfinite` such batches are skipped instead and counted (`skipped_nonfinite` in metrics.jsonl).
@@ -45,7 +50,7 @@ from .loop import Loop, StepBatch, TrainConfig, enable_gradient_checkpointing
 from .metrics_log import MetricsLog
 from .stages import apply_stage, get_stage, part_of, stage_dict
 
-CHECKPOINT, METRICS, FINAL = "checkpoint.safetensors", "metrics.jsonl", "final"
+CHECKPOINT, METRICS, FINAL, ADAPTER = "checkpoint.safetensors", "metrics.jsonl", "final", "adapter"
 
 
 @dataclass
@@ -187,14 +192,18 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
             on_step(step, loss)
 
     losses = loop.run(make_batch, token_loss_sum, metrics, after_step)
-    final = None
+    final = adapter = trained = None
+    if stage.lora is not None or (cfg.save_final and (ctx.strategy == "fsdp" or stage.quantize is not None)):
+        trained = {n: D.full_tensor(p) for n, p in base.named_parameters() if p.requires_grad}  # collective
+    if stage.lora is not None and ctx.is_main:
+        adapter = save_peft_adapter(trained, base.cfg, stage, out / ADAPTER, source=m.folder, say=say)
     if cfg.save_final:
-        final = save_merged(wrapped, cfg, stage, out / FINAL, ctx, source=m.folder)
+        final = save_merged(wrapped, cfg, stage, out / FINAL, ctx, source=m.folder, trained=trained)
         say(f"saved the merged model (Hugging Face format) to {final}")
     D.shutdown(ctx)
     return {"losses": losses, "trainable": plan.trainable, "trainable_by_part": plan.trainable_by_part,
-            "samples_per_s": loop.samples_per_s, "final": final, "skipped": loop.counters["skipped"],
-            "skipped_nonfinite": loop.nonfinite, "examples": len(data)}
+            "samples_per_s": loop.samples_per_s, "final": final, "adapter": adapter,
+            "skipped": loop.counters["skipped"], "skipped_nonfinite": loop.nonfinite, "examples": len(data)}
 
 
 def _encode(collator: Collator, data, chunks: list, on_error: str, need_images: bool) -> tuple[list, list]:
@@ -258,17 +267,35 @@ def _evaluate(cfg: FinetuneConfig, wrapped, processor, step: int, ctx, say) -> d
     return results
 
 
-def save_merged(wrapped, cfg: FinetuneConfig, stage, folder: Path, ctx, source: Path) -> Optional[Path]:
+def save_peft_adapter(trained: dict, model_cfg, stage, folder: Path, source: Path, say) -> Optional[Path]:
+    """The trained LoRA (and connector) as a peft adapter for the base model; a stage that trains more than a peft
+    LoRA adapter holds (e.g. the whole decoder) gets none, said in the log."""
+    from ..checkpoints.peft import AdapterError, save_adapter
+
+    try:
+        folder = save_adapter(folder, model_cfg, trained, stage.lora.r, stage.lora.alpha,
+                              base_model=str(Path(source).resolve()))
+    except AdapterError as e:
+        say(f"no peft adapter written ({e}); final/ holds the merged model")
+        return None
+    say(f"saved the LoRA adapter (peft format) to {folder}")
+    return folder
+
+
+def save_merged(wrapped, cfg: FinetuneConfig, stage, folder: Path, ctx, source: Path,
+                trained: Optional[dict] = None) -> Optional[Path]:
     """LoRA merged into the base weights, saved as a Hugging Face folder (+ the processor files) in the checkpoint's
     own dtype. Under FSDP (weights sharded) or over a quantized base (merged into the ORIGINAL float weights, not
-    the dequantized ones), the first process rebuilds the float model and loads the trained tensors into it."""
+    the dequantized ones), the first process rebuilds the float model and loads the trained tensors into it
+    (`trained`: them gathered already, else gathered here)."""
     from ..api import PROCESSOR_FILES, load
     from ..checkpoints.hf import save_model
     from .lora import merge_lora
 
     model = D.unwrap(wrapped)
     if ctx.strategy == "fsdp" or stage.quantize is not None:
-        trained = {n: D.full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}  # collective
+        if trained is None:
+            trained = {n: D.full_tensor(p) for n, p in model.named_parameters() if p.requires_grad}  # collective
         if not ctx.is_main:
             return None
         model = load(source, dtype=torch.float32).model

@@ -4,7 +4,7 @@ prefixes, aliases; `FAMILIES` is the registry."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from ...config import VLMConfig
 from .common import UnsupportedCheckpoint
@@ -26,6 +26,9 @@ class Family:
     to_hf: Callable[[VLMConfig], dict]
     prefixes: dict  # V vision, T text model, H lm head, C connector, X cross-attention layers
     aliases: list = field(default_factory=list)  # (other tools' prefix, canonical prefix)
+    # The same prefixes as transformers 5 names the modules in memory (what PEFT adapters are keyed by); None:
+    # the file's own prefixes.
+    modules: Optional[dict] = None
 
 
 # transformers 5 writes the hub's layout (model.layers..., visual...); in memory: model.language_model, model.visual
@@ -37,6 +40,10 @@ GEMMA_PREFIXES = dict(V="vision_tower.", T="language_model.model.", H="language_
 GEMMA_ALIASES = [("model.vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
                  ("vision_tower.vision_model.", "vision_tower."), ("model.language_model.", "language_model.model."),
                  ("lm_head.", "language_model.lm_head."), ("model.multi_modal_projector.", "multi_modal_projector.")]
+# transformers 5 in memory: the composite model's parts under `model.`, the head at the top
+LLAVA_MODULES = dict(V="model.vision_tower.", T="model.language_model.", H="lm_head.",
+                     C="model.multi_modal_projector.", X="")
+QWEN2_VL_MODULES = dict(V="model.visual.", T="model.language_model.", H="lm_head.", C="model.visual.merger.", X="")
 IDEFICS2_PREFIXES = dict(V="model.vision_model.", T="model.text_model.", H="lm_head.", C="model.connector.", X="")
 
 FAMILIES = {
@@ -51,6 +58,7 @@ FAMILIES = {
                      ("vision_tower.vision_model.", "vision_tower."),
                      ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
                      ("model.multi_modal_projector.", "multi_modal_projector.")],
+            modules=LLAVA_MODULES,
         ),
         Family(
             "llava_next", ("LlavaNextForConditionalGeneration",), llava_next_from_hf, llava_next_to_hf,
@@ -61,6 +69,7 @@ FAMILIES = {
                      ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
                      ("model.multi_modal_projector.", "multi_modal_projector."),
                      ("model.image_newline", "image_newline")],
+            modules=dict(LLAVA_MODULES, N="model."),
         ),
         Family(
             "idefics", ("IdeficsForVisionText2Text",), idefics_from_hf, idefics_to_hf,
@@ -79,19 +88,21 @@ FAMILIES = {
             aliases=[("model.vision_model.", "vision_model."), ("model.language_model.", "language_model.model."),
                      ("lm_head.", "language_model.lm_head."),
                      ("model.multi_modal_projector.", "multi_modal_projector.")],
+            modules=dict(LLAVA_MODULES, V="model.vision_model.", X="model.language_model.layers."),
         ),
         Family("smolvlm", ("SmolVLMForConditionalGeneration",),
                lambda d: idefics3_from_hf(d, family="idefics3"),
                lambda c: idefics3_to_hf(c, "SmolVLMForConditionalGeneration", "smolvlm"), IDEFICS2_PREFIXES),
         Family("qwen2_vl", ("Qwen2VLForConditionalGeneration",), qwen2_vl_from_hf, qwen2_vl_to_hf,
-               QWEN2_VL_PREFIXES, QWEN2_VL_ALIASES),
+               QWEN2_VL_PREFIXES, QWEN2_VL_ALIASES, QWEN2_VL_MODULES),
         Family("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",), qwen2_vl_from_hf,
                lambda c: qwen2_vl_to_hf(c, "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
-               QWEN2_VL_PREFIXES, QWEN2_VL_ALIASES),
+               QWEN2_VL_PREFIXES, QWEN2_VL_ALIASES, QWEN2_VL_MODULES),
         Family("gemma3", ("Gemma3ForConditionalGeneration",), gemma3_from_hf, gemma3_to_hf, GEMMA_PREFIXES,
-               aliases=GEMMA_ALIASES),
+               aliases=GEMMA_ALIASES, modules=LLAVA_MODULES),
         Family("paligemma", ("PaliGemmaForConditionalGeneration",), paligemma_from_hf, paligemma_to_hf,
-               dict(GEMMA_PREFIXES, LINEAR="linear"), aliases=GEMMA_ALIASES),
+               dict(GEMMA_PREFIXES, LINEAR="linear"), aliases=GEMMA_ALIASES,
+               modules=dict(LLAVA_MODULES, LINEAR="linear")),
     ]
 }
 
