@@ -20,7 +20,8 @@ from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
 from .models.anyres import feature_count
 from .models.kv_cache import StaticKVCache
-from .models.quant import check_mode, memory_bytes, quantization_of
+from .models.meta import shapes_only
+from .models.quant import check_mode, memory_bytes, quantization_of, quantize_as_saved
 from .models.vlm import VLMModel, flat_images
 from .processing.chat_text import as_user_message
 from .processing.prompts import is_messages
@@ -65,7 +66,7 @@ QUANTIZE_VISION = False
 
 
 def load(path_or_name="default", dtype=None, device=None, quantize=None, compile: bool = False,
-         caches: bool = True) -> "VLM":
+         caches: bool = True, progress: Optional[bool] = None) -> "VLM":
     """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family.
 
     device: None or "auto" = CUDA, then Apple MPS, then the CPU; an unavailable device fails before any weight is
@@ -77,6 +78,7 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     the vision tower, connector and norms stay float in `dtype`.
     compile: torch.compile the decode step (first answers pay the compilation). caches: keep image features and
     the keys/values of recent prompts, so a follow-up turn re-reads neither (`VLM.clear_caches()` empties them).
+    progress: a bar of the bytes read on stderr; None = when stderr is a terminal and VLMKIT_NO_PROGRESS is unset.
     """
     from .processing.processor import Processor
 
@@ -85,11 +87,11 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     folder = resolve(path_or_name)
     mode, saved = check_mode(quantize), saved_quantization(folder)
     if mode or saved:
-        model = load_quantized(folder, mode, dtype=dtype, device=dev, vision=QUANTIZE_VISION)
+        model = load_quantized(folder, mode, dtype=dtype, device=dev, vision=QUANTIZE_VISION, progress=progress)
     elif is_adapter_folder(folder):  # the embedded default model: GGUF language model + trained adapter
-        model = load_adapter_model(folder, dtype=dtype, device=dev)
+        model = load_adapter_model(folder, dtype=dtype, device=dev, progress=progress)
     else:
-        model = load_model(folder, dtype=dtype, device=dev)
+        model = load_model(folder, dtype=dtype, device=dev, progress=progress)
     processor = Processor.from_folder(folder, model.cfg)
     m = VLM(model, processor, folder, caches=caches)
     if compile:
@@ -382,35 +384,36 @@ class VLM:
         """What the model is and what it costs: family, parameters (all, and split into vision / connector /
         cross-attention / text, which add up to all), image tokens, context, compute dtype and device, bytes of the
         weights and of the KV cache per token."""
-        return _info(self.model, self.processor, self.folder, self.quantization)
+        return _info(self.model, self.processor.image_processor, self.folder, self.quantization)
 
 
 def describe(path_or_name="default", dtype=None, device=None) -> dict:
     """`load(path_or_name, dtype, device).info()` without reading a weight: the model is built on the meta device
-    from the folder's config (shapes and dtypes are all `info` needs). A folder saved quantized is the exception:
-    its layers' sizes come from their quantized form, so it is loaded."""
-    from .processing.processor import Processor
+    from the folder's config (shapes and dtypes are all `info` needs); a folder saved quantized gets its quantized
+    layers from its `quantization_config`."""
+    from .processing.processor import image_processor_from_folder
 
     dev = resolve_device(device)
     dtype = compute_dtype(dev, dtype)
     folder = resolve(path_or_name)
-    if saved_quantization(folder):
-        return load(folder, dtype=dtype, device=dev, caches=False).info()
-    cfg = config_from_folder(folder)[0]
-    with torch.device("meta"):
+    cfg, saved = config_from_folder(folder)[0], saved_quantization(folder)
+    with shapes_only():
         model = VLMModel(cfg).to(dtype)
-    info = _info(model, Processor.from_folder(folder, cfg), folder, None)
+        if saved:
+            quantize_as_saved(model, saved)
+    image_processor = image_processor_from_folder(folder, cfg.extra.get("hf_architecture", cfg.family))
+    info = _info(model, image_processor, folder, saved)
     return {**info, "device": str(torch.empty(0, device=dev).device)}  # as a loaded model says it: cuda -> cuda:0
 
 
-def _info(model: VLMModel, processor, folder: Optional[Path], quantization: Optional[dict]) -> dict:
+def _info(model: VLMModel, image_processor, folder: Optional[Path], quantization: Optional[dict]) -> dict:
     cfg = model.cfg
     text = getattr(model, "text", None)
     cross = parameter_count(text, lambda name: name.startswith("cross_blocks"))
     t = cfg.text
     itemsize = next(model.parameters()).element_size()
     image_size, tokens = cfg.vision.image_size, _image_tokens(cfg)
-    settings = getattr(processor.image_processor, "settings", None)
+    settings = getattr(image_processor, "settings", None)
     if cfg.vision.flavour == "qwen2_vl" and settings is not None:  # native resolution: a range
         block = settings.patch_size * settings.merge_size
         lo, hi = settings.size["shortest_edge"], settings.size["longest_edge"]

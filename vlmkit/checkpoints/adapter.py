@@ -86,6 +86,11 @@ class AdapterSource(TensorSource):
             w = merge_weight(w, self.lora[module + ".lora_A"], self.lora[module + ".lora_B"], self.scale)
         return w
 
+    def nbytes(self, name: str) -> int:
+        if name in self.trained:
+            return self.trained[name].numel() * self.trained[name].element_size()
+        return self.text.nbytes(name)
+
     def read_quantized(self, name: str, kind: str, dtype: torch.dtype):
         if name in self.trained or name.rpartition(".")[0] in self.merged_modules:
             return None  # LoRA-merged weights are quantized after the merge
@@ -93,14 +98,14 @@ class AdapterSource(TensorSource):
 
 
 def load_adapter_model(folder, dtype: Optional[torch.dtype] = None, device=None,
-                       quantize: Optional[QuantSpec] = None) -> VLMModel:
+                       quantize: Optional[QuantSpec] = None, progress: Optional[bool] = None) -> VLMModel:
     """An adapter folder as a VLMModel (float32 unless `dtype`). int4: the LoRA-merged projections stay 8-bit --
     the trained delta is far below a 4-bit step, and requantizing the merged weight to 4 bits lost it (measured on
     the default model: "Paris" became "L'Etoile ...")."""
     source = AdapterSource(folder)
     if quantize is not None:
         quantize = replace(quantize, int8=quantize.int8 | source.merged_modules)
-    return build_model(source.cfg, source, dtype, device, quantize)
+    return build_model(source.cfg, source, dtype, device, quantize, progress)
 
 
 def write_adapter_config(folder, hf_config: dict, base_gguf: str, lora: Optional[dict]) -> None:

@@ -110,6 +110,12 @@ def configure_logging(level: Optional[str]) -> None:
         root.addHandler(handler)
 
 
+def load_progress(args) -> Optional[bool]:
+    """The model load's progress bar: off with --log-level error or critical (asked to be quiet), else auto (on
+    when stderr is a terminal, unless VLMKIT_NO_PROGRESS=1)."""
+    return False if getattr(args, "log_level", None) in ("error", "critical") else None
+
+
 # ------------------------------------------------------------------------------------------------ inputs
 
 def load_model(args, describe: bool = False):
@@ -129,7 +135,8 @@ def load_model(args, describe: bool = False):
     if describe:
         return api.describe(name, dtype=args.dtype, device=args.device)
     try:
-        return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize)
+        return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                        progress=load_progress(args))
     except NotImplementedError as e:
         raise CLIError(f"--quantize {args.quantize}: {e}") from None
 

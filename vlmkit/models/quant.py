@@ -366,6 +366,19 @@ def quantize_model(model: nn.Module, mode: str, vision: bool = False, group_size
     return model
 
 
+def quantize_as_saved(model: nn.Module, quantization: dict) -> nn.Module:
+    """Replace the modules a saved `quantization_config` names by quantized ones of the same shapes, in the model's
+    dtype. On a meta-device model nothing is computed: that is how `vlmkit.describe` sizes a saved folder from its
+    config alone."""
+    dtype = next(model.parameters()).dtype
+    for name, kind in quantization["modules"].items():
+        module = model.get_submodule(name)
+        bias = getattr(module, "bias", None)
+        model.set_submodule(name, make_module(kind, module.weight, bias, dtype, quantization["group_size"]))
+    describe(model, quantization["mode"], quantization["group_size"], quantization["modules"])
+    return model
+
+
 def describe(model: nn.Module, mode: str, group_size: int, kinds: dict) -> None:
     model.quantization = {"quant_method": "vlmkit", "mode": mode, "group_size": group_size, "modules": dict(kinds)}
 
