@@ -21,8 +21,7 @@ def refuse(*args, **kwargs):
 def described(path, **kwargs) -> dict:
     """api.describe with every way a weight is read (safetensors shards, the adapter file, the GGUF) raising."""
     with pytest.MonkeyPatch.context() as mp:
-        for module, name in ((hf, "safe_open"), (adapter, "load_file"), (adapter, "open_gguf"),
-                             (gguf, "open_gguf")):
+        for module, name in ((hf, "safe_open"), (adapter, "load_file"), (gguf, "open_gguf")):
             mp.setattr(module, name, refuse)
         return api.describe(path, **kwargs)
 

@@ -18,7 +18,6 @@ from ..models.lora import merge_weight
 from ..models.quant import QuantSpec
 from ..models.vlm import VLMModel
 from .builder import CheckpointError, TensorSource, build_model
-from .gguf import GGUFSource, grow_rows, open_gguf
 from .hf import config_from_folder
 
 ADAPTER = "adapter.safetensors"
@@ -44,6 +43,8 @@ def resolve_gguf(spec: str) -> str:
 
 def grow_vocab(text_state: dict, vocab_size: int) -> dict:
     """GGUF text weights under our names (prefix `text.`), the token table grown to the checkpoint's vocabulary."""
+    from .gguf import grow_rows
+
     state = {f"text.{k}": v for k, v in text_state.items()}
     state["text.embed_tokens.weight"] = grow_rows(state["text.embed_tokens.weight"], vocab_size)
     return state
@@ -56,6 +57,8 @@ class AdapterSource(TensorSource):
     what = "adapter"
 
     def __init__(self, folder):
+        from .gguf import GGUFSource, open_gguf  # here: the gguf library's import (~0.15 s) is no cost of `vlmkit info`
+
         self.origin = folder = Path(folder)
         self.cfg, _, hf = config_from_folder(folder)
         meta = hf.get("vlmkit_adapter")
