@@ -24,7 +24,8 @@ from .hardware import compute_dtype, resolve_device
 from .models.anyres import feature_count
 from .models.kv_cache import StaticKVCache
 from .models.lora import LoRALinear
-from .models.quant import QuantSpec, check_mode, memory_bytes, quantization_of
+from .models.meta import shapes_only
+from .models.quant import QuantSpec, check_mode, memory_bytes, quantization_of, quantize_as_saved
 from .models.vlm import VLMModel, flat_images
 from .processing.chat_text import as_user_message
 from .processing.prompts import is_messages
@@ -69,7 +70,7 @@ QUANTIZE_VISION = False
 
 
 def load(path_or_name="default", dtype=None, device=None, quantize=None, compile: bool = False,
-         caches: bool = True, mmproj=None, adapter=None) -> "VLM":
+         caches: bool = True, mmproj=None, adapter=None, progress: Optional[bool] = None) -> "VLM":
     """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family.
 
     device: None or "auto" = CUDA, then Apple MPS, then the CPU; an unavailable device fails before any weight is
@@ -85,6 +86,7 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     adapter: a peft LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as `vlmkit train` or
     peft's `save_pretrained` write it) for this base: merged into the float weights; over a quantized model its
     LoRA layers stay beside the quantized ones (see vlmkit.checkpoints.peft).
+    progress: a bar of the bytes read on stderr; None = when stderr is a terminal and VLMKIT_NO_PROGRESS is unset.
     """
     from .processing.processor import Processor
 
@@ -94,7 +96,8 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     if pair is not None:  # a llama.cpp text GGUF + mmproj GGUF
         mode = check_mode(quantize)
         model, text_meta, mm_meta = load_gguf_vlm(*pair, dtype=dtype, device=dev,
-                                                  quantize=QuantSpec(mode, vision=QUANTIZE_VISION) if mode else None)
+                                                  quantize=QuantSpec(mode, vision=QUANTIZE_VISION) if mode else None,
+                                                  progress=progress)
         if adapter is not None:
             apply_adapter(model, adapter)
         processor = Processor.from_gguf(text_meta, image_processor_config(mm_meta), processor_settings(model.cfg),
@@ -103,11 +106,11 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     folder = resolve(path_or_name)
     mode, saved = check_mode(quantize), saved_quantization(folder)
     if mode or saved:
-        model = load_quantized(folder, mode, dtype=dtype, device=dev, vision=QUANTIZE_VISION)
+        model = load_quantized(folder, mode, dtype=dtype, device=dev, vision=QUANTIZE_VISION, progress=progress)
     elif is_adapter_folder(folder):  # the embedded default model: GGUF language model + trained adapter
-        model = load_adapter_model(folder, dtype=dtype, device=dev)
+        model = load_adapter_model(folder, dtype=dtype, device=dev, progress=progress)
     else:
-        model = load_model(folder, dtype=dtype, device=dev)
+        model = load_model(folder, dtype=dtype, device=dev, progress=progress)
     if adapter is not None:
         apply_adapter(model, adapter)
     processor = Processor.from_folder(folder, model.cfg)
@@ -417,35 +420,36 @@ class VLM:
         """What the model is and what it costs: family, parameters (all, and split into vision / connector /
         cross-attention / text, which add up to all), image tokens, context, compute dtype and device, bytes of the
         weights and of the KV cache per token."""
-        return _info(self.model, self.processor, self.folder, self.quantization)
+        return _info(self.model, self.processor.image_processor, self.folder, self.quantization)
 
 
 def describe(path_or_name="default", dtype=None, device=None) -> dict:
     """`load(path_or_name, dtype, device).info()` without reading a weight: the model is built on the meta device
-    from the folder's config (shapes and dtypes are all `info` needs). A folder saved quantized is the exception:
-    its layers' sizes come from their quantized form, so it is loaded."""
-    from .processing.processor import Processor
+    from the folder's config (shapes and dtypes are all `info` needs); a folder saved quantized gets its quantized
+    layers from its `quantization_config`."""
+    from .processing.processor import image_processor_from_folder
 
     dev = resolve_device(device)
     dtype = compute_dtype(dev, dtype)
     folder = resolve(path_or_name)
-    if saved_quantization(folder):
-        return load(folder, dtype=dtype, device=dev, caches=False).info()
-    cfg = config_from_folder(folder)[0]
-    with torch.device("meta"):
+    cfg, saved = config_from_folder(folder)[0], saved_quantization(folder)
+    with shapes_only():
         model = VLMModel(cfg).to(dtype)
-    info = _info(model, Processor.from_folder(folder, cfg), folder, None)
+        if saved:
+            quantize_as_saved(model, saved)
+    image_processor = image_processor_from_folder(folder, cfg.extra.get("hf_architecture", cfg.family))
+    info = _info(model, image_processor, folder, saved)
     return {**info, "device": str(torch.empty(0, device=dev).device)}  # as a loaded model says it: cuda -> cuda:0
 
 
-def _info(model: VLMModel, processor, folder: Optional[Path], quantization: Optional[dict]) -> dict:
+def _info(model: VLMModel, image_processor, folder: Optional[Path], quantization: Optional[dict]) -> dict:
     cfg = model.cfg
     text = getattr(model, "text", None)
     cross = parameter_count(text, lambda name: name.startswith("cross_blocks"))
     t = cfg.text
     itemsize = next(model.parameters()).element_size()
     image_size, tokens = cfg.vision.image_size, _image_tokens(cfg)
-    settings = getattr(processor.image_processor, "settings", None)
+    settings = getattr(image_processor, "settings", None)
     if cfg.vision.flavour == "qwen2_vl" and settings is not None:  # native resolution: a range
         block = settings.patch_size * settings.merge_size
         lo, hi = settings.size["shortest_edge"], settings.size["longest_edge"]

@@ -18,7 +18,6 @@ from ..models.lora import merge_weight
 from ..models.quant import QuantSpec
 from ..models.vlm import VLMModel
 from .builder import CheckpointError, TensorSource, build_model
-from .gguf import GGUFSource, grow_rows, open_gguf
 from .hf import config_from_folder
 
 ADAPTER = "adapter.safetensors"
@@ -50,6 +49,8 @@ def resolve_gguf(spec: str) -> str:
 
 def grow_vocab(text_state: dict, vocab_size: int) -> dict:
     """GGUF text weights under our names (prefix `text.`), the token table grown to the checkpoint's vocabulary."""
+    from .gguf import grow_rows
+
     state = {f"text.{k}": v for k, v in text_state.items()}
     state["text.embed_tokens.weight"] = grow_rows(state["text.embed_tokens.weight"], vocab_size)
     return state
@@ -62,6 +63,8 @@ class AdapterSource(TensorSource):
     what = "adapter"
 
     def __init__(self, folder):
+        from .gguf import GGUFSource, open_gguf  # here: the gguf library's import (~0.15 s) is no cost of `vlmkit info`
+
         self.origin = folder = Path(folder)
         self.cfg, _, hf = config_from_folder(folder)
         meta = hf.get("vlmkit_adapter")
@@ -92,6 +95,11 @@ class AdapterSource(TensorSource):
             w = merge_weight(w, self.lora[module + ".lora_A"], self.lora[module + ".lora_B"], self.scale)
         return w
 
+    def nbytes(self, name: str) -> int:
+        if name in self.trained:
+            return self.trained[name].numel() * self.trained[name].element_size()
+        return self.text.nbytes(name)
+
     def read_quantized(self, name: str, kind: str, dtype: torch.dtype):
         if name in self.trained or name.rpartition(".")[0] in self.merged_modules:
             return None  # LoRA-merged weights are quantized after the merge
@@ -99,14 +107,14 @@ class AdapterSource(TensorSource):
 
 
 def load_adapter_model(folder, dtype: Optional[torch.dtype] = None, device=None,
-                       quantize: Optional[QuantSpec] = None) -> VLMModel:
+                       quantize: Optional[QuantSpec] = None, progress: Optional[bool] = None) -> VLMModel:
     """An adapter folder as a VLMModel (float32 unless `dtype`). int4: the LoRA-merged projections stay 8-bit --
     the trained delta is far below a 4-bit step, and requantizing the merged weight to 4 bits lost it (measured on
     the default model: "Paris" became "L'Etoile ...")."""
     source = AdapterSource(folder)
     if quantize is not None:
         quantize = replace(quantize, int8=quantize.int8 | source.merged_modules)
-    return build_model(source.cfg, source, dtype, device, quantize)
+    return build_model(source.cfg, source, dtype, device, quantize, progress)
 
 
 def write_adapter_config(folder, hf_config: dict, base_gguf: str, lora: Optional[dict]) -> None:

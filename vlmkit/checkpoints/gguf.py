@@ -156,6 +156,9 @@ class GGUFSource(TensorSource):
     def keys(self, expected: Optional[dict] = None) -> list[str]:
         return list(self.tensors)
 
+    def nbytes(self, name: str) -> int:
+        return int(self.tensors[name].n_bytes)
+
     def _heads(self, name: str) -> Optional[int]:
         t = self.tensors[name]
         if t.name.startswith("blk.") and ".attn_q." in t.name:

@@ -144,6 +144,9 @@ class MmprojSource(TensorSource):
         t = self.tensors[name]
         return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
 
+    def nbytes(self, name: str) -> int:
+        return int(self.tensors[name].n_bytes) if name in self.tensors else 0
+
 
 class PairSource(TensorSource):
     """The text GGUF and the mmproj as one source."""
@@ -165,6 +168,9 @@ class PairSource(TensorSource):
     def read_quantized(self, name, kind, dtype):
         return self._owner(name).read_quantized(name, kind, dtype)
 
+    def nbytes(self, name):
+        return self._owner(name).nbytes(name)
+
 
 def gguf_vlm_config(text_meta: dict, text_names: set, mm_meta: dict, mm_names: set) -> VLMConfig:
     text = text_config_from_metadata(text_meta, text_names)
@@ -183,7 +189,7 @@ def gguf_vlm_config(text_meta: dict, text_names: set, mm_meta: dict, mm_names: s
 
 
 def load_gguf_vlm(text_path, mmproj_path, dtype: Optional[torch.dtype] = None, device=None,
-                  quantize: Optional[QuantSpec] = None) -> tuple[VLMModel, dict, dict]:
+                  quantize: Optional[QuantSpec] = None, progress: Optional[bool] = None) -> tuple[VLMModel, dict, dict]:
     """(model, the text file's metadata, the mmproj's metadata) from a llama.cpp pair."""
     text_reader, mm_reader = open_gguf(str(text_path)), open_gguf(str(mmproj_path))
     text_meta, mm_meta = read_metadata(text_reader), read_metadata(mm_reader)
@@ -194,7 +200,7 @@ def load_gguf_vlm(text_path, mmproj_path, dtype: Optional[torch.dtype] = None, d
                           mm_meta, {t.name for t in mm_reader.tensors})
     source = PairSource(GGUFSource(text_reader, cfg.text, prefix="text.", vocab_size=cfg.text.vocab_size),
                         MmprojSource(mm_reader, cfg))
-    return build_model(cfg, source, dtype, device, quantize), text_meta, mm_meta
+    return build_model(cfg, source, dtype, device, quantize, progress), text_meta, mm_meta
 
 
 def gguf_pair(path, mmproj=None) -> Optional[tuple[Path, Path]]:

@@ -50,6 +50,19 @@ def weight_files(folder: Path) -> dict:
     raise CheckpointError(f"{folder}: no {WEIGHTS} or {INDEX}")
 
 
+def safetensors_header(path) -> dict:
+    """A safetensors file's header: tensor name -> {"dtype", "shape", "data_offsets"}, without touching the data
+    (the format: an 8-byte little-endian length, then that many bytes of JSON)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (bad header: {e})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
 def config_from_folder(folder) -> tuple[VLMConfig, Family, dict]:
     hf = read_config(folder)
     family = family_for_architecture(hf)
@@ -71,7 +84,7 @@ class SafetensorsSource(TensorSource):
         self.files = weight_files(folder)  # first: a folder of pickles is refused before its config is read
         self.cfg, self.family, self.hf = config_from_folder(folder)
         self.packed, self.group_size = packed or {}, group_size
-        self.handles, self.where = {}, {}
+        self.handles, self.where, self.sizes = {}, {}, {}
 
     def keys(self, expected: dict) -> list[str]:
         family, cfg = self.family, self.cfg
@@ -118,6 +131,13 @@ class SafetensorsSource(TensorSource):
         parts = {part: self._get(file_name) for part, file_name in self.where[name].items()}
         return BUILDERS[kind].from_export(parts, None, dtype, self.group_size)
 
+    def nbytes(self, name: str) -> int:
+        if not self.sizes:
+            for path in set(self.files.values()):
+                self.sizes.update((k, v["data_offsets"][1] - v["data_offsets"][0])
+                                  for k, v in safetensors_header(path).items())
+        return sum(self.sizes[file_name] for file_name in self.where[name].values())
+
     def label(self, name: str) -> str:
         return ", ".join(self.where[name].values())
 
@@ -126,10 +146,11 @@ class SafetensorsSource(TensorSource):
 
 
 def load_model(folder, dtype: Optional[torch.dtype] = None, device=None,
-               quantize: Optional[QuantSpec] = None) -> VLMModel:
-    """A Hugging Face folder as a VLMModel (floats as stored unless `dtype`; quantized as it loads with `quantize`)."""
+               quantize: Optional[QuantSpec] = None, progress: Optional[bool] = None) -> VLMModel:
+    """A Hugging Face folder as a VLMModel (floats as stored unless `dtype`; quantized as it loads with `quantize`;
+    progress: the load's bar on stderr, see builder.progress_enabled)."""
     source = SafetensorsSource(folder)
-    return build_model(source.cfg, source, dtype, device, quantize)
+    return build_model(source.cfg, source, dtype, device, quantize, progress)
 
 
 def hf_config_for(cfg: VLMConfig) -> dict:

@@ -57,9 +57,9 @@ def save_quantized(model: VLMModel, folder) -> None:
 
 
 def load_quantized(folder, mode: Optional[str] = None, dtype: Optional[torch.dtype] = None, device=None,
-                   vision: bool = False, group_size: int = DEFAULT_GROUP) -> VLMModel:
+                   vision: bool = False, group_size: int = DEFAULT_GROUP, progress: Optional[bool] = None) -> VLMModel:
     """A quantized VLMModel from a Hugging Face folder, an adapter folder, or a folder saved quantized (whose own
-    settings then apply; `mode` must be None or the same)."""
+    settings then apply; `mode` must be None or the same). progress: the load's bar (builder.progress_enabled)."""
     folder = Path(folder)
     saved = saved_quantization(folder)
     if saved and mode not in (None, saved["mode"]):
@@ -67,7 +67,7 @@ def load_quantized(folder, mode: Optional[str] = None, dtype: Optional[torch.dty
                          f"{saved['mode']!r}, or quantize the float model it came from")
     if is_adapter_folder(folder) and not saved:
         return load_adapter_model(folder, dtype or torch.float32, device,
-                                  QuantSpec(check_mode(mode), group_size, vision))
+                                  QuantSpec(check_mode(mode), group_size, vision), progress)
     if saved:
         spec = QuantSpec(saved["mode"], saved["group_size"], modules=dict(saved["modules"]))
         source = SafetensorsSource(folder, packed=spec.modules, group_size=spec.group_size)
@@ -76,4 +76,4 @@ def load_quantized(folder, mode: Optional[str] = None, dtype: Optional[torch.dty
     if dtype is None:  # as stored, like the float loader
         stored = source.hf.get("dtype") or source.hf.get("torch_dtype") or source.hf.get("text_config", {}).get("dtype")
         dtype = getattr(torch, stored) if isinstance(stored, str) and hasattr(torch, stored) else None
-    return build_model(source.cfg, source, dtype or torch.float32, device, spec)
+    return build_model(source.cfg, source, dtype or torch.float32, device, spec, progress)

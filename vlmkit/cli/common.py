@@ -117,12 +117,20 @@ def configure_logging(level: Optional[str]) -> None:
         root.addHandler(handler)
 
 
+def load_progress(args) -> Optional[bool]:
+    """The model load's progress bar: off with --log-level error or critical (asked to be quiet), else auto (on
+    when stderr is a terminal, unless VLMKIT_NO_PROGRESS=1)."""
+    return False if getattr(args, "log_level", None) in ("error", "critical") else None
+
+
 # ------------------------------------------------------------------------------------------------ inputs
 
 def load_model(args, describe: bool = False):
     """The model named by --model, with its dtype / device / quantize options (describe: only its `info()` dict,
     read from the config without the weights)."""
-    name, mmproj = args.model, getattr(args, "mmproj", None)
+    name, mmproj, adapter = args.model, getattr(args, "mmproj", None), getattr(args, "adapter", None)
+    if adapter is not None:
+        check_adapter_folder(adapter)
     if mmproj is not None or _is_gguf_folder(name):
         return _load_gguf(args, name, mmproj, describe)
     if name != "default" and not os.path.isdir(os.path.expanduser(name)):  # before importing torch (seconds)
@@ -135,15 +143,13 @@ def load_model(args, describe: bool = False):
     if name == "default" and not (api.default_model_path() / "config.json").is_file():
         raise CLIError("no model given and the embedded default model is not installed; pass --model FOLDER "
                        "(a local Hugging Face folder)")
-    adapter = getattr(args, "adapter", None)
-    if adapter is not None:
-        check_adapter_folder(adapter)
     if describe:
         return api.describe(name, dtype=args.dtype, device=args.device)
     from ..checkpoints.peft import AdapterError
 
     try:
-        return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=adapter)
+        return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=adapter,
+                        progress=load_progress(args))
     except NotImplementedError as e:
         raise CLIError(f"--quantize {args.quantize}: {e}") from None
     except AdapterError as e:
@@ -175,12 +181,17 @@ def _load_gguf(args, name: str, mmproj, describe: bool):
         raise CLIError("info reads model folders with config.json; GGUF pairs are not described yet")
     from .. import api
     from ..checkpoints.builder import CheckpointError
+    from ..checkpoints.peft import AdapterError
 
+    adapter = getattr(args, "adapter", None)
     try:
         return api.load(os.path.expanduser(name), dtype=args.dtype, device=args.device, quantize=args.quantize,
-                        mmproj=os.path.expanduser(mmproj) if mmproj else None)
+                        mmproj=os.path.expanduser(mmproj) if mmproj else None, adapter=adapter,
+                        progress=load_progress(args))
     except CheckpointError as e:
         raise CLIError(str(e)) from None
+    except AdapterError as e:
+        raise CLIError(f"--adapter {adapter}: {e}") from None
 
 
 def check_image_files(paths) -> None:

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .common import CLIError, arg, command
+from .common import CLIError, arg, command, load_progress
 
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 packer takes
 
@@ -27,7 +27,8 @@ def cmd_quantize(args) -> int:
     saved = saved_quantization(folder)
     if saved:
         raise CLIError(f"{src!r} is already saved {saved['mode']}-quantized; quantize the float model it came from")
-    model = load_quantized(folder, args.mode, vision=QUANTIZE_VISION, group_size=args.group_size)
+    model = load_quantized(folder, args.mode, vision=QUANTIZE_VISION, group_size=args.group_size,
+                           progress=load_progress(args))
     # written beside DST and renamed at the end: an interrupted run leaves no half-written model under DST
     tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     try:

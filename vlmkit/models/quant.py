@@ -147,6 +147,12 @@ class Int8Linear(_Quantized):
     def from_export(cls, t: dict, bias=None, dtype=torch.float32, group_size=None) -> "Int8Linear":
         return cls(t["qweight"], t["scales"], bias, dtype)
 
+    @classmethod
+    def empty(cls, n: int, k: int, bias=None, dtype=torch.float32, group_size=None, device="meta"):
+        """An [n, k] module of this kind without data (on the meta device: shapes and bytes only)."""
+        parts = {"qweight": torch.empty(n, k, dtype=torch.int8, device=device), "scales": torch.empty(n, device=device)}
+        return cls.from_export(parts, bias, dtype, group_size)
+
 
 class Int8Embedding(Int8Linear):
     """Token table as int8 rows + a scale per row; `project(h)` is the tied output head on the same table."""
@@ -269,6 +275,18 @@ class Int4Linear(_Quantized):
     def from_export(cls, t: dict, bias=None, dtype=torch.float32, group_size=DEFAULT_GROUP) -> "Int4Linear":
         return cls(unpack_nibbles(t["qweight"]), t["scales"], t["mins"], group_size, bias, dtype)
 
+    @classmethod
+    def empty(cls, n: int, k: int, bias=None, dtype=torch.float32, group_size=DEFAULT_GROUP, device="meta"):
+        """An [n, k] module without data, its buffers shaped as on the CPU (4 bits a weight in every layout): built
+        directly, since packing runs ops whose meta versions are slow (see models/meta.py)."""
+        module = cls.__new__(cls)
+        _Quantized.__init__(module, dtype)
+        module.out_features, module.in_features, module.group_size, module.layout = n, k, group_size, "cpu"
+        module.register_buffer("packed", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+        module.register_buffer("scales_and_zeros", torch.empty(k // group_size, n, 2, dtype=KERNEL_DTYPE, device=device))
+        module.bias = None if bias is None else nn.Parameter(torch.empty_like(bias, dtype=dtype), requires_grad=False)
+        return module
+
 
 def from_q4_1(raw: np.ndarray, rows: int, cols: int, dtype=torch.float32, row_order=None) -> Int4Linear:
     """A GGUF Q4_1 tensor (uint8 [rows, cols / 32 * 20]: per block of 32 a float16 scale d, a float16 min m and
@@ -363,6 +381,19 @@ def quantize_model(model: nn.Module, mode: str, vision: bool = False, group_size
         model.set_submodule(name, make_module(kind, module.weight.data, None if bias is None else bias.data,
                                               group_size=group_size))
     describe(model, mode, group_size, kinds)
+    return model
+
+
+def quantize_as_saved(model: nn.Module, quantization: dict) -> nn.Module:
+    """Replace the modules a saved `quantization_config` names by quantized ones of the same shapes, in the model's
+    dtype, without data (`empty`): on a meta-device model, how `vlmkit.describe` sizes a saved folder from its config
+    alone."""
+    dtype, group_size = next(model.parameters()).dtype, quantization["group_size"]
+    for name, kind in quantization["modules"].items():
+        module = model.get_submodule(name)
+        n, k = module.weight.shape
+        model.set_submodule(name, BUILDERS[kind].empty(n, k, getattr(module, "bias", None), dtype, group_size))
+    describe(model, quantization["mode"], quantization["group_size"], quantization["modules"])
     return model
 
 

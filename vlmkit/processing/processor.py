@@ -53,6 +53,16 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+def image_processor_from_folder(folder, family: str, proc_cfg: Optional[dict] = None):
+    """The folder's image processor alone (processor_config.json's section, else preprocessor_config.json): what
+    `vlmkit info` needs, without the tokenizer."""
+    folder = str(folder)
+    if proc_cfg is None:
+        proc_cfg = _read_json(os.path.join(folder, "processor_config.json"))
+    image_cfg = proc_cfg.get("image_processor") or _read_json(os.path.join(folder, "preprocessor_config.json"))
+    return image_processor_for(family, image_cfg)
+
+
 class Processor:
     """Callable: `processor(prompts, images=None, *, add_generation_prompt=True, max_length=None, plain_text=False)
     -> dict`.
@@ -107,8 +117,7 @@ class Processor:
             family = PROCESSOR_CLASSES.get(proc_cfg.get("processor_class"))
             if family is None:
                 raise ValueError(f"{folder}: no config.json and no known processor_class in processor_config.json")
-        image_cfg = proc_cfg.get("image_processor") or _read_json(os.path.join(folder, "preprocessor_config.json"))
-        image_processor = image_processor_for(family, image_cfg)
+        image_processor = image_processor_from_folder(folder, family, proc_cfg)
         tokenizer = Tokenizer.from_folder(folder)
         splitting = bool(getattr(image_processor.settings, "do_image_splitting", False))
         rules = format_for(family).read_rules(proc_cfg, tokenizer.special_tokens, splitting, cfg)
