@@ -129,3 +129,24 @@ def test_without_matplotlib_training_and_eval_finish_and_say_how(hf_checkpoint_d
     assert (tmp_path / "eval" / "results.md").is_file() and not (tmp_path / "eval" / "results.png").exists()
     assert [s for s in said if HINT in s] == [f"vlmkit eval: no results.png: drawing the chart needs matplotlib "
                                               f"({HINT})"]
+
+
+def test_bench_charts_from_the_committed_results(tmp_path):
+    from bench import charts
+
+    found = charts.tables((Path(charts.HERE) / "results.md").read_text())
+    assert charts.number("1,117 MiB") == 1117 and charts.number("8.00 (5.36)", 1) == 5.36
+    assert charts.number("n/a") is None
+    said = []
+    written = charts.draw_all(Path(charts.HERE) / "results.md", tmp_path, said.append)
+    assert [p.name for p in written] == [c.png for c in charts.CHARTS] and len(said) == len(written)
+    for path in written:
+        assert_png(path)
+    heading = next(h for h in found if h.startswith("Real size"))
+    assert found[heading][0][:4] == ["", "load s", "peak load RSS GB (anon)", "TTFT s"]
+    # a results.md without a section: that chart is skipped, with a line saying so
+    (tmp_path / "partial.md").write_text("## Decode: x\n\n| | tok/s batch 1 | tok/s batch 8 |\n|---|---:|---:|\n"
+                                         "| vlmkit int4 | 54.0 | 215.3 |\n| llama.cpp | 96.5 | n/a |\n")
+    said.clear()
+    written = charts.draw_all(tmp_path / "partial.md", tmp_path / "partial", said.append)
+    assert [p.name for p in written] == ["decode.png"] and sum("not drawn" in s for s in said) == 2

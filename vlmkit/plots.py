@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["INSTALL_HINT", "PlotUnavailable", "read_metrics", "plot_training", "plot_eval", "bar_chart",
-           "LOSS_PNG", "RESULTS_PNG"]
+__all__ = ["INSTALL_HINT", "PlotUnavailable", "read_metrics", "plot_training", "plot_eval", "bar_chart", "figure",
+           "save_png", "LOSS_PNG", "RESULTS_PNG"]
 
 INSTALL_HINT = "pip install 'vlmkit[plot]'"
 LOSS_PNG, RESULTS_PNG = "loss.png", "results.png"
@@ -30,7 +30,8 @@ class PlotUnavailable(RuntimeError):
     """matplotlib is not installed."""
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
+    """A matplotlib Figure (inches) laid out without overlaps; PlotUnavailable without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -38,7 +39,8 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
 
 
-def _save(fig, path) -> Path:
+def save_png(fig, path) -> Path:
+    """Write `fig` as a PNG at `path`, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -108,7 +110,7 @@ def plot_training(run_dir, out: Optional[os.PathLike] = None, metrics: str = "me
         raise ValueError(f"{source} holds no training step yet")
     panels = [("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm (before clipping)")]
     eval_names = sorted({k for record in evals.values() for k in record})
-    fig = _figure(8, 2.2 * (len(panels) + bool(eval_names)) + 0.6)
+    fig = figure(8, 2.2 * (len(panels) + bool(eval_names)) + 0.6)
     axes = fig.subplots(len(panels) + bool(eval_names), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (key, label) in zip(axes, panels):
         xs, ys = _series(steps, key)
@@ -139,23 +141,23 @@ def plot_training(run_dir, out: Optional[os.PathLike] = None, metrics: str = "me
         ax.legend(loc="best", fontsize="small")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("optimizer step")
-    from matplotlib.ticker import MaxNLocator  # present: _figure found matplotlib
+    from matplotlib.ticker import MaxNLocator  # present: figure() found matplotlib
 
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     last = max(steps)
     loss = steps[last].get("loss")
     fig.suptitle(f"{_plain(run_dir.resolve().name)}: {len(steps)} steps, last step {last}"
                  + (f", loss {loss:.4f}" if _number(loss) else ""), fontsize="medium")
-    return _save(fig, Path(out) if out is not None else run_dir / LOSS_PNG)
+    return save_png(fig, Path(out) if out is not None else run_dir / LOSS_PNG)
 
 
 # ------------------------------------------------------------------------------------------------ charts
 
 def bar_chart(ax, labels: Sequence[str], values: Sequence[Optional[float]], unit: str, title: str = "",
-              notes: Optional[Sequence[str]] = None, fmt: str = "{:.3g}", color: str = "tab:blue",
+              notes: Optional[Sequence[str]] = None, fmt: str = "{:.3g}", color="tab:blue",
               limit: Optional[float] = None) -> None:
     """Horizontal bars on `ax`, first label at the top, each bar's value written at its end (with `notes[i]` after
-    it, e.g. an item count); a missing value (None) is drawn as "n/a"."""
+    it, e.g. an item count); a missing value (None) is drawn as "n/a". `color`: one, or one per bar."""
     ys = list(range(len(labels)))
     shown = [v if v is not None else 0.0 for v in values]
     ax.barh(ys, shown, color=color, height=0.6)
@@ -199,7 +201,7 @@ def plot_eval(results: dict, out) -> Path:
     category of each breakdown field, with the number of items; a task without categories shows its metrics."""
     panels = _score_rows(results)
     heights = [max(1.2, 0.32 * len(labels) + 0.8) for _, labels, _, _ in panels]
-    fig = _figure(8, sum(heights) + 0.6)
+    fig = figure(8, sum(heights) + 0.6)
     axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
     for ax, (title, labels, values, counts) in zip(axes, panels):
         best = max([v for v in values if v is not None] or [0.0])
@@ -208,4 +210,4 @@ def plot_eval(results: dict, out) -> Path:
     said = f"{results.get('n', '?')} items" + (f", {results['failed']} failed" if results.get("failed") else "")
     fig.suptitle(_plain(f"{results.get('task', '')}: {Path(str(results.get('model', ''))).name} ({said})"),
                  fontsize="medium")
-    return _save(fig, out)
+    return save_png(fig, out)
