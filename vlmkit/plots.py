@@ -208,6 +208,7 @@ def plot_eval(results: dict, out) -> Path:
         bar_chart(ax, labels, values, "score x 100 (as in results.md)", title, counts, fmt="{:.1f}",
                   limit=max(100.0, best))
     said = f"{results.get('n', '?')} items" + (f", {results['failed']} failed" if results.get("failed") else "")
-    fig.suptitle(_plain(f"{results.get('task', '')}: {Path(str(results.get('model', ''))).name} ({said})"),
-                 fontsize="medium")
+    overall = ", ".join(f"{k} {100 * v:.1f}" for k, v in (results.get("metrics") or {}).items() if _number(v))
+    fig.suptitle(_plain(f"{results.get('task', '')}: {Path(str(results.get('model', ''))).name} ({said})"
+                        + (f"\n{overall}" if overall and panels[0][0] != "metrics" else "")), fontsize="medium")
     return save_png(fig, out)
