@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+import charts  # noqa: E402
 from common import MODES, child_peak_memory, machine  # noqa: E402
 from report import render  # noqa: E402
 
@@ -112,6 +113,10 @@ def main(argv=None) -> int:
     out.write_text(render(results))
     out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
     log(f"wrote {out} ({results['seconds']:.0f} s)")
+    try:
+        charts.draw_all(out, out.parent, log)
+    except charts.PlotUnavailable as e:
+        log(f"no charts: {e}")
     return 0
 
 

@@ -187,7 +187,7 @@ def test_default_model_missing_is_a_clear_error(files, capsys):
 
 
 def test_parser_lists_only_real_commands(capsys):
-    assert set(cli.COMMANDS) == {"run", "chat", "info", "train", "eval", "serve", "bench", "quantize", "export"}
+    assert set(cli.COMMANDS) == {"run", "chat", "info", "train", "eval", "serve", "bench", "quantize", "export", "plot"}
     assert cli.main(["--help"]) == 0
     assert "run" in capsys.readouterr().out
     assert cli.main([]) == 2

@@ -3,7 +3,7 @@
     vlmkit run [--model M] --image a.png [--image b.png] [--max-new-tokens N] [--temperature T] "question"
     vlmkit chat [--model M] [--image PATH] [--system TEXT]      (stdin lines; /image PATH, /reset, /help, /exit)
     vlmkit info M [--json]
-    vlmkit train / eval / serve / bench / quantize ...           (vlmkit COMMAND --help)
+    vlmkit train / eval / serve / bench / quantize / plot ...    (vlmkit COMMAND --help)
 
 Answers stream to stdout; status lines and errors go to stderr. Bad input (missing model folder, unreadable image, an
 image URL, placeholder/image count mismatch, prompt over the context, bad flag values) ends with one line
@@ -20,13 +20,13 @@ import os
 import sys
 from typing import Optional
 
-from . import (bench_command, chat_command, eval_command, export_command, info_command, quantize_command,
-               serve_command, train_command)
+from . import (bench_command, chat_command, eval_command, export_command, info_command, plot_command,
+               quantize_command, serve_command, train_command)
 from .common import COMMANDS, FAILURE, LOG_LEVEL, PROG, USAGE_ERROR, CLIError, configure_logging, one_line
 
 # The modules whose `@command` functions are the subcommands, in the order of `vlmkit --help`.
 COMMAND_MODULES = (chat_command, info_command, train_command, eval_command, serve_command, bench_command,
-                   quantize_command, export_command)
+                   quantize_command, export_command, plot_command)
 
 
 class _Parser(argparse.ArgumentParser):

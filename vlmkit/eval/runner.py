@@ -14,6 +14,8 @@ Files in `output_dir`:
                         Unreadable lines (the torn tail of a killed run) are dropped from the file.
     results.json        metrics, per-category breakdowns, counts and settings.
     results.md          the same as markdown tables (what `vlmkit eval` prints).
+    results.png         the score per category (or the metrics) as horizontal bars, with the item counts; drawn
+                        when matplotlib (the `plot` extra) is installed.
 
 Items that fail (an unreadable image, a prompt longer than the context) are reported, scored as wrong and not
 written, so the next run tries them again; a run in which nothing succeeds stops with the first error.
@@ -33,6 +35,7 @@ from ..checkpoints.io import atomic_write_text
 from .predictions import (HOW_TO_REDO, PREDICTIONS, check_settings, load_predictions, prediction_settings,
                           read_predictions, rewrite_predictions)
 from ..data.files import Rows, read_rows, resolve_image
+from ..plots import INSTALL_HINT, RESULTS_PNG, PlotUnavailable, plot_eval
 from .spec import get_task
 from .tasks import Task
 
@@ -319,8 +322,18 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
     markdown = results_markdown(results)
     (out_dir / RESULTS_MD).write_text(markdown, encoding="utf-8")
     results["markdown"] = markdown
+    _draw_chart(results, out_dir / RESULTS_PNG, say)
     results["item_scores"] = scored.get("item_scores", {})
     return results
+
+
+def _draw_chart(results: dict, path: Path, say) -> None:
+    try:
+        plot_eval(results, path)
+    except PlotUnavailable:
+        say(f"vlmkit eval: no {path.name}: drawing the chart needs matplotlib ({INSTALL_HINT})")
+    except Exception as e:  # noqa: BLE001 -- the scores are written; the picture is optional
+        say(f"vlmkit eval: warning: could not draw {path}: {type(e).__name__}: {e}")
 
 
 def _check_same_prompt(path: Path, line: dict, prompt) -> None:
