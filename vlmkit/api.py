@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.hf import config_from_folder, load_model, save_model
+from .checkpoints.model_card import write_model_card
 from .checkpoints.quantized import load_quantized, save_quantized, saved_quantization
 from .generation.caches import (
     ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts, image_run_starts,
@@ -65,7 +66,7 @@ QUANTIZE_VISION = False
 
 
 def load(path_or_name="default", dtype=None, device=None, quantize=None, compile: bool = False,
-         caches: bool = True) -> "VLM":
+         caches: bool = True, allow_remote_images: bool = True) -> "VLM":
     """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family.
 
     device: None or "auto" = CUDA, then Apple MPS, then the CPU; an unavailable device fails before any weight is
@@ -77,7 +78,10 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     the vision tower, connector and norms stay float in `dtype`.
     compile: torch.compile the decode step (first answers pay the compilation). caches: keep image features and
     the keys/values of recent prompts, so a follow-up turn re-reads neither (`VLM.clear_caches()` empties them).
+    allow_remote_images: http(s) image URLs given to generate/chat/score are downloaded (public addresses only,
+    size and time capped: vlmkit.processing.image_fetch); False refuses them.
     """
+    from .processing.images import ImageLimits
     from .processing.processor import Processor
 
     dev = resolve_device(device)  # first: a wrong device or dtype fails before anything is read
@@ -90,7 +94,7 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
         model = load_adapter_model(folder, dtype=dtype, device=dev)
     else:
         model = load_model(folder, dtype=dtype, device=dev)
-    processor = Processor.from_folder(folder, model.cfg)
+    processor = Processor.from_folder(folder, model.cfg, limits=ImageLimits(allow_remote=allow_remote_images))
     m = VLM(model, processor, folder, caches=caches)
     if compile:
         m.compile()
@@ -98,14 +102,19 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
 
 
 def save(m: "VLM", folder) -> None:
-    """Write `m` as a Hugging Face folder (config, safetensors, processor files) that `load` reads back
-    (a quantized model stays quantized: vlmkit reads that folder, transformers does not)."""
+    """Write `m` as a Hugging Face folder (config, safetensors, processor files, a README.md model card) that `load`
+    reads back (a quantized model stays quantized: vlmkit reads that folder, transformers does not)."""
     write_model_folder(m.model, folder, m.folder)
 
 
+# What the embedded default model's card says it comes from: its language model, SmolLM2, whose license (Apache
+# 2.0) is also vlmkit's.
+DEFAULT_MODEL_CARD = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}
+
+
 def write_model_folder(model: VLMModel, folder, source: Optional[Path] = None) -> None:
-    """`model`'s weights and config into `folder` (quantized ones as saved-quantized), and the processor files of
-    the folder it came from (`source`)."""
+    """`model`'s weights and config into `folder` (quantized ones as saved-quantized), the processor files of
+    the folder it came from (`source`) and a model card (kept if the folder has a README.md of the user's)."""
     folder = Path(folder)
     if quantization_of(model):
         save_quantized(model, folder)
@@ -115,6 +124,13 @@ def write_model_folder(model: VLMModel, folder, source: Optional[Path] = None) -
         for name in PROCESSOR_FILES:
             if (Path(source) / name).is_file():
                 shutil.copyfile(Path(source) / name, folder / name)
+    write_model_card(folder, model=model, source=source, quantization=quantization_of(model), **card_defaults(source))
+
+
+def card_defaults(source) -> dict:
+    """Model card fields a folder cannot tell by itself (the embedded default model's base and license)."""
+    is_default = source is not None and Path(source).resolve() == default_model_path().resolve()
+    return dict(DEFAULT_MODEL_CARD) if is_default else {}
 
 
 class VLM:

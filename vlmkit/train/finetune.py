@@ -262,8 +262,9 @@ def save_merged(wrapped, cfg: FinetuneConfig, stage, folder: Path, ctx, source: 
     """LoRA merged into the base weights, saved as a Hugging Face folder (+ the processor files) in the checkpoint's
     own dtype. Under FSDP (weights sharded) or over a quantized base (merged into the ORIGINAL float weights, not
     the dequantized ones), the first process rebuilds the float model and loads the trained tensors into it."""
-    from ..api import PROCESSOR_FILES, load
+    from ..api import PROCESSOR_FILES, card_defaults, load
     from ..checkpoints.hf import save_model
+    from ..checkpoints.model_card import write_model_card
     from .lora import merge_lora
 
     model = D.unwrap(wrapped)
@@ -289,4 +290,7 @@ def save_merged(wrapped, cfg: FinetuneConfig, stage, folder: Path, ctx, source: 
     for name in PROCESSOR_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("model", "data", "out")}  # paths of this machine
+    write_model_card(folder, model=model, source=source, training={**settings, "stage": stage_dict(stage)},
+                     metrics=Path(cfg.out) / METRICS, datasets=cfg.data, **card_defaults(source))
     return folder
