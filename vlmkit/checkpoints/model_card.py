@@ -128,7 +128,8 @@ def last_metrics(path) -> dict:
 def write_model_card(folder, *, base_model: Optional[str] = None, training: Optional[dict] = None,
                      metrics: Union[dict, str, Path, None] = None, datasets: Optional[Iterable[str]] = None,
                      quantization: Optional[dict] = None, model=None, source=None, license: Optional[str] = None,
-                     tags: Iterable[str] = (), usage: Optional[str] = None) -> Optional[Path]:
+                     tags: Iterable[str] = (), usage: Optional[str] = None,
+                     title: Optional[str] = None) -> Optional[Path]:
     """Write `folder`/README.md; returns its path, or None when the folder holds a README.md that is not ours.
 
     base_model: the Hub id (or name) of the model this one comes from; default: `source`'s Hub id, else its name.
@@ -136,7 +137,7 @@ def write_model_card(folder, *, base_model: Optional[str] = None, training: Opti
     training: the run's settings, shown as a table. metrics: a metrics.jsonl path or `last_metrics`' dict.
     datasets: training data names or paths (paths are shown by file name). quantization: `quantization_of(model)`.
     model: the VLMModel, for parameter counts. usage: markdown replacing the "How to use" section (exports that
-    are not Hugging Face folders).
+    are not Hugging Face folders). title: the card's heading (default: the folder's name).
     """
     folder = Path(folder)
     path = folder / CARD
@@ -158,7 +159,7 @@ def write_model_card(folder, *, base_model: Optional[str] = None, training: Opti
               "datasets": datasets or None, "tags": tag_list}
     sections = [
         _front_matter(header), MARKER, "",
-        f"# {folder.resolve().name}", "",
+        f"# {title or folder.resolve().name}", "",
         _summary(family, config, base, training, quantization), "",
         *_parts_table(model, config),
         "## How to use", "",

@@ -290,7 +290,10 @@ def save_merged(wrapped, cfg: FinetuneConfig, stage, folder: Path, ctx, source: 
     for name in PROCESSOR_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("model", "data", "out")}  # paths of this machine
+    # The card shows file names, not this machine's paths.
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("model", "data", "out", "save_final")}
+    settings.update({k: Path(settings[k]).name for k in ("eval_data", "image_root") if settings.get(k)})
     write_model_card(folder, model=model, source=source, training={**settings, "stage": stage_dict(stage)},
-                     metrics=Path(cfg.out) / METRICS, datasets=cfg.data, **card_defaults(source))
+                     metrics=Path(cfg.out) / METRICS, datasets=cfg.data, title=Path(cfg.out).name,
+                     **card_defaults(source))
     return folder
