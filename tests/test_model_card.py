@@ -42,7 +42,9 @@ def test_save_writes_a_card_with_sizes_and_both_ways_to_load(source, tmp_path):
     header, body = card(tmp_path / "saved")
     assert header["base_model"] == Path(source).name and "base_model_relation" not in header
     assert "llava" in header["tags"]
-    assert MARKER in body and "# saved" in body and "`LlavaForConditionalGeneration`" in body
+    assert MARKER in body and "# saved" in body
+    assert ("A vision-language model of the llava family (`LlavaForConditionalGeneration`), saved from "
+            f"`{Path(source).name}`") in body
     assert re.search(r"\| vision \| ViT: 42 px, patch 14, width 32, 3 layers, 4 heads \| \d", body)
     assert "| language model | width 64, 2 layers" in body
     assert 'vlmkit.load("saved")' in body and "LlavaForConditionalGeneration.from_pretrained" in body
@@ -86,8 +88,9 @@ def test_license_and_datasets_carry_over_from_the_source_card_and_hub_ids_show(s
 
 
 def test_the_default_models_card_names_its_base_and_license():
-    assert api.card_defaults(api.default_model_path()) == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                                                          "license": "apache-2.0"}
+    defaults = api.card_defaults(api.default_model_path())
+    assert defaults["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and defaults["license"] == "apache-2.0"
+    assert defaults["base_model_relation"] == "finetune" and "default model" in defaults["description"]
     assert api.card_defaults("/somewhere/else") == {}
 
 

@@ -109,7 +109,12 @@ def save(m: "VLM", folder) -> None:
 
 # What the embedded default model's card says it comes from: its language model, SmolLM2, whose license (Apache
 # 2.0) is also vlmkit's.
-DEFAULT_MODEL_CARD = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}
+DEFAULT_MODEL_CARD = {
+    "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "base_model_relation": "finetune", "license": "apache-2.0",
+    "description": "saved from vlmkit's embedded default model (a small ViT trained from scratch and a pixel-shuffle "
+                   "connector over SmolLM2-135M-Instruct with LoRA merged; its MODEL_CARD.md in the vlmkit package "
+                   "describes the training)",
+}
 
 
 def write_model_folder(model: VLMModel, folder, source: Optional[Path] = None) -> None:

@@ -128,8 +128,8 @@ def last_metrics(path) -> dict:
 def write_model_card(folder, *, base_model: Optional[str] = None, training: Optional[dict] = None,
                      metrics: Union[dict, str, Path, None] = None, datasets: Optional[Iterable[str]] = None,
                      quantization: Optional[dict] = None, model=None, source=None, license: Optional[str] = None,
-                     tags: Iterable[str] = (), usage: Optional[str] = None,
-                     title: Optional[str] = None) -> Optional[Path]:
+                     tags: Iterable[str] = (), usage: Optional[str] = None, title: Optional[str] = None,
+                     description: Optional[str] = None, base_model_relation: Optional[str] = None) -> Optional[Path]:
     """Write `folder`/README.md; returns its path, or None when the folder holds a README.md that is not ours.
 
     base_model: the Hub id (or name) of the model this one comes from; default: `source`'s Hub id, else its name.
@@ -137,7 +137,9 @@ def write_model_card(folder, *, base_model: Optional[str] = None, training: Opti
     training: the run's settings, shown as a table. metrics: a metrics.jsonl path or `last_metrics`' dict.
     datasets: training data names or paths (paths are shown by file name). quantization: `quantization_of(model)`.
     model: the VLMModel, for parameter counts. usage: markdown replacing the "How to use" section (exports that
-    are not Hugging Face folders). title: the card's heading (default: the folder's name).
+    are not Hugging Face folders). title: the card's heading (default: the folder's name). description: what the
+    model is, in place of "saved from SOURCE". base_model_relation: the Hub's, when the default (finetune after
+    training, quantized after quantizing, none for a plain re-save) is wrong.
     """
     folder = Path(folder)
     path = folder / CARD
@@ -154,13 +156,14 @@ def write_model_card(folder, *, base_model: Optional[str] = None, training: Opti
     tag_list = _unique(["vlmkit", PIPELINE_TAG, "vision-language-model", *([family] if family else []),
                         *([quantization["mode"]] if quantization else []), *(["fine-tuned"] if training else []),
                         *tags])
-    header = {"base_model": base, "base_model_relation": _relation(training, quantization) if base else None,
+    relation = base_model_relation or _relation(training, quantization)
+    header = {"base_model": base, "base_model_relation": relation if base else None,
               "license": license, "pipeline_tag": PIPELINE_TAG, "library_name": "vlmkit",
               "datasets": datasets or None, "tags": tag_list}
     sections = [
         _front_matter(header), MARKER, "",
         f"# {title or folder.resolve().name}", "",
-        _summary(family, config, base, training, quantization), "",
+        _summary(family, config, description or _origin(source, base, training), quantization), "",
         *_parts_table(model, config),
         "## How to use", "",
         usage if usage is not None else _usage(folder, config, quantization), "",
@@ -228,13 +231,17 @@ def _family(config: dict, model) -> Optional[str]:
     return config.get("model_type")
 
 
-def _summary(family, config, base, training, quantization) -> str:
-    arch = (config.get("architectures") or [None])[0]
-    what = f"A {family or 'vision-language'} vision-language model" + (f" (`{arch}`)" if arch else "")
+def _origin(source, base, training) -> str:
     if training:
-        what += f", fine-tuned from `{base}`" if base else ", fine-tuned"
-    elif base:
-        what += f", saved from `{base}`"
+        return f"fine-tuned from `{base}`" if base else "fine-tuned"
+    name = (hub_id(source) or Path(source).resolve().name) if source is not None else base
+    return f"saved from `{name}`" if name else "written"
+
+
+def _summary(family, config, origin: str, quantization) -> str:
+    arch = (config.get("architectures") or [None])[0]
+    what = "A vision-language model" + (f" of the {family} family" if family else "")
+    what += (f" (`{arch}`)" if arch else "") + f", {origin}"
     if quantization:
         group = quantization.get("group_size") if quantization.get("mode") == "int4" else None
         what += (f"; weights quantized to {quantization['mode']}" + (f" (group size {group})" if group else "")
