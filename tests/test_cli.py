@@ -149,7 +149,7 @@ def test_bad_input_gives_one_line_and_exit_2(files, capsys, case, expected):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("a URL", "do not fetch URLs"),
+    ("a URL of another scheme", "does not fetch (only http and https)"),
     ("the second image missing", "does not exist"),
     ("a folder", "not a file (a folder)"),
     ("not an image", "not a recognised image"),
@@ -165,7 +165,7 @@ def test_run_checks_every_image_before_loading_the_model(files, capsys, monkeypa
     (files["root"] / "notes.txt").write_text("not an image")
     a, b = files["a"], files["b"]
     images = {
-        "a URL": [a, "https://example.com/cat.jpg"],
+        "a URL of another scheme": [a, "ftp://example.com/cat.jpg"],
         "the second image missing": [a, str(files["root"] / "nope.png")],
         "a folder": [a, str(files["root"])],
         "not an image": [a, str(files["root"] / "notes.txt")],

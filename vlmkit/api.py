@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.gguf_mmproj import gguf_pair, image_processor_config, load_gguf_vlm, processor_settings
 from .checkpoints.hf import config_from_folder, load_model, save_model
+from .checkpoints.model_card import write_model_card
 from .checkpoints.peft import apply_adapter
 from .checkpoints.quantized import load_quantized, save_quantized, saved_quantization
 from .generation.caches import (
@@ -28,6 +29,7 @@ from .models.meta import shapes_only
 from .models.quant import QuantSpec, check_mode, memory_bytes, quantization_of, quantize_as_saved
 from .models.vlm import VLMModel, flat_images
 from .processing.chat_text import as_user_message
+from .processing.images import ImageLimits
 from .processing.prompts import is_messages
 
 # Files of a Hugging Face folder that describe the processor (copied by `save`).
@@ -70,7 +72,8 @@ QUANTIZE_VISION = False
 
 
 def load(path_or_name="default", dtype=None, device=None, quantize=None, compile: bool = False,
-         caches: bool = True, mmproj=None, adapter=None, progress: Optional[bool] = None) -> "VLM":
+         caches: bool = True, mmproj=None, adapter=None, progress: Optional[bool] = None,
+         allow_remote_images: bool = True) -> "VLM":
     """Load a model: "default" (the embedded model) or a local Hugging Face folder of any supported family.
 
     device: None or "auto" = CUDA, then Apple MPS, then the CPU; an unavailable device fails before any weight is
@@ -87,11 +90,14 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     peft's `save_pretrained` write it) for this base: merged into the float weights; over a quantized model its
     LoRA layers stay beside the quantized ones (see vlmkit.checkpoints.peft).
     progress: a bar of the bytes read on stderr; None = when stderr is a terminal and VLMKIT_NO_PROGRESS is unset.
+    allow_remote_images: http(s) image URLs given to generate/chat/score are downloaded (public addresses only,
+    size and time capped: vlmkit.processing.image_fetch); False refuses them.
     """
     from .processing.processor import Processor
 
     dev = resolve_device(device)  # first: a wrong device or dtype fails before anything is read
     dtype = compute_dtype(dev, dtype)  # dtype= overrides; an unknown name fails here
+    limits = ImageLimits(allow_remote=allow_remote_images)
     pair = gguf_pair(path_or_name, mmproj)
     if pair is not None:  # a llama.cpp text GGUF + mmproj GGUF
         mode = check_mode(quantize)
@@ -101,7 +107,7 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
         if adapter is not None:
             apply_adapter(model, adapter)
         processor = Processor.from_gguf(text_meta, image_processor_config(mm_meta), processor_settings(model.cfg),
-                                        model.cfg)
+                                        model.cfg, limits=limits)
         return _finish_load(VLM(model, processor, None, caches=caches), compile)
     folder = resolve(path_or_name)
     mode, saved = check_mode(quantize), saved_quantization(folder)
@@ -113,7 +119,7 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
         model = load_model(folder, dtype=dtype, device=dev, progress=progress)
     if adapter is not None:
         apply_adapter(model, adapter)
-    processor = Processor.from_folder(folder, model.cfg)
+    processor = Processor.from_folder(folder, model.cfg, limits=limits)
     return _finish_load(VLM(model, processor, folder, caches=caches), compile)
 
 
@@ -124,14 +130,24 @@ def _finish_load(m: "VLM", compile: bool) -> "VLM":
 
 
 def save(m: "VLM", folder) -> None:
-    """Write `m` as a Hugging Face folder (config, safetensors, processor files) that `load` reads back
-    (a quantized model stays quantized: vlmkit reads that folder, transformers does not)."""
+    """Write `m` as a Hugging Face folder (config, safetensors, processor files, a README.md model card) that `load`
+    reads back (a quantized model stays quantized: vlmkit reads that folder, transformers does not)."""
     write_model_folder(m.model, folder, m.folder)
 
 
+# What the embedded default model's card says it comes from: its language model, SmolLM2, whose license (Apache
+# 2.0) is also vlmkit's.
+DEFAULT_MODEL_CARD = {
+    "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "base_model_relation": "finetune", "license": "apache-2.0",
+    "description": "saved from vlmkit's embedded default model (a small ViT trained from scratch and a pixel-shuffle "
+                   "connector over SmolLM2-135M-Instruct with LoRA merged; its MODEL_CARD.md in the vlmkit package "
+                   "describes the training)",
+}
+
+
 def write_model_folder(model: VLMModel, folder, source: Optional[Path] = None) -> None:
-    """`model`'s weights and config into `folder` (quantized ones as saved-quantized), and the processor files of
-    the folder it came from (`source`)."""
+    """`model`'s weights and config into `folder` (quantized ones as saved-quantized), the processor files of
+    the folder it came from (`source`) and a model card (kept if the folder has a README.md of the user's)."""
     folder = Path(folder)
     if any(isinstance(layer, LoRALinear) for layer in model.modules()):
         raise ValueError("this model holds LoRA layers beside quantized weights (an adapter over a quantized model), "
@@ -145,6 +161,13 @@ def write_model_folder(model: VLMModel, folder, source: Optional[Path] = None) -
         for name in PROCESSOR_FILES:
             if (Path(source) / name).is_file():
                 shutil.copyfile(Path(source) / name, folder / name)
+    write_model_card(folder, model=model, source=source, quantization=quantization_of(model), **card_defaults(source))
+
+
+def card_defaults(source) -> dict:
+    """Model card fields a folder cannot tell by itself (the embedded default model's base and license)."""
+    is_default = source is not None and Path(source).resolve() == default_model_path().resolve()
+    return dict(DEFAULT_MODEL_CARD) if is_default else {}
 
 
 class VLM:

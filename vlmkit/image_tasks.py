@@ -16,7 +16,8 @@ their image inline; the processor renders them with the checkpoint's chat templa
 code path serves every family, the cross-attention IDEFICS included. The guide's instructions are kept; where the
 guide ends its prompt with a cue the model continues ("This is an image of ", story openings), that cue is a
 `prefix`: written right after the assistant prompt and returned as the start of the answer (see `render_prompt`).
-Images are anything `load_image` accepts: PIL images, paths, bytes, data: URIs (http(s) URLs if the limits allow).
+Images are anything `load_image` accepts: PIL images, paths, bytes, data: URIs, http(s) URLs (unless the model was
+loaded with allow_remote_images=False).
 """
 
 from __future__ import annotations

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import MODEL, PROG, arg, command, load_images, load_model, positive_int, status
+from .common import (MODEL, PROG, REMOTE_IMAGES, arg, command, load_images, load_model, positive_int,
+                     remote_images_allowed, status)
 
 
 @command("bench", "time a model on this machine: load, first token, prefill and decode tokens/s, peak memory",
-         *MODEL,
-         arg("--image", "-i", default=None, metavar="PATH", help="the image to ask about (default: a generated one)"),
+         *MODEL, REMOTE_IMAGES,
+         arg("--image", "-i", default=None, metavar="PATH",
+             help="the image (file or http(s) URL) to ask about (default: a generated one)"),
          arg("--prompt", default="Describe this image.", metavar="TEXT", help="the question (default: %(default)s)"),
          arg("--new-tokens", type=positive_int, default=128, metavar="N",
              help="tokens generated per run, end of sequence ignored (default 128)"),
@@ -22,7 +24,7 @@ from .common import MODEL, PROG, arg, command, load_images, load_model, positive
                      "token, prefill and decode tokens/s, peak memory. The comparison with transformers and "
                      "llama.cpp (bench/results.md) is `python -m bench`, in a source checkout.")
 def cmd_bench(args) -> int:
-    images = load_images([args.image] if args.image else [])
+    images = load_images([args.image] if args.image else [], remote_images_allowed(args))
     from ..benchmark import bench_model, render
 
     if args.threads:

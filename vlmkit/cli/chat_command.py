@@ -7,14 +7,16 @@ import json
 import sys
 import time
 
-from .common import (GENERATION, MODEL, PROG, USAGE_ERROR, CLIError, arg, check_image_files, command,
-                     generation_options, load_images, load_model, one_line, status, write_stream)
+from .common import (GENERATION, MODEL, PROG, REMOTE_IMAGES, USAGE_ERROR, CLIError, arg, check_image_files, command,
+                     generation_options, load_images, load_model, one_line, remote_images_allowed, status,
+                     write_stream)
 
 
 @command("run", "answer one prompt about images, streaming the answer",
-         *MODEL, *GENERATION,
+         *MODEL, *GENERATION, REMOTE_IMAGES,
          arg("--image", "-i", action="append", default=[], metavar="PATH",
-             help="an image (repeat for several); placed where the prompt's <image> placeholders are, else first"),
+             help="an image file or http(s) URL (repeat for several); placed where the prompt's <image> "
+                  "placeholders are, else first"),
          arg("--system", default=None, metavar="TEXT", help="a system message"),
          arg("--json", action="store_true", help="print one JSON object instead of the stream: answer, "
              "prompt_tokens, completion_tokens, timings (load_s, time_to_first_token_s, total_s: prompt to last "
@@ -27,9 +29,10 @@ def cmd_run(args) -> int:
         raise CLIError("the prompt is empty")
     # Everything about the input is checked before the model loads (seconds): paths and headers, the count of
     # <image> placeholders against the images, then every image decoded.
-    check_image_files(args.image)
+    remote = remote_images_allowed(args)
+    check_image_files(args.image, remote)
     user_content(args.prompt, args.image)
-    images = load_images(args.image)
+    images = load_images(args.image, remote)
     start = time.perf_counter()
     m = load_model(args)
     load_s = time.perf_counter() - start
@@ -53,18 +56,20 @@ def cmd_run(args) -> int:
     return 0
 
 
-CHAT_HELP = "commands: /image PATH (attach to the next turn), /reset (forget the conversation), /help, /exit"
+CHAT_HELP = "commands: /image PATH|URL (attach to the next turn), /reset (forget the conversation), /help, /exit"
 
 
 @command("chat", "multi-turn chat in the terminal (reads lines from stdin)",
-         *MODEL, *GENERATION,
-         arg("--image", "-i", action="append", default=[], metavar="PATH", help="an image for the first turn"),
+         *MODEL, *GENERATION, REMOTE_IMAGES,
+         arg("--image", "-i", action="append", default=[], metavar="PATH",
+             help="an image file or http(s) URL for the first turn"),
          arg("--system", default=None, metavar="TEXT", help="a system message"))
 def cmd_chat(args) -> int:
     from ..image_tasks import Chat
     from ..processing.images import ImageError
 
-    pending = load_images(args.image)
+    remote = remote_images_allowed(args)
+    pending = load_images(args.image, remote)
     m = load_model(args)
     chat = Chat(m, system=args.system)
     options = generation_options(args)
@@ -95,7 +100,7 @@ def cmd_chat(args) -> int:
                 status(CHAT_HELP)
             elif name == "/image":
                 try:
-                    pending += load_images([rest]) if rest else []
+                    pending += load_images([rest], remote) if rest else []
                     status(f"(image attached: {rest}; {len(pending)} for the next turn)" if rest
                            else "usage: /image PATH")
                 except CLIError as e:

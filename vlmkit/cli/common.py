@@ -98,6 +98,10 @@ GENERATION = (
     arg("--seed", type=int, default=None, metavar="S", help="random seed for sampling"),
 )
 
+REMOTE_IMAGES = arg("--no-remote-images", action="store_true",
+                    help="refuse http(s) image URLs (by default they are downloaded: public addresses only, "
+                         "20 MB and 10 s at most)")
+
 
 LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
 # Every subcommand takes it (cli/__init__.py adds it); absent, logging stays as Python leaves it (warnings only).
@@ -149,7 +153,7 @@ def load_model(args, describe: bool = False):
 
     try:
         return api.load(name, dtype=args.dtype, device=args.device, quantize=args.quantize, adapter=adapter,
-                        progress=load_progress(args))
+                        progress=load_progress(args), allow_remote_images=remote_images_allowed(args))
     except NotImplementedError as e:
         raise CLIError(f"--quantize {args.quantize}: {e}") from None
     except AdapterError as e:
@@ -194,15 +198,24 @@ def _load_gguf(args, name: str, mmproj, describe: bool):
         raise CLIError(f"--adapter {adapter}: {e}") from None
 
 
-def check_image_files(paths) -> None:
-    """Cheap checks of every image path, before any is decoded: not a URL (the CLI reads local files only, so
-    nothing is fetched on a command line's behalf), an existing, readable file whose header is an image's."""
+def is_image_url(path: str) -> bool:
+    return path[:8].lower().startswith(("http://", "https://"))
+
+
+def check_image_files(paths, allow_remote: bool = True) -> None:
+    """Cheap checks of every image, before any is decoded: an http(s) URL (fetched later, unless `allow_remote` is
+    off), else an existing, readable file whose header is an image's."""
     from PIL import Image, UnidentifiedImageError
 
     for path in paths or []:
+        if is_image_url(path):
+            if not allow_remote:
+                raise CLIError(f"image {path[:100]!r} is a URL and --no-remote-images is set; download the image "
+                               "and pass the file's path")
+            continue
         if re.match(r"[a-z][a-z0-9+.-]*://", path, re.IGNORECASE):
-            raise CLIError(f"image {path[:100]!r} is a URL: vlmkit run and chat do not fetch URLs; download the "
-                           "image and pass the file's path")
+            raise CLIError(f"image {path[:100]!r} is a URL vlmkit does not fetch (only http and https); download "
+                           "the image and pass the file's path")
         if not os.path.exists(path):
             raise CLIError(f"image file {path!r} does not exist")
         if not os.path.isfile(path):
@@ -216,18 +229,29 @@ def check_image_files(paths) -> None:
             raise CLIError(f"cannot read image {path!r}: {e.strerror or e}") from None
 
 
-def load_images(paths) -> list:
-    """Open every image up front (before the model loads) so a bad file fails fast, naming the file."""
-    from ..processing.images import ImageError, load_image
+def load_images(paths, allow_remote: bool = True) -> list:
+    """Open (or download: public addresses only, size and time capped) every image up front, before the model
+    loads, so a bad file or URL fails fast, naming it."""
+    from ..processing.images import ImageError, ImageLimits, load_image
 
-    check_image_files(paths)
+    check_image_files(paths, allow_remote)
+    limits = ImageLimits(allow_remote=allow_remote)
     images = []
     for path in paths or []:
         try:
-            images.append(load_image(path))
+            images.append(load_image(path, limits=limits))
         except ImageError as e:
+            if is_image_url(path):
+                raise CLIError(f"could not fetch image {e.source}: {e.reason}") from None
             raise CLIError(f"cannot read image {path!r}: {e.reason}") from None
     return images
+
+
+def remote_images_allowed(args) -> bool:
+    """`serve` opts in (--allow-remote-images); every other command fetches unless --no-remote-images."""
+    if getattr(args, "allow_remote_images", None) is not None:
+        return bool(args.allow_remote_images)
+    return not getattr(args, "no_remote_images", False)
 
 
 def generation_options(args) -> dict:

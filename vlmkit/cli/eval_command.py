@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import MODEL, PROG, CLIError, arg, command, load_model, positive_int, status
+from .common import MODEL, PROG, REMOTE_IMAGES, CLIError, arg, command, load_model, positive_int, status
 
 # lmms-eval's task names -> vlmkit's task that scores the same split the same way.
 LMMS_EVAL_ALIASES = {"vqav2_val": "vqav2", "textvqa_val": "textvqa", "docvqa_val": "docvqa", "chartqa": "chartqa",
@@ -81,7 +81,7 @@ def data_for(tasks: list[str], values: list[str]) -> dict[str, str]:
 
 
 @command("eval", "score a model on benchmarks (vqav2, textvqa, docvqa, chartqa, mmmu, mmbench, synthetic, or a spec)",
-         *MODEL,
+         *MODEL, REMOTE_IMAGES,
          arg("--tasks", default=None, metavar="A,B",
              help="tasks separated by commas: built-in names, lmms-eval's names of them (vqav2_val, textvqa_val, "
                   "docvqa_val, chartqa, mmmu_val, mmbench_en_dev), or .yaml/.json task spec files"),

@@ -10,6 +10,7 @@ while the sockets the fetch opened are shut down, which wakes any read blocked o
 
 from __future__ import annotations
 
+import errno
 import http.client
 import ipaddress
 import socket
@@ -58,7 +59,7 @@ def _vetted_addresses(host: str, port: int, fail) -> list[str]:
     try:
         addresses = _resolve_host(host, port)
     except (OSError, UnicodeError) as e:
-        raise fail(f"cannot resolve host {host!r}: {e}") from None
+        raise fail(f"cannot resolve host {host!r}: {e}{NO_NETWORK}") from None
     if not addresses:
         raise fail(f"host {host!r} has no addresses")
     for ip in addresses:  # refuse if ANY address is internal: DNS may answer differently next time
@@ -70,6 +71,18 @@ def _vetted_addresses(host: str, port: int, fail) -> list[str]:
 
 class _ForbiddenDestination(OSError):
     pass
+
+
+NO_NETWORK = "; no network?"  # appended to failures that an offline machine would also give
+
+# Connection failures that mean "the network is not there" rather than "the server said no".
+_OFFLINE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ETIMEDOUT}
+
+
+def _network_hint(error) -> str:
+    if isinstance(error, (socket.gaierror, TimeoutError)) or getattr(error, "errno", None) in _OFFLINE_ERRNOS:
+        return NO_NETWORK
+    return ""
 
 
 class _Deadline:
@@ -196,7 +209,8 @@ def fetch_url(url: str, limits, fail) -> bytes:
 
 
 def _timed_out(limits) -> str:
-    return f"download timed out after {limits.timeout_s:g} s (timeout_s covers connect, headers and body)"
+    return (f"download timed out after {limits.timeout_s:g} s (timeout_s covers connect, headers and body); "
+            "slow server or no network?")
 
 
 def _fetch(url: str, limits, fail, deadline: _Deadline) -> bytes:
@@ -226,9 +240,9 @@ def _fetch(url: str, limits, fail, deadline: _Deadline) -> bytes:
         except urllib.error.URLError as e:
             if isinstance(e.reason, _ForbiddenDestination):
                 raise fail(str(e.reason)) from None
-            raise fail(f"cannot fetch URL: {e.reason}") from None
+            raise fail(f"cannot fetch URL: {e.reason}{_network_hint(e.reason)}") from None
         except (OSError, http.client.HTTPException) as e:
-            raise fail(f"cannot fetch URL: {e}") from None
+            raise fail(f"cannot fetch URL: {e}{_network_hint(e)}") from None
         with response:
             return _read_capped(response, deadline, limits, fail)
     raise fail(f"too many redirects (max_redirects={limits.max_redirects})")

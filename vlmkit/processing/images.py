@@ -43,11 +43,18 @@ class ImageLimits:
     max_images: int = 16  # per request / prompt
     # Decoded width*height of all images of one request together (load_images): four 6000x4000 photos.
     max_request_pixels: int = 100_000_000
-    allow_remote: bool = False  # http(s) URLs are refused unless a caller opts in
+    # http(s) URLs are refused unless a caller opts in: vlmkit.load does for its user (allow_remote_images=True),
+    # a server only with --allow-remote-images
+    allow_remote: bool = False
     allow_paths: bool = True  # local files; a server taking requests from others should set False
     timeout_s: float = 10.0  # whole download (connect, headers, body, redirects), not per read
     max_redirects: int = 3
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
+
+
+REMOTE_DISABLED = ("remote image URLs are disabled (ImageLimits.allow_remote=False: vlmkit.load(..., "
+                   "allow_remote_images=False), --no-remote-images, or a server started without "
+                   "--allow-remote-images); download the image and pass its path or bytes")
 
 
 class ImageError(ValueError):
@@ -140,7 +147,7 @@ def fetch_image(x: str, *, limits: ImageLimits, index: int | None = None) -> Fet
     """Download a remote image (refused unless `limits.allow_remote`); decode it later with load_image(s)."""
     fail = _failure(x, index)
     if not limits.allow_remote:
-        raise fail("remote image URLs are disabled (ImageLimits.allow_remote=False)")
+        raise fail(REMOTE_DISABLED)
     return FetchedImage(x, fetch_url(x, limits, fail))
 
 
@@ -165,7 +172,7 @@ def _open(x, limits: ImageLimits, fail) -> Image.Image:
             data = _decode_data_uri(x, limits, fail)
         elif is_remote(x):
             if not limits.allow_remote:
-                raise fail("remote image URLs are disabled (ImageLimits.allow_remote=False)")
+                raise fail(REMOTE_DISABLED)
             data = fetch_url(x, limits, fail)
         else:
             data = _read_file(Path(x), limits, fail)

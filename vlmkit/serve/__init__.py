@@ -46,7 +46,7 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, *, 
     if not is_loopback(host) and not app_options.get("api_key"):
         logging.getLogger("vlmkit.serve").warning("binding %s without an api_key: anyone who can reach this address "
                                                   "can use the model", host)
-    vlm = api.load(model, dtype=dtype, device=device)
+    vlm = api.load(model, dtype=dtype, device=device, allow_remote_images=allow_remote_images)
     limits = replace(app_options.pop("limits", None) or ImageLimits(), allow_remote=allow_remote_images,
                      allow_paths=False)
     if max_request_pixels is not None:

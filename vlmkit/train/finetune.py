@@ -304,8 +304,9 @@ def save_merged(wrapped, cfg: FinetuneConfig, stage, folder: Path, ctx, source: 
     own dtype. Under FSDP (weights sharded) or over a quantized base (merged into the ORIGINAL float weights, not
     the dequantized ones), the first process rebuilds the float model and loads the trained tensors into it
     (`trained`: them gathered already, else gathered here)."""
-    from ..api import PROCESSOR_FILES, load
+    from ..api import PROCESSOR_FILES, card_defaults, load
     from ..checkpoints.hf import save_model
+    from ..checkpoints.model_card import write_model_card
     from .lora import merge_lora
 
     model = D.unwrap(wrapped)
@@ -332,4 +333,10 @@ def save_merged(wrapped, cfg: FinetuneConfig, stage, folder: Path, ctx, source: 
     for name in PROCESSOR_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)
+    # The card shows file names, not this machine's paths.
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("model", "data", "out", "save_final")}
+    settings.update({k: Path(settings[k]).name for k in ("eval_data", "image_root") if settings.get(k)})
+    write_model_card(folder, model=model, source=source, training={**settings, "stage": stage_dict(stage)},
+                     metrics=Path(cfg.out) / METRICS, datasets=cfg.data, title=Path(cfg.out).name,
+                     **card_defaults(source))
     return folder
