@@ -1,0 +1,92 @@
+"""`torchrun --nproc_per_node N -m vlmkit eval`: the processes share the items and the merged predictions, scores
+and tables are the ones one process writes; a run interrupted with any number of processes resumes from the union
+of the files it left."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlmkit import cli
+from vlmkit.eval import evaluate
+from vlmkit.eval.shards import owner, shard_path
+
+from test_eval_runner import MMBENCH, Oracle, StopsAfter, data
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def lines(folder) -> list[dict]:
+    return [json.loads(x) for x in (Path(folder) / "predictions.jsonl").read_text().splitlines()]
+
+
+def write_lines(path, rows, tail: str = "") -> None:
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def eval_args(model, out, *extra) -> list[str]:
+    # float32 and batches of one: the same numbers in every process, whatever shares the batch
+    return ["eval", "--model", model, "--dtype", "float32", "--task", "mmbench", "--data", data("mmbench.jsonl"),
+            "--batch-size", "1", "--max-new-tokens", "3", "--output", str(out), *extra]
+
+
+def torchrun(args: list[str]) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vlmkit",
+           *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_two_processes_write_what_one_writes_and_resume(hf_checkpoint_dir, tmp_path, capsys):
+    model = hf_checkpoint_dir("llava")
+    assert cli.main(eval_args(model, tmp_path / "one")) == 0
+    capsys.readouterr()
+    one = lines(tmp_path / "one")
+    assert len(one) == 6
+
+    two = tmp_path / "two"
+    out = torchrun(eval_args(model, two, "--limit", "3"))  # both processes predict (items 0, 2 and 1)
+    assert out.count("| mmbench | circular_accuracy |") == 1  # printed once, by the first process
+    assert lines(two) == one[:3] and not list(two.glob("predictions.rank*"))
+    # Interrupted runs left: process 1's file with item 4 and a torn line; a file of a 4-process run with item 5
+    # (marked, to show it is kept rather than predicted again). Item 3 is the only one missing.
+    write_lines(shard_path(two, 1), [one[4]], tail='{"id": "3", "task": "mmb')
+    write_lines(shard_path(two, 3), [dict(one[5], note="kept")])
+    assert torchrun(eval_args(model, two)) == (tmp_path / "one" / "results.md").read_text()
+    merged = lines(two)
+    assert [x["id"] for x in merged] == [x["id"] for x in one]  # in item order
+    assert merged[:5] == one[:5] and merged[5] == dict(one[5], note="kept")
+    assert not list(two.glob("predictions.rank*"))
+    # the scores and tables one process writes
+    assert (two / "results.md").read_text() == (tmp_path / "one" / "results.md").read_text()
+    a, b = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "one", two))
+    for key in ("metrics", "breakdown", "counts", "n", "failed", "settings"):
+        assert a[key] == b[key], key
+
+
+def test_one_process_resumes_what_several_left(tmp_path):
+    fresh = evaluate(Oracle(MMBENCH), "mmbench", data("mmbench.jsonl"), output_dir=tmp_path / "fresh", batch_size=2)
+    expected = lines(tmp_path / "fresh")
+    out = tmp_path / "left"
+    with pytest.raises(KeyboardInterrupt):  # a first (1-process) run killed after one batch: items 0 and 1
+        evaluate(StopsAfter(MMBENCH, calls=1), "mmbench", data("mmbench.jsonl"), output_dir=out, batch_size=2)
+    # then a 3-process run killed: process 0 and 2 had saved an item each
+    write_lines(shard_path(out, 0), [expected[3]])
+    write_lines(shard_path(out, 2), [expected[5]], tail="{")
+    second = Oracle(MMBENCH)
+    resumed = evaluate(second, "mmbench", data("mmbench.jsonl"), output_dir=out, batch_size=2)
+    assert second.answered == 2  # items 2 and 4
+    assert lines(out) == expected and not list(out.glob("predictions.rank*"))
+    assert resumed["metrics"] == fresh["metrics"] and resumed["breakdown"] == fresh["breakdown"]
+
+
+def test_missing_items_are_dealt_in_turn():
+    assert [owner(k, 3) for k in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert {owner(k, 1) for k in range(5)} == {0}
