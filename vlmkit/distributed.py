@@ -63,19 +63,23 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_processes(device: Optional[str] = None) -> DistContext:
+def init_processes(device: Optional[str] = None, timeout_minutes: float = 30) -> DistContext:
     """The process group from torchrun's environment (nothing to do for a single process). `device` None, "auto"
-    or "cuda": under torchrun each process takes its own GPU, cuda:LOCAL_RANK."""
+    or "cuda": under torchrun each process takes its own GPU, cuda:LOCAL_RANK. A collective that waits longer than
+    `timeout_minutes` for a process fails."""
     world = world_size()
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)  # "auto"/None: CUDA, then MPS, then CPU; an unavailable device fails here
     use_cuda = dev.type == "cuda"
     if use_cuda and (device is None or str(device) in ("auto", "cuda")):
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"process {local} of this machine has no GPU of its own: {torch.cuda.device_count()} "
+                             f"visible; start at most that many (--nproc_per_node), or pass --device cpu")
         dev = torch.device(f"cuda:{local}")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistContext(rank, world, local, dev)
 
 

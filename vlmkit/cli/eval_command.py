@@ -115,7 +115,7 @@ def cmd_eval(args) -> int:
         from ..distributed import init_processes
 
         try:
-            processes = init_processes(args.device)
+            processes = init_processes(args.device, timeout_minutes=24 * 60)  # one done early waits for the rest
         except ValueError as e:  # an unavailable --device
             raise CLIError(str(e)) from None
         args.device = str(processes.device)
