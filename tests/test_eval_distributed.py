@@ -87,6 +87,8 @@ def test_one_process_resumes_what_several_left(tmp_path):
     assert resumed["metrics"] == fresh["metrics"] and resumed["breakdown"] == fresh["breakdown"]
 
 
-def test_missing_items_are_dealt_in_turn():
-    assert [owner(k, 3) for k in range(7)] == [0, 1, 2, 0, 1, 2, 0]
-    assert {owner(k, 1) for k in range(5)} == {0}
+def test_missing_items_are_dealt_a_batch_at_a_time():
+    # each process forms the batches one process would: [0, 1], [2, 3], ... with batches of 2
+    assert [owner(k, 3, 2) for k in range(8)] == [0, 0, 1, 1, 2, 2, 0, 0]
+    assert [owner(k, 2, 1) for k in range(4)] == [0, 1, 0, 1]
+    assert {owner(k, 1, 8) for k in range(20)} == {0}

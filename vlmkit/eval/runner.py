@@ -241,7 +241,7 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
                     (sys.stderr.isatty() and ctx.is_main) if progress is None else progress)
     selected: list[str] = []
     row_fields: dict[str, dict] = {}
-    missing = 0  # items no file holds so far: dealt out to the processes in turn
+    missing = 0  # items no file holds so far: dealt out to the processes a batch at a time
     crashed: Optional[Exception] = None
     failed: dict[str, dict] = {}
     pending: list[tuple] = []
@@ -298,7 +298,7 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
                 row_fields[rid] = record
                 if rid not in done:
                     missing += 1
-                    if shards.owner(missing - 1, ctx.world) != ctx.rank:
+                    if shards.owner(missing - 1, ctx.world, batch_size) != ctx.rank:
                         bar.update(1)
                         continue
                 try:

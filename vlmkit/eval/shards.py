@@ -2,10 +2,11 @@
 process appends to, which items each one predicts, and the merge of all files into predictions.jsonl.
 
 Every process reads every predictions file of the folder (predictions.jsonl and the predictions.rank*.jsonl a run
-of any number of processes left), and the items none of them holds are dealt out in turn: the k-th missing item
-goes to process k % N. The shares are balanced, neighbours in the data (often alike in length) land in different
-processes' batches evenly, and the split depends on the files alone, never on timing. So a killed run resumes with
-the same or another number of processes: what the union of the files holds is done, the rest is dealt again. Once
+of any number of processes left), and the items none of them holds are dealt out a batch at a time, in turn: the
+k-th missing item goes to process (k // batch_size) % N. So each process generates exactly the batches one process
+would (the same items padded together: the same answers, even in bf16), the shares differ by one batch at most,
+and the split depends on the files alone, never on timing. A killed run resumes with the same or another number of
+processes: what the union of the files holds is done, the rest is dealt again. Once
 all have finished, the first process merges the files in item order into predictions.jsonl (the file one process
 writes) and removes the per-process ones.
 """
@@ -35,9 +36,9 @@ def read_all(folder: Path) -> dict[Path, PredictionsFile]:
     return {path: read_predictions(path) for path in paths}
 
 
-def owner(k: int, world: int) -> int:
+def owner(k: int, world: int, batch_size: int) -> int:
     """The process that predicts the k-th item (counting from 0) that no file holds yet."""
-    return k % world
+    return (k // batch_size) % world
 
 
 def remove_all(folder: Path) -> None:
