@@ -10,6 +10,7 @@ PACKAGE = ROOT / "vlmkit"
 # Left to right: a module may import from its own package or from a layer to its left.
 LAYERS = [
     {"config", "hardware", "allocator", "plots"},
+    {"distributed"},
     {"models"},
     {"checkpoints", "processing"},
     {"data", "generation"},

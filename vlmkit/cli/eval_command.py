@@ -2,6 +2,8 @@
 
 `--tasks a,b` as lmms-eval takes it; lmms-eval's names of the tasks vlmkit implements are aliases of vlmkit's own
 (vqav2_val -> vqav2, ...). The model loads once, at the first task that has something left to predict.
+Under torchrun (`torchrun --nproc_per_node N -m vlmkit eval ...`) the processes share each task's items, each on its
+own device (cuda:LOCAL_RANK with --device auto or cuda), and the first one prints the results.
 """
 
 from __future__ import annotations
@@ -108,6 +110,16 @@ def cmd_eval(args) -> int:
 
     tasks = task_list(args)
     data = data_for(tasks, args.data or [])
+    processes = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..distributed import init_processes
+
+        try:
+            processes = init_processes(args.device, timeout_minutes=24 * 60)  # one done early waits for the rest
+        except ValueError as e:  # an unavailable --device
+            raise CLIError(str(e)) from None
+        args.device = str(processes.device)
+    quiet = processes is not None and not processes.is_main  # the first process prints the results
     loaded = []
 
     def model():  # one load for every task, and none when every task is already predicted
@@ -123,13 +135,20 @@ def cmd_eval(args) -> int:
                            batch_size=args.batch_size, output_dir=output, max_new_tokens=args.max_new_tokens,
                            seed=args.seed, overwrite=args.overwrite, image_root=args.image_root,
                            model_name=args.model, load_options={"dtype": args.dtype, "quantize": args.quantize,
-                                                                "device": args.device, "adapter": args.adapter})
+                                                                "device": args.device, "adapter": args.adapter},
+                           processes=processes)
+        summary += metric_rows(results["markdown"])
+        if quiet:
+            continue
         sys.stdout.write(results["markdown"] + ("\n" if len(tasks) > 1 else ""))
         sys.stdout.flush()
         status(f"{PROG} eval: {task}: {results['n']} items ({results['failed']} failed); "
                f"predictions and results in {os.path.dirname(results['files']['results'])}")
-        summary += metric_rows(results["markdown"])
-    if len(tasks) > 1:  # every task's metrics in one table, as lmms-eval ends
+    if processes is not None:
+        from ..distributed import shutdown
+
+        shutdown(processes)
+    if len(tasks) > 1 and not quiet:  # every task's metrics in one table, as lmms-eval ends
         sys.stdout.write("\n".join([f"## all tasks ({len(tasks)})", "", "| task | metric | value |",
                                     "|---|---|---:|", *summary]) + "\n")
     return 0

@@ -19,6 +19,9 @@ Files in `output_dir`:
 
 Items that fail (an unreadable image, a prompt longer than the context) are reported, scored as wrong and not
 written, so the next run tries them again; a run in which nothing succeeds stops with the first error.
+
+Several processes (`processes=`, a DistContext from torchrun): each predicts its share into its own file, the first
+merges them into predictions.jsonl and writes the results (see shards.py); every process returns the results.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from ..checkpoints.io import atomic_write_text
+from ..data.files import Rows, read_rows, resolve_image
+from ..distributed import DistContext
+from ..plots import INSTALL_HINT, RESULTS_PNG, PlotUnavailable, plot_eval
+from . import shards
 from .predictions import (HOW_TO_REDO, PREDICTIONS, check_settings, load_predictions, prediction_settings,
                           read_predictions, rewrite_predictions)
-from ..data.files import Rows, read_rows, resolve_image
-from ..plots import INSTALL_HINT, RESULTS_PNG, PlotUnavailable, plot_eval
 from .spec import get_task
 from .tasks import Task
 
@@ -172,7 +177,8 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
              limit: Optional[int] = None, batch_size: int = 8, output_dir=None,
              max_new_tokens: Optional[int] = None, seed: int = 0, progress: Optional[bool] = None,
              overwrite: bool = False, image_root=None, model_name: Optional[str] = None,
-             load_options: Optional[dict] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+             load_options: Optional[dict] = None, log: Optional[Callable[[str], None]] = None,
+             processes: Optional[DistContext] = None) -> dict:
     """Run `task` on `model` and score it. Returns the results dict (also written to `output_dir`).
 
     model: a loaded VLM (or anything with `generate_batch`), a model folder or "default", or a zero-argument
@@ -184,6 +190,8 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
     VLM; no dtype means the device's compute dtype, as `vlmkit.load` picks it. dtype and quantize are kept with each
     prediction, with the generation settings: resuming with other ones is refused (overwrite=True starts over).
     Batch size and device are not among them: they change no answer beyond float rounding.
+    processes: the torchrun processes to share the items among (`vlmkit.distributed.init_processes`); every one
+    must call evaluate with the same arguments.
     """
     say = log or (lambda msg: (sys.stderr.write(msg + "\n"), sys.stderr.flush()))
     if batch_size < 1:
@@ -206,26 +214,38 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
 
     out_dir = Path(output_dir) if output_dir else Path("eval-results") / f"{t.name}-{_slug(name)}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = processes or DistContext()
     pred_path = out_dir / PREDICTIONS
-    if overwrite and pred_path.exists():
-        pred_path.unlink()
+    own_path = pred_path if ctx.world == 1 else shards.shard_path(out_dir, ctx.rank)
+    if overwrite and ctx.is_main:
+        shards.remove_all(out_dir)
+    ctx.barrier()
     gen = {"max_new_tokens": int(max_new_tokens or t.max_new_tokens), "do_sample": False}
     settings = prediction_settings(model, model_name, load_options, gen["max_new_tokens"], t.spec)
-    stored = read_predictions(pred_path)
-    done = stored.lines
-    for line in done.values():
-        if line.get("task") != t.name or line.get("model") != name:
-            raise ValueError(f"{pred_path} holds predictions of task {line.get('task')!r} by model "
-                             f"{line.get('model')!r}, not {t.name!r} by {name!r}; use another output folder or "
-                             f"--overwrite")
-    check_settings(pred_path, done, settings)
-    if stored.needs_rewrite:
-        rewrite_predictions(pred_path, done.values())
+    files = shards.read_all(out_dir)
+    done: dict[str, dict] = {}
+    for path, stored in files.items():
+        for line in stored.lines.values():
+            if line.get("task") != t.name or line.get("model") != name:
+                raise ValueError(f"{path} holds predictions of task {line.get('task')!r} by model "
+                                 f"{line.get('model')!r}, not {t.name!r} by {name!r}; use another output folder or "
+                                 f"--overwrite")
+        check_settings(path, stored.lines, settings)
+        done.update(stored.lines)
+    ctx.barrier()  # every process has read the files before any writes: the shares depend on them
+    stored = files.get(own_path)
+    if stored is not None and stored.needs_rewrite:
+        rewrite_predictions(own_path, stored.lines.values())
         if stored.unreadable:
-            say(f"vlmkit eval: removed {stored.unreadable} unreadable line(s) from {pred_path}")
+            say(f"vlmkit eval: removed {stored.unreadable} unreadable line(s) from {own_path}")
+    must_merge = ctx.world > 1 or any(path != pred_path for path in files)
 
-    bar = _Progress(total, t.name, sys.stderr.isatty() if progress is None else progress)
+    bar = _Progress(total, t.name if ctx.world == 1 else f"{t.name} (process {ctx.rank + 1} of {ctx.world})",
+                    (sys.stderr.isatty() and ctx.is_main) if progress is None else progress)
     selected: list[str] = []
+    row_fields: dict[str, dict] = {}
+    missing = 0  # items no file holds so far: dealt out to the processes a batch at a time
+    crashed: Optional[Exception] = None
     failed: dict[str, dict] = {}
     pending: list[tuple] = []
     state = {"model": None, "succeeded": 0, "errors": 0}
@@ -264,7 +284,7 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
         pending.clear()
 
     try:
-        with open(pred_path, "a", encoding="utf-8") as f:
+        with open(own_path, "a", encoding="utf-8") as f:
             seen: set[str] = set()
             for index, row in enumerate(rows):
                 if index >= total:
@@ -278,13 +298,18 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
                     record = {k: _jsonable(v) for k, v in t.record(row).items() if k not in _RESERVED}
                 except (KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{rows.source}: row {index} (id {rid}): {e}") from None
+                row_fields[rid] = record
+                if rid not in done:
+                    missing += 1
+                    if shards.owner(missing - 1, ctx.world, batch_size) != ctx.rank:
+                        bar.update(1)
+                        continue
                 try:
                     prompt, cells = t.build(row)
                 except (OSError, ValueError, KeyError, TypeError) as e:
                     prompt, cells = e, []
                 if rid in done:  # predicted before: rescored with this row's fields
                     _check_same_prompt(pred_path, done[rid], prompt)
-                    done[rid] = {**done[rid], **record}
                     bar.update(1)
                     continue
                 try:
@@ -299,8 +324,30 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
                 if len(pending) >= batch_size:
                     flush(f)
             flush(f)
+    except Exception as e:  # noqa: BLE001 -- every process learns of it below, so none waits for the others
+        if ctx.world == 1:
+            raise
+        crashed = e
     finally:
         bar.close()
+
+    if ctx.world > 1:
+        why = None if crashed is None else f"{type(crashed).__name__}: {crashed}"
+        shares = ctx.all_gather({"failed": failed, "error": why})
+        if crashed is not None:
+            raise crashed
+        for rank, share in enumerate(shares):
+            if share["error"] is not None:
+                raise ValueError(f"process {rank} of the evaluation failed: {share['error']}")
+        everyone = {rid: line for share in shares for rid, line in share["failed"].items()}
+        failed = {rid: everyone[rid] for rid in selected if rid in everyone}  # in item order, as one process has it
+    if must_merge:
+        if ctx.is_main:
+            done = shards.merge(out_dir, selected)
+        ctx.barrier()  # the merged file is whole before the other processes read it
+        if not ctx.is_main:
+            done = read_predictions(pred_path).lines
+    done = {rid: {**done[rid], **row_fields[rid]} for rid in selected if rid in done}  # scored with the rows' fields
 
     if failed and len(failed) == len(selected):
         raise ValueError(f"every item failed; the first: {next(iter(failed.values()))['error']}")
@@ -318,11 +365,13 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
         "files": {"predictions": str(pred_path), "results": str(out_dir / RESULTS_JSON),
                   "markdown": str(out_dir / RESULTS_MD)},
     }
-    _write_json(out_dir / RESULTS_JSON, _jsonable(results))
     markdown = results_markdown(results)
-    (out_dir / RESULTS_MD).write_text(markdown, encoding="utf-8")
+    if ctx.is_main:
+        _write_json(out_dir / RESULTS_JSON, _jsonable(results))
+        (out_dir / RESULTS_MD).write_text(markdown, encoding="utf-8")
     results["markdown"] = markdown
-    _draw_chart(results, out_dir / RESULTS_PNG, say)
+    if ctx.is_main:
+        _draw_chart(results, out_dir / RESULTS_PNG, say)
     results["item_scores"] = scored.get("item_scores", {})
     return results
 

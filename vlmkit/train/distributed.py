@@ -12,8 +12,6 @@ update equals one process's on the whole batch: the loss is a sum over label tok
 from __future__ import annotations
 
 import contextlib
-import datetime
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,39 +19,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..hardware import resolve_device
+from ..distributed import DistContext, init_processes, shutdown  # noqa: F401 -- train calls D.shutdown
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 
 
 @dataclass
-class DistContext:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+class TrainContext(DistContext):
+    """The processes plus how training wraps the model over them."""
+
     strategy: str = "none"
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1 and dist.is_available() and dist.is_initialized()
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
-    def sum(self, value: float) -> float:
-        """Sum of a number over all processes (float64 on the CPU for gloo, on the device for nccl)."""
-        if not self.active:
-            return float(value)
-        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t.item())
 
     def shard(self, items: list) -> list:
         """This process's contiguous share of a global batch (length-grouped batches stay similar per process)."""
@@ -63,36 +38,22 @@ class DistContext:
         return items[self.rank * n:(self.rank + 1) * n]
 
 
-def init_distributed(strategy: str = "auto", device: Optional[str] = None) -> DistContext:
+def init_distributed(strategy: str = "auto", device: Optional[str] = None) -> TrainContext:
     """The process group from torchrun's environment (nothing to do for a single process)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device)  # "auto"/None: CUDA, then MPS, then CPU; an unavailable device fails here
-    use_cuda = dev.type == "cuda"
-    if use_cuda and (device is None or str(device) in ("auto", "cuda")):
-        dev = torch.device(f"cuda:{local}")  # under torchrun each process takes its own GPU
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    base = init_processes(device)
+    world = base.world
     if strategy == "auto":
         strategy = "ddp" if world > 1 else "none"
     if strategy != "none" and world == 1:
         strategy = "none"  # one process: DDP/FSDP would only add overhead
     if strategy == "none" and world > 1:
         raise ValueError("several processes need --strategy ddp or fsdp")
-    return DistContext(rank, world, local, dev, strategy)
+    return TrainContext(base.rank, world, base.local_rank, base.device, strategy)
 
 
-def shutdown(ctx: DistContext) -> None:
-    if ctx.active:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def wrap_model(model: nn.Module, ctx: DistContext, find_unused: bool = True) -> nn.Module:
+def wrap_model(model: nn.Module, ctx: TrainContext, find_unused: bool = True) -> nn.Module:
     """DDP: a replica per process, gradients all-reduced; `find_unused` lets a batch leave trainable parameters
     unused (a text-only batch skips the vision tower and connector), at the cost of a graph walk per step. FSDP2: parameters, gradients and
     optimizer state sharded; one unit per transformer layer so only one layer is ever gathered at a time."""
