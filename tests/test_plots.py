@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from vlmkit import cli

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..distributed import DistContext, init_processes, shutdown  # noqa: F401 -- train calls D.shutdown
