@@ -77,7 +77,7 @@ class FinetuneConfig:
     max_length: Optional[int] = None
     group_by_length: bool = False
     pack_length: Optional[int] = None
-    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on GPUs and CPUs with bf16 units, else fp32) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     strategy: str = "auto"  # auto | none | ddp | fsdp
     device: Optional[str] = None  # None/"auto": CUDA, then MPS, then CPU (vlmkit.hardware.resolve_device)
