@@ -222,7 +222,10 @@ def test_cli_export_then_run_the_pair(tiny, tmp_path, capsys):
     out = tmp_path / "gguf"
     assert cli.main(["export", "--model", str(tiny.folder), "--gguf", str(out), "--gguf-type", "q8_0",
                      "--name", "tiny"]) == 0
-    assert {p.name for p in out.iterdir()} == {"tiny-q8_0.gguf", "mmproj-tiny-q8_0.gguf"}
+    assert {p.name for p in out.iterdir()} == {"tiny-q8_0.gguf", "mmproj-tiny-q8_0.gguf", "README.md"}
+    card = (out / "README.md").read_text()  # the Hub's card: a GGUF copy, loadable as it says
+    assert 'base_model_relation: "quantized"' in card and '- "gguf"' in card and '- "q8_0"' in card
+    assert "--model tiny-q8_0.gguf --mmproj mmproj-tiny-q8_0.gguf" in card
     capsys.readouterr()
     assert cli.main(["run", "--model", str(out / "tiny-q8_0.gguf"), "--mmproj", str(out / "mmproj-tiny-q8_0.gguf"),
                      "--image", IMAGE, "--max-new-tokens", "3", "What is it?"]) == 0

@@ -36,5 +36,23 @@ def cmd_export(args) -> int:
         text, mmproj = export_gguf(m.model, m.folder, out, name, args.gguf_type)
     except CheckpointError as e:
         raise CLIError(str(e)) from None
-    print(f"wrote {text}\nwrote {mmproj}")
+    card = write_gguf_card(m, out, name, args.gguf_type, text, mmproj)
+    print(f"wrote {text}\nwrote {mmproj}" + (f"\nwrote {card}" if card else ""))
     return 0
+
+
+def write_gguf_card(m, out: Path, name: str, gguf_type: str, text: Path, mmproj: Path):
+    """OUT_DIR/README.md: the Hub's card for a GGUF pair (how llama.cpp, Ollama and vlmkit load it)."""
+    from ..api import card_defaults
+    from ..checkpoints.model_card import write_model_card
+
+    usage = "\n".join([
+        "```bash",
+        f"vlmkit run --model {text.name} --mmproj {mmproj.name} --image photo.jpg \"Describe the image.\"",
+        f"llama-mtmd-cli -m {text.name} --mmproj {mmproj.name} --image photo.jpg -p \"Describe the image.\"",
+        "```", "",
+        "Ollama: a Modelfile with `FROM ./" + text.name + "` then `FROM ./" + mmproj.name + "`, then `ollama create`.",
+    ])
+    fields = {"base_model_relation": "quantized", **card_defaults(m.folder)}  # the Hub files GGUF files as quantized copies
+    return write_model_card(out, model=m.model, source=m.folder, usage=usage, title=f"{name} GGUF ({gguf_type})",
+                            tags=["gguf", "llama.cpp", gguf_type], **fields)
