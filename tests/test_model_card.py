@@ -13,6 +13,7 @@ import yaml
 
 import vlmkit
 from vlmkit import api, cli
+from vlmkit.checkpoints.folders import card_defaults
 from vlmkit.checkpoints.model_card import MARKER, hub_id, last_metrics, write_model_card
 
 DATA = Path(__file__).parent / "data" / "train"
@@ -88,10 +89,10 @@ def test_license_and_datasets_carry_over_from_the_source_card_and_hub_ids_show(s
 
 
 def test_the_default_models_card_names_its_base_and_license():
-    defaults = api.card_defaults(api.default_model_path())
+    defaults = card_defaults(api.default_model_path())
     assert defaults["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and defaults["license"] == "apache-2.0"
     assert defaults["base_model_relation"] == "finetune" and "default model" in defaults["description"]
-    assert api.card_defaults("/somewhere/else") == {}
+    assert card_defaults("/somewhere/else") == {}
 
 
 def test_quoting_survives_yaml(tmp_path):

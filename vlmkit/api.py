@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
@@ -11,10 +10,10 @@ import torch.nn.functional as F
 
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.gguf_mmproj import gguf_pair, image_processor_config, load_gguf_vlm, processor_settings
-from .checkpoints.hf import config_from_folder, load_model, save_model
-from .checkpoints.model_card import write_model_card
+from .checkpoints.folders import default_model_path, write_model_folder
+from .checkpoints.hf import config_from_folder, load_model
 from .checkpoints.peft import apply_adapter
-from .checkpoints.quantized import load_quantized, save_quantized, saved_quantization
+from .checkpoints.quantized import load_quantized, saved_quantization
 from .generation.caches import (
     ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts, image_run_starts,
 )
@@ -24,25 +23,12 @@ from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
 from .models.anyres import feature_count
 from .models.kv_cache import StaticKVCache
-from .models.lora import LoRALinear
 from .models.meta import shapes_only
 from .models.quant import QuantSpec, check_mode, memory_bytes, quantization_of, quantize_as_saved
 from .models.vlm import VLMModel, flat_images
 from .processing.chat_text import as_user_message
 from .processing.images import ImageLimits
 from .processing.prompts import is_messages
-
-# Files of a Hugging Face folder that describe the processor (copied by `save`).
-PROCESSOR_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
-)
-
-
-def default_model_path() -> Path:
-    return Path(__file__).parent / "weights" / "default"
-
 
 def is_default_model(m) -> bool:
     """Whether `m` (a VLM) is the embedded default model."""
@@ -133,41 +119,6 @@ def save(m: "VLM", folder) -> None:
     """Write `m` as a Hugging Face folder (config, safetensors, processor files, a README.md model card) that `load`
     reads back (a quantized model stays quantized: vlmkit reads that folder, transformers does not)."""
     write_model_folder(m.model, folder, m.folder)
-
-
-# What the embedded default model's card says it comes from: its language model, SmolLM2, whose license (Apache
-# 2.0) is also vlmkit's.
-DEFAULT_MODEL_CARD = {
-    "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "base_model_relation": "finetune", "license": "apache-2.0",
-    "description": "saved from vlmkit's embedded default model (a small ViT trained from scratch and a pixel-shuffle "
-                   "connector over SmolLM2-135M-Instruct with LoRA merged; its MODEL_CARD.md in the vlmkit package "
-                   "describes the training)",
-}
-
-
-def write_model_folder(model: VLMModel, folder, source: Optional[Path] = None) -> None:
-    """`model`'s weights and config into `folder` (quantized ones as saved-quantized), the processor files of
-    the folder it came from (`source`) and a model card (kept if the folder has a README.md of the user's)."""
-    folder = Path(folder)
-    if any(isinstance(layer, LoRALinear) for layer in model.modules()):
-        raise ValueError("this model holds LoRA layers beside quantized weights (an adapter over a quantized model), "
-                         "which a saved folder cannot: load it without quantize= to save it merged, or keep the "
-                         "adapter folder")
-    if quantization_of(model):
-        save_quantized(model, folder)
-    else:
-        save_model(model, folder)
-    if source is not None and Path(source).resolve() != folder.resolve():
-        for name in PROCESSOR_FILES:
-            if (Path(source) / name).is_file():
-                shutil.copyfile(Path(source) / name, folder / name)
-    write_model_card(folder, model=model, source=source, quantization=quantization_of(model), **card_defaults(source))
-
-
-def card_defaults(source) -> dict:
-    """Model card fields a folder cannot tell by itself (the embedded default model's base and license)."""
-    is_default = source is not None and Path(source).resolve() == default_model_path().resolve()
-    return dict(DEFAULT_MODEL_CARD) if is_default else {}
 
 
 class VLM:

@@ -43,7 +43,7 @@ def cmd_export(args) -> int:
 
 def write_gguf_card(m, out: Path, name: str, gguf_type: str, text: Path, mmproj: Path):
     """OUT_DIR/README.md: the Hub's card for a GGUF pair (how llama.cpp, Ollama and vlmkit load it)."""
-    from ..api import card_defaults
+    from ..checkpoints.folders import card_defaults
     from ..checkpoints.model_card import write_model_card
 
     usage = "\n".join([

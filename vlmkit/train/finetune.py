@@ -304,7 +304,8 @@ def save_merged(wrapped, cfg: FinetuneConfig, stage, folder: Path, ctx, source: 
     own dtype. Under FSDP (weights sharded) or over a quantized base (merged into the ORIGINAL float weights, not
     the dequantized ones), the first process rebuilds the float model and loads the trained tensors into it
     (`trained`: them gathered already, else gathered here)."""
-    from ..api import PROCESSOR_FILES, card_defaults, load
+    from ..api import load
+    from ..checkpoints.folders import PROCESSOR_FILES, card_defaults
     from ..checkpoints.hf import save_model
     from ..checkpoints.model_card import write_model_card
     from .lora import merge_lora
