@@ -46,7 +46,8 @@ PYEOF
 cd "$ROOT"
 "$VENV/bin/python" -m pytest -p no:cacheprovider tests/test_packaging.py tests/test_cli.py tests/test_describe.py \
   tests/test_images.py tests/test_quantize.py tests/test_chat_text.py tests/test_serve.py tests/test_serve_inputs.py \
-  tests/test_serve_completions.py tests/test_train_loop.py tests/test_train_readers.py tests/test_eval_runner.py
+  tests/test_serve_completions.py tests/test_train_loop.py tests/test_train_readers.py tests/test_eval_runner.py \
+  tests/test_structured_output.py tests/test_load_progress.py
 cd /tmp
 answer=$("$VENV/bin/vlmkit" run --image "$ROOT/examples/shapes.png" "What color is the circle?")
 [ "$answer" = red ] || { echo "lowest: expected 'red', got '$answer'" >&2; exit 1; }
