@@ -164,7 +164,9 @@ def test_a_model_saved_after_fused_decoding_writes_the_original_tensors(hf_check
     m = vlmkit.load(folder, quantize="int4", caches=False)
     vlmkit.save(m, tmp_path / "before")
     text = m.generate("<image>What is shown?", images=[image], max_new_tokens=4)  # decode steps fuse the layers
-    assert m.model.text.__dict__["_fused_projections"][0].qkv is not None
+    groups = m.model.text.__dict__["_fused_projections"][0]
+    # which groups fuse depends on the CPU's packed block rows (q/k/v need k and v rows on whole blocks)
+    assert groups.gate_up is not None or groups.qkv is not None
     vlmkit.save(m, tmp_path / "after")
     before, after = ({k: v for f in (tmp_path / d).glob("*.safetensors") for k, v in load_file(str(f)).items()}
                      for d in ("before", "after"))

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import VLMConfig
 from ..models.lora import LoRALinear, merge_weight
+from ..models.meta import shapes_only
 from ..models.quant import is_quantized
 from ..models.vlm import VLMModel
 from .families import FAMILIES, Family
@@ -44,7 +45,7 @@ def family_of(cfg: VLMConfig) -> Family:
 def module_names(cfg: VLMConfig) -> dict:
     """Every parameter of a `cfg` model: our name -> transformers 5's in-memory name (what peft keys by)."""
     family = family_of(cfg)
-    with torch.device("meta"):
+    with shapes_only():
         state = VLMModel(cfg).state_dict()
     return build_key_map(state, cfg.connector.kind, family.modules or family.prefixes, cfg)
 
