@@ -6,6 +6,7 @@ formats and schemas get a 400 naming the problem (never a 5xx) and the server ke
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from test_structured_output import PERSON  # noqa: E402
 from vlmkit.serve import create_app  # noqa: E402
 
 MODEL = "tiny-llava"
+SHAPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "shapes.png")
 BUDGET = 160
 COLOR = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
          "additionalProperties": False}
@@ -192,6 +194,42 @@ def test_ollama_bad_formats_are_400_and_the_server_keeps_serving(server, ollama_
 
 
 
+def test_vllm_guided_fields(client):
+    """vLLM's extra fields (`extra_body` in the openai client): guided_json (a schema, or its JSON text),
+    guided_regex, guided_choice, and the newer structured_outputs object, on both OpenAI routes."""
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Describe someone."}], max_tokens=BUDGET)
+    valid(client.chat.completions.create(**ask, extra_body={"guided_json": PERSON}).choices[0].message.content, PERSON)
+    text = client.chat.completions.create(**ask, extra_body={"guided_json": json.dumps(POINT)}).choices[0].message
+    valid(text.content, POINT)
+    choices = ["cat", "dog", 'a "quoted" ünïcode ✓', "new\nline"]
+    for body in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        assert client.chat.completions.create(**ask, extra_body=body).choices[0].message.content in choices
+    for body in ({"guided_regex": "[0-9]{3}-[a-z]{2}"}, {"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}}):
+        r = client.completions.create(model=MODEL, prompt="A code:", max_tokens=BUDGET, extra_body=body)
+        assert re.fullmatch("[0-9]{3}-[a-z]{2}", r.choices[0].text), r.choices[0].text
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"guided_choice": []}, "guided_choice", "non-empty list of non-empty strings"),
+    ({"guided_choice": ["a", 3]}, "guided_choice", "non-empty list of non-empty strings"),
+    ({"guided_json": "{not json"}, "guided_json", "is not valid JSON"),
+    ({"guided_json": [1]}, "guided_json", "must be a JSON schema object"),
+    ({"guided_json": {"type": "strange"}}, None, "invalid JSON schema"),
+    ({"guided_regex": "(a"}, None, "invalid regex"),
+    ({"guided_regex": 5}, "guided_regex", "non-empty string"),
+    ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "not supported"),
+    ({"structured_outputs": {"json": {}, "regex": "a"}}, "structured_outputs", "one of 'json', 'regex' or 'choice'"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "response_format", "one structured output"),
+])
+def test_vllm_guided_fields_bad_are_400(client, body, param, message):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                       extra_body=body)
+    assert e.value.status_code == 400 and message in e.value.message, e.value.message
+    if param:
+        assert e.value.body["param"] == param
+
+
 @pytest.fixture(scope="module")
 def default_server():
     with LiveServer(create_app(vlmkit.load("default"), model_name="default", ui=False)) as live:
@@ -208,6 +246,17 @@ def test_default_model_any_json_through_both_apis(default_server):
         model="default", format="json", options={"num_predict": 64},
         messages=[{"role": "user", "content": "Give a city and its country as JSON."}])
     assert o.done_reason == "stop" and o.message.content == r.choices[0].message.content  # greedy, same rules
+
+
+def test_default_model_classifies_an_image_with_guided_choice(default_server):
+    oa = openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    image = "data:image/png;base64," + base64.b64encode(open(SHAPES, "rb").read()).decode()
+    r = oa.chat.completions.create(model="default", max_tokens=8, extra_body={"guided_choice": ["red", "green",
+                                                                                                 "blue", "yellow"]},
+                                   messages=[{"role": "user", "content": [
+                                       {"type": "image_url", "image_url": {"url": image}},
+                                       {"type": "text", "text": "What color is the circle?"}]}])
+    assert r.choices[0].message.content == "red" and r.choices[0].finish_reason == "stop"
 
 
 def test_openai_parse_helper_with_a_pydantic_model(default_server):

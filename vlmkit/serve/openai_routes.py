@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .checks import (MIN_REPETITION_PENALTY, APIError, bad, get_bool, get_number, get_stop, log_api_error,
                      read_json, show_value)
 from .engine import GenParams
-from .response_formats import openai_response_format
+from .response_formats import openai_constraint
 
 router = APIRouter()
 
@@ -109,7 +109,7 @@ def parse_params(body: dict) -> tuple[GenParams, bool, bool]:
         seed=get_number(body, "seed", integer=True),
         stop=get_stop(body.get("stop")),
         ignore_eos=get_bool(body, "ignore_eos", False),
-        constraint=openai_response_format(body.get("response_format")),
+        constraint=openai_constraint(body),
     )
     return params, stream, include_usage
 
