@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -279,8 +280,13 @@ def test_readme_structured_output_examples_run_as_written(default_server, monkey
     readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
     section = readme.split("## Structured output\n", 1)[1].split("\n## ", 1)[0]
     python, client = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    (curl,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands, curl = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     monkeypatch.chdir(root)
+    for line in commands.strip().splitlines():
+        command, shown = line.rsplit("   # ", 1)
+        run = subprocess.run(["bash", "-c", command.replace("vlmkit ", f"{sys.executable} -m vlmkit ", 1)], cwd=root,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and run.stdout.strip() == shown.strip(), (command, run.stdout, run.stderr)
     local = f"127.0.0.1:{default_server.port}"
     for code in (python, client.replace("127.0.0.1:8000", local)):
         exec(code, {})

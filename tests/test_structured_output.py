@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +183,26 @@ def test_fast_path_and_model_forward_apply_the_same_rule(vlm, monkeypatch):
     assert fast == slow
     for out in fast:
         valid(out, PERSON)
+
+
+def test_run_command_constrains_the_answer(tmp_path, capsys):
+    from vlmkit import cli
+
+    examples = Path(__file__).parent.parent / "examples"
+    schema = tmp_path / "color.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}},
+                                  "required": ["color"]}))
+    assert cli.main(["run", "--image", str(examples / "shapes.png"), "--json-schema", str(schema),
+                     "What color is the circle?"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"color": "red"}
+    assert cli.main(["run", "--image", str(examples / "count.png"), "--regex", "[0-9]+",
+                     "How many stars are there?"]) == 0
+    assert capsys.readouterr().out.strip() == "5"
+    # refused before the model loads: one line, exit code 2
+    for flags, message in [(["--json-schema", "{bad"], "neither a JSON schema nor a file"),
+                           (["--json-schema", "[1]"], "must be a JSON object"),
+                           (["--grammar", "start: ("], "invalid grammar"),
+                           (["--regex", "a", "--grammar", 'start: "a"'], "give one of")]:
+        assert cli.main(["run", *flags, "x"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

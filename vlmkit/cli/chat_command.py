@@ -7,13 +7,13 @@ import json
 import sys
 import time
 
-from .common import (GENERATION, MODEL, PROG, REMOTE_IMAGES, USAGE_ERROR, CLIError, arg, check_image_files, command,
-                     generation_options, load_images, load_model, one_line, remote_images_allowed, status,
-                     write_stream)
+from .common import (GENERATION, MODEL, PROG, REMOTE_IMAGES, STRUCTURED, USAGE_ERROR, CLIError, arg, check_image_files,
+                     command, generation_options, load_images, load_model, one_line, remote_images_allowed, status,
+                     structured_options, write_stream)
 
 
 @command("run", "answer one prompt about images, streaming the answer",
-         *MODEL, *GENERATION, REMOTE_IMAGES,
+         *MODEL, *GENERATION, *STRUCTURED, REMOTE_IMAGES,
          arg("--image", "-i", action="append", default=[], metavar="PATH",
              help="an image file or http(s) URL (repeat for several); placed where the prompt's <image> "
                   "placeholders are, else first"),
@@ -32,17 +32,18 @@ def cmd_run(args) -> int:
     remote = remote_images_allowed(args)
     check_image_files(args.image, remote)
     user_content(args.prompt, args.image)
+    options = {**generation_options(args), **structured_options(args)}
     images = load_images(args.image, remote)
     start = time.perf_counter()
     m = load_model(args)
     load_s = time.perf_counter() - start
     chat = Chat(m, system=args.system)
     if not args.json:
-        write_stream(chat.stream(args.prompt, images, **generation_options(args)))
+        write_stream(chat.stream(args.prompt, images, **options))
         return 0
     stats, pieces, first = {}, [], None
     start = time.perf_counter()
-    for piece in chat.stream(args.prompt, images, stats=stats, **generation_options(args)):
+    for piece in chat.stream(args.prompt, images, stats=stats, **options):
         first = time.perf_counter() - start if first is None else first
         pieces.append(piece)
     total = time.perf_counter() - start

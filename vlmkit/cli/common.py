@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -252,6 +253,42 @@ def remote_images_allowed(args) -> bool:
     if getattr(args, "allow_remote_images", None) is not None:
         return bool(args.allow_remote_images)
     return not getattr(args, "no_remote_images", False)
+
+
+STRUCTURED = (
+    arg("--json-schema", default=None, metavar="SCHEMA",
+        help="the answer is JSON valid against this schema: JSON text or a .json file ('{}': any JSON object)"),
+    arg("--regex", default=None, metavar="RE", help="the whole answer matches this regular expression"),
+    arg("--grammar", default=None, metavar="LARK",
+        help="the answer follows this Lark grammar (llguidance's dialect): text or a file"),
+)
+
+
+def structured_options(args) -> dict:
+    """--json-schema / --regex / --grammar as generate()'s options, checked before the model loads."""
+    given = [flag for flag in ("json_schema", "regex", "grammar") if getattr(args, flag, None) is not None]
+    if len(given) > 1:
+        raise CLIError(f"give one of --json-schema, --regex, --grammar, not {len(given)}")
+    if not given:
+        return {}
+    flag, value = given[0], getattr(args, given[0])
+    if flag != "regex" and os.path.isfile(os.path.expanduser(value)):
+        value = open(os.path.expanduser(value), encoding="utf-8").read()
+    if flag == "json_schema":
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise CLIError(f"--json-schema is neither a JSON schema nor a file holding one: {e}") from None
+        if not isinstance(value, dict):
+            raise CLIError(f"--json-schema must be a JSON object, got {type(value).__name__}")
+        value = value or True  # '{}': any JSON object
+    from ..generation.constraints import Constraint
+
+    try:
+        Constraint(flag, value).grammar_text()
+    except ValueError as e:
+        raise CLIError(f"--{flag.replace('_', '-')}: {e}") from None
+    return {flag: value}
 
 
 def generation_options(args) -> dict:
