@@ -1,0 +1,118 @@
+"""`vlmkit info`'s torch-free path (vlmkit.checkpoints.header_info): the same dict as `api.describe` for every family
+it answers for, None (describe() then answers) wherever it cannot be sure, and no `import torch` in `vlmkit info`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vlmkit
+from hf_fixtures import FAMILIES
+from vlmkit import api, cli, hardware, machine
+from vlmkit.checkpoints import header_info
+from vlmkit.checkpoints.header_info import describe_from_headers
+
+ROOT = Path(__file__).parent.parent
+HAS_DEFAULT = (api.default_model_path() / "config.json").is_file()
+
+
+@pytest.fixture(autouse=True)
+def same_cpu_flags(monkeypatch):
+    """The suite runs describe() with the CPU flags conftest patches into vlmkit.hardware: the fast path reads the
+    same ones."""
+    monkeypatch.setattr(machine, "cpu_flags", hardware.cpu_flags)
+    monkeypatch.setattr(header_info, "cpu_flags", hardware.cpu_flags)
+    monkeypatch.setattr(header_info, "surely_cpu_only", lambda: True)  # as on this GPU-less machine
+
+
+def assert_same(folder, **kwargs):
+    fast = describe_from_headers(folder, **kwargs)
+    assert fast is not None, "the fast path declined"
+    assert fast == api.describe(folder, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [None, "bf16", "float16"])
+def test_hf_families_as_described(hf_checkpoint_dir, family, dtype):
+    assert_same(hf_checkpoint_dir(family), dtype=dtype)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+def test_gemma_families_as_described(tmp_path, family):
+    from gemma_fixtures import build_checkpoint
+
+    assert_same(build_checkpoint(family, str(tmp_path)))
+
+
+def test_mllama_cross_attention_layers_from_the_config(tmp_path):
+    """Mllama keeps its cross-attention layers in the decoder's own stack: the config says which they are."""
+    from mllama_fixtures import build_checkpoint
+
+    folder = build_checkpoint(str(tmp_path))
+    assert_same(folder)
+    assert describe_from_headers(folder)["cross_attention_parameters"] > 0
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="the embedded default model is not installed")
+@pytest.mark.parametrize("dtype", [None, "fp32"])
+def test_default_model_as_described(dtype):
+    assert_same("default", dtype=dtype, device="cpu")
+    assert describe_from_headers("default")["folder"] == str(api.default_model_path())
+
+
+def test_sharded_folder(hf_checkpoint_dir, tmp_path):
+    from vlmkit.checkpoints.hf import save_model
+
+    m = vlmkit.load(hf_checkpoint_dir("llava"))
+    save_model(m.model, tmp_path, max_shard_bytes=20_000)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert_same(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_saved_quantized_folders_go_to_describe(hf_checkpoint_dir, tmp_path, capsys, mode):
+    vlmkit.save(vlmkit.load(hf_checkpoint_dir("llava"), quantize=mode), tmp_path / "q")
+    assert describe_from_headers(tmp_path / "q") is None
+    assert cli.main(["info", str(tmp_path / "q"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == api.describe(tmp_path / "q")
+
+
+def test_declines_where_torch_must_decide(hf_checkpoint_dir, monkeypatch):
+    folder = hf_checkpoint_dir("llava")
+    for kwargs in (dict(device="cuda"), dict(device="cuda:0"), dict(device="mps"), dict(device="nonsense"),
+                   dict(dtype="int8"), dict(dtype=object())):
+        assert describe_from_headers(folder, **kwargs) is None, kwargs
+    monkeypatch.setattr(header_info, "surely_cpu_only", lambda: False)  # a GPU driver, or macOS
+    assert describe_from_headers(folder) is None and describe_from_headers(folder, device="auto") is None
+    assert describe_from_headers(folder, device="cpu") is not None
+
+
+def test_declines_unknown_tensors_and_bad_folders(hf_checkpoint_dir, tmp_path):
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    assert describe_from_headers(tmp_path / "missing") is None
+    folder = tmp_path / "extra"
+    shutil.copytree(hf_checkpoint_dir("llava"), folder)
+    save_file({"something.else": np.zeros(3, np.float32)}, folder / "model.safetensors")
+    assert describe_from_headers(folder) is None  # a name no rule places: describe() answers (or explains)
+
+
+def test_info_command_never_imports_torch(tmp_path, hf_checkpoint_dir):
+    """`vlmkit info` of a folder and of the default model answers from headers: torch is never imported."""
+    targets = [hf_checkpoint_dir("llava")] + (["default"] if HAS_DEFAULT else [])
+    for target in targets:
+        run = subprocess.run([sys.executable, "-X", "importtime", "-m", "vlmkit", "info", target, "--json"],
+                             capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert run.returncode == 0, run.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time")}
+        if header_info.surely_cpu_only():  # the real check: on a machine with a GPU driver torch decides
+            assert "torch" not in imported
+        info = json.loads(run.stdout)
+        assert info["parameters"] == info["vision_parameters"] + info["connector_parameters"] + \
+            info["cross_attention_parameters"] + info["text_parameters"]
