@@ -77,11 +77,19 @@ def test_sharded_folder(hf_checkpoint_dir, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_saved_quantized_folders_go_to_describe(hf_checkpoint_dir, tmp_path, capsys, mode):
-    vlmkit.save(vlmkit.load(hf_checkpoint_dir("llava"), quantize=mode), tmp_path / "q")
-    assert describe_from_headers(tmp_path / "q") is None
-    assert cli.main(["info", str(tmp_path / "q"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == api.describe(tmp_path / "q")
+@pytest.mark.parametrize("family", ["llava", "idefics"])
+def test_saved_quantized_folders(hf_checkpoint_dir, tmp_path, family, mode):
+    """Quantized layers count out x in parameters and their in-memory buffers' bytes, as describe() counts them."""
+    vlmkit.save(vlmkit.load(hf_checkpoint_dir(family), quantize=mode), tmp_path / "q")
+    assert_same(tmp_path / "q")
+    assert_same(tmp_path / "q", dtype="bf16")
+    assert describe_from_headers(tmp_path / "q", device="cpu")["quantization"] == mode
+
+
+@pytest.mark.skipif(not HAS_DEFAULT, reason="the embedded default model is not installed")
+def test_saved_quantized_default_model(tmp_path):
+    vlmkit.save(vlmkit.load("default", quantize="int4"), tmp_path / "q")
+    assert_same(tmp_path / "q")
 
 
 def test_declines_where_torch_must_decide(hf_checkpoint_dir, monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 # The dtype spellings load(dtype=...) and the command line accept -> the dtype's name (torch.<name>).
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                "bfloat16": "bfloat16", "bf16": "bfloat16"}
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}  # bytes an element, by dtype name
 
 
 @functools.lru_cache(maxsize=1)

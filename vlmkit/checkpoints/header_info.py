@@ -5,7 +5,7 @@ map. `import torch` alone takes about a second; this answers in a fraction of th
 
 It answers only where it is certain to say what describe() says, and returns None elsewhere (the caller then
 asks describe()): a device other than the CPU, or "auto" where a GPU driver is present or the system is not Linux;
-folders saved quantized; LLaVA-NeXT tiling and Qwen2-VL native resolution (their token counts come from torch-side
+LLaVA-NeXT tiling and Qwen2-VL native resolution (their token counts come from torch-side
 code); any tensor name the key map does not place."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..machine import DTYPE_NAMES, ITEMSIZE, cpu_dtype, cpu_flags, surely_cpu_only
+from ..models.quant_layout import memory_bytes as quantized_bytes
+from ..models.quant_layout import saved_weight_shape
 from .families import UnsupportedCheckpoint
 from .folder_config import (
     ADAPTER, IGNORED_SUFFIXES, CheckpointError, config_from_folder, safetensors_header, saved_quantization,
@@ -44,14 +46,19 @@ def describe_from_headers(path_or_name="default", dtype=None, device=None) -> Op
         return None
     try:
         cfg, family, hf = config_from_folder(folder)
-        if saved_quantization(folder) or cfg.anyres is not None or cfg.vision.flavour == "qwen2_vl":
+        if cfg.anyres is not None or cfg.vision.flavour == "qwen2_vl":
             return None
-        counts = _adapter_counts(folder, cfg, hf) if (folder / ADAPTER).is_file() else _folder_counts(folder, cfg, family)
-    except (CheckpointError, UnsupportedCheckpoint, OSError, ValueError, KeyError):
+        saved = saved_quantization(folder)
+        if (folder / ADAPTER).is_file():
+            counts, quantized = None if saved else _adapter_counts(folder, cfg, hf), Counter()
+        else:
+            counts, quantized = _folder_counts(folder, cfg, family, saved)
+    except (CheckpointError, UnsupportedCheckpoint, OSError, ValueError, KeyError, TypeError):
         return None  # describe() names the problem
     if counts is None:
         return None
     total, itemsize, t = sum(counts.values()), ITEMSIZE[dtype], cfg.text
+    memory = (total - quantized["elements"]) * itemsize + quantized["bytes"]
     return {
         "family": cfg.extra.get("hf_architecture", cfg.family),
         "architecture": hf.get("architectures", [None])[0],
@@ -61,10 +68,10 @@ def describe_from_headers(path_or_name="default", dtype=None, device=None) -> Op
         "connector": cfg.connector.kind, "merge": cfg.merge, "tokens_per_image": cfg.tokens_per_image,
         "image_size": cfg.vision.image_size, "context_length": t.max_position_embeddings,
         "dtype": dtype, "device": "cpu",
-        "memory_bytes": total * itemsize,
+        "memory_bytes": memory,
         "kv_cache_bytes_per_token": 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize,
         "folder": str(folder),
-        "quantization": None,
+        "quantization": (saved or {}).get("mode"),
     }
 
 
@@ -77,26 +84,41 @@ def _certain_dtype(dtype, device) -> Optional[str]:
     return DTYPE_NAMES.get(dtype) if isinstance(dtype, str) else None  # a torch dtype: torch is loaded anyway
 
 
-def _folder_counts(folder: Path, cfg, family) -> Optional[Counter]:
-    """Elements per part, from the safetensors headers of a Hugging Face folder."""
+def _folder_counts(folder: Path, cfg, family, saved: Optional[dict]) -> tuple[Optional[Counter], Counter]:
+    """Elements per part, from the safetensors headers of a Hugging Face folder; and of those, the elements and
+    in-memory bytes of the layers saved quantized (`<name>.qweight/.scales(/.mins)`: `saved` names them)."""
     shapes = {}
     for path in set(weight_files(folder).values()):
         shapes.update((name, v["shape"]) for name, v in safetensors_header(path).items())
     rules = _part_patterns(cfg, family.prefixes)
     tied_head = family.prefixes["H"] + "weight"
     cross_layers = set(cfg.cross_attn.layers) if cfg.cross_attn is not None else set()
-    counts = Counter()
-    for name, canonical in normalize_names(shapes, family.aliases).items():
-        if name.endswith(IGNORED_SUFFIXES) or (cfg.text.tie_word_embeddings and canonical == tied_head):
+    canonical = normalize_names(shapes, family.aliases)
+    by_canonical = {c: n for n, c in canonical.items()}
+    counts, quantized = Counter(), Counter()
+    for name, c in canonical.items():
+        base, _, part = c.rpartition(".")
+        if name.endswith(IGNORED_SUFFIXES) or (cfg.text.tie_word_embeddings and c == tied_head):
             continue  # the loader skips them too
-        parts = {part for pattern, part in rules if pattern.fullmatch(canonical)}
+        if saved and part in ("scales", "mins") and base + ".qweight" in by_canonical:
+            continue  # counted with their qweight
+        elements = math.prod(shapes[name])
+        if saved and part == "qweight":
+            kind = "int4" if base + ".mins" in by_canonical else "int8"  # embed8 is laid out as int8
+            n, k = saved_weight_shape(kind, shapes[name])
+            elements = n * k
+            quantized.update(elements=elements, bytes=quantized_bytes(kind, n, k, saved["group_size"]), layers=1)
+            c = base + ".weight"
+        parts = {p for pattern, p in rules if pattern.fullmatch(c)}
         if parts == {"text", "cross"} and cfg.family == "mllama":  # one stack: the config says which are cross
-            index = int(canonical[len(family.prefixes["X"]):].split(".")[0])
+            index = int(c[len(family.prefixes["X"]):].split(".")[0])
             parts = {"cross" if index in cross_layers else "text"}
         if len(parts) != 1:
-            return None
-        counts[parts.pop()] += math.prod(shapes[name])
-    return counts
+            return None, quantized
+        counts[parts.pop()] += elements
+    if saved and quantized["layers"] != len(saved.get("modules", {})):
+        return None, quantized
+    return counts, quantized
 
 
 def _part_patterns(cfg, prefixes: dict) -> list:
