@@ -60,6 +60,35 @@ def test_mllama_cross_attention_layers_from_the_config(tmp_path):
     assert describe_from_headers(folder)["cross_attention_parameters"] > 0
 
 
+def test_llava_next_tiling_as_described(tmp_path):
+    """LLaVA-NeXT: the most tokens an image can take and its grids (anyres_grid), the row separator with the
+    connector."""
+    import transformers as tf
+    from hf_fixtures import _TEXT, _VISION, _quiet
+
+    _quiet()
+    cfg = tf.LlavaNextConfig(
+        vision_config=tf.CLIPVisionConfig(image_size=42, patch_size=14, projection_dim=32,
+                                          **{**_VISION, "num_hidden_layers": 2}),
+        text_config=tf.MistralConfig(vocab_size=300, sliding_window=None, **_TEXT), image_token_index=299,
+        image_grid_pinpoints=[[42, 84], [84, 42], [84, 84]], vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
+    tf.LlavaNextForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    tf.LlavaNextImageProcessorPil(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42},
+                                  image_grid_pinpoints=cfg.image_grid_pinpoints).save_pretrained(tmp_path)
+    assert_same(tmp_path)
+    assert describe_from_headers(tmp_path, device="cpu")["anyres_grids"] == [[1, 2], [2, 1], [2, 2]]
+
+
+def test_qwen2_vl_goes_to_describe(tmp_path, capsys):
+    """Qwen2-VL's token range comes from its image processor, which the torch-free path does not read."""
+    from qwen_fixtures import build_checkpoint
+
+    folder = build_checkpoint(str(tmp_path))
+    assert describe_from_headers(folder) is None
+    assert cli.main(["info", folder, "--json"]) == 0
+
+
 @pytest.mark.skipif(not HAS_DEFAULT, reason="the embedded default model is not installed")
 @pytest.mark.parametrize("dtype", [None, "fp32"])
 def test_default_model_as_described(dtype):

@@ -5,8 +5,8 @@ map. `import torch` alone takes about a second; this answers in a fraction of th
 
 It answers only where it is certain to say what describe() says, and returns None elsewhere (the caller then
 asks describe()): a device other than the CPU, or "auto" where a GPU driver is present or the system is not Linux;
-LLaVA-NeXT tiling and Qwen2-VL native resolution (their token counts come from torch-side
-code); any tensor name the key map does not place."""
+Qwen2-VL's native resolution (its token range comes from the image processor); any tensor name the key map does not
+place; an adapter folder whose GGUF is not at hand."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..machine import DTYPE_NAMES, ITEMSIZE, cpu_dtype, cpu_flags, surely_cpu_only
+from ..models.anyres_grid import image_tokens
 from ..models.quant_layout import memory_bytes as quantized_bytes
 from ..models.quant_layout import saved_weight_shape
 from .families import UnsupportedCheckpoint
@@ -46,7 +47,7 @@ def describe_from_headers(path_or_name="default", dtype=None, device=None) -> Op
         return None
     try:
         cfg, family, hf = config_from_folder(folder)
-        if cfg.anyres is not None or cfg.vision.flavour == "qwen2_vl":
+        if cfg.vision.flavour == "qwen2_vl":
             return None
         saved = saved_quantization(folder)
         if (folder / ADAPTER).is_file():
@@ -65,7 +66,7 @@ def describe_from_headers(path_or_name="default", dtype=None, device=None) -> Op
         "parameters": total,
         "vision_parameters": counts["vision"], "connector_parameters": counts["connector"],
         "cross_attention_parameters": counts["cross"], "text_parameters": counts["text"],
-        "connector": cfg.connector.kind, "merge": cfg.merge, "tokens_per_image": cfg.tokens_per_image,
+        "connector": cfg.connector.kind, "merge": cfg.merge, **image_tokens(cfg),
         "image_size": cfg.vision.image_size, "context_length": t.max_position_embeddings,
         "dtype": dtype, "device": "cpu",
         "memory_bytes": memory,
