@@ -6,7 +6,8 @@ map. `import torch` alone takes about a second; this answers in a fraction of th
 It answers only where it is certain to say what describe() says, and returns None elsewhere (the caller then
 asks describe()): a device other than the CPU, or "auto" where a GPU driver is present or the system is not Linux;
 Qwen2-VL's native resolution (its token range comes from the image processor); any tensor name the key map does not
-place; an adapter folder whose GGUF is not at hand."""
+place; an adapter folder whose GGUF is not at hand. (A folder whose tensors disagree with its config does not load;
+describe() reports its config, this its tensors.)"""
 
 from __future__ import annotations
 
@@ -171,5 +172,7 @@ def _adapter_counts(folder: Path, cfg, hf: dict) -> Optional[Counter]:
     if cfg.text.tie_word_embeddings == ("output.weight" in shapes):
         return None  # the file and the config disagree on the head: the load fails, describe() says the config
     rows, width = shapes.pop("token_embd.weight")
-    counts["text"] += max(rows, cfg.text.vocab_size or 0) * width + sum(math.prod(s) for s in shapes.values())
+    if not cfg.text.vocab_size or rows > cfg.text.vocab_size:
+        return None  # the table is grown to the config's vocabulary, never cut: such a pair does not load
+    counts["text"] += cfg.text.vocab_size * width + sum(math.prod(s) for s in shapes.values())
     return counts
