@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from .machine import DTYPE_NAMES, KERNEL_FLAGS, cpu_dtype, cpu_flags, has_bf16_units
+from .machine import DTYPE_NAMES, cpu_dtype, cpu_flags, has_bf16_units
 
 # The dtype spellings load(dtype=...) and the command line accept.
 DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
@@ -22,6 +22,10 @@ def parse_dtype(dtype) -> Optional[torch.dtype]:
         return DTYPES[str(dtype)]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
+
+
+# The flags that decide which matmul kernels are fast: what benchmarks record beside their numbers.
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def kernel_flags() -> str:

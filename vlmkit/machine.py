@@ -31,10 +31,6 @@ def cpu_flags() -> frozenset:
     return frozenset(flags)
 
 
-# The flags that decide which matmul kernels are fast: what benchmarks record beside their numbers.
-KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
 def has_bf16_units(flags) -> bool:
     """True for CPUs with bf16 matrix instructions (AMX or AVX512-BF16). Elsewhere bf16 on the CPU is emulated and
     slower than float32 (measured on an AVX2 EPYC: a 256x1536x1536 matmul takes 127 ms in bf16, 32 ms in float32)."""
