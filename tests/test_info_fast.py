@@ -131,6 +131,28 @@ def test_declines_where_torch_must_decide(hf_checkpoint_dir, monkeypatch):
     assert describe_from_headers(folder, device="cpu") is not None
 
 
+def test_info_command_falls_back_to_describe(hf_checkpoint_dir, monkeypatch, capsys):
+    """Where the fast path declines, `vlmkit info` says what describe() says, its errors included."""
+    folder = hf_checkpoint_dir("llava")
+    calls = []
+    monkeypatch.setattr(api, "describe", lambda *a, **k: calls.append(k) or {"asked": k})
+    monkeypatch.setattr(header_info, "surely_cpu_only", lambda: False)
+    assert cli.main(["info", folder, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"asked": {"dtype": None, "device": "auto"}}
+    assert cli.main(["info", folder, "--json", "--device", "cuda:1", "--dtype", "bf16"]) == 0
+    assert calls[-1] == {"dtype": "bf16", "device": "cuda:1"}
+    monkeypatch.undo()
+    if not torch_sees_cuda():
+        assert cli.main(["info", folder, "--device", "cuda"]) == 2
+        assert "not available" in capsys.readouterr().err
+
+
+def torch_sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_declines_unknown_tensors_and_bad_folders(hf_checkpoint_dir, tmp_path):
     import shutil
 
