@@ -18,9 +18,11 @@ def float32_compute():
     """The suite compares numbers computed in float32 (parity with transformers, exact reloads): the default
     compute dtype is float32 on any CPU here, as on one without bf16 units; tests/test_hardware.py covers the
     choice itself by patching the flags again."""
-    from vlmkit import hardware
+    from vlmkit import hardware, machine
+    from vlmkit.checkpoints import header_info  # `vlmkit info`'s torch-free path reads the flags itself
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hardware, "cpu_flags", lambda: frozenset())
+        for module in (hardware, machine, header_info):
+            mp.setattr(module, "cpu_flags", lambda: frozenset())
         yield
 
 

@@ -9,7 +9,7 @@ PACKAGE = ROOT / "vlmkit"
 
 # Left to right: a module may import from its own package or from a layer to its left.
 LAYERS = [
-    {"config", "hardware", "allocator", "plots"},
+    {"config", "machine", "hardware", "allocator", "plots"},
     {"distributed"},
     {"models"},
     {"checkpoints", "processing"},
@@ -20,8 +20,8 @@ LAYERS = [
     {"__init__", "__main__"},
 ]
 # Siblings that may import one way: processing reads GGUF metadata and configs through checkpoints; training runs
-# an eval task between steps.
-ONE_WAY = {("processing", "checkpoints"), ("train", "eval")}
+# an eval task between steps; hardware decides from what the torch-free machine module reads.
+ONE_WAY = {("processing", "checkpoints"), ("train", "eval"), ("hardware", "machine")}
 MAX_LINES = 500
 
 

@@ -21,7 +21,7 @@ from .generation.constraints import Constraint
 from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
-from .models.anyres import feature_count
+from .models.anyres_grid import image_tokens
 from .models.kv_cache import StaticKVCache
 from .models.meta import shapes_only
 from .models.quant import QuantSpec, check_mode, memory_bytes, quantization_of, quantize_as_saved
@@ -422,7 +422,7 @@ def _info(model: VLMModel, image_processor, folder: Optional[Path], quantization
     cross = parameter_count(text, lambda name: name.startswith("cross_blocks"))
     t = cfg.text
     itemsize = next(model.parameters()).element_size()
-    image_size, tokens = cfg.vision.image_size, _image_tokens(cfg)
+    image_size, tokens = cfg.vision.image_size, image_tokens(cfg)
     settings = getattr(image_processor, "settings", None)
     if cfg.vision.flavour == "qwen2_vl" and settings is not None:  # native resolution: a range
         block = settings.patch_size * settings.merge_size
@@ -456,15 +456,6 @@ def parameter_count(module: Optional[torch.nn.Module], keep=lambda name: True) -
     return n + sum(getattr(m, "out_features", getattr(m, "num_embeddings", 0))
                    * getattr(m, "in_features", getattr(m, "embedding_dim", 0))
                    for name, m in module.named_modules() if hasattr(m, "dequantize") and keep(name))
-
-
-def _image_tokens(cfg) -> dict:
-    """tokens_per_image: fixed, or (LLaVA-NeXT anyres) the most an image can take, with its tiling."""
-    if cfg.anyres is None:
-        return {"tokens_per_image": cfg.tokens_per_image}
-    tile, pins = cfg.vision.image_size, cfg.anyres.grid_pinpoints
-    return {"tokens_per_image": max(feature_count(h, w, cfg.anyres, cfg.vision) for h, w in pins),
-            "anyres_grids": [[h // tile, w // tile] for h, w in pins]}
 
 
 __all__ = ["load", "save", "describe", "VLM", "config_from_folder"]

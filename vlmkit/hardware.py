@@ -3,15 +3,14 @@ that is fast on it. Checked before any weight is read, so a wrong device fails a
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from .machine import DTYPE_NAMES, cpu_dtype, cpu_flags, has_bf16_units
+
 # The dtype spellings load(dtype=...) and the command line accept.
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 AUTO = "auto"
 
 
@@ -25,21 +24,6 @@ def parse_dtype(dtype) -> Optional[torch.dtype]:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """The CPU's feature flags as /proc/cpuinfo lists them (Linux; empty elsewhere: then nothing is assumed)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    flags = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86 / ARM spelling
-            flags.update(value.split())
-    return frozenset(flags)
-
-
 # The flags that decide which matmul kernels are fast: what benchmarks record beside their numbers.
 KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
@@ -51,10 +35,8 @@ def kernel_flags() -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16). Elsewhere bf16 on the CPU is emulated and
-    slower than float32 (measured on an AVX2 EPYC: a 256x1536x1536 matmul takes 127 ms in bf16, 32 ms in float32)."""
-    flags = cpu_flags()
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    """True on CPUs with bf16 matrix instructions (vlmkit.machine.has_bf16_units)."""
+    return has_bf16_units(cpu_flags())
 
 
 def _mps_available() -> bool:
@@ -116,4 +98,4 @@ def compute_dtype(device: Union[None, str, torch.device] = None, requested=None)
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dev.type == "mps":
         return torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return getattr(torch, cpu_dtype(cpu_flags()))

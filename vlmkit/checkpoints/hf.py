@@ -15,65 +15,14 @@ from safetensors.torch import save_file
 from ..config import VLMConfig
 from ..models.quant import BUILDERS, QuantSpec
 from ..models.vlm import VLMModel
-from .builder import CheckpointError, TensorSource, build_model
-from .families import FAMILIES, Family, family_for_architecture
+from .builder import TensorSource, build_model
+from .families import FAMILIES
+from .folder_config import (  # noqa: F401  (their torch-free home; the loaders import them from here)
+    IGNORED_SUFFIXES, INDEX, WEIGHTS, CheckpointError, config_from_folder, read_config, safetensors_header,
+    weight_files,
+)
 from .io import atomic_write
 from .keymaps import build_key_map, normalize_names
-
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
-# Tensors some writers include that carry no weights of ours (recomputed buffers).
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
-
-
-def read_config(folder: Path) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-
-
-def weight_files(folder: Path) -> dict:
-    """tensor name -> file, from the index when sharded."""
-    folder = Path(folder)
-    if (folder / INDEX).is_file():
-        index = json.loads((folder / INDEX).read_text())
-        return {name: folder / shard for name, shard in index["weight_map"].items()}
-    if (folder / WEIGHTS).is_file():
-        with safe_open(folder / WEIGHTS, "pt") as f:
-            return {name: folder / WEIGHTS for name in f.keys()}
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise CheckpointError(f"{folder}: only pickle weights (.bin/.pt) found; vlmkit reads safetensors only")
-    raise CheckpointError(f"{folder}: no {WEIGHTS} or {INDEX}")
-
-
-def safetensors_header(path) -> dict:
-    """A safetensors file's header: tensor name -> {"dtype", "shape", "data_offsets"}, without touching the data
-    (the format: an 8-byte little-endian length, then that many bytes of JSON)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file (bad header: {e})") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def config_from_folder(folder) -> tuple[VLMConfig, Family, dict]:
-    hf = read_config(folder)
-    family = family_for_architecture(hf)
-    try:
-        cfg = family.from_hf(hf)
-    except KeyError as e:
-        raise CheckpointError(f"{folder}/config.json: {family.name} config lacks the field {e}") from None
-    cfg.extra["hf_config"] = hf
-    cfg.extra["hf_architecture"] = family.name
-    return cfg, family, hf
-
 
 class SafetensorsSource(TensorSource):
     """A Hugging Face folder's safetensors (one file or a sharded index), memory-mapped, through the family's key

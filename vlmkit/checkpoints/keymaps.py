@@ -148,16 +148,20 @@ def stack_key(cfg):
     return renumber
 
 
+def family_rules(connector_kind: str, prefixes: dict, cfg=None) -> list:
+    """The (our-name regex, HF-name template) rules of a family's layout."""
+    if cfg is not None and cfg.family == "mllama":
+        return MLLAMA_RULES
+    # the patch merger comes with its own ViT (Qwen2-VL), whose blocks are named differently
+    vision = QWEN_VISION_RULES if connector_kind == "patch_merger" else VISION_RULES
+    rules = vision + TEXT_RULES + CROSS_ATTN_RULES + CONNECTOR_RULES[connector_kind]
+    return rules + (ANYRES_RULES if "N" in prefixes else [])
+
+
 def build_key_map(our_keys, connector_kind: str, prefixes: dict, cfg=None) -> dict:
     """our tensor name -> HF tensor name, for every name in `our_keys` (cfg: the model's VLMConfig, which Mllama
     needs: its rules and layer numbering)."""
-    if cfg is not None and cfg.family == "mllama":
-        rules = MLLAMA_RULES
-    else:
-        # the patch merger comes with its own ViT (Qwen2-VL), whose blocks are named differently
-        vision = QWEN_VISION_RULES if connector_kind == "patch_merger" else VISION_RULES
-        rules = vision + TEXT_RULES + CROSS_ATTN_RULES + CONNECTOR_RULES[connector_kind]
-        rules += ANYRES_RULES if "N" in prefixes else []
+    rules = family_rules(connector_kind, prefixes, cfg)
     # Layers with norms after each block too (Gemma 2/3) call the norm before the MLP pre_feedforward_layernorm.
     sandwich = any(".post_attn_norm." in k for k in our_keys)
     names = {"MLP_NORM": "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm",

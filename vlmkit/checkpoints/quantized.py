@@ -18,15 +18,10 @@ from ..models.vlm import VLMModel
 from .adapter import is_adapter_folder, load_adapter_model
 from .builder import build_model
 from .families import FAMILIES
-from .hf import INDEX, WEIGHTS, SafetensorsSource, hf_config_for, read_config
+from .hf import INDEX, WEIGHTS, SafetensorsSource, hf_config_for
+from .folder_config import saved_quantization  # noqa: F401  (torch-free home; re-exported)
 from .io import atomic_write
 from .keymaps import build_key_map
-
-
-def saved_quantization(folder) -> Optional[dict]:
-    """The `quantization_config` of a folder written by `save_quantized`, else None."""
-    qc = read_config(folder).get("quantization_config")
-    return qc if isinstance(qc, dict) and qc.get("quant_method") == "vlmkit" else None
 
 
 def save_quantized(model: VLMModel, folder) -> None:

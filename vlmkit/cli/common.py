@@ -143,6 +143,12 @@ def load_model(args, describe: bool = False):
         raise CLIError(f"model folder {name!r} {what}")
     if name != "default" and not os.path.isfile(os.path.join(os.path.expanduser(name), "config.json")):
         raise CLIError(f"{name!r} is not a model folder: it has no config.json")
+    if describe:  # from the config and the checkpoint headers, without torch's second of import where it can
+        from ..checkpoints.header_info import describe_from_headers
+
+        info = describe_from_headers(name, dtype=args.dtype, device=args.device)
+        if info is not None:
+            return info
     from .. import api
 
     if name == "default" and not (api.default_model_path() / "config.json").is_file():

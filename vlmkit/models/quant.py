@@ -25,6 +25,8 @@ from torch import nn
 
 from . import quant_cuda, quant_kernels
 from .quant_cuda import pack_nibbles, unpack_nibbles
+from . import quant_layout
+from .quant_layout import memory_layout
 
 MODES = ("int8", "int4")
 DEFAULT_GROUP = 32
@@ -39,7 +41,7 @@ def check_mode(mode) -> Optional[str]:
 # The packed CPU kernels are fast with bfloat16 activations only: measured on this project's 2-core AVX-512 box
 # (M=1, 576x1536): bf16 52 us, float32 2,400 us (int4) / 1,300 us (int8), float16 as slow. So quantized layers take
 # float32 in, run the kernel in bf16 with bf16 scales, and hand float32 back; the residual stream stays float32.
-KERNEL_DTYPE = torch.bfloat16
+KERNEL_DTYPE = getattr(torch, quant_layout.KERNEL_DTYPE)
 REFINE = 16  # output heads: candidates whose logits are recomputed in float32 (see Int8Linear.project)
 
 
@@ -150,7 +152,8 @@ class Int8Linear(_Quantized):
     @classmethod
     def empty(cls, n: int, k: int, bias=None, dtype=torch.float32, group_size=None, device="meta"):
         """An [n, k] module of this kind without data (on the meta device: shapes and bytes only)."""
-        parts = {"qweight": torch.empty(n, k, dtype=torch.int8, device=device), "scales": torch.empty(n, device=device)}
+        parts = {name: torch.empty(shape, dtype=getattr(torch, kind), device=device)
+                 for name, (shape, kind) in memory_layout(cls.kind, n, k, group_size).items()}
         return cls.from_export(parts, bias, dtype, group_size)
 
 
@@ -282,8 +285,8 @@ class Int4Linear(_Quantized):
         module = cls.__new__(cls)
         _Quantized.__init__(module, dtype)
         module.out_features, module.in_features, module.group_size, module.layout = n, k, group_size, "cpu"
-        module.register_buffer("packed", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
-        module.register_buffer("scales_and_zeros", torch.empty(k // group_size, n, 2, dtype=KERNEL_DTYPE, device=device))
+        for name, (shape, kind) in memory_layout(cls.kind, n, k, group_size).items():
+            module.register_buffer(name, torch.empty(shape, dtype=getattr(torch, kind), device=device))
         module.bias = None if bias is None else nn.Parameter(torch.empty_like(bias, dtype=dtype), requires_grad=False)
         return module
 
