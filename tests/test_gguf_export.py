@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quantize
 
 import vlmkit
 from hf_fixtures import build_checkpoint, find_gguf
-from vlmkit.checkpoints.builder import CheckpointError
+from vlmkit.checkpoints.folder_config import CheckpointError
 from vlmkit.checkpoints.gguf import open_gguf
 from vlmkit.checkpoints.gguf_export import GGUF_TYPES, export_gguf, mmproj_tensor_name, text_tensor_name
 

@@ -394,7 +394,7 @@ def test_hub_config_with_transformers_4_defaults_left_out():
     """Shaped like llava-hf/llava-v1.6-mistral-7b-hf's config.json: its text config names only what differs from
     MistralConfig's defaults."""
     from vlmkit.checkpoints.families import llava_next_from_hf
-    from vlmkit.models.anyres import feature_count
+    from vlmkit.models.anyres_grid import feature_count
     hub = {
         "architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
         "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],

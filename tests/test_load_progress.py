@@ -10,7 +10,8 @@ import pytest
 import vlmkit
 from vlmkit import api
 from vlmkit.checkpoints import builder
-from vlmkit.checkpoints.hf import WEIGHTS, SafetensorsSource, safetensors_header
+from vlmkit.checkpoints.folder_config import WEIGHTS, safetensors_header
+from vlmkit.checkpoints.hf import SafetensorsSource
 from vlmkit.cli.common import load_progress
 from vlmkit.models.meta import shapes_only
 from vlmkit.models.vlm import VLMModel

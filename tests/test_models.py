@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_fixtures import FAMILIES, hf_inputs, load_hf, sample_images, sample_prompt
-from vlmkit.checkpoints.hf import CheckpointError, load_model, save_model
+from vlmkit.checkpoints.folder_config import CheckpointError
+from vlmkit.checkpoints.hf import load_model, save_model
 from vlmkit.models.kv_cache import KVCache
 
 IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_attention_mask")

@@ -15,7 +15,7 @@ tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 from vlmkit import cli
 from vlmkit.checkpoints.adapter import resolve_gguf
-from vlmkit.checkpoints.builder import CheckpointError
+from vlmkit.checkpoints.folder_config import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml"}  # import name -> distribution name, where they differ

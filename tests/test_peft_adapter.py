@@ -14,7 +14,7 @@ import torch
 
 import vlmkit
 from hf_fixtures import load_hf
-from vlmkit.checkpoints.hf import config_from_folder
+from vlmkit.checkpoints.folder_config import config_from_folder
 from vlmkit.checkpoints.peft import AdapterError, module_names
 from vlmkit.data.collate import Collator
 from vlmkit.data.readers import read_dataset

@@ -200,7 +200,7 @@ def test_adapter_folder_names_missing_and_unexpected_tensors(tmp_path, quantize)
 
     from vlmkit.api import default_model_path
     from vlmkit.checkpoints.adapter import ADAPTER
-    from vlmkit.checkpoints.builder import CheckpointError
+    from vlmkit.checkpoints.folder_config import CheckpointError
 
     folder = tmp_path / "adapter"
     shutil.copytree(default_model_path(), folder)

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.gguf_mmproj import gguf_pair, image_processor_config, load_gguf_vlm, processor_settings
 from .checkpoints.folders import default_model_path, write_model_folder
-from .checkpoints.hf import config_from_folder, load_model
+from .checkpoints.folder_config import config_from_folder, saved_quantization
+from .checkpoints.hf import load_model
 from .checkpoints.peft import apply_adapter
-from .checkpoints.quantized import load_quantized, saved_quantization
+from .checkpoints.quantized import load_quantized
 from .generation.caches import (
     ImageFeatureCache, PrefixCache, PrefixEntry, crop_digest, crop_starts, image_run_starts,
 )

@@ -15,10 +15,9 @@ from safetensors.torch import load_file
 from ..models.lora import merge_weight
 from ..models.quant import QuantSpec
 from ..models.vlm import VLMModel
-from .builder import CheckpointError, TensorSource, build_model
-from .folder_config import ADAPTER
+from .builder import TensorSource, build_model
+from .folder_config import ADAPTER, CheckpointError, config_from_folder
 from .gguf_header import resolve_gguf
-from .hf import config_from_folder
 
 
 def is_adapter_folder(folder) -> bool:

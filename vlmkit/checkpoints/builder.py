@@ -19,7 +19,7 @@ from ..config import VLMConfig
 from ..models.meta import shapes_only
 from ..models.quant import QuantSpec, describe, make_module
 from ..models.vlm import VLMModel
-from .folder_config import CheckpointError  # noqa: F401  (its home is torch-free; loaders import it from here)
+from .folder_config import CheckpointError
 
 
 class TensorSource:

@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, SpecialVocab, 
 from gguf.quants import QuantError, quantize
 
 from ..models.quant import quantization_of
-from .builder import CheckpointError
+from .folder_config import CheckpointError
 
 # --gguf-type -> (tensor type of 2-D weights, general.file_type)
 GGUF_TYPES = {

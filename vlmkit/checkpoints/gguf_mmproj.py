@@ -21,7 +21,8 @@ from gguf.quants import dequantize
 from ..config import ConnectorConfig, VisionConfig, VLMConfig
 from ..models.quant import QuantSpec
 from ..models.vlm import VLMModel
-from .builder import CheckpointError, TensorSource, build_model
+from .builder import TensorSource, build_model
+from .folder_config import CheckpointError
 from .families.common import SIGLIP
 from .gguf import GGUFSource, open_gguf, read_metadata, text_config_from_metadata
 

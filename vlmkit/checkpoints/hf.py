@@ -17,9 +17,8 @@ from ..models.quant import BUILDERS, QuantSpec
 from ..models.vlm import VLMModel
 from .builder import TensorSource, build_model
 from .families import FAMILIES
-from .folder_config import (  # noqa: F401  (their torch-free home; the loaders import them from here)
-    IGNORED_SUFFIXES, INDEX, WEIGHTS, CheckpointError, config_from_folder, read_config, safetensors_header,
-    weight_files,
+from .folder_config import (
+    IGNORED_SUFFIXES, INDEX, WEIGHTS, CheckpointError, config_from_folder, safetensors_header, weight_files,
 )
 from .io import atomic_write
 from .keymaps import build_key_map, normalize_names

@@ -18,8 +18,8 @@ from ..models.vlm import VLMModel
 from .adapter import is_adapter_folder, load_adapter_model
 from .builder import build_model
 from .families import FAMILIES
-from .hf import INDEX, WEIGHTS, SafetensorsSource, hf_config_for
-from .folder_config import saved_quantization  # noqa: F401  (torch-free home; re-exported)
+from .folder_config import INDEX, WEIGHTS, saved_quantization
+from .hf import SafetensorsSource, hf_config_for
 from .io import atomic_write
 from .keymaps import build_key_map
 

@@ -191,7 +191,7 @@ def _load_gguf(args, name: str, mmproj, describe: bool):
     if describe:
         raise CLIError("info reads model folders with config.json; GGUF pairs are not described yet")
     from .. import api
-    from ..checkpoints.builder import CheckpointError
+    from ..checkpoints.folder_config import CheckpointError
     from ..checkpoints.peft import AdapterError
 
     adapter = getattr(args, "adapter", None)

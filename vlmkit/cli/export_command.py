@@ -27,7 +27,7 @@ def cmd_export(args) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--gguf {args.gguf!r} is a file, not a folder")
     from ..api import load
-    from ..checkpoints.builder import CheckpointError
+    from ..checkpoints.folder_config import CheckpointError
     from ..checkpoints.gguf_export import export_gguf
 
     m = load(model_path, dtype="float32", device="cpu")

@@ -10,9 +10,7 @@ import torch
 from torch import nn
 
 from ..config import AnyresConfig, VisionConfig
-from .anyres_grid import (  # noqa: F401  (the geometry's torch-free home; importers of this module keep them)
-    feature_count, grid_shape, num_patches, select_best_resolution, unpadded_size,
-)
+from .anyres_grid import grid_shape, num_patches, unpadded_size
 
 
 class AnyresPacker(nn.Module):

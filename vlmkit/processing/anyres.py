@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models.anyres import select_best_resolution
+from ..models.anyres_grid import select_best_resolution
 from .image_ops import (
     ClipImageSettings, center_crop, convert_to_rgb, generic_output_size, nest_images, normalization_table, parallel_map,
     resize, write_normalized,

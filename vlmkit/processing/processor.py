@@ -108,7 +108,7 @@ class Processor:
         folder = str(folder)
         proc_cfg = _read_json(os.path.join(folder, "processor_config.json"))
         if cfg is None and os.path.isfile(os.path.join(folder, "config.json")):
-            from ..checkpoints.hf import config_from_folder
+            from ..checkpoints.folder_config import config_from_folder
 
             cfg = config_from_folder(folder)[0]
         if cfg is not None:

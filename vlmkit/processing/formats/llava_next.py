@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...models.anyres import select_best_resolution, unpadded_size
+from ...models.anyres_grid import select_best_resolution, unpadded_size
 from ..batching import CollateError, EncodedRow, pad_tokens
 from ..prompts import PromptRules, fill_placeholders, segments_text
 from .llava import LlavaFormat
