@@ -21,6 +21,11 @@ class CheckpointError(ValueError):
     pass
 
 
+def default_model_path() -> Path:
+    """The embedded default model's folder inside the package."""
+    return Path(__file__).parent.parent / "weights" / "default"
+
+
 def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():

@@ -10,6 +10,7 @@ from typing import Optional
 from ..models.lora import LoRALinear
 from ..models.quant import quantization_of
 from ..models.vlm import VLMModel
+from .folder_config import default_model_path
 from .hf import save_model
 from .model_card import write_model_card
 from .quantized import save_quantized
@@ -20,11 +21,6 @@ PROCESSOR_FILES = (
     "preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json",
     "generation_config.json",
 )
-
-
-def default_model_path() -> Path:
-    """The embedded default model's folder inside the package."""
-    return Path(__file__).parent.parent / "weights" / "default"
 
 
 # What the embedded default model's card says it comes from: its language model, SmolLM2, whose license (Apache

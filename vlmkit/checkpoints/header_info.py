@@ -23,8 +23,8 @@ from ..models.quant_layout import memory_bytes as quantized_bytes
 from ..models.quant_layout import saved_weight_shape
 from .families import UnsupportedCheckpoint
 from .folder_config import (
-    ADAPTER, IGNORED_SUFFIXES, CheckpointError, config_from_folder, safetensors_header, saved_quantization,
-    weight_files,
+    ADAPTER, IGNORED_SUFFIXES, CheckpointError, config_from_folder, default_model_path, safetensors_header,
+    saved_quantization, weight_files,
 )
 from .gguf_header import gguf_tensor_shapes, resolve_gguf
 from .keymaps import family_rules, normalize_names
@@ -35,15 +35,10 @@ _BACKREF = re.compile(r"\\\\(\d)")  # a template's \N, once re.escape'd
 _MLP_NORM = "MLPNORMSLOT"
 
 
-def default_folder() -> Path:
-    """Where the embedded default model lives (vlmkit/weights/default), as vlmkit.api.default_model_path says."""
-    return Path(__file__).parent.parent / "weights" / "default"
-
-
 def describe_from_headers(path_or_name="default", dtype=None, device=None) -> Optional[dict]:
     """vlmkit.api.describe(path_or_name, dtype, device) without importing torch, or None where it cannot be sure."""
     dtype = _certain_dtype(dtype, device)
-    folder = default_folder() if str(path_or_name) == "default" else Path(path_or_name).expanduser()
+    folder = default_model_path() if str(path_or_name) == "default" else Path(path_or_name).expanduser()
     if dtype is None or not (folder / "config.json").is_file():
         return None
     try:
