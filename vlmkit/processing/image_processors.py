@@ -1,11 +1,10 @@
 """Per-family image preprocessing, numerically equal to transformers' image processors (see image_ops.py for
 how: same PIL resizes, then a lookup table with transformers' arithmetic).
 
-This module: CLIP (LLaVA), IDEFICS, Qwen2-VL (smart resize, flat patches), and the factory. Idefics2 and
-Idefics3/SmolVLM (splitting, tiles, padding masks) live in `image_tiling.py`; the operations they all share in
-This module: CLIP (LLaVA), IDEFICS, Gemma 3 / PaliGemma (square resize, pan-and-scan), and the factory. Idefics2
-and Idefics3/SmolVLM (splitting, tiles, padding masks) live in `image_tiling.py`; the operations they all share in
-`image_ops.py`.
+This module: CLIP (LLaVA), IDEFICS, Qwen2-VL (smart resize, flat patches), Gemma 3 / PaliGemma (square resize,
+pan-and-scan), and the factory. Idefics2 and Idefics3/SmolVLM (splitting, tiles, padding masks) live in
+`image_tiling.py`, LLaVA-NeXT's tiles in `anyres.py`, Llama 3.2 Vision's in `image_tiles.py`; the operations they
+all share in `image_ops.py`.
 
 Every family function takes images per prompt (a list of lists of PIL images; a flat list means one
 prompt) and returns a dict: tensors under `TENSOR_KEYS`, plus plain-Python metadata (`num_images`, ...).
