@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
-from .checkpoints.gguf_mmproj import gguf_pair, image_processor_config, load_gguf_vlm, processor_settings
-from .checkpoints.folders import write_model_folder
 from .checkpoints.folder_config import config_from_folder, default_model_path, saved_quantization
+from .checkpoints.folders import write_model_folder
+from .checkpoints.gguf_mmproj import gguf_pair, image_processor_config, load_gguf_vlm, processor_settings
 from .checkpoints.hf import load_model
 from .checkpoints.peft import apply_adapter
 from .checkpoints.quantized import load_quantized
