@@ -198,7 +198,7 @@ def _load_gguf(args, name: str, mmproj, describe: bool):
     try:
         return api.load(os.path.expanduser(name), dtype=args.dtype, device=args.device, quantize=args.quantize,
                         mmproj=os.path.expanduser(mmproj) if mmproj else None, adapter=adapter,
-                        progress=load_progress(args))
+                        progress=load_progress(args), allow_remote_images=remote_images_allowed(args))
     except CheckpointError as e:
         raise CLIError(str(e)) from None
     except AdapterError as e:
