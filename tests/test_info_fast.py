@@ -20,12 +20,12 @@ HAS_DEFAULT = (api.default_model_path() / "config.json").is_file()
 REAL_FLAGS = machine.cpu_flags  # taken at import, before conftest's session patch
 
 
-def assert_same(folder, **kwargs):
+def assert_same(folder, native_resolution=None, **kwargs):
     """The fast dict is describe()'s (conftest gives both the same CPU flags). Where a GPU driver is present,
     "auto" is torch's to decide: the comparison is made on the CPU."""
     if not header_info.surely_cpu_only():
         kwargs.setdefault("device", "cpu")
-    fast = describe_from_headers(folder, **kwargs)
+    fast = describe_from_headers(folder, native_resolution=native_resolution, **kwargs)
     assert fast is not None, "the fast path declined"
     assert fast == api.describe(folder, **kwargs)
 
@@ -80,13 +80,18 @@ def test_llava_next_tiling_as_described(tmp_path):
     assert describe_from_headers(tmp_path, device="cpu")["anyres_grids"] == [[1, 2], [2, 1], [2, 2]]
 
 
-def test_qwen2_vl_goes_to_describe(tmp_path, capsys):
-    """Qwen2-VL's token range comes from its image processor, which the torch-free path does not read."""
+@pytest.mark.parametrize("qwen25", [False, True])
+def test_qwen2_vl_with_the_processors_pixel_range(tmp_path, capsys, qwen25):
+    """Qwen2-VL's token range comes from its image processor: read by processing/ (the CLI passes it in); without
+    that reading the fast path declines."""
     from qwen_fixtures import build_checkpoint
+    from vlmkit.processing.image_ops import native_resolution_of_folder
 
-    folder = build_checkpoint(str(tmp_path))
+    folder = build_checkpoint(str(tmp_path), qwen25=qwen25)
     assert describe_from_headers(folder) is None
+    assert_same(folder, native_resolution=native_resolution_of_folder)
     assert cli.main(["info", folder, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == api.describe(folder)
 
 
 @pytest.mark.skipif(not HAS_DEFAULT, reason="the embedded default model is not installed")

@@ -28,6 +28,7 @@ from .models.meta import shapes_only
 from .models.quant import QuantSpec, check_mode, memory_bytes, quantization_of, quantize_as_saved
 from .models.vlm import VLMModel, flat_images
 from .processing.chat_text import as_user_message
+from .processing.image_ops import native_resolution_info
 from .processing.images import ImageLimits
 from .processing.prompts import is_messages
 
@@ -426,10 +427,7 @@ def _info(model: VLMModel, image_processor, folder: Optional[Path], quantization
     image_size, tokens = cfg.vision.image_size, image_tokens(cfg)
     settings = getattr(image_processor, "settings", None)
     if cfg.vision.flavour == "qwen2_vl" and settings is not None:  # native resolution: a range
-        block = settings.patch_size * settings.merge_size
-        lo, hi = settings.size["shortest_edge"], settings.size["longest_edge"]
-        tokens = {"tokens_per_image": f"{max(1, lo // block ** 2)}-{hi // block ** 2} (one per {block}x{block} px)"}
-        image_size = f"{lo:,}-{hi:,} pixels (area), sides multiples of {block} px"
+        image_size, tokens = native_resolution_info(settings)
     return {
         "family": cfg.extra.get("hf_architecture", cfg.family),
         "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],

@@ -5,8 +5,8 @@ map. `import torch` alone takes about a second; this answers in a fraction of th
 
 It answers only where it is certain to say what describe() says, and returns None elsewhere (the caller then
 asks describe()): a device other than the CPU, or "auto" where a GPU driver is present or the system is not Linux;
-Qwen2-VL's native resolution (its token range comes from the image processor); any tensor name the key map does not
-place; an adapter folder whose GGUF is not at hand. (A folder whose tensors disagree with its config does not load;
+Qwen2-VL without the caller's reading of its image processor (`native_resolution`); any tensor name the key map
+does not place; an adapter folder whose GGUF is not at hand. (A folder whose tensors disagree with its config does not load;
 describe() reports its config, this its tensors.)"""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..machine import DTYPE_NAMES, ITEMSIZE, cpu_dtype, cpu_flags, surely_cpu_only
 from ..models.anyres_grid import image_tokens
@@ -35,16 +35,23 @@ _BACKREF = re.compile(r"\\\\(\d)")  # a template's \N, once re.escape'd
 _MLP_NORM = "MLPNORMSLOT"
 
 
-def describe_from_headers(path_or_name="default", dtype=None, device=None) -> Optional[dict]:
-    """vlmkit.api.describe(path_or_name, dtype, device) without importing torch, or None where it cannot be sure."""
+def describe_from_headers(path_or_name="default", dtype=None, device=None,
+                          native_resolution: Optional[Callable[[Path], tuple]] = None) -> Optional[dict]:
+    """vlmkit.api.describe(path_or_name, dtype, device) without importing torch, or None where it cannot be sure.
+    native_resolution: folder -> (image size, tokens per image) of a Qwen2-VL processor (the image processor's
+    reading, which lives in processing/: vlmkit.processing.image_ops.native_resolution_of_folder); without it such
+    folders get None."""
     dtype = _certain_dtype(dtype, device)
     folder = default_model_path() if str(path_or_name) == "default" else Path(path_or_name).expanduser()
     if dtype is None or not (folder / "config.json").is_file():
         return None
     try:
         cfg, family, hf = config_from_folder(folder)
+        image_size, tokens = cfg.vision.image_size, image_tokens(cfg)
         if cfg.vision.flavour == "qwen2_vl":
-            return None
+            if native_resolution is None:
+                return None
+            image_size, tokens = native_resolution(folder)
         saved = saved_quantization(folder)
         if (folder / ADAPTER).is_file():
             counts, quantized = None if saved else _adapter_counts(folder, cfg, hf), Counter()
@@ -62,8 +69,8 @@ def describe_from_headers(path_or_name="default", dtype=None, device=None) -> Op
         "parameters": total,
         "vision_parameters": counts["vision"], "connector_parameters": counts["connector"],
         "cross_attention_parameters": counts["cross"], "text_parameters": counts["text"],
-        "connector": cfg.connector.kind, "merge": cfg.merge, **image_tokens(cfg),
-        "image_size": cfg.vision.image_size, "context_length": t.max_position_embeddings,
+        "connector": cfg.connector.kind, "merge": cfg.merge, **tokens,
+        "image_size": image_size, "context_length": t.max_position_embeddings,
         "dtype": dtype, "device": "cpu",
         "memory_bytes": memory,
         "kv_cache_bytes_per_token": 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize,

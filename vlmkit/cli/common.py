@@ -146,7 +146,8 @@ def load_model(args, describe: bool = False):
     if describe:  # from the config and the checkpoint headers, without torch's second of import where it can
         from ..checkpoints.header_info import describe_from_headers
 
-        info = describe_from_headers(name, dtype=args.dtype, device=args.device)
+        info = describe_from_headers(name, dtype=args.dtype, device=args.device,
+                                     native_resolution=_native_resolution)
         if info is not None:
             return info
     from .. import api
@@ -165,6 +166,12 @@ def load_model(args, describe: bool = False):
         raise CLIError(f"--quantize {args.quantize}: {e}") from None
     except AdapterError as e:
         raise CLIError(f"--adapter {adapter}: {e}") from None
+
+
+def _native_resolution(folder):
+    from ..processing.image_ops import native_resolution_of_folder  # numpy + PIL, no torch: Qwen2-VL folders only
+
+    return native_resolution_of_folder(folder)
 
 
 def check_adapter_folder(path: str) -> None:

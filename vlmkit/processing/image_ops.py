@@ -13,9 +13,11 @@ image_tiling.py (Idefics2, Idefics3 / SmolVLM).
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -86,6 +88,64 @@ class ClipImageSettings(ImageSettings):
         if config.get("crop_size") is None:
             return {}
         return {"crop_size": size_dict(config["crop_size"], default_to_square=True)}
+
+
+@dataclass
+class Qwen2VLImageSettings(ImageSettings):
+    """Qwen2VLImageProcessor (Qwen2-VL, Qwen2.5-VL): size = {shortest_edge: min_pixels, longest_edge: max_pixels};
+    the legacy min_pixels / max_pixels keys win, as in transformers."""
+
+    size: dict = field(default_factory=lambda: {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
+    resample: int = int(Image.Resampling.BICUBIC)
+    image_mean: tuple = OPENAI_CLIP_MEAN
+    image_std: tuple = OPENAI_CLIP_STD
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    _size_int_is_square = False
+
+    @classmethod
+    def _extra_from_dict(cls, config: dict) -> dict:
+        size = dict(size_dict(config["size"], False)) if config.get("size") is not None else {
+            "shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
+        for legacy, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            if legacy in size:  # some hub files write {"min_pixels": ..., "max_pixels": ...} as the size
+                size[key] = size.pop(legacy)
+            if config.get(legacy) is not None:
+                size[key] = int(config[legacy])
+        if not size.get("shortest_edge") or not size.get("longest_edge"):
+            raise ValueError(f"Qwen2-VL image size needs shortest_edge (min pixels) and longest_edge (max pixels), "
+                             f"got {size}")
+        return {"size": size}
+
+
+def native_resolution_info(settings: Qwen2VLImageSettings) -> tuple[str, dict]:
+    """(image size, tokens per image) as `VLM.info()` states them for a native-resolution (Qwen2-VL) processor:
+    ranges, from its pixel bounds and patch x merge blocks."""
+    block = settings.patch_size * settings.merge_size
+    lo, hi = settings.size["shortest_edge"], settings.size["longest_edge"]
+    tokens = {"tokens_per_image": f"{max(1, lo // block ** 2)}-{hi // block ** 2} (one per {block}x{block} px)"}
+    return f"{lo:,}-{hi:,} pixels (area), sides multiples of {block} px", tokens
+
+
+def image_config_from_folder(folder, proc_cfg: Optional[dict] = None) -> dict:
+    """A model folder's image processor settings: processor_config.json's `image_processor` section, else
+    preprocessor_config.json ({} when neither has them)."""
+    if proc_cfg is None:
+        proc_cfg = _read_json(os.path.join(str(folder), "processor_config.json"))
+    return proc_cfg.get("image_processor") or _read_json(os.path.join(str(folder), "preprocessor_config.json"))
+
+
+def native_resolution_of_folder(folder) -> tuple[str, dict]:
+    """`native_resolution_info` of a Qwen2-VL folder, read from its files alone (what `vlmkit info` needs)."""
+    return native_resolution_info(Qwen2VLImageSettings.from_dict(image_config_from_folder(folder)))
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def size_dict(size, default_to_square: bool = True) -> dict:

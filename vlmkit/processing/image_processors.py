@@ -21,8 +21,8 @@ from PIL import Image
 
 from .anyres import LlavaNextImageSettings, preprocess_llava_next
 from .image_ops import (
-    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImageSettings, ImageSettings, center_crop, convert_to_rgb,
-    generic_output_size, nest_images, normalization_table, parallel_map, resize, size_dict, write_normalized,
+    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipImageSettings, ImageSettings, Qwen2VLImageSettings, center_crop,
+    convert_to_rgb, generic_output_size, nest_images, normalization_table, parallel_map, resize, write_normalized,
 )
 from .image_tiles import MllamaImageSettings, preprocess_mllama
 from .image_tiling import Idefics2ImageSettings, Idefics3ImageSettings, preprocess_idefics2, preprocess_idefics3
@@ -56,35 +56,6 @@ class IdeficsImageSettings(ImageSettings):
     @property
     def image_size(self) -> tuple[int, int]:
         return self.size["height"], self.size["width"]
-
-
-@dataclass
-class Qwen2VLImageSettings(ImageSettings):
-    """Qwen2VLImageProcessor (Qwen2-VL, Qwen2.5-VL): size = {shortest_edge: min_pixels, longest_edge: max_pixels};
-    the legacy min_pixels / max_pixels keys win, as in transformers."""
-
-    size: dict = field(default_factory=lambda: {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
-    resample: int = int(Image.Resampling.BICUBIC)
-    image_mean: tuple = OPENAI_CLIP_MEAN
-    image_std: tuple = OPENAI_CLIP_STD
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    _size_int_is_square = False
-
-    @classmethod
-    def _extra_from_dict(cls, config: dict) -> dict:
-        size = dict(size_dict(config["size"], False)) if config.get("size") is not None else {
-            "shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
-        for legacy, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
-            if legacy in size:  # some hub files write {"min_pixels": ..., "max_pixels": ...} as the size
-                size[key] = size.pop(legacy)
-            if config.get(legacy) is not None:
-                size[key] = int(config[legacy])
-        if not size.get("shortest_edge") or not size.get("longest_edge"):
-            raise ValueError(f"Qwen2-VL image size needs shortest_edge (min pixels) and longest_edge (max pixels), "
-                             f"got {size}")
-        return {"size": size}
 
 
 # ---------------------------------------------------------------------------------------- CLIP, IDEFICS

@@ -27,6 +27,7 @@ from typing import Optional
 from .batching import EncodedRow
 from .chat_text import LiteralText, escape_messages, render_messages
 from .formats import format_for
+from .image_ops import image_config_from_folder
 from .image_processors import image_processor_for
 from .images import ImageError, ImageLimits, load_images
 from .prompts import (
@@ -56,11 +57,7 @@ def _read_json(path: str) -> dict:
 def image_processor_from_folder(folder, family: str, proc_cfg: Optional[dict] = None):
     """The folder's image processor alone (processor_config.json's section, else preprocessor_config.json): what
     `vlmkit info` needs, without the tokenizer."""
-    folder = str(folder)
-    if proc_cfg is None:
-        proc_cfg = _read_json(os.path.join(folder, "processor_config.json"))
-    image_cfg = proc_cfg.get("image_processor") or _read_json(os.path.join(folder, "preprocessor_config.json"))
-    return image_processor_for(family, image_cfg)
+    return image_processor_for(family, image_config_from_folder(folder, proc_cfg))
 
 
 class Processor:
