@@ -3,6 +3,7 @@ metadata; `vlmkit.load(text, mmproj=...)` builds the same model back. Tiny rando
 f16 / q8_0 / q4_0, tiny random LLaVA-1.5 at f16 / q8_0, and the embedded default model (an Idefics3 adapter over
 SmolLM2's GGUF)."""
 
+import json
 import re
 from dataclasses import replace
 
@@ -232,6 +233,12 @@ def test_cli_export_then_run_the_pair(tiny, tmp_path, capsys):
     answer = capsys.readouterr().out
     assert cli.main(["run", "--model", str(out), "--image", IMAGE, "--max-new-tokens", "3", "What is it?"]) == 0
     assert capsys.readouterr().out == answer  # the folder holding the pair is the same model
+    assert cli.main(["info", str(out), "--json"]) == 0  # a pair: described from its weights
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "idefics3" and info["parameters"] > 0 and info["folder"] is None
+    assert cli.main(["info", str(out / "tiny-q8_0.gguf"), "--mmproj", str(out / "mmproj-tiny-q8_0.gguf"),
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == info
     # Bad inputs: one line, exit code 2, nothing loaded.
     assert cli.main(["run", "--model", str(out / "tiny-q8_0.gguf"), "--mmproj", str(out / "nope.gguf"),
                      "--image", IMAGE, "x"]) == 2

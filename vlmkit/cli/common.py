@@ -195,17 +195,16 @@ def _load_gguf(args, name: str, mmproj, describe: bool):
     for label, path in (("--model", name), ("--mmproj", mmproj)):
         if path is not None and mmproj is not None and not os.path.isfile(os.path.expanduser(path)):
             raise CLIError(f"{label} {path!r} is not a GGUF file")
-    if describe:
-        raise CLIError("info reads model folders with config.json; GGUF pairs are not described yet")
     from .. import api
     from ..checkpoints.folder_config import CheckpointError
     from ..checkpoints.peft import AdapterError
 
     adapter = getattr(args, "adapter", None)
     try:
-        return api.load(os.path.expanduser(name), dtype=args.dtype, device=args.device, quantize=args.quantize,
-                        mmproj=os.path.expanduser(mmproj) if mmproj else None, adapter=adapter,
-                        progress=load_progress(args), allow_remote_images=remote_images_allowed(args))
+        m = api.load(os.path.expanduser(name), dtype=args.dtype, device=args.device,
+                     quantize=getattr(args, "quantize", None), mmproj=os.path.expanduser(mmproj) if mmproj else None,
+                     adapter=adapter, progress=load_progress(args), allow_remote_images=remote_images_allowed(args))
+        return m.info() if describe else m  # a pair has no config.json to describe it from: its weights are read
     except CheckpointError as e:
         raise CLIError(str(e)) from None
     except AdapterError as e:

@@ -8,7 +8,9 @@ from .common import DTYPES, arg, command, human_bytes, load_model
 
 
 @command("info", "describe a model: family, parameters, image tokens, context, memory",
-         arg("model", help="model folder in Hugging Face format, or 'default'"),
+         arg("model", help="model folder in Hugging Face format, 'default', or a llama.cpp pair (a folder holding "
+             "a text GGUF and its mmproj, or the text GGUF with --mmproj)"),
+         arg("--mmproj", default=None, metavar="FILE", help="llama.cpp projector GGUF, with the text GGUF as MODEL"),
          arg("--json", action="store_true", help="print JSON"),
          arg("--dtype", choices=DTYPES, default=None,
              help="report as loaded in this dtype (default: the one chosen for the device)"),
