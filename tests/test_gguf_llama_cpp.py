@@ -65,7 +65,8 @@ def overview_chunk(handler, image):
     assert mtmd_cpp.mtmd_tokenize(handler.mtmd_ctx, chunks, ctypes.byref(text),
                                   (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
     found = [mtmd_cpp.mtmd_input_chunks_get(chunks, i) for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks))]
-    return chunks, [c for c in found if mtmd_cpp.mtmd_input_chunk_get_type(c) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE][-1]
+    images = [c for c in found if mtmd_cpp.mtmd_input_chunk_get_type(c) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+    return chunks, images[-1]
 
 
 def llama_cpp_answer_in_vlmkit_layout(text, mmproj, ids, image_token_id, stop_ids, max_tokens=16):

@@ -6,8 +6,8 @@ map. `import torch` alone takes about a second; this answers in a fraction of th
 It answers only where it is certain to say what describe() says, and returns None elsewhere (the caller then
 asks describe()): a device other than the CPU, or "auto" where a GPU driver is present or the system is not Linux;
 Qwen2-VL without the caller's reading of its image processor (`native_resolution`); any tensor name the key map
-does not place; an adapter folder whose GGUF is not at hand. (A folder whose tensors disagree with its config does not load;
-describe() reports its config, this its tensors.)"""
+does not place; an adapter folder whose GGUF is not at hand. (A folder whose tensors disagree with its config does
+not load; describe() reports its config, this its tensors.)"""
 
 from __future__ import annotations
 

@@ -53,6 +53,7 @@ def write_gguf_card(m, out: Path, name: str, gguf_type: str, text: Path, mmproj:
         "```", "",
         "Ollama: a Modelfile with `FROM ./" + text.name + "` then `FROM ./" + mmproj.name + "`, then `ollama create`.",
     ])
-    fields = {"base_model_relation": "quantized", **card_defaults(m.folder)}  # the Hub files GGUF files as quantized copies
+    # the Hub files GGUF files as quantized copies of their model (the default model stays SmolLM2's finetune)
+    fields = {"base_model_relation": "quantized", **card_defaults(m.folder)}
     return write_model_card(out, model=m.model, source=m.folder, usage=usage, title=f"{name} GGUF ({gguf_type})",
                             tags=["gguf", "llama.cpp", gguf_type], **fields)

@@ -54,8 +54,9 @@ def init_distributed(strategy: str = "auto", device: Optional[str] = None) -> Tr
 
 def wrap_model(model: nn.Module, ctx: TrainContext, find_unused: bool = True) -> nn.Module:
     """DDP: a replica per process, gradients all-reduced; `find_unused` lets a batch leave trainable parameters
-    unused (a text-only batch skips the vision tower and connector), at the cost of a graph walk per step. FSDP2: parameters, gradients and
-    optimizer state sharded; one unit per transformer layer so only one layer is ever gathered at a time."""
+    unused (a text-only batch skips the vision tower and connector), at the cost of a graph walk per step. FSDP2:
+    parameters, gradients and optimizer state sharded; one unit per transformer layer so only one layer is ever
+    gathered at a time."""
     if ctx.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
