@@ -217,7 +217,8 @@ def test_server_batches_rows_with_their_own_positions(loaded, chunk):
     batcher, engine = scheduler(m, max_batch=4, prefill_chunk=chunk, batch_wait_ms=0)
     prompts = [user(RED, "What is in this picture? Describe it."), user("No image here, a longer question?"),
                user(GREEN, BLUE, "Same?"), user(BLUE, "Colour?")]
-    jobs = [make_job(engine, p, n) for p, n in zip(prompts, [10, 5, 9, 3])]
+    # the first answer is long enough to still be decoding when the others join, on a fast idle CPU too
+    jobs = [make_job(engine, p, n) for p, n in zip(prompts, [40, 5, 9, 3])]
     batcher.start()
     try:
         batcher.submit(jobs[0][0])
