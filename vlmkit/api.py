@@ -22,9 +22,9 @@ from .generation.constraints import Constraint
 from .generation.fast_path import fast_decoder, new_cache
 from .generation.loop import GenerationConfig, generate
 from .hardware import compute_dtype, resolve_device
-from .models.anyres_grid import image_tokens
 from .models.kv_cache import StaticKVCache
 from .models.meta import shapes_only
+from .models.summary import model_info, parameter_count
 from .models.quant import QuantSpec, check_mode, memory_bytes, quantization_of, quantize_as_saved
 from .models.vlm import VLMModel, flat_images
 from .processing.chat_text import as_user_message
@@ -419,42 +419,19 @@ def describe(path_or_name="default", dtype=None, device=None) -> dict:
 
 
 def _info(model: VLMModel, image_processor, folder: Optional[Path], quantization: Optional[dict]) -> dict:
-    cfg = model.cfg
     text = getattr(model, "text", None)
     cross = parameter_count(text, lambda name: name.startswith("cross_blocks"))
-    t = cfg.text
-    itemsize = next(model.parameters()).element_size()
-    image_size, tokens = cfg.vision.image_size, image_tokens(cfg)
     settings = getattr(image_processor, "settings", None)
-    if cfg.vision.flavour == "qwen2_vl" and settings is not None:  # native resolution: a range
-        image_size, tokens = native_resolution_info(settings)
-    return {
-        "family": cfg.extra.get("hf_architecture", cfg.family),
-        "architecture": cfg.extra.get("hf_config", {}).get("architectures", [None])[0],
-        "parameters": parameter_count(model),
-        "vision_parameters": parameter_count(getattr(model, "vision", None)),
-        "connector_parameters": parameter_count(getattr(model, "connector", None))
-        + parameter_count(getattr(model, "anyres", None)),
-        "cross_attention_parameters": cross, "text_parameters": parameter_count(text) - cross,
-        "connector": cfg.connector.kind, "merge": cfg.merge, **tokens,
-        "image_size": image_size, "context_length": cfg.text.max_position_embeddings,
-        "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
-        "memory_bytes": memory_bytes(model),
-        "kv_cache_bytes_per_token": 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize,
-        "folder": str(folder) if folder else None,
-        "quantization": (quantization or {}).get("mode"),
-    }
-
-
-def parameter_count(module: Optional[torch.nn.Module], keep=lambda name: True) -> int:
-    """Parameters of `module` whose names pass `keep`. A quantized layer's weight lives in buffers: it counts as the
-    out x in elements it stands for."""
-    if module is None:
-        return 0
-    n = sum(p.numel() for name, p in module.named_parameters() if keep(name))
-    return n + sum(getattr(m, "out_features", getattr(m, "num_embeddings", 0))
-                   * getattr(m, "in_features", getattr(m, "embedding_dim", 0))
-                   for name, m in module.named_modules() if hasattr(m, "dequantize") and keep(name))
+    qwen = model.cfg.vision.flavour == "qwen2_vl" and settings is not None  # native resolution: ranges
+    native = native_resolution_info(settings) if qwen else None
+    parts = {"vision": parameter_count(getattr(model, "vision", None)),
+             "connector": parameter_count(getattr(model, "connector", None))
+             + parameter_count(getattr(model, "anyres", None)),
+             "cross": cross, "text": parameter_count(text) - cross}
+    return model_info(model.cfg, parameter_count(model), parts, dtype=str(model.dtype).removeprefix("torch."),
+                      device=str(model.device), memory_bytes=memory_bytes(model),
+                      itemsize=next(model.parameters()).element_size(), folder=folder, quantization=quantization,
+                      native_resolution=native)
 
 
 __all__ = ["load", "save", "describe", "VLM", "config_from_folder"]

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..machine import DTYPE_NAMES, ITEMSIZE, cpu_dtype, cpu_flags, surely_cpu_only
-from ..models.anyres_grid import image_tokens
 from ..models.quant_layout import memory_bytes as quantized_bytes
 from ..models.quant_layout import saved_weight_shape
+from ..models.summary import model_info
 from .families import UnsupportedCheckpoint
 from .folder_config import (
     ADAPTER, IGNORED_SUFFIXES, CheckpointError, config_from_folder, default_model_path, safetensors_header,
@@ -47,11 +47,11 @@ def describe_from_headers(path_or_name="default", dtype=None, device=None,
         return None
     try:
         cfg, family, hf = config_from_folder(folder)
-        image_size, tokens = cfg.vision.image_size, image_tokens(cfg)
+        native = None
         if cfg.vision.flavour == "qwen2_vl":
             if native_resolution is None:
                 return None
-            image_size, tokens = native_resolution(folder)
+            native = native_resolution(folder)
         saved = saved_quantization(folder)
         if (folder / ADAPTER).is_file():
             counts, quantized = None if saved else _adapter_counts(folder, cfg, hf), Counter()
@@ -61,22 +61,10 @@ def describe_from_headers(path_or_name="default", dtype=None, device=None,
         return None  # describe() names the problem
     if counts is None:
         return None
-    total, itemsize, t = sum(counts.values()), ITEMSIZE[dtype], cfg.text
-    memory = (total - quantized["elements"]) * itemsize + quantized["bytes"]
-    return {
-        "family": cfg.extra.get("hf_architecture", cfg.family),
-        "architecture": hf.get("architectures", [None])[0],
-        "parameters": total,
-        "vision_parameters": counts["vision"], "connector_parameters": counts["connector"],
-        "cross_attention_parameters": counts["cross"], "text_parameters": counts["text"],
-        "connector": cfg.connector.kind, "merge": cfg.merge, **tokens,
-        "image_size": image_size, "context_length": t.max_position_embeddings,
-        "dtype": dtype, "device": "cpu",
-        "memory_bytes": memory,
-        "kv_cache_bytes_per_token": 2 * t.num_layers * t.num_kv_heads * t.head_dim * itemsize,
-        "folder": str(folder),
-        "quantization": (saved or {}).get("mode"),
-    }
+    total, itemsize = sum(counts.values()), ITEMSIZE[dtype]
+    return model_info(cfg, total, counts, dtype=dtype, device="cpu",
+                      memory_bytes=(total - quantized["elements"]) * itemsize + quantized["bytes"], itemsize=itemsize,
+                      folder=folder, quantization=saved, native_resolution=native)
 
 
 def _certain_dtype(dtype, device) -> Optional[str]:

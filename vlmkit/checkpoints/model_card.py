@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from ..models.summary import parameter_count
 from .io import atomic_write_text
 
 __all__ = ["CARD", "MARKER", "card_header", "hub_id", "is_our_card", "last_metrics", "write_model_card"]
@@ -249,14 +250,6 @@ def _summary(family, config, origin: str, quantization) -> str:
     return what + ". Written by vlmkit."
 
 
-def _count(module) -> int:
-    total = sum(p.numel() for p in module.parameters())
-    for sub in module.modules():  # quantized layers keep their weight as packed buffers: count the logical one
-        if "weight" not in sub._parameters and hasattr(sub, "in_features") and hasattr(sub, "out_features"):
-            total += int(sub.in_features) * int(sub.out_features)
-    return total
-
-
 def _millions(n: int) -> str:
     return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} K"
 
@@ -268,14 +261,14 @@ def _parts_table(model, config: dict) -> list:
     v, t, c = cfg.vision, cfg.text, cfg.connector
     rows = [
         ("vision", f"ViT: {v.image_size} px, patch {v.patch_size}, width {v.hidden_size}, {v.num_layers} layers, "
-                   f"{v.num_heads} heads", _count(model.vision)),
+                   f"{v.num_heads} heads", parameter_count(model.vision)),
         ("connector", f"{c.kind}, {c.in_dim} -> {c.out_dim}; {cfg.tokens_per_image or 'variable'} tokens per image",
-         _count(model.connector)),
+         parameter_count(model.connector)),
         ("language model", f"width {t.hidden_size}, {t.num_layers} layers, {t.num_heads} heads ({t.num_kv_heads} "
                            f"key/value), vocabulary {t.vocab_size}, context {t.max_position_embeddings}",
-         _count(model.text)),
+         parameter_count(model.text)),
     ]
-    total = _count(model)
+    total = parameter_count(model)
     lines = ["| part | what | parameters |", "|---|---|---:|"]
     lines += [f"| {name} | {what} | {_millions(n)} |" for name, what, n in rows]
     lines += [f"| total | images meet text by {cfg.merge.replace('_', ' ')} | {_millions(total)} |", ""]
