@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from ..models.summary import parameter_count
+from ..plots import read_metrics
 from .io import atomic_write_text
 
 __all__ = ["CARD", "MARKER", "card_header", "hub_id", "is_our_card", "last_metrics", "write_model_card"]
@@ -105,22 +106,17 @@ def hub_id(folder) -> Optional[str]:
 def last_metrics(path) -> dict:
     """From a training run's metrics.jsonl: {"steps", "train_loss" (the last step's), "eval" (the last eval's
     metrics, with its "step")}; unreadable lines are skipped."""
-    out: dict = {}
     try:
-        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        steps, evals = read_metrics(path)
     except OSError:
-        return out
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        if isinstance(record.get("eval"), dict) and record["eval"]:
-            out["eval"] = {"step": record.get("step"), **record["eval"]}
-        elif record.get("loss") is not None:
-            out["train_loss"], out["steps"] = record["loss"], record.get("step")
+        return {}
+    out: dict = {}
+    with_loss = [step for step, record in steps.items() if record.get("loss") is not None]
+    if with_loss:
+        out["train_loss"], out["steps"] = steps[max(with_loss)]["loss"], max(with_loss)
+    evaluated = [step for step, scores in evals.items() if scores]
+    if evaluated:
+        out["eval"] = {"step": max(evaluated), **evals[max(evaluated)]}
     return out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoints.io import atomic_write_text
+from ..plots import read_metrics
 
 
 def finite_json(value):
@@ -60,9 +61,5 @@ class MetricsLog:
 def read_losses(path) -> dict:
     """{step: loss} from a metrics.jsonl (the last line of a step wins; steps whose batch was skipped for a
     non-finite loss have none)."""
-    out = {}
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("loss") is not None:
-            out[int(rec["step"])] = rec["loss"]
-    return out
+    steps, _ = read_metrics(path)
+    return {step: record["loss"] for step, record in steps.items() if record.get("loss") is not None}
