@@ -60,10 +60,9 @@ def _plain(text) -> str:
 # ------------------------------------------------------------------------------------------------ training
 
 def read_metrics(path) -> tuple[dict, dict]:
-    """(steps, evals) from a metrics.jsonl (the one reader of the file: model cards and training's own checks use it
-    too): {step: training record} and {step: {metric: value}}. Lines that are not
-    a JSON object with a step (the half-written last line of a running or killed run) are passed over; the last
-    line of a step wins, as in the training loop's own reader."""
+    """(steps, evals) from a metrics.jsonl: {step: training record} and {step: {metric: value}} (the one reader of
+    the file: model cards and train.metrics_log.read_losses use it too). Lines that are not a JSON object with a
+    step (the half-written last line of a running or killed run) are passed over; the last line of a step wins."""
     steps, evals = {}, {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
