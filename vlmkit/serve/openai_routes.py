@@ -100,6 +100,7 @@ def parse_params(body: dict) -> tuple[GenParams, bool, bool]:
     if opts is not None and not isinstance(opts, dict):
         raise bad("'stream_options' must be an object", "stream_options")
     include_usage = get_bool(opts or {}, "include_usage", False, "stream_options.include_usage")
+    constraint, constraint_param = openai_constraint(body)
     params = GenParams(
         max_tokens=max_tokens, max_tokens_param=tokens_field,
         temperature=get_number(body, "temperature", low=0, high=2),
@@ -109,7 +110,7 @@ def parse_params(body: dict) -> tuple[GenParams, bool, bool]:
         seed=get_number(body, "seed", integer=True),
         stop=get_stop(body.get("stop")),
         ignore_eos=get_bool(body, "ignore_eos", False),
-        constraint=openai_constraint(body),
+        constraint=constraint, constraint_param=constraint_param,
     )
     return params, stream, include_usage
 

@@ -18,9 +18,9 @@ __all__ = ["openai_constraint", "openai_response_format", "ollama_format"]
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}  # vLLM's extra fields
 
 
-def openai_constraint(body: dict) -> Optional[Constraint]:
-    """The one constraint an OpenAI-style request asks for: `response_format`, or vLLM's `guided_*` fields or
-    `structured_outputs` object."""
+def openai_constraint(body: dict) -> tuple[Optional[Constraint], str]:
+    """(the one constraint an OpenAI-style request asks for, the field it came from): `response_format`, or vLLM's
+    `guided_*` fields or `structured_outputs` object."""
     if body.get("guided_grammar") is not None:
         raise bad("'guided_grammar' is not supported here (vLLM's grammar dialects differ from llguidance's Lark); "
                   "use guided_json, guided_regex or guided_choice, or the Python API's grammar=", "guided_grammar")
@@ -30,7 +30,7 @@ def openai_constraint(body: dict) -> Optional[Constraint]:
     if len(asked) > 1:
         raise bad(f"give one structured output field, not {', '.join(asked)}", asked[1])
     if not asked or asked[0] == "response_format":
-        return openai_response_format(body.get("response_format"))
+        return openai_response_format(body.get("response_format")), "response_format"
     key, value = asked[0], body[asked[0]]
     if key == "structured_outputs":
         kinds = [k for k in ("json", "regex", "choice") if isinstance(value, dict) and value.get(k) is not None]
@@ -39,7 +39,7 @@ def openai_constraint(body: dict) -> Optional[Constraint]:
         kind, key, value = kinds[0], f"{key}.{kinds[0]}", value[kinds[0]]
     else:
         kind = GUIDED[key]
-    return _guided(kind, key, value)
+    return _guided(kind, key, value), asked[0]
 
 
 def _guided(kind: str, key: str, value) -> Constraint:
