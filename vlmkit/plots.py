@@ -16,10 +16,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 __all__ = ["INSTALL_HINT", "PlotUnavailable", "read_metrics", "plot_training", "plot_eval", "bar_chart", "figure",
-           "save_png", "LOSS_PNG", "RESULTS_PNG"]
+           "save_png", "draw_if_possible", "LOSS_PNG", "RESULTS_PNG"]
 
 INSTALL_HINT = "pip install 'vlmkit[plot]'"
 LOSS_PNG, RESULTS_PNG = "loss.png", "results.png"
@@ -50,6 +50,19 @@ def save_png(fig, path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def draw_if_possible(draw: Callable[[], Path], path: Path, what: str, say: Callable[[str], None], prefix: str = "",
+                     then: str = "") -> Optional[Path]:
+    """`draw()` (a plot_* call writing `path`), for a run whose results do not depend on the picture: a missing
+    matplotlib or a failed drawing is said (`prefix` first, `then` after the install hint), never raised."""
+    try:
+        return draw()
+    except PlotUnavailable:
+        say(f"{prefix}no {path.name}: drawing {what} needs matplotlib ({INSTALL_HINT}){then}")
+    except Exception as e:  # noqa: BLE001 -- the picture is optional; the run's results are not
+        say(f"{prefix}warning: could not draw {path}: {type(e).__name__}: {e}")
+    return None
 
 
 def _plain(text) -> str:

@@ -37,7 +37,7 @@ from typing import Callable, Optional, Union
 from ..checkpoints.io import atomic_write_text
 from ..data.files import Rows, read_rows, resolve_image
 from ..distributed import DistContext
-from ..plots import INSTALL_HINT, RESULTS_PNG, PlotUnavailable, plot_eval
+from ..plots import RESULTS_PNG, draw_if_possible, plot_eval
 from . import shards
 from .predictions import (HOW_TO_REDO, PREDICTIONS, check_settings, load_predictions, prediction_settings,
                           read_predictions, rewrite_predictions)
@@ -371,18 +371,10 @@ def evaluate(model, task: Union[str, Task, dict], data=None, *, split: Optional[
         (out_dir / RESULTS_MD).write_text(markdown, encoding="utf-8")
     results["markdown"] = markdown
     if ctx.is_main:
-        _draw_chart(results, out_dir / RESULTS_PNG, say)
+        chart = out_dir / RESULTS_PNG
+        draw_if_possible(lambda: plot_eval(results, chart), chart, "the chart", say, prefix="vlmkit eval: ")
     results["item_scores"] = scored.get("item_scores", {})
     return results
-
-
-def _draw_chart(results: dict, path: Path, say) -> None:
-    try:
-        plot_eval(results, path)
-    except PlotUnavailable:
-        say(f"vlmkit eval: no {path.name}: drawing the chart needs matplotlib ({INSTALL_HINT})")
-    except Exception as e:  # noqa: BLE001 -- the scores are written; the picture is optional
-        say(f"vlmkit eval: warning: could not draw {path}: {type(e).__name__}: {e}")
 
 
 def _check_same_prompt(path: Path, line: dict, prompt) -> None:

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 
 from ..data.collate import BatchPlan, Collator
 from ..data.readers import DataError, read_dataset
+from ..plots import LOSS_PNG, draw_if_possible, plot_training
 from . import distributed as D
 from .checkpoint import data_fingerprint
 from .loop import Loop, StepBatch, TrainConfig, enable_gradient_checkpointing
-from ..plots import INSTALL_HINT, PlotUnavailable, plot_training
 from .metrics_log import MetricsLog
 from .stages import apply_stage, get_stage, part_of, stage_dict
 
@@ -196,7 +196,10 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
 
     losses = loop.run(make_batch, token_loss_sum, metrics, after_step)
     if ctx.is_main:
-        _draw_curves(out, say)
+        drawn = draw_if_possible(lambda: plot_training(out), out / LOSS_PNG, "the training curves", say,
+                                 then=f", then `vlmkit plot {out}`")
+        if drawn:
+            say(f"drew the training curves in {drawn}")
     final = adapter = trained = None
     if stage.lora is not None or (cfg.save_final and (ctx.strategy == "fsdp" or stage.quantize is not None)):
         trained = {n: D.full_tensor(p) for n, p in base.named_parameters() if p.requires_grad}  # collective
@@ -209,17 +212,6 @@ def finetune(cfg: FinetuneConfig, log: Optional[Callable[[str], None]] = None,
     return {"losses": losses, "trainable": plan.trainable, "trainable_by_part": plan.trainable_by_part,
             "samples_per_s": loop.samples_per_s, "final": final, "adapter": adapter,
             "skipped": loop.counters["skipped"], "skipped_nonfinite": loop.nonfinite, "examples": len(data)}
-
-
-def _draw_curves(out: Path, say) -> None:
-    """loss.png in the run folder. A missing matplotlib or a failed drawing costs only the picture, never the
-    trained model, which is saved next."""
-    try:
-        say(f"drew the training curves in {plot_training(out)}")
-    except PlotUnavailable:
-        say(f"no loss.png: drawing the training curves needs matplotlib ({INSTALL_HINT}), then `vlmkit plot {out}`")
-    except Exception as e:  # noqa: BLE001 -- the picture is optional; the run's results are not
-        say(f"warning: could not draw {out / 'loss.png'}: {type(e).__name__}: {e}")
 
 
 def _encode(collator: Collator, data, chunks: list, on_error: str, need_images: bool) -> tuple[list, list]:
