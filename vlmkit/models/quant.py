@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import quant_cuda, quant_kernels
+from . import quant_cuda, quant_kernels, quant_layout
 from .quant_cuda import pack_nibbles, unpack_nibbles
-from . import quant_layout
 from .quant_layout import memory_layout
 
 MODES = ("int8", "int4")

@@ -4,6 +4,8 @@ quant.py builds its modules' empty buffers from `memory_layout`, and `vlmkit inf
 
 from __future__ import annotations
 
+import math
+
 from ..machine import ITEMSIZE
 
 KERNEL_DTYPE = "bfloat16"  # the packed kernels' scales (quant.KERNEL_DTYPE)
@@ -20,13 +22,7 @@ def memory_layout(kind: str, n: int, k: int, group_size: int) -> dict[str, tuple
 
 
 def memory_bytes(kind: str, n: int, k: int, group_size: int) -> int:
-    total = 0
-    for shape, dtype in memory_layout(kind, n, k, group_size).values():
-        count = 1
-        for d in shape:
-            count *= d
-        total += count * ITEMSIZE[dtype]
-    return total
+    return sum(math.prod(shape) * ITEMSIZE[dtype] for shape, dtype in memory_layout(kind, n, k, group_size).values())
 
 
 def saved_weight_shape(kind: str, qweight_shape) -> tuple[int, int]:
