@@ -1,15 +1,24 @@
 """Writing files so that a crash never leaves a half-written one: `atomic_write` writes a temp file in the same
 folder, fsyncs it and renames it over the target; a write cut short leaves the old file whole and at most a
-`.NAME.*.tmp` file behind (`temp_files` finds those)."""
+`.NAME.*.tmp` file behind (`temp_files` finds those). And `read_json`, for a folder's optional JSON files."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "temp_files"]
+__all__ = ["atomic_write", "atomic_write_text", "read_json", "temp_files"]
+
+
+def read_json(path) -> dict:
+    """A JSON file's content, {} when the file is absent (a folder's optional config files)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _temp_prefix(path: Path) -> str:

@@ -13,7 +13,6 @@ image_tiling.py (Idefics2, Idefics3 / SmolVLM).
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -21,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image
+
+from ..checkpoints.io import read_json
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
@@ -132,20 +133,13 @@ def image_config_from_folder(folder, proc_cfg: Optional[dict] = None) -> dict:
     """A model folder's image processor settings: processor_config.json's `image_processor` section, else
     preprocessor_config.json ({} when neither has them)."""
     if proc_cfg is None:
-        proc_cfg = _read_json(os.path.join(str(folder), "processor_config.json"))
-    return proc_cfg.get("image_processor") or _read_json(os.path.join(str(folder), "preprocessor_config.json"))
+        proc_cfg = read_json(os.path.join(str(folder), "processor_config.json"))
+    return proc_cfg.get("image_processor") or read_json(os.path.join(str(folder), "preprocessor_config.json"))
 
 
 def native_resolution_of_folder(folder) -> tuple[str, dict]:
     """`native_resolution_info` of a Qwen2-VL folder, read from its files alone (what `vlmkit info` needs)."""
     return native_resolution_info(Qwen2VLImageSettings.from_dict(image_config_from_folder(folder)))
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def size_dict(size, default_to_square: bool = True) -> dict:

@@ -19,11 +19,10 @@ row by row; batches are padded on the LEFT (attention_mask 0 there). Nothing is 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
-
+from ..checkpoints.io import read_json
 from .batching import EncodedRow
 from .chat_text import LiteralText, escape_messages, render_messages
 from .formats import format_for
@@ -45,13 +44,6 @@ PROCESSOR_CLASSES = {
     "Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_5_vl", "Gemma3Processor": "gemma3",
     "PaliGemmaProcessor": "paligemma", "MllamaProcessor": "mllama",
 }
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def image_processor_from_folder(folder, family: str, proc_cfg: Optional[dict] = None):
@@ -103,7 +95,7 @@ class Processor:
         `cfg` (a VLMConfig) is read from config.json when not given; it supplies fallbacks for settings the processor
         files lack, the context length (default max_length) and consistency checks."""
         folder = str(folder)
-        proc_cfg = _read_json(os.path.join(folder, "processor_config.json"))
+        proc_cfg = read_json(os.path.join(folder, "processor_config.json"))
         if cfg is None and os.path.isfile(os.path.join(folder, "config.json")):
             from ..checkpoints.folder_config import config_from_folder
 

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Optional, Union
 from tokenizers import AddedToken, Encoding, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from ..checkpoints.io import read_json
+
 # Named special tokens transformers knows; each is also passed to chat templates under this name.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -28,13 +30,6 @@ def _token_text(value) -> Optional[str]:
     if isinstance(value, dict):
         return value.get("content")
     return value
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 class Tokenizer:
@@ -85,7 +80,7 @@ class Tokenizer:
         if not os.path.isfile(tokenizer_file):
             raise FileNotFoundError(f"{path} has no tokenizer.json (slow-only tokenizers are not supported)")
         backend = BackendTokenizer.from_file(tokenizer_file)
-        config = _read_json(os.path.join(path, "tokenizer_config.json"))
+        config = read_json(os.path.join(path, "tokenizer_config.json"))
 
         # added_tokens_decoder entries the backend lacks (tokenizer.json normally lists them all already).
         present = {t.content for t in backend.get_added_tokens_decoder().values()}
@@ -95,7 +90,7 @@ class Tokenizer:
                 backend.add_tokens([AddedToken(spec["content"], **props)])
 
         # special_tokens_map.json overrides tokenizer_config.json, as in transformers' loader.
-        settings = {**config, **_read_json(os.path.join(path, "special_tokens_map.json"))}
+        settings = {**config, **read_json(os.path.join(path, "special_tokens_map.json"))}
         special = {name: _token_text(settings.get(name)) for name in SPECIAL_TOKEN_NAMES}
         extras: list[str] = []
         for key in ("additional_special_tokens", "extra_special_tokens"):
@@ -105,7 +100,7 @@ class Tokenizer:
             else:
                 extras += [_token_text(v) for v in value]
 
-        generation = _read_json(os.path.join(path, "generation_config.json"))
+        generation = read_json(os.path.join(path, "generation_config.json"))
         gen_eos = generation.get("eos_token_id")
         gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
 
@@ -336,7 +331,7 @@ def _read_chat_template(path: str, config: dict) -> Union[str, dict, None]:
         with open(jinja_file, encoding="utf-8") as f:
             template = f.read()
     elif os.path.isfile(os.path.join(path, "chat_template.json")):
-        template = _read_json(os.path.join(path, "chat_template.json")).get("chat_template")
+        template = read_json(os.path.join(path, "chat_template.json")).get("chat_template")
     else:
         template = config.get("chat_template")
     if isinstance(template, list):
