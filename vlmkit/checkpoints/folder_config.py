@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..config import VLMConfig
 from .families import Family, family_for_architecture
+from .io import read_json
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -78,3 +79,11 @@ def weight_files(folder: Path) -> dict:
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise CheckpointError(f"{folder}: only pickle weights (.bin/.pt) found; vlmkit reads safetensors only")
     raise CheckpointError(f"{folder}: no {WEIGHTS} or {INDEX}")
+
+
+def image_config_from_folder(folder, proc_cfg: Optional[dict] = None) -> dict:
+    """A model folder's image processor settings: processor_config.json's `image_processor` section, else
+    preprocessor_config.json ({} when neither has them)."""
+    if proc_cfg is None:
+        proc_cfg = read_json(Path(folder) / "processor_config.json")
+    return proc_cfg.get("image_processor") or read_json(Path(folder) / "preprocessor_config.json")

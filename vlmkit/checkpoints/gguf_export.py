@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, SpecialVocab, 
 from gguf.quants import QuantError, quantize
 
 from ..models.quant import quantization_of
-from .folder_config import CheckpointError
+from .folder_config import CheckpointError, image_config_from_folder
 
 # --gguf-type -> (tensor type of 2-D weights, general.file_type)
 GGUF_TYPES = {
@@ -261,16 +261,6 @@ def _finish(writer: GGUFWriter) -> None:
     writer.close()
 
 
-def image_settings(folder: Path) -> dict:
-    """The source folder's image processor settings (processor_config.json or preprocessor_config.json)."""
-    for file in ("processor_config.json", "preprocessor_config.json"):
-        p = folder / file
-        if p.is_file():
-            d = json.loads(p.read_text())
-            return d.get("image_processor", d)
-    return {}
-
-
 def export_gguf(model, folder, out_dir, name: str, gguf_type: str = "f16") -> tuple[Path, Path]:
     """`model` (a float VLMModel loaded from `folder`, whose tokenizer and processor files describe it) as
     `<out_dir>/<name>-<type>.gguf` and `<out_dir>/mmproj-<name>-<mmproj type>.gguf`; returns both paths."""
@@ -282,7 +272,7 @@ def export_gguf(model, folder, out_dir, name: str, gguf_type: str = "f16") -> tu
     text_path = out / f"{name}-{gguf_type}.gguf"
     mm_type = MMPROJ_TYPES[gguf_type]
     mm_path = out / f"mmproj-{name}-{mm_type}.gguf"
-    write_mmproj_gguf(state, cfg, image_settings(folder), mm_path, mm_type, name)
+    write_mmproj_gguf(state, cfg, image_config_from_folder(folder), mm_path, mm_type, name)
     write_text_gguf(state, cfg, folder, text_path, gguf_type, name)
     return text_path, mm_path
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 import numpy as np
 from PIL import Image
 
-from ..checkpoints.io import read_json
+from ..checkpoints.folder_config import image_config_from_folder
 
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
@@ -127,14 +126,6 @@ def native_resolution_info(settings: Qwen2VLImageSettings) -> tuple[str, dict]:
     lo, hi = settings.size["shortest_edge"], settings.size["longest_edge"]
     tokens = {"tokens_per_image": f"{max(1, lo // block ** 2)}-{hi // block ** 2} (one per {block}x{block} px)"}
     return f"{lo:,}-{hi:,} pixels (area), sides multiples of {block} px", tokens
-
-
-def image_config_from_folder(folder, proc_cfg: Optional[dict] = None) -> dict:
-    """A model folder's image processor settings: processor_config.json's `image_processor` section, else
-    preprocessor_config.json ({} when neither has them)."""
-    if proc_cfg is None:
-        proc_cfg = read_json(os.path.join(str(folder), "processor_config.json"))
-    return proc_cfg.get("image_processor") or read_json(os.path.join(str(folder), "preprocessor_config.json"))
 
 
 def native_resolution_of_folder(folder) -> tuple[str, dict]:

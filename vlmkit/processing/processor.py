@@ -22,11 +22,11 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..checkpoints.folder_config import image_config_from_folder
 from ..checkpoints.io import read_json
 from .batching import EncodedRow
 from .chat_text import LiteralText, escape_messages, render_messages
 from .formats import format_for
-from .image_ops import image_config_from_folder
 from .image_processors import image_processor_for
 from .images import ImageError, ImageLimits, load_images
 from .prompts import (
