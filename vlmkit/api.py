@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .checkpoints.adapter import is_adapter_folder, load_adapter_model
 from .checkpoints.folder_config import config_from_folder, default_model_path, saved_quantization
 from .checkpoints.folders import write_model_folder
-from .checkpoints.gguf_mmproj import gguf_pair, image_processor_config, load_gguf_vlm, processor_settings
+from .checkpoints.gguf_header import gguf_pair
 from .checkpoints.hf import load_model
 from .checkpoints.peft import apply_adapter
 from .checkpoints.quantized import load_quantized
@@ -88,6 +88,9 @@ def load(path_or_name="default", dtype=None, device=None, quantize=None, compile
     limits = ImageLimits(allow_remote=allow_remote_images)
     pair = gguf_pair(path_or_name, mmproj)
     if pair is not None:  # a llama.cpp text GGUF + mmproj GGUF
+        # here: the gguf library (~70 ms of import) is for pairs only
+        from .checkpoints.gguf_mmproj import image_processor_config, load_gguf_vlm, processor_settings
+
         mode = check_mode(quantize)
         model, text_meta, mm_meta = load_gguf_vlm(*pair, dtype=dtype, device=dev,
                                                   quantize=QuantSpec(mode, vision=QUANTIZE_VISION) if mode else None,

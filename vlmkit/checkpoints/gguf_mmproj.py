@@ -2,7 +2,7 @@
 projector, `clip.*` metadata, `v.blk.N...` names). Idefics3 / SmolVLM (projector type "idefics3") and LLaVA-1.5
 ("mlp": features from the last-but-one stored ViT layer, class token dropped, as llama.cpp's LLaVA graph takes them).
 
-    text, mmproj = find_gguf_pair("out/")         # or the two paths
+    text, mmproj = gguf_pair("out/")              # (gguf_header.py), or the two paths
     model = load_gguf_vlm(text, mmproj)
 
 The config comes from the two files' metadata alone; every tensor of the mmproj must have a place in the model
@@ -11,7 +11,6 @@ The config comes from the two files' metadata alone; every tensor of the mmproj 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -33,23 +32,6 @@ _LAYER = {"ln1": "norm1", "ln2": "norm2", "attn_q": "attn.q_proj", "attn_k": "at
 _TOP = {"v.patch_embd": "vision.patch_embed", "v.position_embd": "vision.pos_embed", "v.post_ln": "vision.post_norm",
         "v.pre_ln": "vision.pre_norm", "mm.model.fc": "connector.proj", "mm.0": "connector.fc1",
         "mm.2": "connector.fc2"}
-
-
-def is_mmproj(path) -> bool:
-    """Whether a GGUF file is a projector (llama.cpp's "clip" architecture), read without its vocabulary."""
-    field = open_gguf(str(path)).fields.get("general.architecture")
-    return field is not None and bytes(field.parts[field.data[0]]).decode("utf-8", "replace") == "clip"
-
-
-def find_gguf_pair(folder) -> tuple[Path, Path]:
-    """The text GGUF and the mmproj GGUF in `folder` (exactly one of each)."""
-    files = sorted(Path(folder).glob("*.gguf"))
-    mm = [f for f in files if is_mmproj(f)]
-    text = [f for f in files if f not in mm]
-    if len(mm) != 1 or len(text) != 1:
-        raise CheckpointError(f"{folder}: expected one text GGUF and one mmproj GGUF, found text "
-                              f"{[f.name for f in text]} and mmproj {[f.name for f in mm]}")
-    return text[0], mm[0]
 
 
 def mmproj_state_name(name: str) -> str:
@@ -202,18 +184,3 @@ def load_gguf_vlm(text_path, mmproj_path, dtype: Optional[torch.dtype] = None, d
     source = PairSource(GGUFSource(text_reader, cfg.text, prefix="text.", vocab_size=cfg.text.vocab_size),
                         MmprojSource(mm_reader, cfg))
     return build_model(cfg, source, dtype, device, quantize, progress), text_meta, mm_meta
-
-
-def gguf_pair(path, mmproj=None) -> Optional[tuple[Path, Path]]:
-    """(text GGUF, mmproj GGUF) when `path` (+ `mmproj`) names a llama.cpp pair, else None (not GGUF at all)."""
-    if mmproj is not None:
-        if not Path(path).is_file() or not Path(mmproj).is_file():
-            missing = [str(p) for p in (path, mmproj) if not Path(p).is_file()]
-            raise FileNotFoundError(f"GGUF file(s) not found: {missing}")
-        return Path(path), Path(mmproj)
-    p = Path(str(path)).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        raise CheckpointError(f"{p} is a text GGUF alone: pass its projector too (mmproj=..., --mmproj)")
-    if p.is_dir() and not (p / "config.json").is_file() and any(p.glob("*.gguf")):
-        return find_gguf_pair(p)
-    return None
