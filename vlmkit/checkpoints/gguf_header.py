@@ -129,6 +129,10 @@ def gguf_pair(path, mmproj=None) -> Optional[tuple[Path, Path]]:
     p = Path(str(path)).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         raise CheckpointError(f"{p} is a text GGUF alone: pass its projector too (mmproj=..., --mmproj)")
-    if p.is_dir() and not (p / "config.json").is_file() and any(p.glob("*.gguf")):
-        return find_gguf_pair(p)
-    return None
+    return find_gguf_pair(p) if is_gguf_folder(p) else None
+
+
+def is_gguf_folder(path) -> bool:
+    """A folder of GGUF files and no config.json (what llama.cpp / Ollama users have): read as a pair."""
+    p = Path(str(path)).expanduser()
+    return p.is_dir() and not (p / "config.json").is_file() and any(p.glob("*.gguf"))

@@ -136,7 +136,9 @@ def load_model(args, describe: bool = False):
     name, mmproj, adapter = args.model, getattr(args, "mmproj", None), getattr(args, "adapter", None)
     if adapter is not None:
         check_adapter_folder(adapter)
-    if mmproj is not None or _is_gguf_folder(name):
+    from ..checkpoints.gguf_header import is_gguf_folder  # torch-free
+
+    if mmproj is not None or is_gguf_folder(name):
         return _load_gguf(args, name, mmproj, describe)
     if name != "default" and not os.path.isdir(os.path.expanduser(name)):  # before importing torch (seconds)
         what = "is a file, not a model folder" if os.path.exists(name) else "does not exist"
@@ -182,12 +184,6 @@ def check_adapter_folder(path: str) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not os.path.isfile(os.path.join(os.path.expanduser(path), name)):
             raise CLIError(f"{path!r} is not a peft adapter folder: it has no {name}")
-
-
-def _is_gguf_folder(name: str) -> bool:
-    path = os.path.expanduser(name)
-    return os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) and \
-        any(f.endswith(".gguf") for f in os.listdir(path))
 
 
 def _load_gguf(args, name: str, mmproj, describe: bool):
